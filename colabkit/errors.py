@@ -1,0 +1,157 @@
+"""Every exception colabkit raises, and nothing else.
+
+Each error inherits :class:`ColabkitError` and the builtin that fits, so callers can catch either.
+A message says what failed, shows the bad value and names the next step; it never holds a secret.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class ColabkitError(Exception):
+    """Root of every colabkit error."""
+
+
+class MissingDependencyError(ColabkitError, ImportError):
+    """An optional third-party package is not installed."""
+
+    def __init__(self, package: str, *, purpose: str, pip_name: str | None = None) -> None:
+        self.package = package
+        self.pip_name = pip_name or package
+        super().__init__(f"{purpose} needs the '{package}' package; install it with: pip install {self.pip_name}")
+
+
+class ConfigError(ColabkitError, ValueError):
+    """colabkit.yaml (or a value passed in) is invalid: `key` is the key path, `value` the bad value."""
+
+    def __init__(self, message: str, *, key: str | None = None, value: Any = None, source: str | None = None) -> None:
+        self.key = key
+        self.value = value
+        self.source = source
+        super().__init__(message)
+
+
+class CredentialsError(ColabkitError):
+    """Credentials are missing, unreadable or rejected. The message never contains the secret."""
+
+
+class IntegrityError(ColabkitError, ValueError):
+    """A file's content does not match the hash or size it was recorded with."""
+
+    def __init__(self, message: str, *, path: str | None = None, expected: str | None = None,
+                 actual: str | None = None) -> None:
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+        super().__init__(message)
+
+
+class RemoteError(ColabkitError, OSError):
+    """A storage tier failed. `remote` names the tier, `path` the remote path (if any).
+
+    `transient` is True when retrying later can succeed (5xx, 429, a dropped connection);
+    `retry_after` is the server's requested delay in seconds, when it sent one.
+    """
+
+    transient = False
+
+    def __init__(self, message: str, *, remote: str | None = None, path: str | None = None,
+                 retry_after: float | None = None) -> None:
+        self.remote = remote
+        self.path = path
+        self.retry_after = retry_after
+        OSError.__init__(self, message)
+
+    def __str__(self) -> str:  # OSError's __str__ would add errno formatting
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self):  # keep the keyword fields when pickled (child processes, futures)
+        return (_rebuild_remote_error, (type(self), str(self), self.remote, self.path, self.retry_after))
+
+
+def _rebuild_remote_error(cls, message, remote, path, retry_after):
+    return cls(message, remote=remote, path=path, retry_after=retry_after)
+
+
+class TransientRemoteError(RemoteError):
+    """A remote failure worth retrying with back-off (5xx, 429, timeouts, dropped connections)."""
+
+    transient = True
+
+
+class RemoteAuthError(RemoteError):
+    """The credentials were rejected (invalid or expired token, bad key)."""
+
+
+class RemotePermissionError(RemoteError, PermissionError):
+    """The credentials are valid but may not do this (folder not shared, read-only token)."""
+
+
+class RemoteNotFoundError(RemoteError, FileNotFoundError):
+    """The remote path, folder or repository does not exist."""
+
+
+class RemoteQuotaError(RemoteError):
+    """Storage quota or a daily upload cap is exhausted: the tier stops instead of retrying."""
+
+
+class CheckpointError(ColabkitError):
+    """A checkpoint could not be written or read."""
+
+
+class NoCheckpointError(CheckpointError, FileNotFoundError):
+    """No valid checkpoint was found where one was looked for."""
+
+
+class DiskFullError(CheckpointError, OSError):
+    """Not enough free space. `free` and `needed` are in bytes."""
+
+    def __init__(self, message: str, *, path: str | None = None, free: int | None = None,
+                 needed: int | None = None) -> None:
+        self.path = path
+        self.free = free
+        self.needed = needed
+        OSError.__init__(self, message)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class SyncError(ColabkitError):
+    """The background sync could not start or a flush did not finish."""
+
+
+class ResumeError(ColabkitError):
+    """No source could provide a checkpoint to resume from."""
+
+
+class AirlockError(ColabkitError):
+    """Exporting, pulling or importing an experiment failed."""
+
+
+class DirtyTreeError(AirlockError):
+    """The experiment has uncommitted or untracked files."""
+
+
+class SecretInBundleError(AirlockError):
+    """A file that would be bundled holds or is a secret."""
+
+
+class UnsafeBundleError(AirlockError):
+    """A bundle holds an entry that could escape the target or is not a plain file."""
+
+
+class TrainError(ColabkitError):
+    """A %train run failed."""
+
+
+class PreflightError(TrainError):
+    """A check before training failed; the message says what to do."""
+
+
+class OutOfMemoryError(TrainError, MemoryError):
+    """The run ran out of memory; it is not restarted."""
+
+
+class CooldownError(ColabkitError):
+    """A cooldown trigger or action is invalid or failed."""

@@ -1,0 +1,144 @@
+"""Small file-system helpers every layer shares: atomic writes, hashing, free space.
+
+Files that matter (checkpoints, ledgers, manifests, queue entries) are written to a temporary name in
+the same folder, fsynced and renamed, so a crash never leaves a half-written file under a final name.
+Temporary names all start with :data:`TMP_PREFIX`, which the sync engine and discovery ignore.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+TMP_PREFIX = ".colabkit-tmp-"
+CHUNK = 4 * 1024 * 1024
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """True for names colabkit (or common tools) use while a file is still being written."""
+    name = os.path.basename(os.fspath(path))
+    return (name.startswith(TMP_PREFIX) or name.endswith((".tmp", ".part", ".partial", ".incomplete"))
+            or name.startswith(".~") or name.endswith("~"))
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so a rename inside it survives a power loss (no-op where unsupported)."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside `path`; on success fsync and rename it over `path`.
+
+    On any exception the temporary file is removed and `path` is left as it was.
+
+    Example:
+        >>> with atomic_open("state.json", "w") as f:
+        ...     f.write("{}")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, *,
+                progress: Callable[[int], None] | None = None) -> "FileDigest":
+    """Copy `src` to `dst` atomically and return the digest of the bytes written (one read pass)."""
+    h = _Hasher()
+    with open(src, "rb") as fin, atomic_open(dst, "wb") as fout:
+        while True:
+            buf = fin.read(CHUNK)
+            if not buf:
+                break
+            fout.write(buf)
+            h.update(buf)
+            if progress:
+                progress(len(buf))
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    size: int
+    sha256: str
+    md5: str
+
+
+class _Hasher:
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+
+    def update(self, buf: bytes) -> None:
+        self.sha.update(buf)
+        self.md5.update(buf)
+        self.size += len(buf)
+
+    def digest(self) -> FileDigest:
+        return FileDigest(self.size, self.sha.hexdigest(), self.md5.hexdigest())
+
+
+def hash_file(path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> FileDigest:
+    """sha256 and md5 of a file computed in one read pass."""
+    h = _Hasher()
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(CHUNK)
+            if not buf:
+                break
+            h.update(buf)
+            if progress:
+                progress(len(buf))
+    return h.digest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return hash_file(path).sha256
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the file system holding `path` (or its nearest existing parent)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free

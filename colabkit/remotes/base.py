@@ -1,0 +1,187 @@
+"""The storage-tier interface every remote implements (local folder, Google Drive, Hugging Face Hub).
+
+Remote paths are POSIX-style, relative to the remote's root (`"v68/checkpoints/v68_step_00001200.pt"`),
+never absolute and never containing `..`. All third-party errors are wrapped into
+:class:`colabkit.errors.RemoteError` subclasses at this boundary; `TransientRemoteError` means a retry
+with back-off may succeed, `RemoteQuotaError` means the tier must stop.
+"""
+from __future__ import annotations
+
+import abc
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+from ..errors import IntegrityError, RemoteError
+from ..fsutil import FileDigest, hash_file
+
+#: name of the marker file `check_access()` writes and deletes
+ACCESS_MARKER = ".colabkit-access-check"
+
+Progress = Callable[[int], None]  # called with the number of bytes just transferred
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file a remote holds.
+
+    Attributes:
+        path: POSIX path relative to the remote root.
+        size: bytes.
+        sha256: hex digest when the remote knows it (local, Hub LFS), else None.
+        md5: hex digest when the remote knows it (local, Drive), else None.
+        modified: seconds since the epoch, when known.
+        id: the remote's own identifier (Drive file id, Hub blob/LFS oid), when it has one.
+    """
+
+    path: str
+    size: int
+    sha256: str | None = None
+    md5: str | None = None
+    modified: float | None = None
+    id: str | None = None
+
+    def matches(self, digest: FileDigest) -> bool:
+        """True when this record's size and every hash it carries agree with `digest`."""
+        if self.size != digest.size:
+            return False
+        if self.sha256 is not None and self.sha256 != digest.sha256:
+            return False
+        if self.md5 is not None and self.md5 != digest.md5:
+            return False
+        return self.sha256 is not None or self.md5 is not None
+
+
+class UploadState(Protocol):
+    """Where a remote may persist the state of an interrupted upload (e.g. a Drive session URI).
+
+    The sync engine passes one backed by its ledger, so a restarted process resumes the upload.
+    """
+
+    def load(self) -> dict[str, Any] | None: ...
+
+    def save(self, state: dict[str, Any]) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+def normalize_path(path: str) -> str:
+    """Validate and normalise a remote path; raise ValueError for absolute paths or `..`."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"remote path must be a non-empty string, got {path!r}")
+    p = path.replace("\\", "/")
+    if p.startswith("/") or (len(p) > 1 and p[1] == ":"):
+        raise ValueError(f"remote path must be relative, got {path!r}")
+    parts = [x for x in p.split("/") if x not in ("", ".")]
+    if any(x == ".." for x in parts) or not parts:
+        raise ValueError(f"remote path must not contain '..' or be empty, got {path!r}")
+    return posixpath.join(*parts)
+
+
+def verify_local(local: Path, expected: RemoteFile, *, remote: str) -> FileDigest:
+    """Hash `local` and raise IntegrityError unless it matches `expected`."""
+    digest = hash_file(local)
+    if not expected.matches(digest):
+        want = expected.sha256 or expected.md5
+        got = digest.sha256 if expected.sha256 else digest.md5
+        raise IntegrityError(
+            f"{remote}: {expected.path} does not match its recorded hash "
+            f"(size {digest.size} vs {expected.size}, hash {got} vs {want}); the copy was discarded",
+            path=expected.path, expected=want, actual=got)
+    return digest
+
+
+class Remote(abc.ABC):
+    """A storage tier. Subclasses implement the abstract methods; the rest have working defaults.
+
+    Attributes:
+        name: the tier's name from the configuration (`local`, `drive`, `hub`, ...).
+        kind: the implementation (`local`, `drive`, `hub`).
+    """
+
+    kind: str = "remote"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    # -- required ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[RemoteFile]:
+        """Every file whose path starts with `prefix` (a folder prefix; "" for all), sorted by path."""
+
+    @abc.abstractmethod
+    def put(self, local: Path, path: str, *, digest: FileDigest | None = None,
+            upload_state: UploadState | None = None, progress: Progress | None = None) -> RemoteFile:
+        """Upload `local` to `path`, replacing what is there, and verify the remote copy.
+
+        Args:
+            local: the file to upload.
+            path: the remote path.
+            digest: the local file's digest when the caller already computed it.
+            upload_state: where to persist resumable-upload state (optional).
+            progress: called with byte counts as data is sent.
+        Returns:
+            The verified remote record.
+        Raises:
+            RemoteError: on failure (TransientRemoteError when a retry may help);
+            IntegrityError: the remote copy did not verify (it has been removed).
+        """
+
+    @abc.abstractmethod
+    def get(self, path: str, local: Path, *, expected: RemoteFile | None = None,
+            progress: Progress | None = None) -> RemoteFile:
+        """Download `path` to `local` atomically (temporary name, fsync, rename) and verify it.
+
+        Raises:
+            RemoteNotFoundError: no such file.
+            IntegrityError: the downloaded bytes do not match the remote's hash (nothing is left at `local`).
+        """
+
+    @abc.abstractmethod
+    def delete(self, path: str) -> None:
+        """Remove `path`. Deleting a missing file is not an error."""
+
+    @abc.abstractmethod
+    def check_access(self) -> None:
+        """Write and delete a small marker so missing permission or quota fails now, not hours later.
+
+        Raises:
+            RemoteError: with a message naming the fix.
+        """
+
+    # -- defaults -----------------------------------------------------------------------------
+    def stat(self, path: str) -> RemoteFile | None:
+        """The record for exactly `path`, or None."""
+        path = normalize_path(path)
+        for f in self.list(posixpath.dirname(path)):
+            if f.path == path:
+                return f
+        return None
+
+    def put_many(self, items: Iterable[tuple[Path, str]], *, message: str | None = None,
+                 digests: dict[str, FileDigest] | None = None) -> list[RemoteFile]:
+        """Upload several files; remotes with commits (the Hub) do it in one commit."""
+        digests = digests or {}
+        return [self.put(local, path, digest=digests.get(path)) for local, path in items]
+
+    def describe(self) -> str:
+        """A one-line description that is safe to print (no secret)."""
+        return f"{self.kind} remote {self.name!r}"
+
+    def close(self) -> None:
+        """Release connections. Safe to call twice."""
+
+    def error(self, cls: type[RemoteError], message: str, *, path: str | None = None,
+              retry_after: float | None = None) -> RemoteError:
+        """Build a RemoteError of `cls` for this remote."""
+        return cls(message, remote=self.name, path=path, retry_after=retry_after)
+
+    def __enter__(self) -> "Remote":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"

@@ -1,0 +1,168 @@
+"""A local folder as a storage tier: the embedded default, and the right remote for a mounted Drive."""
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+from pathlib import Path
+
+from ..errors import IntegrityError, RemoteError, RemoteNotFoundError, RemotePermissionError, RemoteQuotaError
+from ..fsutil import FileDigest, TMP_PREFIX, atomic_copy, fsync_dir, hash_file, is_temporary
+from .base import ACCESS_MARKER, Progress, Remote, RemoteFile, UploadState, normalize_path, verify_local
+
+# sidecar digests so list() does not re-hash every file; keyed by (size, mtime_ns)
+_DIGEST_DIR = ".colabkit-digests"
+
+
+class LocalRemote(Remote):
+    """A folder. Uploads are atomic copies, verified by hashing the copy.
+
+    Args:
+        name: the tier name.
+        root: the folder (created on first write).
+    """
+
+    kind = "local"
+
+    def __init__(self, name: str, root: str | os.PathLike) -> None:
+        super().__init__(name)
+        self.root = Path(root).expanduser()
+
+    def describe(self) -> str:
+        return f"local folder {self.root}"
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _full(self, path: str) -> Path:
+        return self.root / normalize_path(path)
+
+    def _digest_file(self, path: str) -> Path:
+        return self.root / _DIGEST_DIR / (normalize_path(path) + ".sha")
+
+    def _cached_digest(self, rel: str, st: os.stat_result) -> FileDigest:
+        cache = self._digest_file(rel)
+        key = f"{st.st_size} {st.st_mtime_ns}"
+        with contextlib.suppress(OSError, ValueError):
+            k1, k2, sha, md5 = cache.read_text().split()
+            if f"{k1} {k2}" == key:
+                return FileDigest(st.st_size, sha, md5)
+        digest = hash_file(self.root / rel)
+        self._store_digest(rel, digest, st)
+        return digest
+
+    def _store_digest(self, rel: str, digest: FileDigest, st: os.stat_result) -> None:
+        cache = self._digest_file(rel)
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(TMP_PREFIX + cache.name)
+            tmp.write_text(f"{st.st_size} {st.st_mtime_ns} {digest.sha256} {digest.md5}\n")
+            os.replace(tmp, cache)
+
+    def _wrap(self, e: OSError, path: str | None) -> RemoteError:
+        import errno
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return self.error(RemotePermissionError, f"{self.name}: cannot write {self.root} ({e.strerror}); "
+                              "fix the folder's permissions or point the tier at another path", path=path)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return self.error(RemoteQuotaError, f"{self.name}: no space left in {self.root}; free space there "
+                              "or point the tier at another path", path=path)
+        return self.error(RemoteError, f"{self.name}: {e.strerror or e} ({self.root})", path=path)
+
+    # -- interface --------------------------------------------------------------------------------
+    def list(self, prefix: str = "") -> list[RemoteFile]:
+        base = self.root / normalize_path(prefix) if prefix else self.root
+        if not base.exists():
+            return []
+        out = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if d != _DIGEST_DIR]
+            for fn in filenames:
+                if is_temporary(fn) or fn == ACCESS_MARKER:
+                    continue
+                full = Path(dirpath) / fn
+                rel = full.relative_to(self.root).as_posix()
+                try:
+                    st = full.stat()
+                    d = self._cached_digest(rel, st)
+                except FileNotFoundError:
+                    continue
+                out.append(RemoteFile(rel, st.st_size, d.sha256, d.md5, st.st_mtime, id=rel))
+        return sorted(out, key=lambda f: f.path)
+
+    def stat(self, path: str) -> RemoteFile | None:
+        rel = normalize_path(path)
+        full = self.root / rel
+        try:
+            st = full.stat()
+            d = self._cached_digest(rel, st)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return RemoteFile(rel, st.st_size, d.sha256, d.md5, st.st_mtime, id=rel)
+
+    def put(self, local: Path, path: str, *, digest: FileDigest | None = None,
+            upload_state: UploadState | None = None, progress: Progress | None = None) -> RemoteFile:
+        rel = normalize_path(path)
+        dst = self.root / rel
+        try:
+            written = atomic_copy(local, dst, progress=progress)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise self._wrap(e, rel) from e
+        if digest is not None and (digest.sha256 != written.sha256 or digest.size != written.size):
+            # the source changed while it was copied: do not keep a copy that matches nothing
+            with contextlib.suppress(OSError):
+                dst.unlink()
+            raise IntegrityError(f"{self.name}: {local} changed while it was uploaded; it will be retried",
+                                 path=rel, expected=digest.sha256, actual=written.sha256)
+        st = dst.stat()
+        self._store_digest(rel, written, st)
+        return RemoteFile(rel, written.size, written.sha256, written.md5, st.st_mtime, id=rel)
+
+    def get(self, path: str, local: Path, *, expected: RemoteFile | None = None,
+            progress: Progress | None = None) -> RemoteFile:
+        rel = normalize_path(path)
+        src = self.root / rel
+        rec = expected or self.stat(rel)
+        if rec is None or not src.is_file():
+            raise self.error(RemoteNotFoundError, f"{self.name}: {rel} does not exist in {self.root}", path=rel)
+        local = Path(local)
+        try:
+            written = atomic_copy(src, local, progress=progress)
+        except OSError as e:
+            raise self._wrap(e, rel) from e
+        if not rec.matches(written):
+            with contextlib.suppress(OSError):
+                local.unlink()
+            raise IntegrityError(f"{self.name}: {rel} does not match its recorded hash; the copy was discarded",
+                                 path=rel, expected=rec.sha256 or rec.md5, actual=written.sha256)
+        return rec
+
+    def delete(self, path: str) -> None:
+        rel = normalize_path(path)
+        full = self.root / rel
+        try:
+            full.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise self._wrap(e, rel) from e
+        with contextlib.suppress(OSError):
+            self._digest_file(rel).unlink()
+        # remove folders left empty, up to the root
+        parent = full.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+        fsync_dir(full.parent if full.parent.exists() else self.root)
+
+    def check_access(self) -> None:
+        marker = self.root / ACCESS_MARKER
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            marker.write_bytes(b"colabkit access check\n")
+            marker.unlink()
+        except OSError as e:
+            raise self._wrap(e, None) from e
