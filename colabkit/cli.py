@@ -1,0 +1,50 @@
+"""The ``colabkit`` command: parse -> call the API -> render. No logic of its own.
+
+Exit codes: 0 success, 1 a colabkit error (``Error: ...`` on stderr), 2 bad arguments, 3 drift
+(``airlock status``), 130 interrupted.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from .commands import ArgumentError, Context, HelpShown, parse, run
+from .errors import ColabkitError
+from .secrets import install_log_redaction, redact
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code (also usable from tests)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    install_log_redaction()
+    _log_to_stderr()
+    try:
+        args = parse(argv)
+    except HelpShown:
+        return 0
+    except ArgumentError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run(args, Context())
+    except ColabkitError as e:
+        print(f"Error: {redact(str(e))}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+
+
+def _log_to_stderr() -> None:
+    """Warnings from colabkit reach a terminal user; configured only for the CLI, never on import."""
+    logger = logging.getLogger("colabkit")
+    if not any(getattr(h, "_colabkit_cli", False) for h in logger.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("colabkit: %(levelname)s: %(message)s"))
+        h.setLevel(logging.WARNING)
+        h._colabkit_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(h)
+
+
+if __name__ == "__main__":  # python -m colabkit.cli
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The package itself: light to load, one parser for CLI and magics, clear errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from colabkit.cli import main
+
+HEAVY = ("torch", "googleapiclient", "huggingface_hub", "watchdog", "ipywidgets")
+
+
+def test_load_ext_imports_nothing_heavy():
+    code = textwrap.dedent(f"""
+        import sys
+        from IPython.testing.globalipapp import start_ipython
+        ip = start_ipython()
+        ip.run_line_magic("load_ext", "colabkit")
+        assert "sync" in ip.magics_manager.magics["line"], "magics not registered"
+        heavy = [m for m in {HEAVY!r} if m in sys.modules]
+        print("HEAVY=" + ",".join(heavy))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY=\n" in out.stdout, f"%load_ext colabkit imported: {out.stdout}"
+
+
+def test_cli_version_and_help(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("config",):
+        assert cmd in out
+
+
+def test_cli_bad_config_names_key_path(tmp_path, capsys):
+    cfg = tmp_path / "colabkit.yaml"
+    cfg.write_text("tiers:\n  - name: drive\n  - name: hub\n    every: 3 hourz\n")
+    assert main(["config", "check", "--config", str(cfg)]) == 1
+    assert capsys.readouterr().err.strip() == \
+        "Error: tiers[1].every: '3 hourz' is not a duration; use e.g. 90m or 2h"
+
+
+def test_cli_missing_subcommand_exits_2(capsys):
+    assert main(["config"]) == 2
+    assert "the following arguments are required: ACTION" in capsys.readouterr().err
+
+
+def test_console_script_runs_in_subprocess(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "colabkit", "config", "show", "--json"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert [t["name"] for t in data["tiers"]] == ["drive", "hub"]
+    assert data["remotes"]["drive"].startswith("local folder ")
+
+
+@pytest.mark.magic
+def test_magic_config_show_and_usage_error(tmp_path, monkeypatch, capsys):
+    from IPython.core.error import UsageError
+    from IPython.testing.globalipapp import get_ipython
+    ip = get_ipython()
+    ip.run_line_magic("load_ext", "colabkit")
+    monkeypatch.chdir(tmp_path)
+    ip.run_line_magic("colabkit", "config show --json")
+    data = json.loads(capsys.readouterr().out)
+    assert data["resume"]["policy"] == "newest"
+    (tmp_path / "colabkit.yaml").write_text("resume:\n  policy: oldest\n")
+    with pytest.raises(UsageError) as ei:
+        ip.run_line_magic("colabkit", "config check")
+    assert str(ei.value) == "resume.policy: 'oldest' is not allowed; use one of newest, first"
