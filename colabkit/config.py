@@ -181,7 +181,6 @@ class AirlockConfig:
     remote: str | None = None               # tier name; default: the drive tier (first drive tier)
     exclude: tuple[str, ...] = ()
     max_unpacked: int = 2 * 10**9
-    experiments_dir: str = "experiments"
 
 
 @dataclass(frozen=True)
@@ -207,7 +206,8 @@ class Config:
     source: Path | None = None
     project: str = ""
     home: Path = field(default_factory=lambda: default_home())
-    checkpoints: str = "checkpoints"
+    experiments: str = "experiments"       # experiments/vXX/{train.py, models/, logs/, checkpoints/}
+    checkpoints: str = "checkpoints"        # inside an experiment (or the root, without one)
     logs: str = "logs"
     tiers: tuple[TierConfig, ...] = ()
     drive: DriveConfig = field(default_factory=DriveConfig)
@@ -223,6 +223,32 @@ class Config:
     def state_dir(self) -> Path:
         """The project's ``.colabkit/`` folder (ledger, logs of background work, job state)."""
         return self.root / STATE_DIR
+
+    def experiment_dir(self, experiment: str) -> Path:
+        """``<root>/experiments/<experiment>``."""
+        return self.root / self.experiments / experiment
+
+    def checkpoint_dir(self, experiment: str | None = None) -> Path:
+        """Where a run's checkpoints live: ``experiments/vXX/checkpoints``, or ``<root>/checkpoints``."""
+        base = self.experiment_dir(experiment) if experiment else self.root
+        return base / self.checkpoints
+
+    def log_dir(self, experiment: str | None = None) -> Path:
+        """Where a run's logs live: ``experiments/vXX/logs``, or ``<root>/logs``."""
+        base = self.experiment_dir(experiment) if experiment else self.root
+        return base / self.logs
+
+    def remote_path(self, local: str | os.PathLike) -> str:
+        """The remote path of a local file: its path relative to the project root, POSIX style.
+
+        Every tier stores a file under the same relative path, so sync, resume and the airlock agree.
+        """
+        p = Path(local).resolve()
+        try:
+            return p.relative_to(self.root).as_posix()
+        except ValueError:
+            raise ConfigError(f"{p} is outside the project root {self.root}; keep synced folders inside it",
+                              key="sync.watch", value=str(p)) from None
 
     def tier(self, name: str) -> TierConfig:
         for t in self.tiers:
@@ -512,8 +538,7 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
 
     a = top.section("airlock")
     airlock = AirlockConfig(remote=a.str("remote", None), exclude=a.strings("exclude", ()),
-                            max_unpacked=a.size("max_unpacked", AirlockConfig.max_unpacked),
-                            experiments_dir=a.str("experiments_dir", "experiments"))
+                            max_unpacked=a.size("max_unpacked", AirlockConfig.max_unpacked))
     a.done()
     if airlock.remote is not None and airlock.remote not in tier_names:
         raise ConfigError(f"airlock.remote: {airlock.remote!r} is not a tier; configured tiers: "
@@ -535,7 +560,7 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
 
     cfg = Config(
         root=root, source=source, project=top.str("project", None) or root.name, home=home,
-        checkpoints=top.str("checkpoints", "checkpoints"), logs=top.str("logs", "logs"), tiers=tiers,
+        experiments=top.str("experiments", "experiments"), checkpoints=top.str("checkpoints", "checkpoints"), logs=top.str("logs", "logs"), tiers=tiers,
         drive=drive, hub=hub, retention=retention, resume=resume, sync=sync, airlock=airlock, train=train,
         cooldown=tuple(cooldown))
     top.done()
