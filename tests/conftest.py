@@ -50,3 +50,20 @@ def no_leaked_threads(request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "allow_threads: the test deliberately leaves library threads running")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ipython_started():
+    """Start the test IPython shell once, before any test captures output: IPython 7 writes a terminal
+    title escape to stdout when its shell starts, which would otherwise land in the first test's capture."""
+    from IPython.testing.globalipapp import get_ipython
+    ip = get_ipython()
+    ip.term_title = False
+    yield ip
+
+
+@pytest.fixture
+def ip(_ipython_started):
+    """The real IPython shell with colabkit loaded (``ip.run_line_magic("sync", "status")``)."""
+    _ipython_started.run_line_magic("load_ext", "colabkit")
+    return _ipython_started
