@@ -10,6 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from .secrets import install_log_redaction as _install_log_redaction
+
+_install_log_redaction()  # defence in depth: no colabkit log record ever carries a key or token
+
 _LAZY = {
     "Checkpointer": ("colabkit.checkpoints", "Checkpointer"),
     "load_config": ("colabkit.config", "load_config"),

@@ -72,11 +72,29 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+_factory_installed = False
+
+
 def install_log_redaction() -> None:
-    """Attach the redacting filter to the ``colabkit`` logger (idempotent)."""
-    logger = logging.getLogger("colabkit")
-    if not any(isinstance(f, RedactingFilter) for f in logger.filters):
-        logger.addFilter(RedactingFilter())
+    """Scrub secrets from every log record a ``colabkit.*`` logger creates (idempotent).
+
+    A filter on the ``colabkit`` logger would not see records of its children, so the record factory is
+    wrapped instead (chaining whatever factory was installed before); records of other loggers pass untouched.
+    """
+    global _factory_installed
+    if _factory_installed:
+        return
+    previous = logging.getLogRecordFactory()
+    scrub = RedactingFilter()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if record.name == "colabkit" or record.name.startswith("colabkit."):
+            scrub.filter(record)
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _factory_installed = True
 
 
 def colab_secret(name: str, *, timeout: float = 2.0) -> str | None:
