@@ -1,0 +1,41 @@
+"""Run every benchmark (or those named) and merge the figures into benchmarks/results.json.
+
+    python -m benchmarks.run            # all
+    python -m benchmarks.run sync hub   # bench_sync.py and bench_hub.py only
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .common import write_results
+
+
+def main(argv: list[str]) -> int:
+    here = Path(__file__).parent
+    names = argv or sorted(p.stem[len("bench_"):] for p in here.glob("bench_*.py"))
+    failed = []
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"== bench_{name}", flush=True)
+        try:
+            records = importlib.import_module(f"benchmarks.bench_{name}").run()
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        write_results(records)
+        for r in records:
+            print(f"   {r['name']}: ratio {r['ratio']} (target {'>=' if r.get('higher_is_better') else '<='} "
+                  f"{r['target']}) {'PASS' if r['pass'] else 'FAIL'}", flush=True)
+        print(f"   ({time.perf_counter() - t0:.0f}s)", flush=True)
+    if failed:
+        print(f"benchmarks that raised: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
