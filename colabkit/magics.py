@@ -29,7 +29,9 @@ def _make_magic(name: str, command: str | None):
             return None
         except ArgumentError as e:
             raise UsageError(_magic_text(str(e), name, command)) from None
-        ctx = Context(notebook=True, shell=get_ipython())
+        from .runtime import in_notebook
+        # a widget needs a notebook front end; a terminal IPython (or an agent's shell) gets text
+        ctx = Context(notebook=in_notebook(), shell=get_ipython())
         try:
             rc = run(args, ctx)
         except ColabkitError as e:
