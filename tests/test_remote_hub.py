@@ -1,0 +1,395 @@
+"""The Hub tier against tests/hub_server.py, through the real huggingface_hub over HTTP."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from colabkit.config import Config, HubConfig, TierConfig
+from colabkit.errors import (ConfigError, IntegrityError, RemoteAuthError, RemoteNotFoundError, RemotePermissionError,
+                             RemoteQuotaError, TransientRemoteError)
+from colabkit.fsutil import hash_file
+from colabkit.remotes import open_remote
+from colabkit.remotes.hub import HubRemote, describe_hub_token, prune_plan
+
+from .hub_server import QUOTA_MESSAGE, HubServer, hub_server  # noqa: F401  (fixture)
+from .remote_contract import RemoteContract
+
+REPO = "alice/ckpt"
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def token_env(monkeypatch, hub_server: HubServer) -> str:
+    monkeypatch.setenv("HF_TOKEN", hub_server.WRITE_TOKEN)
+    return hub_server.WRITE_TOKEN
+
+
+def make_remote(srv: HubServer, **kw) -> HubRemote:
+    kw.setdefault("endpoint", srv.endpoint)
+    return HubRemote(kw.pop("name", "hub"), kw.pop("repo_id", REPO), **kw)
+
+
+class TestHubRemoteContract(RemoteContract):
+    @pytest.fixture
+    def remote(self, hub_server: HubServer, token_env) -> HubRemote:
+        return make_remote(hub_server, path_prefix="runs")
+
+
+class TestHubRemoteContractNoPrefixPagedTree(RemoteContract):
+    """The repo root as the tier root (the Hub's own .gitattributes is hidden), with 2-entry tree pages."""
+
+    @pytest.fixture
+    def remote(self, hub_server: HubServer, token_env) -> HubRemote:
+        hub_server.page_size = 2
+        hub_server.create_repo(REPO)
+        return make_remote(hub_server)
+
+
+# -- configuration and token ---------------------------------------------------------------------------
+def test_from_config_uses_hub_section_and_tier_keep(hub_server: HubServer, tmp_path: Path):
+    cfg = Config(root=tmp_path, project="proj", hub=HubConfig(repo_id="acme/weights", repo_type="dataset",
+                                                                 endpoint=hub_server.endpoint + "/",
+                                                                 path_prefix="{project}/ck", keep=5),
+                 tiers=(TierConfig(name="hub", remote="hub", keep=2),))
+    r = open_remote(cfg, "hub")
+    assert isinstance(r, HubRemote)
+    assert (r.repo_id, r.repo_type, r.path_prefix, r.keep, r.endpoint) == (
+        "acme/weights", "dataset", "proj/ck", 2, hub_server.endpoint)
+    assert r.describe() == f"Hugging Face Hub dataset repo acme/weights@main/proj/ck at {hub_server.endpoint}"
+
+
+def test_endpoint_falls_back_to_hf_endpoint_variable(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example:8080/")
+    assert HubRemote("hub", REPO).endpoint == "http://mirror.example:8080"
+    monkeypatch.delenv("HF_ENDPOINT")
+    assert HubRemote("hub", REPO).endpoint == "https://huggingface.co"
+
+
+def test_bad_repo_id_is_a_config_error():
+    with pytest.raises(ConfigError) as ei:
+        HubRemote("hub", "just-a-name")
+    assert str(ei.value) == "hub.repo_id: 'just-a-name' must be owner/name, e.g. alice/v68-checkpoints"
+
+
+def test_describe_hub_token_names_the_source_never_the_token(monkeypatch, hub_server: HubServer):
+    from huggingface_hub import constants
+    assert describe_hub_token() is None
+    Path(constants.HF_TOKEN_PATH).write_text(hub_server.WRITE_TOKEN + "\n")
+    d = describe_hub_token()
+    assert d == {"source": "stored_login", "path": constants.HF_TOKEN_PATH,
+                 "description": f"the stored login ({constants.HF_TOKEN_PATH})"}
+    monkeypatch.setenv("HF_TOKEN", hub_server.READ_TOKEN)
+    d = describe_hub_token()
+    assert d == {"source": "env", "variable": "HF_TOKEN", "description": "the HF_TOKEN environment variable"}
+    assert hub_server.READ_TOKEN not in repr(d) and hub_server.WRITE_TOKEN not in repr(d)
+
+
+def test_stored_login_token_is_used(hub_server: HubServer, tmp_path: Path):
+    from huggingface_hub import constants
+    Path(constants.HF_TOKEN_PATH).write_text(hub_server.WRITE_TOKEN)
+    r = make_remote(hub_server)
+    r.check_access()
+    assert hub_server.repo(REPO) is not None
+
+
+def test_library_settings_from_conftest_took_effect(hub_server: HubServer):
+    """huggingface_hub reads these once at import: they must have been set before it was imported."""
+    from huggingface_hub import constants
+    assert constants.HF_HUB_DISABLE_XET is True
+    assert constants.HF_HUB_DISABLE_TELEMETRY is True
+    assert constants.ENDPOINT == "https://huggingface.co"  # HF_ENDPOINT was cleared: we pass endpoint= ourselves
+    assert os.environ["HF_HOME"] == constants.HF_HOME
+
+
+# -- check_access --------------------------------------------------------------------------------------
+def test_check_access_creates_a_private_repo_and_leaves_no_marker(hub_server: HubServer, token_env):
+    r = make_remote(hub_server, path_prefix="v68")
+    r.check_access()
+    repo = hub_server.repo(REPO)
+    assert repo is not None and repo.private is True
+    assert set(hub_server.files(REPO)) == {".gitattributes"}
+    assert r.list() == []
+
+
+def test_check_access_with_an_existing_repo_gets_the_409_path(hub_server: HubServer, token_env):
+    hub_server.create_repo(REPO)
+    r = make_remote(hub_server)
+    r.put(_write(hub_server.root / "x.pt", b"\0" * 100), "x.pt")  # repo exists: no create call needed
+    assert hub_server.count("POST", r"/api/repos/create") == 0
+    r._create_repo()  # the library's exist_ok path: a 409 answer is fine
+    assert hub_server.count("POST", r"/api/repos/create") == 1
+
+
+def test_check_access_invalid_token(hub_server: HubServer, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_NotARealTokenAtAll0123456789abcdef")
+    with pytest.raises(RemoteAuthError) as ei:
+        make_remote(hub_server).check_access()
+    assert str(ei.value) == (
+        f"hub: the Hugging Face token from the HF_TOKEN environment variable was rejected by {hub_server.endpoint} "
+        f"(invalid or expired); create a token with write access at {hub_server.endpoint}/settings/tokens and set "
+        "it as HF_TOKEN")
+    assert "hf_NotARealToken" not in str(ei.value)
+
+
+def test_check_access_read_only_token(hub_server: HubServer, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", hub_server.READ_TOKEN)
+    with pytest.raises(RemotePermissionError) as ei:
+        make_remote(hub_server).check_access()
+    assert str(ei.value) == (
+        "hub: the Hugging Face token from the HF_TOKEN environment variable (user 'alice') is read-only, so "
+        f"checkpoints cannot be uploaded to alice/ckpt; create a token with write access at "
+        f"{hub_server.endpoint}/settings/tokens")
+
+
+def test_check_access_repo_owned_by_someone_else(hub_server: HubServer, token_env):
+    hub_server.create_repo("bob/private-model")
+    with pytest.raises(RemotePermissionError) as ei:
+        make_remote(hub_server, repo_id="bob/private-model").check_access()
+    assert str(ei.value) == (
+        "hub: 'bob/private-model' belongs to 'bob', but the token from the HF_TOKEN environment variable is for "
+        "user 'alice', who can write only under: alice, acme; use a repo such as alice/private-model or a token "
+        "that may write to 'bob'")
+
+
+def test_check_access_org_repo_is_allowed(hub_server: HubServer, token_env):
+    make_remote(hub_server, repo_id="acme/shared").check_access()
+    assert hub_server.repo("acme/shared").private is True
+
+
+def test_no_token_at_all(hub_server: HubServer):
+    with pytest.raises(RemoteAuthError) as ei:
+        make_remote(hub_server).check_access()
+    assert str(ei.value) == (
+        f"hub: no Hugging Face token found; create one with write access at {hub_server.endpoint}/settings/tokens "
+        "and set it as HF_TOKEN (or run `hf auth login`, or add HF_TOKEN to Colab Secrets)")
+
+
+def test_write_refused_with_403_on_commit_is_a_permission_error(hub_server: HubServer, token_env, tmp_path):
+    hub_server.create_repo(REPO)
+    hub_server.inject(method="POST", path=r"/commit/", status=403, message="Forbidden: write access disabled")
+    with pytest.raises(RemotePermissionError) as ei:
+        make_remote(hub_server).put(_write(tmp_path / "a.txt", b"x"), "a.txt")
+    assert "may not write to model repo 'alice/ckpt' (HTTP 403 (Forbidden: write access disabled))" in str(ei.value)
+
+
+# -- uploads ---------------------------------------------------------------------------------------------
+def test_put_many_is_one_commit_with_a_message_naming_experiment_and_steps(hub_server: HubServer, token_env,
+                                                                           tmp_path: Path):
+    r = make_remote(hub_server)
+    r.project = "proj"
+    items = [(_write(tmp_path / f"s{s}.pt", os.urandom(2000)), f"v68/checkpoints/v68_step_{s:08d}.pt")
+             for s in (1200, 1400)]
+    items.append((_write(tmp_path / "m.json", b'{"step": 1400}'), "v68/checkpoints/v68_step_00001400.pt.json"))
+    recs = r.put_many(items)
+    assert [x.path for x in recs] == [p for _, p in items]
+    assert hub_server.count("POST", r"/commit/") == 1
+    assert hub_server.commit_messages(REPO)[0] == "colabkit proj v68: steps 1200, 1400 (3 files)"
+    for (local, _), rec in zip(items, recs):
+        assert rec.matches(hash_file(local))
+    # the small json is a regular git blob: verified through its git oid, listed with sha256 in this process
+    listed = {f.path: f for f in r.list("v68")}
+    assert listed["v68/checkpoints/v68_step_00001400.pt.json"].matches(hash_file(items[2][0]))
+
+
+def test_content_already_held_is_not_uploaded_again(hub_server: HubServer, token_env, tmp_path: Path):
+    r = make_remote(hub_server)
+    src = _write(tmp_path / "w.pt", os.urandom(50_000))
+    r.put(src, "a/w.pt")
+    commits, puts = hub_server.count("POST", r"/commit/"), hub_server.count("PUT", r"/lfs-upload/")
+    rec = r.put(src, "a/w.pt")
+    assert rec.matches(hash_file(src))
+    assert (hub_server.count("POST", r"/commit/"), hub_server.count("PUT", r"/lfs-upload/")) == (commits, puts)
+    # the same bytes under another name: a commit, but the LFS object is not sent again
+    r.put(src, "b/w.pt")
+    assert hub_server.count("PUT", r"/lfs-upload/") == puts
+    assert hub_server.count("POST", r"/commit/") == commits + 1
+
+
+def test_list_reports_lfs_sha256_and_regular_files_by_git_oid_in_a_fresh_process(hub_server: HubServer, token_env,
+                                                                                 tmp_path: Path, monkeypatch):
+    from colabkit.remotes import hub as hubmod
+    big, small = os.urandom(30_000), b"plain text log\n"
+    r = make_remote(hub_server)
+    r.put_many([(_write(tmp_path / "b.pt", big), "x/b.pt"), (_write(tmp_path / "s.log", small), "x/s.log")])
+    monkeypatch.setattr(hubmod, "_BLOB_DIGESTS", type(hubmod._BLOB_DIGESTS)())  # as a new process would see it
+    files = {f.path: f for f in make_remote(hub_server).list()}
+    assert files["x/b.pt"].sha256 == hash_file(tmp_path / "b.pt").sha256
+    assert files["x/s.log"].sha256 is None and files["x/s.log"].id == hub_server.files(REPO)["x/s.log"].oid
+    got = make_remote(hub_server).get("x/s.log", tmp_path / "back.log", expected=files["x/s.log"])
+    assert (tmp_path / "back.log").read_bytes() == small
+    assert got.sha256 == hash_file(tmp_path / "back.log").sha256
+
+
+def test_keep_removes_old_checkpoints_from_the_tip_in_the_same_commit(hub_server: HubServer, token_env,
+                                                                      tmp_path: Path):
+    r = make_remote(hub_server, path_prefix="runs", keep=2)
+    for s in (100, 200, 300):
+        p = f"v1/checkpoints/v1_step_{s:06d}.pt"
+        r.put_many([(_write(tmp_path / f"{s}.pt", os.urandom(1000)), p),
+                    (_write(tmp_path / f"{s}.json", b"{}"), p + ".json")])
+    assert [f.path for f in r.list()] == [
+        "v1/checkpoints/v1_step_000200.pt", "v1/checkpoints/v1_step_000200.pt.json",
+        "v1/checkpoints/v1_step_000300.pt", "v1/checkpoints/v1_step_000300.pt.json"]
+    assert hub_server.commit_messages(REPO)[0] == "colabkit v1: step 300 (2 files, 2 old removed)"
+    assert hub_server.count("POST", r"/commit/") == 3  # the deletions rode along with the upload
+
+
+def test_prune_plan_keeps_each_series_separately():
+    paths = ["c/a_step_1.pt", "c/a_step_2.pt", "c/a_step_3.pt", "c/b_step_1.pt", "c/latest.pt", "d/a_step_1.pt",
+             "c/a_step_1.pt.json"]
+    assert prune_plan(paths, keep=2) == ["c/a_step_1.pt", "c/a_step_1.pt.json"]
+
+
+def test_delete_of_missing_file_and_missing_repo_is_quiet(hub_server: HubServer, token_env):
+    r = make_remote(hub_server)
+    r.delete("nothing/here.pt")  # no repo yet
+    hub_server.create_repo(REPO)
+    r.delete("nothing/here.pt")
+    assert r.list() == []
+
+
+def test_revision_branch_is_created(hub_server: HubServer, token_env, tmp_path: Path):
+    r = make_remote(hub_server, revision="runs")
+    r.check_access()
+    r.put(_write(tmp_path / "a.pt", b"\0abc"), "a.pt")
+    assert "a.pt" in hub_server.files(REPO, revision="runs")
+    assert "a.pt" not in hub_server.files(REPO)
+
+
+# -- downloads -------------------------------------------------------------------------------------------
+def test_get_does_not_grow_the_hf_cache_and_redirects_lfs_to_the_cdn(hub_server: HubServer, token_env,
+                                                                      tmp_path: Path):
+    from huggingface_hub import constants
+    data = os.urandom(2_000_000)
+    r = make_remote(hub_server)
+    r.put(_write(tmp_path / "w.pt", data), "w.pt")
+    dst = tmp_path / "out" / "w.pt"
+    r.get("w.pt", dst)
+    assert dst.read_bytes() == data
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["w.pt"]
+    assert not Path(constants.HF_HUB_CACHE).exists() or not any(Path(constants.HF_HUB_CACHE).rglob("*"))
+    assert hub_server.count("HEAD", r"/resolve/main/w.pt") == 1
+    assert hub_server.count("GET", r"/lfs/", port="cdn") == 1
+
+
+def test_corrupt_hub_copy_is_refused_and_nothing_is_left(hub_server: HubServer, token_env, tmp_path: Path):
+    r = make_remote(hub_server)
+    r.put(_write(tmp_path / "w.pt", os.urandom(100_000)), "w.pt")
+    hub_server.corrupt(REPO, "w.pt")
+    dst = tmp_path / "out" / "w.pt"
+    dst.parent.mkdir()
+    with pytest.raises(IntegrityError) as ei:
+        r.get("w.pt", dst)
+    assert str(ei.value).startswith("hub: w.pt does not match its recorded hash (size 100000 vs 100000, hash ")
+    assert str(ei.value).endswith("; the copy was discarded")
+    assert list(dst.parent.iterdir()) == []
+
+
+def test_dropped_connection_mid_download_resumes(hub_server: HubServer, token_env, tmp_path: Path):
+    data = os.urandom(300_000)
+    r = make_remote(hub_server)
+    r.put(_write(tmp_path / "w.pt", data), "w.pt")
+    hub_server.inject(method="GET", port="cdn", path=r"/lfs/", drop=True)
+    r.get("w.pt", tmp_path / "back.pt")
+    assert (tmp_path / "back.pt").read_bytes() == data
+    assert hub_server.count("GET", r"/lfs/", port="cdn") == 2
+
+
+def test_get_missing_repo_is_not_found(hub_server: HubServer, token_env, tmp_path: Path):
+    with pytest.raises(RemoteNotFoundError) as ei:
+        make_remote(hub_server).get("a/b.pt", tmp_path / "b.pt")
+    assert str(ei.value) == "hub: a/b.pt does not exist in model repo 'alice/ckpt'"
+
+
+# -- faults ----------------------------------------------------------------------------------------------
+def test_429_on_commit_is_transient_with_retry_after(hub_server: HubServer, token_env, tmp_path: Path):
+    hub_server.create_repo(REPO)
+    hub_server.inject(method="POST", path=r"/commit/", status=429, headers={"Retry-After": "37"})
+    r = make_remote(hub_server)
+    with pytest.raises(TransientRemoteError) as ei:
+        r.put(_write(tmp_path / "a.pt", b"\0" * 10), "a.pt")
+    assert ei.value.retry_after == 37.0
+    assert str(ei.value) == ("hub: uploading 1 file(s) to model repo 'alice/ckpt' failed: the Hub is rate-limiting "
+                             "requests (HTTP 429) (injected 429); retrying after 37s")
+    assert r.put(tmp_path / "a.pt", "a.pt").size == 10  # the next tick succeeds
+
+
+def test_429_on_preupload_is_backed_off_inside_the_library(hub_server: HubServer, token_env, tmp_path: Path):
+    hub_server.create_repo(REPO)
+    hub_server.inject(method="POST", path=r"/preupload/", status=429, headers={"Retry-After": "0"})
+    make_remote(hub_server).put(_write(tmp_path / "a.pt", b"\0" * 10), "a.pt")
+    assert hub_server.count("POST", r"/preupload/") == 2
+
+
+def test_5xx_on_lfs_put_is_retried(hub_server: HubServer, token_env, tmp_path: Path):
+    hub_server.inject(method="PUT", port="cdn", path=r"/lfs-upload/", status=503)
+    data = os.urandom(200_000)
+    rec = make_remote(hub_server).put(_write(tmp_path / "a.pt", data), "a.pt")
+    assert rec.sha256 == hash_file(tmp_path / "a.pt").sha256
+    assert hub_server.count("PUT", r"/lfs-upload/") == 2
+
+
+def test_persistent_5xx_on_commit_is_transient(hub_server: HubServer, token_env, tmp_path: Path):
+    hub_server.create_repo(REPO)
+    hub_server.inject(method="POST", path=r"/commit/", status=502, times=1)
+    with pytest.raises(TransientRemoteError) as ei:
+        make_remote(hub_server).put(_write(tmp_path / "a.txt", b"x"), "a.txt")
+    assert "the Hub answered HTTP 502" in str(ei.value) and "it will be retried" in str(ei.value)
+
+
+def test_dropped_connection_on_commit_is_transient(hub_server: HubServer, token_env, tmp_path: Path):
+    hub_server.create_repo(REPO)
+    hub_server.inject(method="POST", path=r"/commit/", drop=True)
+    with pytest.raises(TransientRemoteError) as ei:
+        make_remote(hub_server).put(_write(tmp_path / "a.txt", b"x"), "a.txt")
+    assert str(ei.value).startswith(f"hub: uploading 1 file(s) to model repo 'alice/ckpt' failed: the connection "
+                                    f"to {hub_server.endpoint} broke (")
+
+
+def test_storage_quota_stops_the_tier(hub_server: HubServer, token_env, tmp_path: Path):
+    hub_server.create_repo(REPO)
+    hub_server.inject(method="POST", path=r"/objects/batch", status=403, message=QUOTA_MESSAGE, times=100)
+    with pytest.raises(RemoteQuotaError) as ei:
+        make_remote(hub_server).put(_write(tmp_path / "a.pt", os.urandom(1000)), "a.pt")
+    assert str(ei.value) == (
+        f"hub: uploading 1 file(s) to model repo 'alice/ckpt' failed: the Hub refused to store more data (HTTP 403) "
+        f"({QUOTA_MESSAGE}); the hub tier stops until space is freed: delete old checkpoints from alice/ckpt and "
+        "squash its history, or upgrade the plan")
+    assert hub_server.count("POST", r"/objects/batch") == 1  # refused once, not retried
+
+
+def test_401_mid_run_is_an_auth_error(hub_server: HubServer, token_env, tmp_path: Path):
+    hub_server.create_repo(REPO)
+    hub_server.inject(method="POST", path=r"/preupload/", status=401,
+                      message="Invalid credentials in Authorization header")
+    with pytest.raises(RemoteAuthError) as ei:
+        make_remote(hub_server).put(_write(tmp_path / "a.pt", b"\0"), "a.pt")
+    assert "the Hugging Face token from the HF_TOKEN environment variable was rejected (HTTP 401 " in str(ei.value)
+
+
+def test_no_token_in_anything_captured(hub_server: HubServer, token_env, tmp_path: Path, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    r = make_remote(hub_server)
+    texts = []
+    r.check_access()
+    r.put(_write(tmp_path / "a.pt", os.urandom(5000)), "a.pt")
+    r.get("a.pt", tmp_path / "b.pt")
+    for fault in ({"status": 429, "headers": {"Retry-After": "5"}}, {"status": 401}, {"status": 403},
+                  {"drop": True}):
+        hub_server.inject(method="POST", path=r"/commit/", **fault)
+        with pytest.raises(Exception) as ei:
+            r.put(_write(tmp_path / "c.txt", os.urandom(8).hex().encode()), "c.txt")
+        texts += [str(ei.value), repr(ei.value), str(ei.value.__cause__)]
+    out, err = capfd.readouterr()
+    texts += [out, err, caplog.text, repr(r), r.describe()]
+    texts += [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()]
+    for t in (hub_server.WRITE_TOKEN,):
+        assert not any(t in x for x in texts)
