@@ -146,12 +146,59 @@ def _classify(e: BaseException) -> _Failure:
     raise e
 
 
-class _SequentialHasher:
-    """md5 + sha256 of a file, fed by the chunks an upload reads, in order; gaps are read from the file."""
+class _HashWorker:
+    """md5 and sha256 computed on two worker threads, so hashing overlaps the network transfer.
 
-    def __init__(self, fd: int, size: int) -> None:
+    hashlib releases the GIL on large buffers, so both run in parallel with socket I/O and each other.
+    Blocks are hashed in the order they are submitted. ``close()`` joins the threads (always call it).
+    """
+
+    def __init__(self, name: str) -> None:
+        import hashlib
+        import queue
+        self.size = 0
+        self._algos = [hashlib.md5(usedforsecurity=False), hashlib.sha256()]
+        self._qs: list["queue.Queue[Any]"] = [queue.Queue(maxsize=8), queue.Queue(maxsize=8)]
+        self._ts = [threading.Thread(target=self._run, args=(i,), name=f"{name}-{a}", daemon=True)
+                    for i, a in enumerate(("md5", "sha256"))]
+        for t in self._ts:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        q, h = self._qs[i], self._algos[i]
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            h.update(item)
+
+    def update(self, data: Any) -> None:
+        self.size += len(data)
+        for q in self._qs:
+            q.put(data)
+
+    def digest(self) -> FileDigest:
+        self.close()
+        return FileDigest(self.size, self._algos[1].hexdigest(), self._algos[0].hexdigest())
+
+    def close(self) -> None:
+        for q, t in zip(self._qs, self._ts):
+            if t.is_alive():
+                q.put(None)
+        for t in self._ts:
+            t.join()
+
+
+class _SequentialHasher:
+    """md5 + sha256 of a file, fed by the chunks an upload reads, in order; gaps are read from the file.
+
+    With ``enabled=False`` (the caller passed the digest) nothing is hashed.
+    """
+
+    def __init__(self, fd: int, size: int, *, name: str, enabled: bool = True) -> None:
         self.fd, self.size = fd, size
-        self.h = _Hasher()
+        self.enabled = enabled
+        self.h = _HashWorker(name) if enabled else None
         self.upto = 0
 
     def _fill(self, until: int) -> None:
@@ -159,20 +206,28 @@ class _SequentialHasher:
             buf = os.pread(self.fd, min(8 << 20, until - self.upto), self.upto)
             if not buf:
                 break
-            self.h.update(buf)
+            self.h.update(buf)  # type: ignore[union-attr]
             self.upto += len(buf)
 
     def feed(self, begin: int, data: bytes) -> None:
+        if not self.enabled:
+            return
         if begin > self.upto:
             self._fill(begin)
         end = begin + len(data)
         if begin <= self.upto < end:
-            self.h.update(memoryview(data)[self.upto - begin:])
+            self.h.update(memoryview(data)[self.upto - begin:])  # type: ignore[union-attr]
             self.upto = end
 
-    def digest(self) -> FileDigest:
+    def digest(self) -> FileDigest | None:
+        if not self.enabled:
+            return None
         self._fill(self.size)
-        return self.h.digest()
+        return self.h.digest()  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self.h is not None:
+            self.h.close()
 
 
 def _media_class():
@@ -203,12 +258,12 @@ def _media_class():
 
 
 class _HashingWriter:
-    def __init__(self, f: Any, progress: Progress | None) -> None:
-        self.f, self.h, self.progress = f, _Hasher(), progress
+    def __init__(self, f: Any, progress: Progress | None, *, name: str) -> None:
+        self.f, self.h, self.progress = f, _HashWorker(name), progress
 
     def write(self, data: bytes) -> int:
-        self.f.write(data)
         self.h.update(data)
+        self.f.write(data)
         if self.progress:
             self.progress(len(data))
         return len(data)
@@ -527,16 +582,11 @@ class DriveRemote(Remote):
             target = existing[0]["id"] if existing else None
             size = local.stat().st_size
             if size <= min(MULTIPART_MAX, self.chunk_size):
-                resp, written = self._put_multipart(local, rel, folder, parts[-1], target, progress)
+                resp, written = self._put_multipart(local, rel, folder, parts[-1], target, digest, progress)
             else:
-                resp, written = self._put_resumable(local, rel, folder, parts[-1], target, size, upload_state,
-                                                    progress)
+                resp, written = self._put_resumable(local, rel, folder, parts[-1], target, size, digest,
+                                                    upload_state, progress)
             rec = self._record(rel, resp)
-            if digest is not None and (digest.md5 != written.md5 or digest.size != written.size):
-                # the file changed while it was read: keep no copy that matches nothing
-                self._delete_id(rec.id, rel)
-                raise IntegrityError(f"{self.name}: {local} changed while it was uploaded; it will be retried",
-                                     path=rel, expected=digest.md5, actual=written.md5)
             if resp.get("md5Checksum") == written.md5 and int(resp.get("size") or -1) == written.size:
                 dups = existing[1:]   # older copies of the same name (made by another client)
                 if target is None:
@@ -548,9 +598,14 @@ class DriveRemote(Remote):
                         self._delete_id(dup["id"], rel)
                 return RemoteFile(rel, written.size, sha256=written.sha256, md5=written.md5,
                                   modified=rec.modified, id=rec.id)
-            log.warning("%s: %s arrived with md5 %s, expected %s; deleting the remote copy and retrying",
-                        self.name, rel, resp.get("md5Checksum"), written.md5)
             self._delete_id(rec.id, rel)
+            now = hash_file(local)
+            if now.md5 != written.md5 or now.size != written.size:
+                # the file changed while it was read: keep no copy that matches nothing
+                raise IntegrityError(f"{self.name}: {local} changed while it was uploaded; it will be retried",
+                                     path=rel, expected=written.md5, actual=now.md5)
+            log.warning("%s: %s arrived with md5 %s, expected %s; deleted the remote copy, retrying",
+                        self.name, rel, resp.get("md5Checksum"), written.md5)
         raise IntegrityError(f"{self.name}: {rel} did not verify after upload twice (md5 {resp.get('md5Checksum')} "
                              f"vs local {written.md5}); the remote copy was deleted, it will be retried",
                              path=rel, expected=written.md5, actual=resp.get("md5Checksum"))
@@ -563,22 +618,17 @@ class DriveRemote(Remote):
                             supportsAllDrives=True)
 
     def _put_multipart(self, local: Path, rel: str, folder: str, name: str, target: str | None,
-                       progress: Progress | None) -> tuple[dict[str, Any], FileDigest]:
+                       digest: FileDigest | None, progress: Progress | None) -> tuple[dict[str, Any], FileDigest]:
         cls = _media_class()
+        written = digest or hash_file(local)
         with open(local, "rb") as fh:
-            hasher = _SequentialHasher(fh.fileno(), os.fstat(fh.fileno()).st_size)
-            written = None
-
             def send():
-                nonlocal written
-                media = cls(fh, chunksize=self.chunk_size, resumable=False, hasher=hasher)
-                req = self._upload_request(media, folder, name, target)  # reads the bytes now
-                written = hasher.digest()
-                return req.execute()
+                media = cls(fh, chunksize=self.chunk_size, resumable=False, hasher=None)
+                return self._upload_request(media, folder, name, target).execute()
 
             def look():
                 # the request may have created the file before the connection dropped
-                if target is not None or written is None:
+                if target is not None:
                     return None
                 for f in self._find_files(folder, name, rel):
                     if f.get("md5Checksum") == written.md5 and int(f.get("size") or -1) == written.size:
@@ -587,8 +637,8 @@ class DriveRemote(Remote):
 
             resp = self._call(send, action="upload", path=rel, before_retry=look)
         if progress:
-            progress(written.size)  # type: ignore[union-attr]
-        return resp, written  # type: ignore[return-value]
+            progress(written.size)
+        return resp, written
 
     def _query_session(self, uri: str, size: int) -> tuple[str, Any]:
         """Ask the server where a resumable session is: ('done', resource) | ('offset', n) | ('gone', None)."""
@@ -608,8 +658,19 @@ class DriveRemote(Remote):
         return self._call(ask, action="upload (status query)", path=None)
 
     def _put_resumable(self, local: Path, rel: str, folder: str, name: str, target: str | None, size: int,
-                       upload_state: UploadState | None, progress: Progress | None
+                       digest: FileDigest | None, upload_state: UploadState | None, progress: Progress | None
                        ) -> tuple[dict[str, Any], FileDigest]:
+        made: list[_SequentialHasher] = []
+        try:
+            return self._resumable(local, rel, folder, name, target, size, digest, upload_state, progress,
+                                   made.append)
+        finally:
+            for h in made:   # joins the hashing thread, also after a failure
+                h.close()
+
+    def _resumable(self, local: Path, rel: str, folder: str, name: str, target: str | None, size: int,
+                   digest: FileDigest | None, upload_state: UploadState | None, progress: Progress | None,
+                   keep: Callable[[Any], None]) -> tuple[dict[str, Any], FileDigest]:
         cls = _media_class()
         persist = upload_state is not None and size > PERSIST_SESSION_OVER
         st = local.stat()
@@ -618,14 +679,19 @@ class DriveRemote(Remote):
         uri: str | None = None
         offset = 0
         with open(local, "rb") as fh:
-            hasher = _SequentialHasher(fh.fileno(), size)
+            hasher = _SequentialHasher(fh.fileno(), size, name=f"colabkit-drive-hash-{self.name}",
+                                       enabled=digest is None)
+            keep(hasher)
+
+            def final() -> FileDigest:
+                return digest or hasher.digest()  # type: ignore[return-value]
             saved = upload_state.load() if upload_state is not None else None
             if saved and saved.get("uri") and all(saved.get(k) == v for k, v in ident.items()):
                 state, value = self._query_session(saved["uri"], size)
                 if state == "done":
                     log.info("%s: %s had already finished uploading before the restart", self.name, rel)
                     upload_state.clear()  # type: ignore[union-attr]
-                    return value, hasher.digest()
+                    return value, final()
                 if state == "offset":
                     uri, offset = saved["uri"], value
                     log.info("%s: resuming the upload of %s at byte %d of %d", self.name, rel, offset, size)
@@ -664,7 +730,7 @@ class DriveRemote(Remote):
                         progress(size - sent)
                     if upload_state is not None:
                         upload_state.clear()
-                    return resp, hasher.digest()
+                    return resp, final()
                 except RemoteError:
                     raise
                 except Exception as e:
@@ -685,7 +751,7 @@ class DriveRemote(Remote):
                     if state == "done":
                         if upload_state is not None:
                             upload_state.clear()
-                        return value, hasher.digest()
+                        return value, final()
                     if state == "gone":
                         log.info("%s: the upload session for %s expired; starting again", self.name, rel)
                         uri, offset = None, 0
@@ -708,20 +774,28 @@ class DriveRemote(Remote):
             raise MissingDependencyError("google-api-python-client", purpose="The Google Drive tier") from e
         local = Path(local)
         with atomic_open(local, "wb") as fout:
-            writer = _HashingWriter(fout, progress)
-            if rec.size > 0:
-                req = self._service().files().get_media(fileId=rec.id, supportsAllDrives=True)
-                dl = MediaIoBaseDownload(writer, req, chunksize=max(self.chunk_size, 32 << 20))
-                done = False
-                while not done:
-                    # a truncated response raises; the next request asks for the rest by Range
-                    _, done = self._call(dl.next_chunk, action="download", path=rel)
+            writer = _HashingWriter(fout, progress, name=f"colabkit-drive-hash-{self.name}")
+            try:
+                self._download(rec, rel, writer)
+            finally:
+                writer.h.close()
             got = writer.h.digest()
             if not rec.matches(got):
                 raise IntegrityError(
                     f"{self.name}: {rel} does not match its recorded hash (size {got.size} vs {rec.size}, md5 "
                     f"{got.md5} vs {rec.md5}); the copy was discarded", path=rel, expected=rec.md5, actual=got.md5)
         return RemoteFile(rel, got.size, sha256=got.sha256, md5=got.md5, modified=rec.modified, id=rec.id)
+
+    def _download(self, rec: RemoteFile, rel: str, writer: "_HashingWriter") -> None:
+        from googleapiclient.http import MediaIoBaseDownload
+        if rec.size == 0:
+            return
+        req = self._service().files().get_media(fileId=rec.id, supportsAllDrives=True)
+        dl = MediaIoBaseDownload(writer, req, chunksize=max(self.chunk_size, 32 << 20))
+        done = False
+        while not done:
+            # a truncated response raises; the next request asks for the rest by Range
+            _, done = self._call(dl.next_chunk, action="download", path=rel)
 
     def _delete_id(self, file_id: str | None, rel: str | None) -> None:
         if not file_id:
@@ -791,7 +865,8 @@ def gdown_fetch(id_or_url: str, dest_dir: str | os.PathLike, *, endpoint: str | 
     Args:
         id_or_url: a file id or a drive.google.com link (``/file/d/ID/view``, ``uc?id=ID``, ``open?id=ID``).
         dest_dir: the folder to write into (created); the file keeps its Drive name.
-        endpoint: a server standing in for ``https://drive.google.com/`` (tests).
+        endpoint: an HTTP proxy that stands in for Google's download hosts (tests: tests/drive_server.py);
+            TLS certificates are not verified through it.
         timeout: seconds per request.
     Returns:
         The path of the downloaded file.
@@ -799,6 +874,9 @@ def gdown_fetch(id_or_url: str, dest_dir: str | os.PathLike, *, endpoint: str | 
         RemotePermissionError: the link needs sign-in (the file is not shared with "Anyone with the link").
         RemoteError: the download failed.
         ValueError: `id_or_url` is neither a file id nor a Drive link.
+
+    Example:
+        >>> gdown_fetch("https://drive.google.com/file/d/1AbC.../view", "experiments/v68/logs")
     """
     import re
     import warnings
@@ -811,9 +889,6 @@ def gdown_fetch(id_or_url: str, dest_dir: str | os.PathLike, *, endpoint: str | 
     s = id_or_url.strip()
     if "://" in s:
         file_id, _ = parse_url(s)
-        if not file_id:
-            m = re.search(r"[?&]id=([-\w]+)", s)
-            file_id = m.group(1) if m else None
     else:
         file_id = s if re.fullmatch(r"[-\w]{10,}", s) else None
     if not file_id:
@@ -821,30 +896,27 @@ def gdown_fetch(id_or_url: str, dest_dir: str | os.PathLike, *, endpoint: str | 
                          "https://drive.google.com/file/d/ID/view link")
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    fix = (f"the link {id_or_url!r} needs sign-in: the file is not shared publicly. In Drive, Share → General "
-           "access → 'Anyone with the link', or import it through the Drive tier with credentials instead")
-    base = (endpoint.rstrip("/") + "/") if endpoint else None
-    url = f"{base}uc?id={file_id}&export=download" if base else f"https://drive.google.com/uc?id={file_id}"
-    out_arg = str(dest) + os.sep
+    fix = (f"gdown: the link {id_or_url!r} needs sign-in: the file is not shared publicly. In Drive, choose "
+           "Share > General access > 'Anyone with the link', or import the run through the Drive tier with "
+           "credentials instead")
+    extra: dict[str, Any] = {"proxy": endpoint, "verify": False} if endpoint else {}
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = gdown.download(url=url, output=out_arg, quiet=True, use_cookies=False, timeout=timeout)
+            warnings.simplefilter("ignore")   # urllib3's InsecureRequestWarning through a test proxy
+            out = gdown.download(url=f"https://drive.google.com/uc?id={file_id}", output=str(dest) + os.sep,
+                                 quiet=True, use_cookies=False, timeout=timeout, **extra)
     except FileURLRetrievalError:
-        raise RemotePermissionError(f"gdown: {fix}", remote="gdown", path=file_id) from None
+        raise RemotePermissionError(fix, remote="gdown", path=file_id) from None
     except Exception as e:
         raise RemoteError(f"gdown: downloading {id_or_url!r} failed ({type(e).__name__}: {redact(str(e))[:300]}); "
                           "check the link and your connection", remote="gdown", path=file_id) from e
-    if out is None:
-        raise RemoteError(f"gdown: downloading {id_or_url!r} failed; check the link", remote="gdown", path=file_id)
-    path = Path(out)
-    # an HTML page instead of the file: Drive's sign-in (or an error) page
-    with open(path, "rb") as f:
+    path = Path(str(out))
+    with open(path, "rb") as f:   # an HTML page instead of the file: a sign-in or error page
         head = f.read(512).lstrip().lower()
-    if head.startswith(b"<!doctype html") or head.startswith(b"<html"):
+    if head.startswith((b"<!doctype html", b"<html")):
         with contextlib.suppress(OSError):
             path.unlink()
-        raise RemotePermissionError(f"gdown: {fix}", remote="gdown", path=file_id)
+        raise RemotePermissionError(fix, remote="gdown", path=file_id)
     return path
 
 
