@@ -109,6 +109,7 @@ class Fault:
     message: str | None
     drop: bool
     times: int
+    drop_after: int | None = None
     hits: int = 0
 
 
@@ -220,9 +221,10 @@ class HubServer:
     # -- test helpers ---------------------------------------------------------------------------
     def inject(self, *, path: str, status: int | None = None, method: str | None = None, port: str | None = None,
                headers: dict[str, str] | None = None, message: str | None = None, drop: bool = False,
-               times: int = 1) -> Fault:
-        """Answer the next `times` requests whose path matches the regex `path` with `status` (or drop them)."""
-        f = Fault(method, re.compile(path), port, status, dict(headers or {}), message, drop, times)
+               drop_after: int | None = None, times: int = 1) -> Fault:
+        """Answer the next `times` requests whose path matches the regex `path` with `status`, or drop the
+        connection (`drop`), or, for downloads from the CDN, cut it after `drop_after` bytes of the body."""
+        f = Fault(method, re.compile(path), port, status, dict(headers or {}), message, drop, times, drop_after)
         with self.lock:
             self.faults.append(f)
         return f
@@ -309,6 +311,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        # headers and body go out in separate writes: without this, Nagle + delayed ACK add 40 ms per answer
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     # -- plumbing ---------------------------------------------------------------------------------
     @property
     def hub(self) -> HubServer:
@@ -321,6 +329,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.url_path, self.query = unquote(url.path), parse_qs(url.query)
         kind = self.server.kind
         fault = self.hub._take_fault(kind, self.command, url.path)
+        self._drop_after = None
+        if fault is not None and fault.drop_after is not None:
+            self._drop_after, fault = fault.drop_after, None
         try:
             if fault is not None:
                 if fault.drop:
@@ -726,6 +737,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.flush()
         with open(path, "rb") as f:
+            if self._drop_after is not None:  # a connection that breaks midway
+                self.connection.sendfile(f, offset=start, count=min(length, self._drop_after))
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             self.connection.sendfile(f, offset=start, count=length)
 
 

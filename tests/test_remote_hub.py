@@ -293,7 +293,7 @@ def test_corrupt_hub_copy_is_refused_and_nothing_is_left(hub_server: HubServer, 
     assert list(dst.parent.iterdir()) == []
 
 
-def test_dropped_connection_mid_download_resumes(hub_server: HubServer, token_env, tmp_path: Path):
+def test_dropped_connection_before_download_is_retried(hub_server: HubServer, token_env, tmp_path: Path):
     data = os.urandom(300_000)
     r = make_remote(hub_server)
     r.put(_write(tmp_path / "w.pt", data), "w.pt")
@@ -301,6 +301,18 @@ def test_dropped_connection_mid_download_resumes(hub_server: HubServer, token_en
     r.get("w.pt", tmp_path / "back.pt")
     assert (tmp_path / "back.pt").read_bytes() == data
     assert hub_server.count("GET", r"/lfs/", port="cdn") == 2
+
+
+def test_connection_cut_midway_resumes_with_range_and_still_verifies(hub_server: HubServer, token_env,
+                                                                     tmp_path: Path):
+    data = os.urandom(12 * 1024 * 1024)  # big enough to be hashed in the helper thread while streaming
+    r = make_remote(hub_server)
+    rec = r.put(_write(tmp_path / "w.pt", data), "w.pt")
+    hub_server.inject(method="GET", port="cdn", path=r"/lfs/", drop_after=11 * 1024 * 1024)  # past the first 10 MB chunk
+    got = r.get("w.pt", tmp_path / "back.pt")
+    assert (tmp_path / "back.pt").read_bytes() == data
+    assert got.sha256 == rec.sha256 == hash_file(tmp_path / "w.pt").sha256
+    assert [s for (_p, m, path, s) in hub_server.requests if m == "GET" and path.startswith("/lfs/")] == [200, 206]
 
 
 def test_get_missing_repo_is_not_found(hub_server: HubServer, token_env, tmp_path: Path):

@@ -56,6 +56,7 @@ _NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeou
                    "NetworkError", "RemoteProtocolError", "ReadError", "WriteError", "ConnectionError",
                    "ChunkedEncodingError", "ProtocolError", "Timeout", "CloseError"}
 _SMALL = 50 * 1024 * 1024  # regular (non-LFS) files are at most 10 MB on the Hub; bound what we hash for a git oid
+_PARALLEL_HASH = 8 * 1024 * 1024  # downloads at least this big are hashed in a helper thread
 
 # git blob oid -> (sha256, md5) of content this process hashed (see module docstring)
 _BLOB_DIGESTS: "OrderedDict[str, tuple[str, str | None]]" = OrderedDict()
@@ -257,9 +258,13 @@ def _sha256_file(path: Path) -> FileDigest:
 
 
 class _HashingWriter:
-    """A file wrapper for huggingface_hub's ``http_get``: hashes bytes as they are written (one pass)."""
+    """A file wrapper for huggingface_hub's ``http_get``: hashes bytes as they are written (one pass).
 
-    def __init__(self, f: Any, *, git_size: int | None, progress: Progress | None) -> None:
+    With ``parallel=True`` the sha256 runs in a helper thread (hashlib releases the GIL on large buffers), so
+    hashing overlaps receiving and writing instead of adding to them. :meth:`finish` must be called.
+    """
+
+    def __init__(self, f: Any, *, git_size: int | None, progress: Progress | None, parallel: bool = False) -> None:
         self.f = f
         self.sha = hashlib.sha256()
         self.md5 = hashlib.md5(usedforsecurity=False) if git_size is not None else None
@@ -267,11 +272,28 @@ class _HashingWriter:
         self.pos = 0
         self.dirty = False  # the library rewound the file (a server ignored Range): hash again at the end
         self.progress = progress
+        self._q: Any = None
+        self._thread: threading.Thread | None = None
+        if parallel:
+            import queue
+            self._q = queue.Queue(maxsize=8)
+            self._thread = threading.Thread(target=self._hash_loop, name="colabkit-hub-hash", daemon=True)
+            self._thread.start()
+
+    def _hash_loop(self) -> None:
+        while True:
+            b = self._q.get()
+            if b is None:
+                return
+            self.sha.update(b)
 
     def write(self, b: bytes) -> int:
         n = self.f.write(b)
         if not self.dirty:
-            self.sha.update(b)
+            if self._q is not None:
+                self._q.put(bytes(b))
+            else:
+                self.sha.update(b)
             if self.md5 is not None:
                 self.md5.update(b)
                 self.git.update(b)
@@ -279,6 +301,13 @@ class _HashingWriter:
         if self.progress:
             self.progress(len(b))
         return n
+
+    def finish(self) -> None:
+        """Wait for the helper thread (safe to call twice)."""
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join()
+            self._thread = None
 
     def tell(self) -> int:
         return self.f.tell()
@@ -787,8 +816,12 @@ class HubRemote(Remote):
                     headers.pop("Authorization", None)
                 size = meta.size
                 with open(target, "wb") as f:
-                    w = _HashingWriter(f, git_size=size if small and size is not None else None, progress=progress)
-                    http_get(location, w, headers=headers, expected_size=size)
+                    w = _HashingWriter(f, git_size=size if small and size is not None else None, progress=progress,
+                                       parallel=(size or 0) >= _PARALLEL_HASH)
+                    try:
+                        http_get(location, w, headers=headers, expected_size=size)
+                    finally:
+                        w.finish()
         except Exception as e:
             raise self._wrap(e, action=action, path=rel) from e
         if w.dirty or (small and w.git is None):
