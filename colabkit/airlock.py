@@ -451,7 +451,8 @@ def read_record(root: Path, experiment: str) -> dict[str, Any] | None:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
+    # small jobs finish before a bar helps; tqdm also starts a monitor thread per process
+    if not enabled or total < 32 * 10**6 or os.environ.get("TQDM_DISABLE"):
         return contextlib.nullcontext(None)
     try:
         from tqdm.auto import tqdm
@@ -606,10 +607,11 @@ def _unsafe_reason(zi: zipfile.ZipInfo) -> str | None:
     if any(p == ".." for p in n.split("/")):
         return "a '..' component"
     mode = zi.external_attr >> 16
-    if zi.create_system == 3 and mode:
+    kind = stat.S_IFMT(mode)
+    if zi.create_system == 3 and kind:  # no type bits (0o600 from many writers): a plain file
         if stat.S_ISLNK(mode):
             return "a symbolic link"
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        if kind not in (stat.S_IFREG, stat.S_IFDIR):
             return "a device, pipe or socket"
     return None
 
@@ -650,18 +652,23 @@ def _extract_verified(zf: zipfile.ZipFile, zi: zipfile.ZipInfo, dest: Path, *, e
     h = hashlib.sha256()
     size = 0
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with zf.open(zi) as src, open(dest, "wb") as out:
-        while True:
-            buf = src.read(1024 * 1024)
-            if not buf:
-                break
-            size += len(buf)
-            budget[0] -= len(buf)
-            if budget[0] < 0:
-                raise UnsafeBundleError(f"{label} unpacks to more than its entries declare, over the cap "
-                                        "(airlock.max_unpacked); nothing was unpacked. Do not use this bundle")
-            h.update(buf)
-            out.write(buf)
+    import zlib
+    try:
+        with zf.open(zi) as src, open(dest, "wb") as out:
+            while True:
+                buf = src.read(1024 * 1024)
+                if not buf:
+                    break
+                size += len(buf)
+                budget[0] -= len(buf)
+                if budget[0] < 0:
+                    raise UnsafeBundleError(f"{label} unpacks to more than its entries declare, over the cap "
+                                            "(airlock.max_unpacked); nothing was unpacked. Do not use this bundle")
+                h.update(buf)
+                out.write(buf)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        raise IntegrityError(f"{label}: {zi.filename} cannot be read from the zip ({e}); nothing was unpacked. "
+                             "The bundle is damaged: export it again", path=zi.filename) from None
     if size != expected["size"] or h.hexdigest() != expected["sha256"]:
         raise IntegrityError(
             f"{label}: {zi.filename} does not match the manifest (sha256 {h.hexdigest()[:16]}… vs "
@@ -713,11 +720,11 @@ def verify_and_extract(zpath: Path, target: Path, *, max_unpacked: int, label: s
                                      path=MANIFEST_NAME)
             files[p] = f
         chash = content_hash((p, f["sha256"]) for p, f in files.items())
-        if manifest.get("content_sha256") != chash or (expected_hash and chash != expected_hash):
-            raise IntegrityError(f"{label}: the manifest's content hash does not match its files ({chash[:12]} vs "
-                                 f"{str(manifest.get('content_sha256') or expected_hash)[:12]}); the bundle was "
-                                 "altered: export it again", path=MANIFEST_NAME,
-                                 expected=expected_hash or manifest.get("content_sha256"), actual=chash)
+        want = expected_hash or manifest.get("content_sha256")
+        if manifest.get("content_sha256") != chash or chash != want:
+            raise IntegrityError(f"{label}: its manifest lists files whose content hash is {chash[:12]}, not "
+                                 f"{str(want)[:12]}; the bundle was altered: export it again", path=MANIFEST_NAME,
+                                 expected=want, actual=chash)
         names = {zi.filename for zi in members} - {MANIFEST_NAME}
         extra, missing = sorted(names - set(files)), sorted(set(files) - names)
         if extra or missing:
