@@ -907,44 +907,54 @@ class DriveServer:
         drop_at = length // 2 if fault and fault["kind"] == "drop" else None
         received = 0
         pos = s.committed
-        pending = b""
+        pending = bytearray()        # received bytes not yet a whole 256 KiB unit
         dropped = False
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
         with open(s.path, "r+b") as out:
             out.seek(pos)
             while received < length:
-                want = min(1 << 20, length - received)
+                want = min(len(buf), length - received)
                 if drop_at is not None:
                     want = min(want, drop_at - received)
                     if want <= 0:
                         dropped = True
                         break
-                buf = h.rfile.read(want)
-                if not buf:
+                n = h.rfile.readinto(view[:want])
+                if not n:
                     dropped = True
                     break
-                received += len(buf)
+                received += n
+                data = view[:n]
                 if skip:
-                    cut = min(skip, len(buf))
-                    buf, skip = buf[cut:], skip - cut
-                if not buf:
+                    cut = min(skip, n)
+                    data, skip = data[cut:], skip - cut
+                if not len(data):
                     continue
-                out.write(buf)
-                pending += buf
+                out.write(data)
+                if pending:
+                    pending += data
+                    whole = len(pending) - len(pending) % UNIT
+                    if whole:
+                        s.md5.update(memoryview(pending)[:whole])
+                        s.committed += whole
+                        del pending[:whole]
+                else:
+                    whole = len(data) - len(data) % UNIT
+                    if whole:
+                        s.md5.update(data[:whole])
+                        s.committed += whole
+                    pending = bytearray(data[whole:])
                 if self.pause_at is not None and s.committed + len(pending) >= self.pause_at:
                     self.pause_at = None
                     self.paused.set()
                     while not self.gate.wait(0.05) and self._httpd is not None:
                         pass
-                whole = len(pending) - len(pending) % UNIT
-                if whole:
-                    s.md5.update(pending[:whole])
-                    s.committed += whole
-                    pending = pending[whole:]
         final = s.total is not None and first + received == s.total and not dropped
         if final and pending:
             s.md5.update(pending)
             s.committed += len(pending)
-            pending = b""
+            pending = bytearray()
         if dropped:  # like Drive: only whole 256 KiB units of a cut-off chunk are kept
             raise _Drop()
         if s.total is not None and s.committed == s.total:
