@@ -405,3 +405,18 @@ def test_no_token_in_anything_captured(hub_server: HubServer, token_env, tmp_pat
     texts += [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()]
     for t in (hub_server.WRITE_TOKEN,):
         assert not any(t in x for x in texts)
+
+
+def test_hf_endpoint_set_after_import_is_honoured_for_every_call(hub_server: HubServer, token_env,
+                                                                  monkeypatch, tmp_path: Path):
+    """huggingface_hub froze HF_ENDPOINT (unset) at import; the remote passes endpoint= itself."""
+    import huggingface_hub
+    assert huggingface_hub.constants.ENDPOINT == "https://huggingface.co"
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.endpoint)
+    r = HubRemote("hub", REPO)
+    r.check_access()
+    data = os.urandom(40_000)
+    r.put(_write(tmp_path / "a.pt", data), "a.pt")
+    r.get("a.pt", tmp_path / "b.pt")
+    assert (tmp_path / "b.pt").read_bytes() == data
+    assert hub_server.count("HEAD", r"/resolve/") == 1

@@ -709,7 +709,7 @@ class HubRemote(Remote):
         self._ensure_branch()
 
     def _message(self, paths: list[str], deletions: list[str]) -> str:
-        exps = sorted({p.split("/", 1)[0] for p in paths if "/" in p})
+        exps = sorted({_experiment_of(p) for p in paths} - {""})
         steps = sorted({int(m.group(1)) for p in paths if (m := _STEP.search(p))})
         who = " ".join(x for x in (self.project, ", ".join(exps)) if x) or "sync"
         parts = [f"colabkit {who}:"]
@@ -938,6 +938,15 @@ def prune_plan(paths: Iterable[str], *, keep: int, only_folders: set[str] | None
         for step in sorted(steps, reverse=True)[keep:]:
             doomed.extend(steps[step])
     return sorted(doomed)
+
+
+def _experiment_of(path: str) -> str:
+    """``v68`` for ``experiments/v68/checkpoints/x.pt`` (or ``v68/checkpoints/x.pt``); "" at the top level."""
+    parts = path.split("/")
+    if "experiments" in parts[:-1]:
+        i = parts.index("experiments")
+        return parts[i + 1] if i + 1 < len(parts) - 1 else ""
+    return parts[0] if len(parts) > 1 and parts[0] not in ("checkpoints", "logs") else ""
 
 
 def _origin(url: str) -> tuple[str, str, int]:

@@ -1,0 +1,119 @@
+"""Resume from the Hub tier end to end: real torch checkpoints, the real huggingface_hub, tests/hub_server.py.
+
+A local-folder tier stands in for Drive (the sync engine, colabkit/sync.py, is not in the tree yet, so the
+uploads are made the way it will make them: one ``put_many`` commit per tick for the weights, logs to the
+drive tier only).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from colabkit import resume as resume_mod  # noqa: E402
+from colabkit.checkpoints import Checkpointer  # noqa: E402
+from colabkit.config import Config, HubConfig, ResumeConfig, TierConfig  # noqa: E402
+from colabkit.errors import ResumeError  # noqa: E402
+from colabkit.remotes import open_remote  # noqa: E402
+from colabkit.remotes.hub import HubRemote  # noqa: E402
+
+from .hub_server import HubServer, hub_server  # noqa: F401,E402
+
+REPO = "alice/proj-weights"
+
+
+@pytest.fixture
+def project(tmp_path: Path, hub_server: HubServer, monkeypatch) -> Config:
+    monkeypatch.setenv("HF_TOKEN", hub_server.WRITE_TOKEN)
+    root = tmp_path / "proj"
+    root.mkdir()
+    return Config(root=root, project="proj",
+                  tiers=(TierConfig(name="drive", remote="local", path=str(tmp_path / "drive")),
+                         TierConfig(name="hub", remote="hub")),
+                  hub=HubConfig(repo_id=REPO, endpoint=hub_server.endpoint, path_prefix=""),
+                  resume=ResumeConfig(priority=("local", "drive", "hub")))
+
+
+def _train(cfg: Config, steps: list[int]) -> dict[int, dict]:
+    states = {}
+    ck = Checkpointer(cfg.checkpoint_dir("v01"), prefix="v01")
+    for s in steps:
+        states[s] = {"w": torch.full((64, 64), float(s)), "step": s}
+        ck.save(s, states[s])
+    logs = cfg.log_dir("v01")
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / "train.log").write_text("".join(f"step {s} loss {1 / s:.4f}\n" for s in steps))
+    return states
+
+
+def _sync(cfg: Config, *, weights_to: str = "hub", logs_to: str = "drive") -> None:
+    """One sync tick as the engine routes it: weights (+ manifests) to the hub in one commit, logs to drive."""
+    ckdir, logdir = cfg.checkpoint_dir("v01"), cfg.log_dir("v01")
+    weights = [(p, cfg.remote_path(p)) for p in sorted(ckdir.iterdir()) if p.name != "latest"]
+    open_remote(cfg, weights_to).put_many(weights)
+    logs = [(p, cfg.remote_path(p)) for p in sorted(logdir.iterdir())]
+    open_remote(cfg, logs_to).put_many(logs)
+
+
+def test_weights_only_on_the_hub_logs_only_on_drive(project: Config, hub_server: HubServer):
+    _train(project, [100, 200])
+    _sync(project)
+    hub, drive = open_remote(project, "hub"), open_remote(project, "drive")
+    assert isinstance(hub, HubRemote)
+    assert [f.path for f in hub.list()] == [
+        "experiments/v01/checkpoints/v01_step_00000100.pt", "experiments/v01/checkpoints/v01_step_00000100.pt.json",
+        "experiments/v01/checkpoints/v01_step_00000200.pt", "experiments/v01/checkpoints/v01_step_00000200.pt.json"]
+    assert [f.path for f in drive.list()] == ["experiments/v01/logs/train.log"]
+    assert hub_server.commit_messages(REPO)[0] == "colabkit proj v01: steps 100, 200 (4 files)"
+
+
+def test_resume_from_the_hub_onto_an_empty_disk(project: Config, hub_server: HubServer):
+    states = _train(project, [100, 200])
+    _sync(project)
+    shutil.rmtree(project.checkpoint_dir("v01"))  # a fresh machine: nothing local
+
+    plan, path = resume_mod.resume(config=project, experiment="v01", progress=False)
+    assert (plan.choice.source, plan.choice.step) == ("hub", 200)
+    assert path == project.checkpoint_dir("v01") / "v01_step_00000200.pt"
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["w"], states[200]["w"])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latest", "v01_step_00000200.pt",
+                                                              "v01_step_00000200.pt.json"]
+
+
+def test_corrupt_hub_copy_is_refused_and_resume_falls_back(project: Config, hub_server: HubServer, caplog):
+    states = _train(project, [100, 200])
+    _sync(project)
+    _sync(project, weights_to="drive")  # drive holds the weights too
+    open_remote(project, "drive").delete("experiments/v01/checkpoints/v01_step_00000200.pt")
+    open_remote(project, "drive").delete("experiments/v01/checkpoints/v01_step_00000200.pt.json")
+    hub_server.corrupt(REPO, "experiments/v01/checkpoints/v01_step_00000200.pt")
+    shutil.rmtree(project.checkpoint_dir("v01"))
+
+    caplog.set_level(logging.WARNING)
+    plan, path = resume_mod.resume(config=project, experiment="v01", progress=False)
+    assert (plan.choice.source, plan.choice.step) == ("drive", 100)
+    assert "fell back to drive step 100" in plan.reason
+    assert "hub: experiments/v01/checkpoints/v01_step_00000200.pt does not match its recorded hash" in plan.reason
+    assert torch.equal(torch.load(path, weights_only=True)["w"], states[100]["w"])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latest", "v01_step_00000100.pt",
+                                                              "v01_step_00000100.pt.json"]
+    assert hub_server.WRITE_TOKEN not in caplog.text
+
+
+def test_hub_unreachable_is_reported_not_silently_skipped(project: Config, hub_server: HubServer):
+    _train(project, [100])
+    _sync(project)
+    shutil.rmtree(project.checkpoint_dir("v01"))
+    hub_server.inject(method="GET", path=r"/tree/", status=401, message="Invalid credentials in Authorization header")
+    with pytest.raises(ResumeError) as ei:
+        resume_mod.locate(config=project, experiment="v01")
+    msg = str(ei.value)
+    assert msg.startswith("no checkpoint to resume from, and not every source could be asked (local: no checkpoint; "
+                          "drive: no checkpoint; hub: RemoteAuthError: hub: listing model repo 'alice/proj-weights' "
+                          "failed: the Hugging Face token from the HF_TOKEN environment variable was rejected")
+    assert hub_server.WRITE_TOKEN not in msg
