@@ -587,3 +587,31 @@ def test_airlock_magics_in_a_real_shell(ip, project: Path, tmp_path: Path, capsy
     with pytest.raises(UsageError) as ei:
         ip.run_line_magic("airlock", "pull v01 --bundle")
     assert str(ei.value) == "%airlock pull: argument --bundle: expected one argument"
+
+
+# -- the real Drive client against the Drive test server -------------------------------------------------
+def test_export_pull_and_import_through_drive(project: Path, tmp_path: Path, drive_server: DriveServer):
+    folder = drive_server.create_folder("colabkit", share_with={drive_server.SA_EMAIL: "writer"}, shared_drive=True)
+    key = drive_server.write_service_account(tmp_path / "sa.json")
+    cfg = load_config(data={"drive": {"folder_id": folder, "credentials": str(key),
+                                      "endpoint": drive_server.endpoint}}, start=project)
+    res = airlock.export("v01", config=cfg)
+    assert res["remote"] == "drive" and res["uploaded"]
+    stored = drive_server.find(res["remote_path"], root=folder)
+    assert stored is not None and hashlib.sha256(drive_server.content(stored.id)).hexdigest() == res["bundle_sha256"]
+    again = airlock.export("v01", config=cfg)
+    assert again["bytes_uploaded"] == 0 and again["bundle_sha256"] == res["bundle_sha256"]
+    dst = tmp_path / "colab"
+    pulled = airlock.pull("v01", config=cfg, to=dst)
+    assert pulled["bundle"] == res["bundle"] and (dst / "experiments/v01/train.py").read_text() == TRAIN
+    assert airlock.status("v01", config=cfg, root=dst)["in_sync"] is True
+    # the cluster's sync engine put the logs on Drive under the same relative path
+    from colabkit.remotes import open_remote
+    logs = tmp_path / "cluster-logs.txt"
+    logs.write_text("step 50 loss 0.9\n")
+    with open_remote(cfg, "drive") as r:
+        r.put(logs, "experiments/v01/logs/train.log")
+    out = airlock.import_logs("v01", config=cfg)
+    assert [f["status"] for f in out["files"]] == ["imported"]
+    assert (project / "experiments/v01/logs/train.log").read_text() == "step 50 loss 0.9\n"
+    assert out["summary"]["steps"] == 50 and out["summary"]["last_loss"] == 0.9
