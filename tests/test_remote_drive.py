@@ -343,7 +343,43 @@ def test_endpoint_from_environment(drive_server, tmp_path, monkeypatch):
     remote.check_access()
     assert remote.describe().endswith(f"at {drive_server.endpoint}")
     assert all(not p.startswith("http") for _, p in drive_server.requests)
+    batch = remote._service().new_batch_http_request()
+    assert batch._batch_uri == f"{drive_server.endpoint}batch/drive/v3"
     remote.close()
+
+
+def test_trashed_files_are_not_listed(drive_server, tmp_path):
+    remote = make_remote(drive_server, tmp_path)
+    a = remote.put(write(tmp_path / "a", b"a"), "t/a.txt")
+    remote.put(write(tmp_path / "b", b"b"), "t/b.txt")
+    drive_server.files[a.id].trashed = True
+    assert [f.path for f in remote.list()] == ["t/b.txt"]
+    assert remote.stat("t/a.txt") is None
+    remote.close()
+
+
+def test_close_interrupts_an_upload_in_flight(drive_server, tmp_path, request):
+    remote = make_remote(drive_server, tmp_path, chunk_size="1MiB")
+    src = big_file(tmp_path / "c.bin", 8 * MiB)
+    drive_server.pause_at = 2 * MiB
+    done: dict = {}
+
+    def upload():
+        try:
+            remote.put(src, "c.bin")
+        except Exception as e:  # noqa: BLE001 - the outcome is asserted below
+            done["error"] = e
+    import threading
+    t = threading.Thread(target=upload, name="test-upload")
+    t.start()
+    assert drive_server.paused.wait(30)
+    remote.close()
+    drive_server.gate.set()
+    t.join(30)
+    assert not t.is_alive()
+    err = seen(request, done["error"])
+    assert isinstance(err, TransientRemoteError)
+    assert str(err) == "drive: upload of c.bin interrupted because the remote was closed"
 
 
 # -- resumable state across a kill -9 -------------------------------------------------------------------
@@ -368,7 +404,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_kill_9_during_large_upload_then_restart_resumes_without_duplicate(drive_server, tmp_path):
+def test_kill_9_during_large_upload_then_restart_resumes_without_duplicate(drive_server, tmp_path, request):
     folder = drive_server.create_folder("colabkit", share_with={DriveServer.SA_EMAIL: "writer"}, shared_drive=True)
     key = drive_server.write_service_account(tmp_path / "keys" / "sa.json")
     size = 72 * MiB
@@ -390,11 +426,13 @@ def test_kill_9_during_large_upload_then_restart_resumes_without_duplicate(drive
         if child.poll() is None:
             child.kill()
             child.wait(10)
+        seen(request, Exception(child.stdout.read().decode() + child.stderr.read().decode()))
         child.stdout.close()
         child.stderr.close()
         drive_server.gate.set()
     ranges_before = len(drive_server.content_ranges)
     again = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    seen(request, Exception(again.stdout + again.stderr))
     assert again.returncode == 0, again.stderr[-2000:]
     md5 = hash_file(src).md5
     assert again.stdout.strip() == f"uploaded {md5}"

@@ -339,8 +339,7 @@ class DriveRemote(Remote):
         creds, found = load_google_credentials(config, scopes=tuple(d.scopes))
         return cls(tier.name, d.folder_id or "", credentials=creds, endpoint=d.endpoint, chunk_size=d.chunk_size,
                    timeout=d.timeout, identity=found.client_email, source=found.source,
-                   is_service_account=found.kind == "service_account",
-                   retry_initial=config.sync.retry_initial if config.sync.retry_initial < 5 else 1.0)
+                   is_service_account=found.kind == "service_account")
 
     # -- plumbing -------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -382,6 +381,8 @@ class DriveRemote(Remote):
         return build_from_document(doc, http=authed), authed
 
     def close(self) -> None:
+        """Close the HTTP connections; an upload in flight on another thread stops at its next chunk."""
+        self._stop.set()
         with self._lock:
             https, self._all_http = self._all_http, []
         for h in https:
@@ -574,6 +575,7 @@ class DriveRemote(Remote):
             upload_state: UploadState | None = None, progress: Progress | None = None) -> RemoteFile:
         rel = normalize_path(path)
         local = Path(local)
+        self._stop.clear()   # a remote used again after close()
         parts = rel.split("/")
         folder = self._folder(parts[:-1], create=True)
         assert folder is not None
