@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
-import io
 import json
 import logging
 import os
@@ -30,15 +29,14 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .errors import (AirlockError, ColabkitError, ConfigError, DirtyTreeError, IntegrityError, RemoteError,
-                     RemoteNotFoundError, SecretInBundleError, UnsafeBundleError)
+from .errors import (AirlockError, ColabkitError, DirtyTreeError, IntegrityError, RemoteNotFoundError,
+                     SecretInBundleError, UnsafeBundleError)
 from .fsutil import TMP_PREFIX, atomic_open, atomic_write_json, hash_file, is_temporary
 from .secrets import redact
 
