@@ -674,9 +674,7 @@ class HubRemote(Remote):
         for attempt in (1, 2):
             try:
                 self._ensure_branch()
-                with _quiet():
-                    self.api.create_commit(self.repo_id, operations=ops, commit_message=message,
-                                           repo_type=self.repo_type, revision=self.revision)
+                self._create_commit(ops, message)
                 return
             except RemoteError:
                 raise
@@ -688,6 +686,18 @@ class HubRemote(Remote):
                            if isinstance(o, hf.CommitOperationAdd) else o for o in ops]
                     continue
                 raise self._wrap(e, action=action, path=path) from e
+
+    def _create_commit(self, ops: list[Any], message: str) -> None:
+        try:
+            with _quiet():
+                self.api.create_commit(self.repo_id, operations=ops, commit_message=message,
+                                       repo_type=self.repo_type, revision=self.revision)
+        except ValueError as e:
+            if not _url_quirk(e):
+                raise
+            # huggingface_hub < 1.0 parses the returned commit URL against the endpoint it read at import;
+            # with another endpoint that fails *after* the Hub accepted the commit (callers verify the tree)
+            log.debug("%s: commit accepted; huggingface_hub could not parse its URL (%s)", self.name, e)
 
     def _ensure_branch(self) -> None:
         if self._branch_ok:
@@ -704,8 +714,12 @@ class HubRemote(Remote):
 
     def _create_repo(self) -> None:
         log.info("%s: creating %s %s", self.name, "private" if self.private else "public", self._where())
-        self._call(self.api.create_repo, self.repo_id, repo_type=self.repo_type, private=self.private,
-                   exist_ok=True, action=f"creating {self._where()}")
+        try:
+            self._call(self.api.create_repo, self.repo_id, repo_type=self.repo_type, private=self.private,
+                       exist_ok=True, action=f"creating {self._where()}")
+        except RemoteError as e:
+            if not _url_quirk(e.__cause__):
+                raise  # else: created; only the returned URL could not be parsed (see _create_commit)
         self._ensure_branch()
 
     def _message(self, paths: list[str], deletions: list[str]) -> str:
@@ -905,14 +919,9 @@ class HubRemote(Remote):
         marker = self._full(ACCESS_MARKER)
         hf = _hf()
         try:
-            with _quiet():
-                self.api.create_commit(self.repo_id, repo_type=self.repo_type, revision=self.revision,
-                                       operations=[hf.CommitOperationAdd(path_in_repo=marker,
-                                                                         path_or_fileobj=b"colabkit access check\n")],
-                                       commit_message="colabkit: access check")
-                self.api.create_commit(self.repo_id, repo_type=self.repo_type, revision=self.revision,
-                                       operations=[hf.CommitOperationDelete(path_in_repo=marker)],
-                                       commit_message="colabkit: access check (cleanup)")
+            self._create_commit([hf.CommitOperationAdd(path_in_repo=marker, path_or_fileobj=b"colabkit access check\n")],
+                                "colabkit: access check")
+            self._create_commit([hf.CommitOperationDelete(path_in_repo=marker)], "colabkit: access check (cleanup)")
         except Exception as e:
             raise self._wrap(e, action=f"writing a test file to {self._where()}", path=ACCESS_MARKER) from e
 
@@ -938,6 +947,10 @@ def prune_plan(paths: Iterable[str], *, keep: int, only_folders: set[str] | None
         for step in sorted(steps, reverse=True)[keep:]:
             doomed.extend(steps[step])
     return sorted(doomed)
+
+
+def _url_quirk(e: BaseException | None) -> bool:
+    return isinstance(e, ValueError) and "Unable to retrieve user and repo ID" in str(e)
 
 
 def _experiment_of(path: str) -> str:
