@@ -610,3 +610,25 @@ def test_export_pull_and_import_through_drive(project: Path, tmp_path: Path, dri
     assert [f["status"] for f in out["files"]] == ["imported"]
     assert (project / "experiments/v01/logs/train.log").read_text() == "step 50 loss 0.9\n"
     assert out["summary"]["steps"] == 50 and out["summary"]["last_loss"] == 0.9
+
+
+def test_a_bundle_under_another_name_is_refused(project: Path, tmp_path: Path):
+    res = airlock.export("v01", config=cfg_of(project))
+    zdir = tmp_path / "remote" / "airlock" / "v01"
+    fake = "0" * 64
+    (zdir / f"{fake}.zip").write_bytes((zdir / f"{res['bundle']}.zip").read_bytes())
+    with pytest.raises(IntegrityError) as ei:
+        airlock.pull("v01", config=cfg_of(project), bundle="0000", to=tmp_path / "c")
+    assert str(ei.value) == (f"bundle 000000000000 of v01: its manifest lists files whose content hash is "
+                             f"{res['short']}, not 000000000000; the bundle was altered: export it again")
+    assert not (tmp_path / "c" / "experiments").exists()
+
+
+def test_a_tracked_symlink_is_refused_at_export(project: Path):
+    (project / "experiments/v01/models/link.py").symlink_to(project / "experiments/v01/models/net.py")
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "link")
+    with pytest.raises(AirlockError) as ei:
+        airlock.export("v01", config=cfg_of(project))
+    assert str(ei.value) == ("models/link.py is a symbolic link; a bundle holds plain files only: replace it with "
+                             "the file or add it to airlock.exclude")
