@@ -667,13 +667,12 @@ class Checkpointer:
         except Exception as e:  # the guard failing must not stop the save itself
             log.warning("could not make room in %s: %s", self.directory, e)
 
-    def _disk_full(self, step: int, needed: int, written: int | None = None) -> DiskFullError:
+    def _disk_full(self, step: int, needed: int) -> DiskFullError:
         from .config import format_size
         free = free_bytes(self.directory)
-        detail = f" (stopped after {format_size(written)})" if written else ""
         return DiskFullError(
             f"cannot save checkpoint step {step} to {self.directory}: {format_size(free)} free, about "
-            f"{format_size(needed)} needed{detail}; the previous checkpoint is intact. Free space there "
+            f"{format_size(needed)} needed; the previous checkpoint is intact. Free space there "
             "(old checkpoints are removed only once a remote holds a verified copy: run 'colabkit sync flush') "
             "or point the Checkpointer at a larger disk", path=str(self.directory), free=free, needed=needed)
 
@@ -721,7 +720,7 @@ class Checkpointer:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
             if _is_no_space(e) or (w is not None and _is_no_space(w.error)):
-                raise self._disk_full(step, needed, w.size if w else None) from e
+                raise self._disk_full(step, max(needed, (w.size if w else 0) + _SLACK)) from e
             raise
         finally:
             if fd >= 0:

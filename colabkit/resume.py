@@ -1,0 +1,520 @@
+"""Resume: ask every source for its newest verified checkpoint, pick one, fetch it and verify it.
+
+Sources are ``local`` (the experiment's checkpoint folder) and the sync tiers, asked in the order of
+``resume.priority``. Every tier stores a file under the same path relative to the project root
+(``experiments/v01/checkpoints/v01_step_00001200.pt``) with its sidecar manifest beside it.
+
+Policies:
+    ``newest`` (default): the highest step wins; a tie goes to the earlier (cheaper) source.
+    ``first``: the first source, in priority order, that holds a verified checkpoint wins.
+
+A source that fails (credentials, network: any RemoteError) is reported and skipped. When nothing is found
+and some source failed, :class:`~colabkit.errors.ResumeError` says what each source answered: starting
+from scratch while a tier that may hold the run is unreachable would silently lose it.
+
+Example:
+    >>> plan = locate(experiment="v01")
+    >>> path = fetch(plan)               # None: fresh start
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .checkpoints import (LATEST, CheckpointInfo, discover, is_manifest, manifest_path, step_of, verify,
+                          _verify_plain)
+from .errors import ColabkitError, ConfigError, IntegrityError, ResumeError
+from .fsutil import TMP_PREFIX, atomic_write_bytes, atomic_write_json, hash_file
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .remotes.base import Remote, RemoteFile
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("newest", "first")
+LOCAL = "local"
+
+
+@dataclass
+class Candidate:
+    """A checkpoint one source holds.
+
+    Attributes:
+        source: the source's name (``local`` or a tier name).
+        step: the training step.
+        path: the remote path (relative to the tier root), or the local file's absolute path.
+        size: bytes.
+        sha256: the hash its manifest records (None: a plain torch.save file without a manifest).
+        verified: True once checked (local: hash or archive CRC; remote: the record agrees with its manifest).
+    """
+
+    source: str
+    step: int
+    path: str
+    size: int
+    sha256: str | None = None
+    verified: bool = False
+    manifest: dict[str, Any] | None = None
+    manifest_bytes: bytes | None = field(default=None, repr=False)
+    record: Any = field(default=None, repr=False)       # RemoteFile of the data file (remotes)
+    manifest_record: Any = field(default=None, repr=False)
+
+    @property
+    def local(self) -> bool:
+        return self.source == LOCAL
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.replace(os.sep, "/"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "step": self.step, "path": self.path, "size": self.size,
+                "sha256": self.sha256, "verified": self.verified, "manifest": self.manifest is not None}
+
+
+@dataclass
+class SourceReport:
+    """What one source answered.
+
+    Attributes:
+        name: ``local`` or a tier name.
+        state: ``ok`` (holds a verified checkpoint), ``empty`` (holds none) or ``error`` (could not be asked).
+        where: a printable description of the source (no secret).
+        newest: its newest verified checkpoint, or None.
+        error: the failure, when ``state == "error"``.
+        rejected: checkpoints found corrupt or inconsistent, each ``{"path", "step", "reason"}``.
+    """
+
+    name: str
+    state: str
+    where: str = ""
+    newest: Candidate | None = None
+    error: str | None = None
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list, repr=False)  # newest first, for fallback
+
+    @property
+    def newest_step(self) -> int | None:
+        return self.newest.step if self.newest else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "where": self.where, "newest_step": self.newest_step,
+                "path": self.newest.path if self.newest else None, "size": self.newest.size if self.newest else None,
+                "error": self.error, "rejected": list(self.rejected), "checkpoints": len(self.candidates)}
+
+
+@dataclass
+class ResumePlan:
+    """The answer of :func:`locate`: what each source holds and which checkpoint to resume from.
+
+    Attributes:
+        policy: ``newest`` or ``first``.
+        directory: the local checkpoint folder (where :func:`fetch` puts the file).
+        prefix: the folder's path relative to the project root (what the tiers are listed under).
+        sources: one :class:`SourceReport` per source, in priority order.
+        choice: the chosen :class:`Candidate`, or None (a fresh start).
+        reason: why it was chosen (or why there is none).
+    """
+
+    policy: str
+    directory: Path
+    prefix: str | None
+    sources: list[SourceReport]
+    choice: Candidate | None
+    reason: str
+    experiment: str | None = None
+    config: Any = field(default=None, repr=False)
+    remotes: dict[str, Any] = field(default_factory=dict, repr=False)  # Remote objects passed in by the caller
+    fetched: Path | None = None
+
+    def source(self, name: str) -> SourceReport:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def fallbacks(self) -> list[Candidate]:
+        """Every candidate in the order the policy prefers them (the choice first)."""
+        order = {s.name: i for i, s in enumerate(self.sources)}
+        cands = [c for s in self.sources if s.state == "ok" for c in s.candidates]
+        if self.policy == "first":
+            key = lambda c: (order[c.source], -c.step)  # noqa: E731
+        else:
+            key = lambda c: (-c.step, order[c.source])  # noqa: E731
+        return sorted(cands, key=key)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for ``colabkit resume --json``."""
+        return {"policy": self.policy, "experiment": self.experiment, "directory": str(self.directory),
+                "remote_prefix": self.prefix, "sources": [s.as_dict() for s in self.sources],
+                "choice": self.choice.as_dict() if self.choice else None, "reason": self.reason,
+                "fetched": str(self.fetched) if self.fetched else None}
+
+    def lines(self) -> list[str]:
+        """A text rendering: one line per source, then the choice."""
+        out = [f"Resume sources ({self.policy} policy), checkpoint folder {self.directory}:"]
+        width = max([len(s.name) for s in self.sources] + [5])
+        for s in self.sources:
+            if s.state == "ok":
+                what = f"step {s.newest.step:<10} {s.newest.name}"
+                if not s.newest.verified:
+                    what += " (no manifest: verified after download)"
+            elif s.state == "empty":
+                what = "no checkpoint"
+            else:
+                what = f"unavailable: {s.error}"
+            if s.rejected:
+                what += f"  [{len(s.rejected)} rejected: " + "; ".join(
+                    f"{posixpath.basename(r['path'])}: {r['reason']}" for r in s.rejected[:3]) + "]"
+            out.append(f"  {s.name:<{width}}  {what}")
+        out.append(f"Choice: {self.choice.source} step {self.choice.step} — {self.reason}" if self.choice
+                   else f"Choice: none — {self.reason}")
+        return out
+
+
+# -- locate ----------------------------------------------------------------------------------------
+def locate(*, config: "Config | None" = None, experiment: str | None = None,
+           directory: str | os.PathLike | None = None, policy: str | None = None,
+           sources: Sequence["str | Remote"] | None = None) -> ResumePlan:
+    """Ask each source for its newest verified checkpoint and choose one.
+
+    Args:
+        config: the configuration (default: :func:`colabkit.config.load_config`).
+        experiment: ``vXX``; default ``$COLABKIT_EXPERIMENT``; None: ``<root>/checkpoints``.
+        directory: the local checkpoint folder (default: ``config.checkpoint_dir(experiment)``).
+        policy: ``newest`` or ``first`` (default: ``config.resume.policy``).
+        sources: names (``local`` and tier names) or Remote objects, in priority order
+            (default: ``config.resume.priority``).
+    Returns:
+        A :class:`ResumePlan`; ``plan.choice`` is None when no source holds a checkpoint.
+    Raises:
+        ResumeError: nothing was found and at least one source could not be asked (each answer is listed).
+        ConfigError: an unknown policy or source name.
+    """
+    from .config import load_config
+    cfg = config if config is not None else load_config()
+    experiment = experiment if experiment is not None else (os.environ.get("COLABKIT_EXPERIMENT") or None)
+    policy = policy or cfg.resume.policy
+    if policy not in POLICIES:
+        raise ConfigError(f"resume policy {policy!r} is not allowed; use one of {', '.join(POLICIES)}",
+                          key="resume.policy", value=policy)
+    local_dir = Path(directory).expanduser() if directory is not None else cfg.checkpoint_dir(experiment)
+    if not local_dir.is_absolute():
+        local_dir = (cfg.root / local_dir)
+    names = list(sources) if sources is not None else list(cfg.resume.priority)
+    if not names:
+        raise ConfigError("resume.priority is empty; list local and/or tier names", key="resume.priority", value=[])
+    try:
+        prefix: str | None = cfg.remote_path(local_dir)
+    except ConfigError:
+        prefix = None  # a folder outside the project: only the local source can answer
+    given: dict[str, Any] = {}
+    reports: list[SourceReport] = []
+    for src in names:
+        if isinstance(src, str):
+            name = src
+            if name != LOCAL:
+                cfg.tier(name)  # ConfigError naming the configured tiers
+        else:
+            name = src.name
+            given[name] = src
+        if name == LOCAL:
+            reports.append(_ask_local(local_dir))
+        elif prefix is None:
+            reports.append(SourceReport(name, "error", error=f"{local_dir} is outside the project root "
+                                        f"{cfg.root}, so no tier holds its checkpoints"))
+        else:
+            reports.append(_ask_remote(cfg, name, given.get(name), prefix))
+    choice, reason = _choose(reports, policy)
+    if choice is None and any(r.state == "error" for r in reports):
+        answers = "; ".join(f"{r.name}: {r.error if r.state == 'error' else 'no checkpoint'}" for r in reports)
+        raise ResumeError(f"no checkpoint to resume from, and not every source could be asked ({answers}); "
+                          "fix the failing source and retry, or pass --source local to start without it")
+    plan = ResumePlan(policy=policy, directory=local_dir, prefix=prefix, sources=reports, choice=choice,
+                      reason=reason, experiment=experiment, config=cfg, remotes=given)
+    for r in reports:
+        log.info("resume source %s: %s", r.name,
+                 f"step {r.newest_step}" if r.state == "ok" else (r.error or r.state))
+    return plan
+
+
+def _ask_local(directory: Path) -> SourceReport:
+    rep = SourceReport(LOCAL, "empty", where=f"local folder {directory}")
+    try:
+        infos = discover(directory)
+    except OSError as e:
+        rep.state, rep.error = "error", f"cannot read {directory} ({e.strerror or e})"
+        return rep
+    for info in reversed(infos):
+        c = Candidate(LOCAL, info.step, str(info.path), info.size, info.sha256, manifest=dict(info.manifest or {}) or None)
+        if rep.newest is None:
+            try:
+                verify(info)
+            except IntegrityError as e:
+                rep.rejected.append({"path": str(info.path), "step": info.step, "reason": str(e)})
+                log.warning("local checkpoint %s is not usable: %s", info.path, e)
+                continue
+            c.verified = True
+            rep.newest = c
+        rep.candidates.append(c)
+    if rep.newest is not None:
+        rep.state = "ok"
+    return rep
+
+
+def _ask_remote(cfg: "Config", name: str, remote: "Remote | None", prefix: str) -> SourceReport:
+    from .secrets import redact
+    rep = SourceReport(name, "empty")
+    opened = remote is None
+    try:
+        if remote is None:
+            from .remotes import open_remote
+            remote = open_remote(cfg, name)
+        rep.where = remote.describe()
+        files = remote.list(prefix)
+        by_path = {f.path: f for f in files}
+        cands = []
+        for f in files:
+            base = posixpath.basename(f.path)
+            if posixpath.dirname(f.path) != prefix or is_manifest(base):
+                continue
+            step = step_of(base)
+            if step is not None:
+                cands.append((step, f))
+        cands.sort(key=lambda x: (x[0], x[1].path), reverse=True)
+        with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "resume-") as tmp:
+            for step, f in cands:
+                c = Candidate(name, step, f.path, f.size, record=f, manifest_record=by_path.get(f.path + ".json"))
+                if rep.newest is None:
+                    try:
+                        _check_remote_candidate(remote, c, Path(tmp))
+                    except IntegrityError as e:
+                        rep.rejected.append({"path": f.path, "step": step, "reason": str(e)})
+                        log.warning("%s: %s is not usable: %s", name, f.path, e)
+                        continue
+                    rep.newest = c
+                rep.candidates.append(c)
+    except (ColabkitError, OSError) as e:  # RemoteError and its kin, CredentialsError, MissingDependencyError
+        rep.state, rep.error = "error", redact(f"{type(e).__name__}: {e}")
+        rep.newest, rep.candidates = None, []
+        log.warning("resume source %s could not be asked: %s", name, rep.error)
+        return rep
+    finally:
+        if opened and remote is not None:
+            with contextlib.suppress(Exception):
+                remote.close()
+    if rep.newest is not None:
+        rep.state = "ok"
+    return rep
+
+
+def _check_remote_candidate(remote: "Remote", c: Candidate, tmp: Path) -> None:
+    """Read a remote candidate's manifest; refuse it when the record disagrees with the manifest."""
+    if c.manifest_record is None:
+        c.verified = False  # a plain torch.save file: checked once downloaded
+        return
+    dst = tmp / (posixpath.basename(c.manifest_record.path))
+    remote.get(c.manifest_record.path, dst)
+    raw = dst.read_bytes()
+    try:
+        m = json.loads(raw)
+        if not isinstance(m, dict) or not isinstance(m.get("sha256"), str) or not isinstance(m.get("size"), int):
+            raise ValueError("missing sha256/size")
+    except ValueError as e:
+        raise IntegrityError(f"its manifest is not valid ({e})", path=c.path) from None
+    rec = c.record
+    if m.get("file", c.name) != c.name:
+        raise IntegrityError(f"its manifest describes another file ({m.get('file')!r})", path=c.path)
+    if m["size"] != rec.size:
+        raise IntegrityError(f"{rec.size} bytes, its manifest says {m['size']} (partial or replaced)",
+                             path=c.path, expected=str(m["size"]), actual=str(rec.size))
+    if rec.sha256 is not None and rec.sha256 != m["sha256"]:
+        raise IntegrityError(f"sha256 {rec.sha256[:12]}... disagrees with its manifest's {m['sha256'][:12]}...",
+                             path=c.path, expected=m["sha256"], actual=rec.sha256)
+    c.manifest, c.manifest_bytes, c.sha256, c.verified = m, raw, m["sha256"], True
+    if isinstance(m.get("step"), int):
+        c.step = m["step"]
+
+
+def _choose(reports: list[SourceReport], policy: str) -> tuple[Candidate | None, str]:
+    ok = [r for r in reports if r.state == "ok"]
+    failed = [r.name for r in reports if r.state == "error"]
+    skipped = f"; skipped {', '.join(failed)} (unavailable)" if failed else ""
+    if not ok:
+        return None, "no source holds a checkpoint: start fresh" + skipped
+    if policy == "first":
+        r = ok[0]
+        before = [x.name for x in reports[: reports.index(r)] if x.state != "error"]
+        why = f"{r.name} is the first source in priority order holding a verified checkpoint"
+        if before:
+            why += f" ({', '.join(before)} hold none)"
+        return r.newest, why + skipped
+    best = max(r.newest.step for r in ok)
+    holders = [r for r in ok if r.newest.step == best]
+    r = holders[0]
+    others = [f"{x.name} has {x.newest.step}" for x in ok if x is not r and x.newest.step != best]
+    why = f"step {best} is the highest"
+    if len(holders) > 1:
+        names = [x.name for x in holders]
+        held = " and ".join([", ".join(names[:-1]), names[-1]])
+        why += f"; it is held by {held}, and {r.name} comes first in priority order"
+    if others:
+        why += f" ({', '.join(others)})"
+    return r.newest, why + skipped
+
+
+# -- fetch -----------------------------------------------------------------------------------------
+def fetch(plan: ResumePlan | None = None, *, config: "Config | None" = None, experiment: str | None = None,
+          dest: str | os.PathLike | None = None, progress: bool = True) -> Path | None:
+    """Bring the chosen checkpoint into the local checkpoint folder, verified, and return its path.
+
+    A remote file is downloaded atomically and checked against its manifest's sha256 while it is copied (one
+    pass); its manifest is written beside it and the folder's ``latest`` pointer is updated. A copy that fails
+    verification is discarded and the next-best candidate (by the plan's policy) is tried.
+
+    Args:
+        plan: from :func:`locate` (default: ``locate(config=config, experiment=experiment)``).
+        dest: the folder to put the file in (default: the plan's local checkpoint folder).
+        progress: show a tqdm.auto progress bar for downloads (False for ``--json`` and scripts).
+    Returns:
+        The local path of the verified checkpoint, or None when there is nothing to resume from.
+    Raises:
+        ResumeError: every candidate failed to download or verify (each attempt is listed).
+    """
+    if plan is None:
+        plan = locate(config=config, experiment=experiment)
+    if plan.choice is None:
+        return None
+    target_dir = Path(dest).expanduser() if dest is not None else plan.directory
+    attempts: list[str] = []
+    opened: dict[str, Any] = {}
+    try:
+        for c in plan.fallbacks():
+            try:
+                path = _fetch_one(plan, c, target_dir, opened, progress=progress)
+            except (ColabkitError, OSError) as e:
+                from .secrets import redact
+                msg = redact(str(e))
+                attempts.append(f"{c.source} step {c.step}: {msg}")
+                log.warning("cannot resume from %s step %d (%s); trying the next candidate", c.source, c.step, msg)
+                continue
+            if c is not plan.choice:
+                log.warning("resuming from %s step %d instead of %s step %d", c.source, c.step,
+                            plan.choice.source, plan.choice.step)
+                plan.reason += f"; fell back to {c.source} step {c.step} ({attempts[-1] if attempts else ''})"
+                plan.choice = c
+            plan.fetched = path
+            return path
+    finally:
+        for r in opened.values():
+            with contextlib.suppress(Exception):
+                r.close()
+    raise ResumeError("no candidate checkpoint could be fetched and verified: " + "; ".join(attempts)
+                      + "; check the sources with 'colabkit resume --no-fetch'")
+
+
+def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[str, Any], *,
+               progress: bool) -> Path:
+    if c.local:
+        src = Path(c.path)
+        if not c.verified:
+            verify(CheckpointInfo(src, c.step, c.size, c.sha256, c.manifest))
+            c.verified = True
+        if src.parent.resolve() == target_dir.resolve():
+            return src
+        from .fsutil import atomic_copy
+        dst = target_dir / src.name
+        digest = atomic_copy(src, dst)
+        if c.sha256 and digest.sha256 != c.sha256:
+            dst.unlink()
+            raise IntegrityError(f"{src} changed while it was copied", path=str(src))
+        if c.manifest:
+            atomic_write_json(manifest_path(dst), c.manifest)
+        return dst
+    remote = plan.remotes.get(c.source) or opened.get(c.source)
+    if remote is None:
+        from .remotes import open_remote
+        remote = opened[c.source] = open_remote(plan.config, c.source)
+    if c.manifest_record is not None and c.manifest is None:
+        with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "resume-", dir=_existing(target_dir)) as tmp:
+            _check_remote_candidate(remote, c, Path(tmp))
+    dst = target_dir / c.name
+    target_dir.mkdir(parents=True, exist_ok=True)
+    from .remotes.base import RemoteFile
+    rec = c.record
+    if c.sha256 is not None:
+        # the remote verifies the download against this record while it copies: the manifest's sha256
+        # (and the tier's own md5 when it has one), one pass, nothing read twice
+        expected = RemoteFile(rec.path, c.manifest["size"], sha256=c.sha256, md5=rec.md5, modified=rec.modified,
+                              id=rec.id)
+    else:
+        expected = rec
+    if c.sha256 is not None and _already_there(dst, c):
+        log.info("%s already holds %s with the expected sha256", target_dir, c.name)
+    else:
+        bar = _progress_bar(c, enabled=progress)
+        try:
+            got = remote.get(rec.path, dst, expected=expected, progress=bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        if c.sha256 is not None and got is not None and got.sha256 is not None and got.sha256 != c.sha256:
+            with contextlib.suppress(OSError):
+                dst.unlink()
+            raise IntegrityError(f"{c.source}: {rec.path} downloaded with sha256 {got.sha256[:12]}..., its "
+                                 f"manifest says {c.sha256[:12]}...; the copy was discarded", path=rec.path)
+    if c.sha256 is None:
+        try:
+            _verify_plain(dst)
+        except IntegrityError:
+            with contextlib.suppress(OSError):
+                dst.unlink()
+            raise
+    if c.manifest_bytes is not None:
+        atomic_write_bytes(manifest_path(dst), c.manifest_bytes)
+    else:
+        with contextlib.suppress(OSError):
+            manifest_path(dst).unlink()  # a stale local manifest must not describe the downloaded file
+    atomic_write_json(dst.parent / LATEST, {"format": 1, "file": dst.name, "step": c.step})
+    log.info("fetched %s step %d from %s to %s", c.name, c.step, c.source, dst)
+    return dst
+
+
+def _existing(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _already_there(dst: Path, c: Candidate) -> bool:
+    try:
+        if dst.stat().st_size != c.size:
+            return False
+    except OSError:
+        return False
+    return hash_file(dst).sha256 == c.sha256
+
+
+def _progress_bar(c: Candidate, *, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=c.size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{c.source}: {c.name}",
+                leave=False)
+
+
+def resume(*, config: "Config | None" = None, experiment: str | None = None, policy: str | None = None,
+           sources: Sequence["str | Remote"] | None = None, progress: bool = True) -> tuple[ResumePlan, Path | None]:
+    """:func:`locate` then :func:`fetch`: the plan and the local path (None: fresh start)."""
+    plan = locate(config=config, experiment=experiment, policy=policy, sources=sources)
+    return plan, fetch(plan, progress=progress)
