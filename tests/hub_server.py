@@ -490,7 +490,10 @@ class _Handler(BaseHTTPRequestHandler):
             repo = self._repo(rtype, repo_id)
             rev = unquote(rest[len("revision/"):]) if rest else "main"
             oid, tree = self._tree(repo, rev)
-            return self._json({"id": repo_id, "sha": oid, "private": repo.private, "author": repo.owner,
+            return self._json({"_id": f"id-{repo_id}", "id": repo_id, "modelId": repo_id, "sha": oid,
+                               "private": repo.private, "author": repo.owner, "gated": False, "disabled": False,
+                               "downloads": 0, "likes": 0, "tags": [], "library_name": None,
+                               "lastModified": "2026-11-22T00:00:00.000Z", "createdAt": "2026-11-22T00:00:00.000Z",
                                "siblings": [{"rfilename": k} for k in sorted(tree)]})
         mt = re.fullmatch(r"tree/([^/]+)(?:/(.*))?", rest)
         if mt and m == "GET":

@@ -242,6 +242,17 @@ def test_keep_removes_old_checkpoints_from_the_tip_in_the_same_commit(hub_server
     assert hub_server.count("POST", r"/commit/") == 3  # the deletions rode along with the upload
 
 
+def test_a_file_that_changed_after_its_digest_is_not_kept(hub_server: HubServer, token_env, tmp_path: Path):
+    src = _write(tmp_path / "notes.txt", b"version 1\n")
+    stale = hash_file(src)
+    src.write_bytes(b"version 2, longer\n")
+    r = make_remote(hub_server)
+    with pytest.raises(IntegrityError) as ei:
+        r.put(src, "notes.txt", digest=hash_file(src).__class__(len(b"version 2, longer\n"), stale.sha256, stale.md5))
+    assert str(ei.value) == "hub: notes.txt did not verify after upload: it changed while it was uploaded; it will be retried"
+    assert r.list() == []
+
+
 def test_prune_plan_keeps_each_series_separately():
     paths = ["c/a_step_1.pt", "c/a_step_2.pt", "c/a_step_3.pt", "c/b_step_1.pt", "c/latest.pt", "d/a_step_1.pt",
              "c/a_step_1.pt.json"]

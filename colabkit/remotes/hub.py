@@ -237,14 +237,6 @@ def _server_message(resp: Any) -> str:
 
 
 # -- helpers --------------------------------------------------------------------------------------------
-def _git_oid_file(path: Path, size: int) -> str:
-    h = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
-    with open(path, "rb") as f:
-        for buf in iter(lambda: f.read(1024 * 1024), b""):
-            h.update(buf)
-    return h.hexdigest()
-
-
 def _sha256_file(path: Path) -> FileDigest:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -567,6 +559,12 @@ class HubRemote(Remote):
 
     def put(self, local: Path, path: str, *, digest: FileDigest | None = None,
             upload_state: UploadState | None = None, progress: Progress | None = None) -> RemoteFile:
+        """Upload one file (a one-file :meth:`put_many` commit).
+
+        `upload_state` is not used: huggingface_hub keeps no resumable session across processes (a Xet
+        upload skips the chunks the Hub already holds; an LFS upload is sent again). `progress` is called
+        once, with the file's size, when the upload is verified.
+        """
         rel = normalize_path(path)
         rec = self.put_many([(Path(local), rel)], digests={rel: digest} if digest else None)[0]
         if progress:
@@ -650,11 +648,12 @@ class HubRemote(Remote):
             return RemoteFile(it.path, it.digest.size, sha256=sha, md5=md5, id=entry.blob_id)
         if it.digest.size > _SMALL:
             return None
-        if _git_oid_file(it.local, it.digest.size) != entry.blob_id:
-            return None
-        # same git oid as the local bytes: the local digest is the remote file's digest
-        _remember(entry.blob_id, it.digest.sha256, md5)
-        return RemoteFile(it.path, it.digest.size, sha256=it.digest.sha256, md5=md5, id=entry.blob_id)
+        _p, sha, md5, git = self._hash_file(it.local, small=True)
+        if git != entry.blob_id or sha != it.digest.sha256:
+            return None  # other bytes, or the local file changed since its digest was taken
+        # the git oid of these very bytes is the remote file's: their digest is the remote file's digest
+        _remember(entry.blob_id, sha, md5)
+        return RemoteFile(it.path, it.digest.size, sha256=sha, md5=md5, id=entry.blob_id)
 
     def _commit(self, adds: list[_Local], deletes: list[str], message: str) -> None:
         hf = _hf()
