@@ -716,6 +716,10 @@ class Checkpointer:
                     final.unlink()
                 raise
         except BaseException as e:
+            if fd >= 0:  # close first: an unlinked file still holds its space while it is open
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                fd = -1
             if tmp:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
