@@ -1,0 +1,1151 @@
+"""Background sync of a run's folders to the configured tiers (Drive, the Hub, local folders).
+
+A :class:`SyncGroup` watches some folders (watchdog; a polling observer on FUSE/network mounts) and runs one
+:class:`TierSyncer` thread per tier. A tier is due by its interval (``every``) or by :func:`flush`; on a due
+tick it walks the watched folders, picks the files its include/exclude globs select that are complete (a
+checkpoint with its manifest, or any file whose size and mtime have been stable for ``sync.settle``;
+temporary names never) and that it does not already hold (the persisted :class:`colabkit.ledger.Ledger`),
+and uploads them one at a time (a Hub tier: all in one commit through ``put_many``). The training process
+never waits: uploads run on these threads, at a lowered CPU priority.
+
+Errors: transient ones (TransientRemoteError, any other RemoteError/OSError not known to be fatal) retry
+with exponential back-off and jitter, honouring ``retry_after``; RemoteQuotaError, RemoteAuthError and
+RemotePermissionError stop that tier. Either way the error stays in :func:`status` and the log
+(``<root>/.colabkit/logs/sync.log``) until a later upload succeeds. Threads never print.
+
+Example:
+    >>> from colabkit import sync
+    >>> sync.start(every=3600)          # replaces a group already watching the same folders
+    >>> sync.status()["tiers"]["hub"]["state"]
+    'idle'
+    >>> sync.flush(timeout=600)         # upload everything due now and wait
+    >>> sync.stop()                     # flush, then join the threads (safe to call twice)
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+from .errors import (ColabkitError, IntegrityError, RemoteAuthError, RemoteError, RemotePermissionError,
+                     RemoteQuotaError, SyncError)
+from .fsutil import FileDigest, atomic_write_json, hash_file, is_temporary
+
+if TYPE_CHECKING:
+    from .config import Config, TierConfig
+    from .ledger import Ledger
+    from .remotes.base import Remote
+
+log = logging.getLogger(__name__)
+
+FATAL = (RemoteQuotaError, RemoteAuthError, RemotePermissionError)
+_SKIP_DIRS = {".colabkit", ".git", "__pycache__", ".ipynb_checkpoints"}
+_GUARD_INTERVAL = 30.0      # the disk guard also runs between due ticks, at least this often
+_CKPT_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_STEP = re.compile(r"(?:step|iter|iteration|global_step)[_\-]?(\d+)", re.IGNORECASE)
+
+
+# -- globs ---------------------------------------------------------------------------------------
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A compiled regex for a tier glob: ``*`` within a name, ``**`` across folders, ``?``, ``[...]``."""
+    i, out = 0, []
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = pattern.find("]", i + 1)
+            if j < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1:j]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append(f"[{body}]")
+                i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+class Patterns:
+    """include/exclude globs of a tier. A pattern without '/' matches the basename; with '/', the path
+    relative to the project root. Results are cached per path (a tick over 10,000 files stays cheap)."""
+
+    def __init__(self, include: Sequence[str], exclude: Sequence[str]) -> None:
+        def split(pats):
+            return ([glob_regex(p) for p in pats if "/" not in p and p != "**"],
+                    [glob_regex(p) for p in pats if "/" in p or p == "**"])
+        self.inc_base, self.inc_path = split(include)
+        self.exc_base, self.exc_path = split(exclude)
+        self._cache: dict[str, bool] = {}
+
+    def __call__(self, rel: str) -> bool:
+        r = self._cache.get(rel)
+        if r is None:
+            base = rel.rsplit("/", 1)[-1]
+            inc = any(p.match(base) for p in self.inc_base) or any(p.match(rel) for p in self.inc_path)
+            r = inc and not (any(p.match(base) for p in self.exc_base) or any(p.match(rel) for p in self.exc_path))
+            if len(self._cache) > 200_000:
+                self._cache.clear()
+            self._cache[rel] = r
+        return r
+
+
+def _step_of(name: str) -> int | None:
+    try:
+        from .checkpoints import step_of
+        return step_of(name)
+    except ImportError:  # pragma: no cover
+        if is_temporary(name) or not name.lower().endswith(_CKPT_EXTS):
+            return None
+        m = _STEP.search(name)
+        return int(m.group(1)) if m else None
+
+
+# -- scanning ------------------------------------------------------------------------------------
+@dataclass
+class LocalFile:
+    path: str           # absolute
+    rel: str            # relative to the project root, POSIX (= the remote path and the ledger key)
+    size: int
+    mtime: float
+    mtime_ns: int
+
+
+def _scan(targets: Sequence[tuple[str, str]], skip: set[str]) -> Iterable[LocalFile]:
+    """Walk and stat every file under the watched targets ((absolute path, rel path) pairs)."""
+    for top, rel_top in targets:
+        try:
+            st = os.stat(top)
+        except OSError:
+            continue
+        if not os.path.isdir(top):
+            if not is_temporary(top):
+                yield LocalFile(top, rel_top, st.st_size, st.st_mtime, st.st_mtime_ns)
+            continue
+        stack = [(top, rel_top)]
+        while stack:
+            d, rd = stack.pop()
+            try:
+                it = os.scandir(d)
+            except OSError:
+                continue
+            with it:
+                for e in it:
+                    try:
+                        if e.is_dir(follow_symlinks=False):
+                            if e.name not in _SKIP_DIRS and e.path not in skip:
+                                stack.append((e.path, f"{rd}/{e.name}" if rd else e.name))
+                            continue
+                        if is_temporary(e.name):
+                            continue
+                        s = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    yield LocalFile(e.path, f"{rd}/{e.name}" if rd else e.name, s.st_size, s.st_mtime, s.st_mtime_ns)
+
+
+def _manifest_sha(path: str, size: int) -> str | None:
+    """The sha256 recorded in `path`'s sidecar manifest, when it exists and agrees on the size."""
+    try:
+        with open(path + ".json", encoding="utf-8") as f:
+            m = json.load(f)
+        if isinstance(m, dict) and int(m.get("size", -1)) == size and m.get("sha256"):
+            return str(m["sha256"])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _lower_priority() -> None:
+    """Make this thread yield the CPU (and the disk) to the training process: nice 19, idle I/O class."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, 19)  # per-thread on Linux
+    except (AttributeError, OSError):
+        pass
+    try:  # ioprio_set(IOPRIO_WHO_PROCESS, tid, IOPRIO_CLASS_IDLE): best effort, x86_64/arm64 Linux only
+        import ctypes
+        import platform
+        nr = {"x86_64": 251, "aarch64": 30}.get(platform.machine())
+        if nr is not None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.syscall(nr, 1, threading.get_native_id(), 3 << 13)
+    except Exception:
+        pass
+
+
+def _fmt_err(e: BaseException) -> str:
+    from .secrets import redact
+    return redact(f"{type(e).__name__}: {e}")
+
+
+# -- one tier ------------------------------------------------------------------------------------
+class _FlushRequest:
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.done = threading.Event()
+        self.result: dict[str, Any] = {}
+
+
+class TierSyncer(threading.Thread):
+    """The thread that uploads one tier's files. Built and driven by :class:`SyncGroup`.
+
+    States: ``starting``, ``idle``, ``scanning``, ``uploading``, ``retrying`` (back-off after an error),
+    ``stopped`` (fatal error: quota, auth, permission; or the group was stopped).
+    """
+
+    def __init__(self, group: "SyncGroup", tier: "TierConfig", remote: "Remote | None", ledger: "Ledger", *,
+                 every: float, open_error: BaseException | None = None) -> None:
+        super().__init__(name=f"colabkit-sync-{tier.name}", daemon=True)
+        self.group = group
+        self.tier = tier
+        self.remote = remote
+        self.ledger = ledger
+        self.every = float(every)
+        self.patterns = Patterns(tier.include, tier.exclude)
+        self._wake = threading.Event()
+        self._stop_evt = threading.Event()
+        self._pause = threading.Event()  # never set: a stop-aware wait during settle/back-off inside a flush
+        self._lock = threading.Lock()
+        self._flushes: list[_FlushRequest] = []
+        self._next_due = time.monotonic()           # the first tick is due at once (catch up after a restart)
+        self._next_attempt = 0.0                    # back-off: no attempt before this
+        self._next_guard = 0.0
+        self._attempts = 0
+        self.fatal: str | None = None
+        self._pending: dict[str, int] = {}          # rel -> size of files due or settling
+        self._skipped_big: set[str] = set()
+        self.snap: dict[str, Any] = {
+            "tier": tier.name, "remote": remote.describe() if remote else None, "state": "starting",
+            "every": self.every, "last_upload": None, "last_tick": None, "next_due": None, "pending_files": 0,
+            "pending_bytes": 0, "last_error": None, "last_error_at": None, "uploaded": 0, "uploaded_bytes": 0,
+            "skipped": 0, "errors": 0, "retry_at": None, "current": None}
+        if open_error is not None:
+            self._set_fatal(open_error)
+
+    # -- public (called from other threads) ------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            s = dict(self.snap)
+            s["pending_files"] = len(self._pending)
+            s["pending_bytes"] = sum(self._pending.values())
+            now_m, now = time.monotonic(), time.time()
+            if self.fatal is None and s["state"] != "stopped":
+                s["next_due"] = now + max(max(self._next_due, self._next_attempt) - now_m, 0.0)
+            if self._next_attempt > now_m:
+                s["retry_at"] = now + (self._next_attempt - now_m)
+            else:
+                s["retry_at"] = None
+            return s
+
+    def request_flush(self, deadline: float) -> _FlushRequest:
+        req = _FlushRequest(deadline)
+        with self._lock:
+            if not self.is_alive():
+                req.result = self._flush_result(ok=self.fatal is None, note="not running")
+                req.done.set()
+                return req
+            self._flushes.append(req)
+        self._wake.set()
+        return req
+
+    def note(self, path: str) -> None:
+        """A watchdog event for `path`: update pending counts (uploads still wait for the due tick)."""
+        rel = self.group.rel_of(path)
+        if rel is None or not self.patterns(rel) or is_temporary(path):
+            return
+        try:
+            st = os.stat(path)
+        except OSError:
+            with self._lock:
+                self._pending.pop(rel, None)
+            return
+        if not os.path.isfile(path):
+            return
+        with self._lock:
+            if self.ledger.unchanged(rel, st.st_size, st.st_mtime_ns):
+                self._pending.pop(rel, None)
+            elif not self._too_big(st.st_size):
+                self._pending[rel] = st.st_size
+
+    def stop_soon(self) -> None:
+        self._stop_evt.set()
+        self._wake.set()
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> None:
+        _lower_priority()
+        with self._lock:
+            if self.fatal is None:
+                self.snap["state"] = "idle"
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                has_flush = bool(self._flushes)
+            if not has_flush:
+                due_at = max(self._next_due, self._next_attempt)
+                timeout = min(due_at, self._next_guard) - now if self.fatal is None else None
+                if timeout is None or timeout > 0:
+                    self._wake.wait(timeout)
+                self._wake.clear()
+            if self._stop_evt.is_set():
+                with self._lock:
+                    reqs, self._flushes = self._flushes, []
+                for r in reqs:
+                    r.result = self._flush_result(ok=False, note="stopped")
+                    r.done.set()
+                break
+            try:
+                self._step()
+            except Exception as e:  # never die silently
+                log.exception("%s: unexpected error in the sync loop", self.tier.name)
+                self._record_error(e)
+                self._backoff(None)
+        with self._lock:
+            self.snap["state"] = "stopped"
+            self.snap["current"] = None
+
+    def _step(self) -> None:
+        with self._lock:
+            reqs, self._flushes = self._flushes, []
+        now = time.monotonic()
+        if reqs:
+            deadline = max(r.deadline for r in reqs)
+            result = self._flush(deadline)
+            for r in reqs:
+                r.result = result
+                r.done.set()
+            return
+        if self.fatal is not None:
+            return
+        if now >= max(self._next_due, self._next_attempt):
+            self._next_due = now + self.every
+            self._tick(final=False)
+            self.group.guard()
+            self._next_guard = time.monotonic() + min(_GUARD_INTERVAL, self.every)
+        elif now >= self._next_guard:
+            self.group.guard()
+            self._next_guard = time.monotonic() + min(_GUARD_INTERVAL, self.every)
+
+    def _flush(self, deadline: float) -> dict[str, Any]:
+        """A final tick: settle-waits and retries with back-off until everything due is up or the deadline."""
+        if self.fatal is not None:
+            return self._flush_result(ok=False)
+        with self._lock:
+            self.snap["state"] = "flushing"
+        self._attempts = 0
+        self._next_attempt = 0.0
+        ok = False
+        while True:
+            ok = self._tick(final=True, deadline=deadline)
+            if ok or self.fatal is not None or self._stop_evt.is_set():
+                break
+            wait = self._next_attempt - time.monotonic()
+            if time.monotonic() + max(wait, 0) >= deadline:
+                break
+            self._stop_evt.wait(max(wait, 0))
+        self._next_due = time.monotonic() + self.every
+        self.group.guard()
+        return self._flush_result(ok=ok and self.fatal is None)
+
+    def _flush_result(self, *, ok: bool, note: str | None = None) -> dict[str, Any]:
+        s = self.snapshot()
+        out = {"ok": ok, "state": s["state"], "uploaded": s["uploaded"], "pending_files": s["pending_files"],
+               "last_error": s["last_error"]}
+        if note:
+            out["note"] = note
+        return out
+
+    # -- one tick --------------------------------------------------------------------------------
+    def _too_big(self, size: int) -> bool:
+        return self.tier.max_file_size is not None and size > self.tier.max_file_size
+
+    def _select(self, files: list[LocalFile], *, final: bool) -> tuple[list[tuple[LocalFile, str | None]],
+                                                                      list[LocalFile]]:
+        """(due files with their manifest sha256 or None, files still settling)."""
+        now = time.time()
+        settle = self.group.config.sync.settle
+        led = self.ledger
+        by_path = {f.path: f for f in files}
+        due: list[tuple[LocalFile, str | None]] = []
+        unsettled: list[LocalFile] = []
+        for f in files:
+            if led.unchanged(f.rel, f.size, f.mtime_ns):
+                continue
+            if self._too_big(f.size):
+                if f.rel not in self._skipped_big:
+                    self._skipped_big.add(f.rel)
+                    self.snap["skipped"] += 1
+                    log.info("%s: %s is larger than max_file_size (%d bytes); not uploaded",
+                             self.tier.name, f.rel, self.tier.max_file_size)
+                continue
+            sha = None
+            is_manifest = f.path.endswith(".json") and f.path[:-5] in by_path
+            if not is_manifest and f.path + ".json" in by_path:
+                sha = _manifest_sha(f.path, f.size)
+            if sha is not None or is_manifest or now - f.mtime >= settle:
+                due.append((f, sha))
+            else:
+                unsettled.append(f)
+        if self.tier.latest_only:
+            # per folder: only the newest checkpoint due, and never one older than a checkpoint already held
+            best: dict[str, tuple[int, str]] = {}
+            steps: dict[str, int] = {}
+            held_paths = {f.path for f in files} - {f.path for f, _ in due} - {f.path for f in unsettled}
+            for f in files:
+                if f.path.endswith(".json"):
+                    continue
+                s = _step_of(os.path.basename(f.path))
+                if s is None:
+                    continue
+                steps[f.path] = s
+                if f.path in held_paths or any(f is g for g, _ in due):
+                    d = os.path.dirname(f.path)
+                    if d not in best or (s, f.path) > best[d]:
+                        best[d] = (s, f.path)
+            drop = {p for p in steps if p in {g.path for g, _ in due} and best[os.path.dirname(p)][1] != p}
+            drop |= {p + ".json" for p in drop}
+            due = [(f, s) for f, s in due if f.path not in drop]
+            unsettled = [f for f in unsettled if f.path not in steps
+                         or os.path.dirname(f.path) not in best or steps[f.path] > best[os.path.dirname(f.path)][0]]
+        # data files before their manifests: a remote holding a manifest always holds its data
+        due.sort(key=lambda x: (x[0].path.endswith(".json"), x[0].rel))
+        return due, unsettled
+
+    def _tick(self, *, final: bool, deadline: float | None = None) -> bool:
+        """Upload what is due. Returns True when nothing due is left (uploaded or already held)."""
+        with self._lock:
+            if not final:
+                self.snap["state"] = "scanning"
+        files = [f for f in self.group.scan() if self.patterns(f.rel)]
+        due, unsettled = self._select(files, final=final)
+        if final and unsettled and deadline is not None:
+            # let files that are still being written settle (bounded by the flush deadline)
+            settle = self.group.config.sync.settle
+            newest = max(f.mtime for f in unsettled)
+            wait = min(newest + settle - time.time(), deadline - time.monotonic())
+            if wait > 0:
+                self._stop_evt.wait(wait)
+            files = [f for f in self.group.scan() if self.patterns(f.rel)]
+            due, unsettled = self._select(files, final=final)
+            # still changing: a log being appended is uploaded as it is now; a checkpoint is not
+            extra = [(f, None) for f in unsettled if _step_of(os.path.basename(f.path)) is None]
+            due += extra
+            unsettled = [f for f in unsettled if _step_of(os.path.basename(f.path)) is not None]
+        with self._lock:
+            self._pending = {f.rel: f.size for f, _ in due}
+            self._pending.update({f.rel: f.size for f in unsettled})
+            self.snap["last_tick"] = time.time()
+        ok = self._upload(due)
+        with self._lock:
+            if ok:
+                self._attempts = 0
+                self._next_attempt = 0.0
+                self.snap["last_error"] = None
+                self.snap["retry_at"] = None
+            if self.fatal is None:
+                self.snap["state"] = "retrying" if not ok else "idle"
+            self.snap["current"] = None
+        self.group.persist_status()
+        return ok and not unsettled
+
+    def _upload(self, due: list[tuple[LocalFile, str | None]]) -> bool:
+        if not due:
+            return True
+        with self._lock:
+            self.snap["state"] = "uploading"
+        if getattr(self.remote, "kind", "") == "hub" and len(due) > 1:
+            return self._upload_batch(due)
+        for f, sha in due:
+            if self._stop_evt.is_set():
+                return False
+            try:
+                self._upload_one(f, sha)
+            except FATAL as e:
+                self._set_fatal(e)
+                return False
+            except IntegrityError as e:
+                # the file changed while it was read: it is picked up again once it settles
+                log.info("%s: %s", self.tier.name, e)
+                continue
+            except RemoteError as e:
+                self._record_error(e)
+                self._backoff(e.retry_after)
+                return False
+            except FileNotFoundError:
+                with self._lock:
+                    self._pending.pop(f.rel, None)
+                continue  # deleted locally (pruned, rotated) before its turn
+            except OSError as e:
+                self._record_error(e)
+                self._backoff(None)
+                return False
+            except Exception as e:
+                log.exception("%s: uploading %s failed", self.tier.name, f.rel)
+                self._record_error(e)
+                self._backoff(None)
+                return False
+        return True
+
+    def _digest_for(self, f: LocalFile, sha: str | None) -> tuple[FileDigest | None, str]:
+        if sha is not None:
+            return None, sha
+        d = hash_file(f.path)
+        return d, d.sha256
+
+    def _already_held(self, f: LocalFile, sha: str, remote_path: str) -> bool:
+        """Skip uploads of content the tier already holds (same sha256), or that an interrupted
+        process uploaded before it could record it."""
+        led = self.ledger
+        if led.verified_copy(f.rel, sha):
+            led.touch(f.rel, local_size=f.size, local_mtime_ns=f.mtime_ns)
+            led.save()
+            return True
+        inf = led.inflight.get(f.rel)
+        if inf and inf.get("sha256") == sha and self.remote is not None:
+            rec = self.remote.stat(remote_path)
+            if rec is not None and rec.size == f.size and (rec.sha256 == sha or (rec.sha256 is None and rec.md5)):
+                if rec.sha256 is None:  # only an md5 to compare: check it against the local file
+                    if hash_file(f.path).md5 != rec.md5:
+                        return False
+                led.record(f.rel, remote_path=remote_path, size=rec.size, sha256=sha, md5=rec.md5,
+                           remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns)
+                log.info("%s: %s was uploaded before an interruption; verified and recorded", self.tier.name, f.rel)
+                return True
+        return False
+
+    def _upload_one(self, f: LocalFile, sha_hint: str | None) -> None:
+        remote_path = self.group.config.remote_path(f.path)
+        digest, sha = self._digest_for(f, sha_hint)
+        if self._already_held(f, sha, remote_path):
+            with self._lock:
+                self._pending.pop(f.rel, None)
+            return
+        with self._lock:
+            self.snap["current"] = f.rel
+        self.ledger.begin(f.rel, remote_path=remote_path, size=f.size, sha256=sha)
+        rec = self.remote.put(Path(f.path), remote_path, digest=digest,
+                              upload_state=self.ledger.upload_state(f.rel))
+        if rec.sha256 is not None and rec.sha256 != sha:
+            # the manifest and the bytes disagree: do not record a copy that is not what the manifest says
+            raise IntegrityError(f"{self.tier.name}: {f.rel} does not match its manifest's sha256 "
+                                 f"({rec.sha256} vs {sha}); it will be retried when it changes",
+                                 path=f.rel, expected=sha, actual=rec.sha256)
+        self._recorded(f, rec, sha, digest)
+
+    def _recorded(self, f: LocalFile, rec: Any, sha: str, digest: FileDigest | None) -> None:
+        self.ledger.record(f.rel, remote_path=rec.path, size=rec.size, sha256=rec.sha256 or sha,
+                           md5=rec.md5 or (digest.md5 if digest else None), remote_id=rec.id,
+                           local_size=f.size, local_mtime_ns=f.mtime_ns)
+        with self._lock:
+            self._pending.pop(f.rel, None)
+            self.snap["uploaded"] += 1
+            self.snap["uploaded_bytes"] += rec.size
+            self.snap["last_upload"] = time.time()
+        log.info("%s: uploaded %s (%d bytes)", self.tier.name, f.rel, rec.size)
+
+    def _upload_batch(self, due: list[tuple[LocalFile, str | None]]) -> bool:
+        """Hub: every file due in this tick in one commit."""
+        items, digests, meta = [], {}, []
+        try:
+            for f, sha in due:
+                remote_path = self.group.config.remote_path(f.path)
+                d = hash_file(f.path)
+                if self._already_held(f, d.sha256, remote_path):
+                    with self._lock:
+                        self._pending.pop(f.rel, None)
+                    continue
+                items.append((Path(f.path), remote_path))
+                digests[remote_path] = d
+                meta.append((f, d))
+                self.ledger.begin(f.rel, remote_path=remote_path, size=f.size, sha256=d.sha256, save=False)
+            if not items:
+                return True
+            self.ledger.save()
+            with self._lock:
+                self.snap["current"] = f"{len(items)} files in one commit"
+            recs = self.remote.put_many(items, digests=digests)
+            for (f, d), rec in zip(meta, recs):
+                self._recorded(f, rec, d.sha256, d)
+            return True
+        except FATAL as e:
+            self._set_fatal(e)
+        except IntegrityError as e:
+            log.info("%s: %s", self.tier.name, e)
+            self._backoff(None)
+        except FileNotFoundError as e:
+            if isinstance(e, RemoteError):
+                self._record_error(e)
+            self._backoff(getattr(e, "retry_after", None))
+        except (RemoteError, OSError) as e:
+            self._record_error(e)
+            self._backoff(getattr(e, "retry_after", None))
+        except Exception as e:
+            log.exception("%s: uploading %d files failed", self.tier.name, len(items))
+            self._record_error(e)
+            self._backoff(None)
+        return False
+
+    # -- errors ----------------------------------------------------------------------------------
+    def _record_error(self, e: BaseException) -> None:
+        msg = _fmt_err(e)
+        with self._lock:
+            self.snap["last_error"] = msg
+            self.snap["last_error_at"] = time.time()
+            self.snap["errors"] += 1
+        log.warning("%s: upload failed (will retry): %s", self.tier.name, msg)
+
+    def _backoff(self, retry_after: float | None) -> None:
+        sc = self.group.config.sync
+        self._attempts += 1
+        delay = min(sc.retry_max, sc.retry_initial * (2 ** (self._attempts - 1)))
+        delay *= 0.5 + random.random() / 2  # jitter: many tiers/processes do not retry in lockstep
+        if retry_after:
+            delay = max(delay, float(retry_after))
+        self._next_attempt = time.monotonic() + delay
+        with self._lock:
+            self.snap["state"] = "retrying"
+            self.snap["retry_at"] = time.time() + delay
+
+    def _set_fatal(self, e: BaseException) -> None:
+        msg = _fmt_err(e)
+        self.fatal = msg
+        with self._lock:
+            self.snap["state"] = "stopped"
+            self.snap["last_error"] = msg
+            self.snap["last_error_at"] = time.time()
+            self.snap["errors"] += 1
+        log.error("%s: tier stopped: %s", self.tier.name, msg)
+
+
+# -- a group of tiers watching some folders ------------------------------------------------------
+class _Handler:
+    """watchdog event handler: tells every tier which path changed."""
+
+    def __init__(self, group: "SyncGroup") -> None:
+        self.group = group
+
+    def dispatch(self, event: Any) -> None:
+        if getattr(event, "is_directory", False):
+            return
+        for p in (getattr(event, "src_path", None), getattr(event, "dest_path", None)):
+            if p:
+                p = os.fsdecode(p)
+                for s in self.group.syncers:
+                    s.note(p)
+
+
+_log_handlers: dict[str, list[Any]] = {}   # sync.log path -> [handler, refcount]
+_LOGGERS = ("colabkit.sync", "colabkit.retention", "colabkit.ledger")
+
+
+def _attach_log(path: Path) -> None:
+    key = str(path)
+    with _registry_lock:
+        ent = _log_handlers.get(key)
+        if ent:
+            ent[1] += 1
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h = logging.FileHandler(path, encoding="utf-8")
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
+        h.setLevel(logging.INFO)
+        for name in _LOGGERS:
+            lg = logging.getLogger(name)
+            lg.addHandler(h)
+            if lg.level == logging.NOTSET or lg.level > logging.INFO:
+                lg.setLevel(logging.INFO)
+        _log_handlers[key] = [h, 1]
+
+
+def _detach_log(path: Path) -> None:
+    key = str(path)
+    with _registry_lock:
+        ent = _log_handlers.get(key)
+        if not ent:
+            return
+        ent[1] -= 1
+        if ent[1] > 0:
+            return
+        del _log_handlers[key]
+        for name in _LOGGERS:
+            logging.getLogger(name).removeHandler(ent[0])
+        ent[0].close()
+
+
+def default_paths(config: "Config") -> list[Path]:
+    """What ``sync.watch`` names, resolved: each entry under the root and under every experiment folder."""
+    out: list[Path] = []
+    exp_root = config.root / config.experiments
+    exps = sorted(p for p in exp_root.iterdir() if p.is_dir()) if exp_root.is_dir() else []
+    for w in config.sync.watch:
+        cands = [config.root / w] + [e / w for e in exps]
+        out += [c for c in cands if c.exists()]
+    return out
+
+
+class SyncGroup:
+    """Syncer threads, one per tier, over a set of watched folders (and an observer feeding them events).
+
+    Build it with :func:`start`; ``stop()`` flushes and joins, and may be called twice.
+    """
+
+    def __init__(self, config: "Config", paths: Sequence[str | os.PathLike] | None = None, *,
+                 every: float | None = None, tiers: Sequence[str] | None = None,
+                 remotes: Mapping[str, "Remote"] | None = None) -> None:
+        from .ledger import Ledger
+        from .remotes import open_remote
+        self.config = config
+        root = config.root.resolve()
+        if paths is None:
+            resolved = default_paths(config)
+            if not resolved:
+                raise SyncError(f"nothing to watch under {root}: none of {', '.join(config.sync.watch)} exists "
+                                "(at the root or in an experiment folder); pass the folders to watch "
+                                "(colabkit sync start PATH) or set sync.watch in colabkit.yaml")
+        else:
+            resolved = []
+            for p in paths:
+                q = Path(p).expanduser()
+                q = q if q.is_absolute() else root / q
+                if not q.exists():
+                    raise SyncError(f"cannot watch {q}: no such file or folder; create it or pass another path")
+                resolved.append(q)
+        self.paths = sorted({Path(os.path.realpath(p)) for p in resolved})
+        self.targets = [(str(p), config.remote_path(p) if p != root else "") for p in self.paths]
+        self.targets = [(a, "" if r == "." else r) for a, r in self.targets]
+        self.key = tuple(str(p) for p in self.paths)
+        selected = [config.tier(n) for n in tiers] if tiers else list(config.tiers)
+        if not selected:
+            raise SyncError("no sync tiers are configured; add a 'tiers:' list to colabkit.yaml "
+                            "(see 'colabkit config show')")
+        remotes = dict(remotes or {})
+        self.syncers: list[TierSyncer] = []
+        self._skip: set[str] = set()
+        for t in selected:
+            err = None
+            remote = remotes.get(t.name)
+            if remote is None:
+                try:
+                    remote = open_remote(config, t)
+                except ColabkitError as e:
+                    remote, err = None, e
+            rroot = getattr(remote, "root", None)
+            if rroot is not None:
+                self._skip.add(os.path.realpath(rroot))  # a local tier inside a watched folder
+            s = TierSyncer(self, t, remote, Ledger.load(config.state_dir, t.name),
+                           every=float(every if every is not None else t.every), open_error=err)
+            self.syncers.append(s)
+        self.observer: Any = None
+        self.poll = bool(config.sync.poll) if config.sync.poll is not None else None
+        self._guard_lock = threading.Lock()
+        self._ckpt_dirs: set[str] = set()
+        self._scan_lock = threading.Lock()
+        self._stopped = False
+        self._stop_result: dict[str, Any] | None = None
+        self._status_path = config.state_dir / "sync" / f"status-{os.getpid()}.json"
+        self._status_lock = threading.Lock()
+        self._status_written = 0.0
+        self.started_at: float | None = None
+
+    # -- paths -----------------------------------------------------------------------------------
+    def rel_of(self, path: str) -> str | None:
+        for top, rel_top in self.targets:
+            if path == top:
+                return rel_top
+            if path.startswith(top + os.sep):
+                rest = path[len(top) + 1:].replace(os.sep, "/")
+                if any(part in _SKIP_DIRS for part in rest.split("/")[:-1]):
+                    return None
+                return f"{rel_top}/{rest}" if rel_top else rest
+        return None
+
+    def scan(self) -> list[LocalFile]:
+        """Walk and stat the watched folders (each tier filters with its own globs)."""
+        files = list(_scan(self.targets, self._skip))
+        dirs = {os.path.dirname(f.path) for f in files
+                if f.path.endswith(_CKPT_EXTS) and _step_of(os.path.basename(f.path)) is not None}
+        with self._scan_lock:
+            self._ckpt_dirs |= dirs
+        return files
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> "SyncGroup":
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self._log_path = self.config.state_dir / "logs" / "sync.log"
+        _attach_log(self._log_path)
+        self.observer = self._make_observer()
+        self.started_at = time.time()
+        for s in self.syncers:
+            s.start()
+        log.info("sync started: %s -> %s", ", ".join(self.key),
+                 ", ".join(f"{s.tier.name} every {s.every:g}s" for s in self.syncers))
+        self.persist_status(force=True)
+        return self
+
+    def _make_observer(self) -> Any:
+        try:
+            from watchdog.observers import Observer
+            from watchdog.observers.polling import PollingObserver
+        except ImportError as e:
+            from .errors import MissingDependencyError
+            raise MissingDependencyError("watchdog", purpose="background sync") from e
+        from .runtime import is_network_path
+        poll = self.poll if self.poll is not None else any(is_network_path(p) for p in self.paths)
+        obs = PollingObserver(timeout=self.config.sync.poll_interval) if poll else Observer()
+        obs.name = "colabkit-sync-observer"
+        handler = _Handler(self)
+        for p in self.paths:
+            if p.is_dir():
+                obs.schedule(handler, str(p), recursive=True)
+            else:
+                obs.schedule(handler, str(p.parent), recursive=False)
+        obs.daemon = True
+        obs.start()
+        self.polling = poll
+        return obs
+
+    def flush(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Upload everything due now in every tier and wait (at most `timeout` seconds).
+
+        Returns:
+            {"ok": bool, "tiers": {name: {"ok", "state", "uploaded", "pending_files", "last_error"}}}
+        """
+        timeout = self.config.sync.flush_timeout if timeout is None else float(timeout)
+        deadline = time.monotonic() + timeout
+        reqs = {s.tier.name: s.request_flush(deadline) for s in self.syncers}
+        out: dict[str, Any] = {}
+        for name, r in reqs.items():
+            if r.done.wait(max(deadline - time.monotonic(), 0) + 0.5):
+                out[name] = r.result
+            else:
+                out[name] = {"ok": False, "state": "timeout", "note": f"not finished within {timeout:g}s"}
+        self.persist_status(force=True)
+        return {"ok": all(v.get("ok") for v in out.values()), "tiers": out}
+
+    def stop(self, *, flush: bool = True, timeout: float | None = None) -> dict[str, Any]:
+        """Flush (unless ``flush=False``), stop the observer and join every thread. Safe to call twice."""
+        if self._stopped:
+            return self._stop_result or {"ok": True, "tiers": {}}
+        timeout = self.config.sync.flush_timeout if timeout is None else float(timeout)
+        deadline = time.monotonic() + timeout
+        result = self.flush(timeout=timeout) if flush else {"ok": True, "tiers": {}}
+        self._stopped = True
+        for s in self.syncers:
+            s.stop_soon()
+        if self.observer is not None:
+            with contextlib.suppress(Exception):
+                self.observer.stop()
+            self.observer.join(max(deadline - time.monotonic(), 1.0))
+        alive = []
+        for s in self.syncers:
+            if s.is_alive():
+                s.join(max(deadline - time.monotonic(), 1.0))
+            if s.is_alive():
+                alive.append(s.name)
+        for s in self.syncers:
+            with contextlib.suppress(Exception):
+                s.ledger.save()
+        if alive:
+            log.error("sync threads still running after stop (an upload in progress): %s", ", ".join(alive))
+            result["still_running"] = alive
+        self.persist_status(force=True)
+        with _registry_lock:
+            if _registry.get(self.key) is self:
+                del _registry[self.key]
+        _detach_log(self._log_path)
+        for s in self.syncers:
+            if s.remote is not None:
+                with contextlib.suppress(Exception):
+                    s.remote.close()
+        log.info("sync stopped: %s", ", ".join(self.key))
+        self._stop_result = result
+        return result
+
+    @property
+    def running(self) -> bool:
+        return not self._stopped and any(s.is_alive() for s in self.syncers)
+
+    # -- guard and status --------------------------------------------------------------------------
+    def guard(self) -> None:
+        """The disk guard's tick: keep retention.min_free free in every folder holding checkpoints."""
+        if not self._guard_lock.acquire(blocking=False):
+            return  # another tier is running it right now
+        try:
+            from . import retention
+            with self._scan_lock:
+                dirs = sorted(self._ckpt_dirs)
+            retention.check(dirs, config=self.config)
+        except Exception as e:
+            log.warning("disk guard failed: %s", _fmt_err(e))
+        finally:
+            self._guard_lock.release()
+
+    def status(self) -> dict[str, Any]:
+        from . import retention
+        g = retention.guard_status()
+        mine = {d: v for d, v in g.items() if d in self._ckpt_dirs}
+        return {"running": self.running, "watching": list(self.key), "pid": os.getpid(),
+                "polling": getattr(self, "polling", None), "started_at": self.started_at,
+                "tiers": {s.tier.name: s.snapshot() for s in self.syncers}, "disk": mine}
+
+    def persist_status(self, *, force: bool = False) -> None:
+        """Write the snapshot to <root>/.colabkit/sync/status-<pid>.json (for `colabkit sync status` elsewhere)."""
+        now = time.monotonic()
+        if not force and now - self._status_written < 1.0:
+            return
+        with self._status_lock:
+            self._status_written = now
+            with contextlib.suppress(OSError):
+                atomic_write_json(self._status_path, {"format": 1, "time": time.time(), **self.status()})
+
+
+# -- the registry and the module-level API --------------------------------------------------------
+_registry_lock = threading.RLock()
+_registry: dict[tuple[str, ...], SyncGroup] = {}
+_hooks_installed = False
+_sigterm_installed = False
+_prev_sigterm: Any = None
+
+
+def _groups() -> list[SyncGroup]:
+    with _registry_lock:
+        return list(_registry.values())
+
+
+def start(paths: Sequence[str | os.PathLike] | None = None, *, config: "Config | None" = None,
+          every: float | None = None, tiers: Sequence[str] | None = None,
+          remotes: Mapping[str, "Remote"] | None = None) -> SyncGroup:
+    """Start background sync of `paths` (default: ``sync.watch``) to the configured tiers.
+
+    Running it again for the same folders replaces the running syncers (no duplicate threads).
+
+    Args:
+        paths: files or folders to watch (relative to the project root, or absolute inside it).
+        config: the configuration (default: :func:`colabkit.config.load_config`).
+        every: override every selected tier's interval, in seconds.
+        tiers: only these tier names (default: all configured tiers).
+        remotes: ready-made remotes by tier name instead of :func:`colabkit.remotes.open_remote`
+            (wrappers for tests, or remotes the caller already opened).
+    Returns:
+        The running :class:`SyncGroup`.
+    Raises:
+        SyncError: nothing to watch, or no tiers; ConfigError: an unknown tier or a path outside the root.
+    """
+    from .config import load_config
+    cfg = config or load_config()
+    group = SyncGroup(cfg, paths, every=every, tiers=tiers, remotes=remotes)
+    with _registry_lock:
+        old = _registry.pop(group.key, None)
+    if old is not None:
+        log.info("sync: replacing the syncers already watching %s", ", ".join(group.key))
+        old.stop(flush=False)
+    group.start()
+    with _registry_lock:
+        _registry[group.key] = group
+    _install_hooks(cfg)
+    return group
+
+
+def stop(*, flush: bool = True, timeout: float | None = None) -> dict[str, Any]:
+    """Stop every running sync group (flushing first unless ``flush=False``). Safe to call twice.
+
+    Returns:
+        {"ok": bool, "tiers": {name: flush result}, "stopped": number of groups}
+    """
+    out: dict[str, Any] = {"ok": True, "tiers": {}, "stopped": 0}
+    for g in _groups():
+        r = g.stop(flush=flush, timeout=timeout)
+        out["ok"] = out["ok"] and r.get("ok", True) and not r.get("still_running")
+        out["tiers"].update(r.get("tiers", {}))
+        out["stopped"] += 1
+    return out
+
+
+def flush(*, timeout: float | None = None) -> dict[str, Any]:
+    """Upload everything due now in every running tier and wait (at most `timeout` seconds each group).
+
+    Returns:
+        {"ok": bool, "tiers": {name: {"ok", "state", "uploaded", "pending_files", "last_error"}}}
+    Raises:
+        SyncError: no sync is running.
+    """
+    groups = _groups()
+    if not groups:
+        raise SyncError("sync is not running; start it with '%sync start' (or 'colabkit sync once' for one pass)")
+    out: dict[str, Any] = {"ok": True, "tiers": {}}
+    for g in groups:
+        r = g.flush(timeout=timeout)
+        out["ok"] = out["ok"] and r["ok"]
+        out["tiers"].update(r["tiers"])
+    return out
+
+
+def status(*, config: "Config | None" = None) -> dict[str, Any]:
+    """A snapshot of every tier: state, last upload, next due, pending files/bytes, last error, counts.
+
+    With no sync running in this process it reports what the ledgers hold (``ledger``) and snapshots
+    persisted by sync running in other live processes (``elsewhere``), when a configuration is found.
+
+    Returns:
+        {"running": bool, "groups": [...], "tiers": {name: {...}}, "disk": {...}, ...}
+    """
+    groups = _groups()
+    out: dict[str, Any] = {"running": bool(groups), "groups": [], "tiers": {}, "disk": {}}
+    for g in groups:
+        s = g.status()
+        out["groups"].append({"watching": s["watching"], "polling": s["polling"], "started_at": s["started_at"]})
+        for name, t in s["tiers"].items():
+            key = name if name not in out["tiers"] else f"{name}#{len(out['groups'])}"
+            out["tiers"][key] = t
+        out["disk"].update(s["disk"])
+    if groups:
+        return out
+    try:
+        from .config import load_config
+        cfg = config or load_config()
+    except ColabkitError:
+        return out
+    from .ledger import Ledger
+    out["ledger"] = {t.name: Ledger.load(cfg.state_dir, t.name).summary() for t in cfg.tiers}
+    elsewhere = []
+    d = cfg.state_dir / "sync"
+    for p in sorted(d.glob("status-*.json")) if d.is_dir() else []:
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+            pid = int(data.get("pid", 0))
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and data.get("running"):
+            elsewhere.append(data)
+    if elsewhere:
+        out["elsewhere"] = elsewhere
+        for e in elsewhere:
+            for name, t in e.get("tiers", {}).items():
+                out["tiers"].setdefault(name, {**t, "pid": e.get("pid")})
+    return out
+
+
+def once(paths: Sequence[str | os.PathLike] | None = None, *, config: "Config | None" = None,
+         tiers: Sequence[str] | None = None, timeout: float | None = None,
+         remotes: Mapping[str, "Remote"] | None = None) -> dict[str, Any]:
+    """One synchronous pass: upload everything due now to every tier, then return (no threads stay).
+
+    Returns:
+        The flush result: {"ok": bool, "tiers": {name: {...}}}.
+    """
+    from .config import load_config
+    cfg = config or load_config()
+    group = SyncGroup(cfg, paths, every=None, tiers=tiers, remotes=remotes)
+    group.poll = group.poll  # no observer needed for a single pass
+    group._make_observer = lambda: None  # type: ignore[method-assign]
+    group.start()
+    try:
+        return group.stop(flush=True, timeout=timeout)
+    finally:
+        with contextlib.suppress(OSError):
+            group._status_path.unlink()
+
+
+def watch(paths: Sequence[str | os.PathLike] | None = None, *, config: "Config | None" = None,
+          every: float | None = None, tiers: Sequence[str] | None = None,
+          on_start: Callable[[SyncGroup], None] | None = None, stop_event: threading.Event | None = None
+          ) -> dict[str, Any]:
+    """Sync in the foreground until Ctrl-C or SIGTERM, then flush (``sync.flush_timeout``) and return.
+
+    Returns:
+        The final flush result.
+    """
+    ev = stop_event or threading.Event()
+    group = start(paths, config=config, every=every, tiers=tiers)
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        prev = signal.getsignal(signal.SIGTERM)
+
+        def _term(signum, frame):  # noqa: ARG001
+            ev.set()
+        signal.signal(signal.SIGTERM, _term)
+        restore = prev
+    try:
+        if on_start:
+            on_start(group)
+        while not ev.wait(1.0):
+            if not group.running:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        result = group.stop(flush=True)
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
+    return result
+
+
+# -- exit and SIGTERM -----------------------------------------------------------------------------
+def _flush_all_at_exit(timeout: float | None) -> None:
+    for g in _groups():
+        try:
+            g.stop(flush=True, timeout=timeout)
+        except Exception as e:  # the interpreter is going away: log and carry on
+            log.error("sync: flush at exit failed: %s", _fmt_err(e))
+
+
+def _atexit() -> None:
+    _flush_all_at_exit(None)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    groups = _groups()
+    if groups:
+        log.warning("SIGTERM: flushing sync before exit")
+        _flush_all_at_exit(None)
+    prev = _prev_sigterm
+    if callable(prev) and prev is not _on_sigterm:
+        prev(signum, frame)
+    elif prev == signal.SIG_IGN:
+        return
+    else:  # the default action: terminate as SIGTERM would have
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _install_hooks(cfg: "Config") -> None:
+    """One atexit hook per process; a chaining SIGTERM handler, installed once and only from the main thread."""
+    global _hooks_installed, _sigterm_installed, _prev_sigterm
+    with _registry_lock:
+        if not _hooks_installed:
+            atexit.register(_atexit)
+            _hooks_installed = True
+        if not _sigterm_installed and threading.current_thread() is threading.main_thread():
+            try:
+                prev = signal.getsignal(signal.SIGTERM)
+                if prev is not _on_sigterm:
+                    _prev_sigterm = prev
+                    signal.signal(signal.SIGTERM, _on_sigterm)
+                _sigterm_installed = True
+            except (ValueError, OSError):
+                pass

@@ -1,0 +1,322 @@
+"""The sync engine with real files, real watchdog observers and local-folder tiers."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from colabkit import sync
+from colabkit.config import load_config
+from colabkit.errors import ConfigError, RemoteQuotaError, SyncError
+from colabkit.ledger import Ledger
+from colabkit.remotes import open_remote
+from tests.sync_child import FlakyRemote, WrappedRemote
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    """Poll `cond` until true (a condition with a timeout, not a bare sleep)."""
+    ev = threading.Event()
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        ev.wait(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+def make_project(tmp_path: Path, *, tiers=None, sync_cfg=None, retention=None) -> Path:
+    root = tmp_path / "proj"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "logs").mkdir()
+    tiers = tiers or [{"name": "backup", "remote": "local", "path": str(tmp_path / "remote_backup"), "every": 0.2}]
+    data = {"tiers": tiers, "sync": {"settle": 0.1, "retry_initial": 0.05, "retry_max": 0.3, **(sync_cfg or {})}}
+    if retention:
+        data["retention"] = retention
+    import yaml
+    (root / "colabkit.yaml").write_text(yaml.safe_dump(data))
+    return root
+
+
+def ckpt(root: Path, step: int, size: int = 2000, *, manifest: bool = True, prefix: str = "v01") -> Path:
+    p = root / "checkpoints" / f"{prefix}_step_{step:08d}.pt"
+    data = os.urandom(size)
+    p.write_bytes(data)
+    if manifest:
+        (p.parent / (p.name + ".json")).write_text(json.dumps(
+            {"format": 1, "step": step, "size": size, "sha256": hashlib.sha256(data).hexdigest(), "file": p.name}))
+    return p
+
+
+def age(p: Path, seconds: float = 60.0) -> None:
+    """Make a file look written `seconds` ago (settled)."""
+    t = time.time() - seconds
+    os.utime(p, (t, t))
+
+
+@pytest.fixture
+def project(tmp_path):
+    root = make_project(tmp_path)
+    yield root
+    sync.stop(flush=False)
+
+
+def remote_files(folder: Path) -> dict[str, str]:
+    out = {}
+    for p in folder.rglob("*"):
+        if p.is_file() and ".colabkit-digests" not in p.parts:
+            out[p.relative_to(folder).as_posix()] = sha(p)
+    return out
+
+
+def test_glob_patterns_basename_and_path():
+    pat = sync.Patterns(["*.pt", "experiments/**/logs/*.log"], ["*_tmp.pt"])
+    assert pat("experiments/v01/checkpoints/v01_step_00000001.pt")
+    assert not pat("experiments/v01/checkpoints/a_tmp.pt")
+    assert pat("experiments/v01/logs/train.log")
+    assert pat("experiments/a/b/logs/x.log")
+    assert not pat("logs/train.log")  # a pattern with '/' is relative to the root
+    assert not pat("notes.txt")
+    assert sync.Patterns(["**"], [])("any/thing/at/all.bin")
+
+
+def test_flush_uploads_complete_files_and_never_temporaries(project, tmp_path):
+    cfg = load_config(start=project)
+    c1 = ckpt(project, 100)
+    log_file = project / "logs" / "train.log"
+    log_file.write_text("step 1 loss 2.0\n")
+    age(log_file)
+    (project / "checkpoints" / ".colabkit-tmp-v01_step_00000200.pt.abc").write_bytes(b"half")
+    (project / "checkpoints" / "v01_step_00000300.pt.part").write_bytes(b"half")
+    sync.start(config=cfg, every=3600)
+    res = sync.flush(timeout=20)
+    assert res["ok"], res
+    got = remote_files(tmp_path / "remote_backup")
+    assert got == {"checkpoints/v01_step_00000100.pt": sha(c1),
+                   "checkpoints/v01_step_00000100.pt.json": sha(c1.with_name(c1.name + ".json")),
+                   "logs/train.log": sha(log_file)}
+    led = Ledger.load(cfg.state_dir, "backup")
+    assert led.verified_copy("checkpoints/v01_step_00000100.pt", sha(c1))["size"] == 2000
+    assert (project / ".colabkit" / "logs" / "sync.log").read_text().count("uploaded checkpoints/v01_step_00000100.pt (2000 bytes)") == 1
+
+
+def test_unsettled_file_waits_until_stable(project, tmp_path):
+    """A plain torch.save file without a manifest is uploaded only once its size and mtime stop changing."""
+    cfg = load_config(start=project).with_changes(
+        sync=load_config(start=project).sync.__class__(settle=1.0, retry_initial=0.05))
+    f = project / "checkpoints" / "v68_step_1200.pt"
+    f.write_bytes(b"a" * 100)
+    g = sync.start(config=cfg, every=0.1)
+    dst = tmp_path / "remote_backup" / "checkpoints" / "v68_step_1200.pt"
+    wait_for(lambda: g.status()["tiers"]["backup"]["last_tick"], what="a first tick")
+    wait_for(lambda: g.status()["tiers"]["backup"]["pending_files"] == 1, what="the file counted as pending")
+    assert not dst.exists()
+    with open(f, "ab") as fh:  # still being written: its clock restarts
+        fh.write(b"b" * 100)
+    wait_for(lambda: dst.exists(), timeout=10, what="upload after settling")
+    assert dst.read_bytes() == b"a" * 100 + b"b" * 100
+    assert g.status()["tiers"]["backup"]["pending_files"] == 0
+
+
+def test_nothing_uploaded_twice_and_grown_log_is_updated(project, tmp_path):
+    cfg = load_config(start=project)
+    wrapped = WrappedRemote(open_remote(cfg, "backup"))
+    c1 = ckpt(project, 1)
+    log_file = project / "logs" / "train.log"
+    log_file.write_text("line 1\n")
+    age(log_file)
+    sync.start(config=cfg, remotes={"backup": wrapped}, every=0.1)
+    assert sync.flush(timeout=20)["ok"]
+    assert sorted(wrapped.puts) == ["checkpoints/v01_step_00000001.pt", "checkpoints/v01_step_00000001.pt.json",
+                                    "logs/train.log"]
+    # touching a file (same content, new mtime) does not upload it again
+    age(c1, 30)
+    # the log grows: it is uploaded again as an update
+    with open(log_file, "a") as fh:
+        fh.write("line 2\n")
+    age(log_file, 20)
+    assert sync.flush(timeout=20)["ok"]
+    assert sorted(wrapped.puts) == ["checkpoints/v01_step_00000001.pt", "checkpoints/v01_step_00000001.pt.json",
+                                    "logs/train.log", "logs/train.log"]
+    assert (tmp_path / "remote_backup" / "logs" / "train.log").read_text() == "line 1\nline 2\n"
+    sync.stop()
+    # a restarted process (fresh ledger objects) uploads nothing already verified
+    wrapped2 = WrappedRemote(open_remote(cfg, "backup"))
+    res = sync.once(config=cfg, remotes={"backup": wrapped2})
+    assert res["ok"] and wrapped2.puts == []
+
+
+def test_watchdog_event_marks_pending_before_the_tier_is_due(project):
+    cfg = load_config(start=project)
+    g = sync.start(config=cfg, every=3600)
+    wait_for(lambda: g.status()["tiers"]["backup"]["last_tick"], what="the first tick")
+    assert g.status()["tiers"]["backup"]["pending_files"] == 0
+    ckpt(project, 7, size=5000)
+    st = wait_for(lambda: (s := g.status()["tiers"]["backup"])["pending_files"] == 2 and s,
+                  what="watchdog to report the new checkpoint and manifest")
+    assert st["pending_bytes"] > 5000
+    assert st["next_due"] > time.time() + 3000
+
+
+def test_polling_observer_is_used_when_forced(tmp_path):
+    root = make_project(tmp_path, sync_cfg={"poll": True, "poll_interval": 0.1})
+    try:
+        g = sync.start(config=load_config(start=root), every=3600)
+        assert g.status()["polling"] is True
+        wait_for(lambda: g.status()["tiers"]["backup"]["last_tick"], what="first tick")
+        ckpt(root, 3)
+        wait_for(lambda: g.status()["tiers"]["backup"]["pending_files"] == 2, what="the polling observer's event")
+    finally:
+        sync.stop(flush=False)
+
+
+def test_network_path_gets_polling_observer(tmp_path, monkeypatch):
+    root = make_project(tmp_path)
+    monkeypatch.setenv("COLABKIT_NETWORK_PATHS", str(root))
+    try:
+        g = sync.start(config=load_config(start=root), every=3600)
+        assert g.status()["polling"] is True
+    finally:
+        sync.stop(flush=False)
+
+
+def test_latest_only_uploads_only_the_newest_checkpoint(tmp_path):
+    root = make_project(tmp_path, tiers=[
+        {"name": "weights", "remote": "local", "path": str(tmp_path / "w"), "every": 0.1,
+         "include": ["*.pt", "*.pt.json"], "latest_only": True},
+        {"name": "logs", "remote": "local", "path": str(tmp_path / "l"), "every": 0.1,
+         "include": ["**"], "exclude": ["*.pt", "*.pt.json"], "max_file_size": 100}])
+    try:
+        cfg = load_config(start=root)
+        for s in (1, 2, 3):
+            ckpt(root, s)
+        small = root / "logs" / "a.log"
+        small.write_text("x" * 10)
+        big = root / "logs" / "big.log"
+        big.write_text("x" * 1000)
+        age(small), age(big)
+        sync.start(config=cfg)
+        assert sync.flush(timeout=20)["ok"]
+        assert sorted(remote_files(tmp_path / "w")) == ["checkpoints/v01_step_00000003.pt",
+                                                       "checkpoints/v01_step_00000003.pt.json"]
+        assert sorted(remote_files(tmp_path / "l")) == ["logs/a.log"]
+        st = sync.status()["tiers"]
+        assert st["logs"]["skipped"] == 1
+        # an older checkpoint appearing later is never uploaded over a newer one
+        ckpt(root, 2, size=10)
+        ckpt(root, 4)
+        assert sync.flush(timeout=20)["ok"]
+        assert sorted(remote_files(tmp_path / "w")) == [
+            "checkpoints/v01_step_00000003.pt", "checkpoints/v01_step_00000003.pt.json",
+            "checkpoints/v01_step_00000004.pt", "checkpoints/v01_step_00000004.pt.json"]
+    finally:
+        sync.stop(flush=False)
+
+
+def test_remote_failing_every_third_call_still_gets_everything(project, tmp_path):
+    cfg = load_config(start=project)
+    flaky = FlakyRemote(open_remote(cfg, "backup"))
+    files = [ckpt(project, s, size=1000 + s) for s in range(1, 6)]
+    g = sync.start(config=cfg, remotes={"backup": flaky}, every=0.1)
+    seen_error = wait_for(lambda: g.status()["tiers"]["backup"]["last_error"], what="the injected error in status")
+    assert "503 Service Unavailable (injected" in seen_error
+    assert g.status()["tiers"]["backup"]["errors"] >= 1
+    expected = {f"checkpoints/{f.name}": sha(f) for f in files}
+    expected.update({f"checkpoints/{f.name}.json": sha(f.with_name(f.name + ".json")) for f in files})
+    wait_for(lambda: remote_files(tmp_path / "remote_backup") == expected, timeout=30, what="every file")
+    # once a tick succeeds the error is cleared from status; the count stays
+    wait_for(lambda: g.status()["tiers"]["backup"]["last_error"] is None, what="the error to clear")
+    assert g.status()["tiers"]["backup"]["errors"] >= 1
+    assert sorted(flaky.puts) == sorted(expected)  # each exactly once despite the failures
+
+
+class QuotaRemote(WrappedRemote):
+    def put(self, local, path, **kw):
+        raise RemoteQuotaError(f"{self.name}: storage quota exceeded; free space in Drive", remote=self.name)
+
+
+def test_quota_error_stops_the_tier_with_a_clear_status(project):
+    cfg = load_config(start=project)
+    ckpt(project, 1)
+    g = sync.start(config=cfg, remotes={"backup": QuotaRemote(open_remote(cfg, "backup"))}, every=0.1)
+    st = wait_for(lambda: (s := g.status()["tiers"]["backup"])["state"] == "stopped" and s, what="tier stopped")
+    assert st["last_error"] == "RemoteQuotaError: backup: storage quota exceeded; free space in Drive"
+    res = sync.flush(timeout=5)
+    assert not res["ok"] and res["tiers"]["backup"]["last_error"] == st["last_error"]
+    assert "tier stopped: RemoteQuotaError" in (project / ".colabkit" / "logs" / "sync.log").read_text()
+
+
+def test_start_again_replaces_and_stop_twice_is_fine(project):
+    cfg = load_config(start=project)
+    g1 = sync.start(config=cfg, every=3600)
+    g2 = sync.start(config=cfg, every=3600)
+    assert g1 is not g2 and not g1.running and g2.running
+    names = [t.name for t in threading.enumerate() if t.name.startswith("colabkit-sync-backup")]
+    assert names == ["colabkit-sync-backup"]
+    assert len(sync.status()["groups"]) == 1
+    r1 = sync.stop()
+    assert r1["stopped"] == 1 and r1["ok"]
+    r2 = sync.stop()
+    assert r2["stopped"] == 0
+    assert g2.stop()["ok"]  # the group's own stop is idempotent too
+    assert not any(t.name.startswith("colabkit-sync") for t in threading.enumerate())
+    assert sync.status()["running"] is False
+
+
+def test_bad_inputs_have_clear_errors(project, tmp_path):
+    cfg = load_config(start=project)
+    with pytest.raises(SyncError) as e:
+        sync.start(["nope"], config=cfg)
+    assert str(e.value) == (f"cannot watch {project / 'nope'}: no such file or folder; create it or pass another path")
+    with pytest.raises(ConfigError) as e:
+        sync.start(config=cfg, tiers=["hub2"])
+    assert str(e.value) == "no tier named 'hub2'; configured tiers: backup"
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    with pytest.raises(ConfigError) as e:
+        sync.start([outside], config=cfg)
+    assert str(e.value) == (f"{outside} is outside the project root {project}; keep synced folders inside it")
+    with pytest.raises(SyncError) as e:
+        sync.flush()
+    assert str(e.value) == ("sync is not running; start it with '%sync start' (or 'colabkit sync once' for one pass)")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "colabkit.yaml").write_text("tiers: [{name: b, remote: local}]\n")
+    with pytest.raises(SyncError) as e:
+        sync.start(config=load_config(start=empty))
+    assert str(e.value).startswith(f"nothing to watch under {empty}: none of checkpoints, logs, journal.md exists")
+
+
+def test_default_paths_cover_experiment_folders(tmp_path):
+    root = make_project(tmp_path)
+    exp = root / "experiments" / "v02"
+    (exp / "checkpoints").mkdir(parents=True)
+    (root / "journal.md").write_text("# journal\n")
+    age(root / "journal.md")
+    c = exp / "checkpoints" / "v02_step_00000010.pt"
+    c.write_bytes(b"w" * 10)
+    age(c)
+    res = sync.once(config=load_config(start=root))
+    assert res["ok"]
+    assert sorted(remote_files(tmp_path / "remote_backup")) == [
+        "experiments/v02/checkpoints/v02_step_00000010.pt", "journal.md"]
+    assert not any(t.name.startswith("colabkit-sync") for t in threading.enumerate())
+
+
+def test_local_tier_inside_the_project_is_not_synced_into_itself(tmp_path):
+    root = make_project(tmp_path, tiers=[{"name": "backup", "remote": "local", "path": "backup", "every": 0.1}])
+    c = ckpt(root, 1)
+    res = sync.once([root], config=load_config(start=root))
+    assert res["ok"]
+    got = remote_files(root / "backup")
+    assert "checkpoints/v01_step_00000001.pt" in got and not any(k.startswith("backup/") for k in got)
+    assert got["checkpoints/v01_step_00000001.pt"] == sha(c)
