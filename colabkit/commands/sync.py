@@ -104,7 +104,7 @@ def _flush_lines(res: dict[str, Any], verb: str) -> Iterable[str]:
 def start(args: argparse.Namespace, ctx: Context) -> int:
     from .. import sync
     from ..errors import SyncError
-    if not ctx.notebook:
+    if not (ctx.notebook or ctx.shell is not None):  # a magic keeps its kernel alive; a CLI process exits
         raise SyncError("'colabkit sync start' would stop as soon as this command exits; in a terminal use "
                         "'colabkit sync watch' (foreground) or 'colabkit sync once', in a notebook '%sync start'")
     group = sync.start(args.paths or None, config=ctx.config(), every=args.every, tiers=args.tiers)

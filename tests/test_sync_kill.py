@@ -1,0 +1,127 @@
+"""Real child processes: kill -9 mid-upload then restart; SIGTERM to `colabkit sync watch` flushes first."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from colabkit.config import load_config
+from colabkit.ledger import Ledger
+from tests.test_sync import age, ckpt, make_project, remote_files, sha, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child(root: Path, mode: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "tests.sync_child", str(root), mode], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("mode", ["block-before", "block-after"])
+def test_kill_9_mid_upload_then_restart_delivers_each_checkpoint_once(tmp_path, mode):
+    root = make_project(tmp_path)
+    files = [ckpt(root, s, size=50_000 + s) for s in (10, 20, 30)]
+    p = child(root, mode)
+    try:
+        wait_for(lambda: (root / "blocked").exists() or p.poll() is not None, timeout=30, what="the child to block")
+        assert p.poll() is None, p.communicate()
+        blocked = (root / "blocked").read_text()
+        os.kill(p.pid, signal.SIGKILL)
+        assert p.wait(10) == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+        p.stderr.close()
+    cfg = load_config(start=root)
+    led = Ledger.load(cfg.state_dir, "backup")
+    assert blocked in {r["remote_path"] for r in led.inflight.values()}  # the interruption was recorded
+    # restart: a fresh process finishes what was interrupted
+    p2 = child(root, "once")
+    out, err = p2.communicate(timeout=60)
+    assert p2.returncode == 0, err
+    remote = remote_files(tmp_path / "remote_backup")
+    expected = {f"checkpoints/{f.name}": sha(f) for f in files}
+    expected.update({f"checkpoints/{f.name}.json": sha(f.with_name(f.name + ".json")) for f in files})
+    assert remote == expected
+    puts = (root / "puts.log").read_text().split("\n")[:-1]
+    assert sorted(line.split()[0] for line in puts) == sorted(expected)  # every file put exactly once
+    for line in puts:
+        path, digest = line.split()
+        assert digest == expected[path]
+    led = Ledger.load(cfg.state_dir, "backup")
+    assert led.inflight == {}
+    assert {k: v["sha256"] for k, v in led.entries.items()} == expected
+    # and a third start uploads nothing at all
+    p3 = child(root, "once")
+    p3.communicate(timeout=60)
+    assert (root / "puts.log").read_text().split("\n")[:-1] == puts
+
+
+def test_sigterm_to_sync_watch_flushes_before_exit(tmp_path):
+    root = make_project(tmp_path)
+    first = ckpt(root, 1)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-m", "colabkit", "sync", "watch", "--every", "1h",
+                          "--config", str(root / "colabkit.yaml")], cwd=root, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        dst = tmp_path / "remote_backup" / "checkpoints"
+        wait_for(lambda: (dst / (first.name + ".json")).exists() or p.poll() is not None, timeout=30,
+                 what="the first tick")
+        assert p.poll() is None, p.communicate()
+        late = ckpt(root, 2)  # not due for an hour
+        log_file = root / "logs" / "train.log"
+        log_file.write_text("final line\n")
+        age(log_file, 5)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, err
+    assert (dst / late.name).read_bytes() == late.read_bytes()
+    assert (tmp_path / "remote_backup" / "logs" / "train.log").read_text() == "final line\n"
+    assert "stopped: everything due is uploaded" in out
+    assert "watching " in out
+
+
+def test_sigterm_handler_of_the_library_flushes_and_chains(tmp_path):
+    """A plain script that called sync.start() and is sent SIGTERM flushes, then dies of SIGTERM as before."""
+    root = make_project(tmp_path)
+    script = tmp_path / "train_like.py"
+    script.write_text(f"""
+import sys, threading
+from colabkit import sync
+from colabkit.config import load_config
+cfg = load_config(start={str(root)!r})
+sync.start(config=cfg, every=3600)
+g = list(sync._registry.values())[0]
+ev = threading.Event()
+while not g.status()["tiers"]["backup"]["last_tick"]:
+    ev.wait(0.02)
+open({str(root / 'checkpoints' / 'late.log')!r}, 'w').write('x\\n')
+print('ready', flush=True)
+ev.wait()
+""")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == -signal.SIGTERM
+    assert (tmp_path / "remote_backup" / "checkpoints" / "late.log").read_text() == "x\n"
