@@ -355,7 +355,7 @@ def _choose(reports: list[SourceReport], policy: str) -> tuple[Candidate | None,
         before = [x.name for x in reports[: reports.index(r)] if x.state != "error"]
         why = f"{r.name} is the first source in priority order holding a verified checkpoint"
         if before:
-            why += f" ({', '.join(before)} hold none)"
+            why += f" ({', '.join(before)} {'holds' if len(before) == 1 else 'hold'} none)"
         return r.newest, why + skipped
     best = max(r.newest.step for r in ok)
     holders = [r for r in ok if r.newest.step == best]
@@ -465,7 +465,7 @@ def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[st
             got = remote.get(rec.path, dst, expected=expected, progress=bar.update if bar else None)
         finally:
             if bar is not None:
-                bar.close()
+                _close_bar(bar)
         if c.sha256 is not None and got is not None and got.sha256 is not None and got.sha256 != c.sha256:
             with contextlib.suppress(OSError):
                 dst.unlink()
@@ -511,6 +511,17 @@ def _progress_bar(c: Candidate, *, enabled: bool):
         return None
     return tqdm(total=c.size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{c.source}: {c.name}",
                 leave=False)
+
+
+def _close_bar(bar) -> None:
+    """Close a tqdm bar and, when it was the last one, stop tqdm's monitor thread (it restarts on the next bar)."""
+    bar.close()
+    cls = type(bar)
+    with cls.get_lock():
+        monitor = getattr(cls, "monitor", None) if not cls._instances else None
+    if monitor is not None:
+        with contextlib.suppress(Exception):
+            monitor.exit()
 
 
 def resume(*, config: "Config | None" = None, experiment: str | None = None, policy: str | None = None,

@@ -1,0 +1,304 @@
+"""Resume: sources in priority order, both policies, corrupt copies refused, failing sources skipped; the
+``colabkit resume`` command through the CLI, a subprocess and the ``%resume`` magic."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from colabkit.checkpoints import Checkpointer, discover, manifest_path, verify
+from colabkit.cli import main
+from colabkit.config import load_config
+from colabkit.errors import ConfigError, RemoteAuthError, ResumeError
+from colabkit.remotes import open_remote
+from colabkit.remotes.base import Remote
+from colabkit.resume import fetch, locate
+
+YAML = """\
+project: demo
+tiers:
+  - name: drive
+    remote: drive
+    path: {root}/tier-drive
+  - name: hub
+    remote: hub
+    path: {root}/tier-hub
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path):
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "colabkit.yaml").write_text(YAML.format(root=tmp_path))
+    return load_config(root / "colabkit.yaml")
+
+
+def ckdir(cfg):
+    return cfg.checkpoint_dir("v01")
+
+
+def save_local(cfg, step: int) -> Path:
+    return Checkpointer(ckdir(cfg), prefix="v01").save(step, {"step": step, "w": torch.full((256,), float(step))})
+
+
+def save_remote(cfg, tier: str, step: int, *, manifest: bool = True, tmp: Path | None = None) -> str:
+    """Put a checkpoint (and its manifest) on `tier` under the path sync would use."""
+    staging = (tmp or cfg.root.parent) / f"staging-{tier}-{step}"
+    p = Checkpointer(staging, prefix="v01").save(step, {"step": step, "w": torch.full((256,), float(step))})
+    rel = cfg.remote_path(ckdir(cfg) / p.name)
+    with open_remote(cfg, tier) as r:
+        r.put(p, rel)
+        if manifest:
+            r.put(manifest_path(p), rel + ".json")
+    return rel
+
+
+def tier_file(cfg, tier: str, rel: str) -> Path:
+    return open_remote(cfg, tier).root / rel
+
+
+class FailingRemote(Remote):
+    """A tier that rejects its credentials: a fault injected at our own Remote interface."""
+
+    kind = "drive"
+
+    def list(self, prefix=""):
+        raise RemoteAuthError(f"{self.name}: the service account was rejected (invalid_grant); "
+                              "check drive.credentials", remote=self.name)
+
+    def put(self, *a, **k):
+        raise AssertionError("not used")
+
+    get = delete = check_access = put
+
+
+def test_newest_policy_prefers_a_remote_newer_than_local_and_fetches_it(project):
+    save_local(project, 100)
+    rel = save_remote(project, "hub", 300)
+    plan = locate(config=project, experiment="v01")
+    assert [(s.name, s.state, s.newest_step) for s in plan.sources] == [
+        ("local", "ok", 100), ("drive", "empty", None), ("hub", "ok", 300)]
+    assert (plan.choice.source, plan.choice.step, plan.choice.path) == ("hub", 300, rel)
+    assert plan.reason == "step 300 is the highest (local has 100)"
+    path = fetch(plan, progress=False)
+    assert path == ckdir(project) / "v01_step_00000300.pt"
+    (info,) = [i for i in discover(ckdir(project)) if i.step == 300]
+    verify(info)  # its manifest came with it
+    assert json.loads((ckdir(project) / "latest").read_text())["step"] == 300
+    assert Checkpointer(ckdir(project), prefix="v01").load_latest()["step"] == 300
+
+
+def test_local_wins_a_tie(project):
+    local = save_local(project, 200)
+    save_remote(project, "drive", 200)
+    save_remote(project, "hub", 200)
+    plan = locate(config=project, experiment="v01")
+    assert plan.choice.source == "local"
+    assert plan.reason == "step 200 is the highest; it is held by local, drive and hub, and local comes first in priority order"
+    assert fetch(plan, progress=False) == local
+
+
+def test_first_policy_takes_the_first_source_holding_one(project):
+    save_remote(project, "drive", 100)
+    save_remote(project, "hub", 900)
+    plan = locate(config=project, experiment="v01", policy="first")
+    assert (plan.choice.source, plan.choice.step) == ("drive", 100)
+    assert plan.reason == "drive is the first source in priority order holding a verified checkpoint (local holds none)"
+    save_local(project, 50)
+    plan = locate(config=project, experiment="v01", policy="first")
+    assert (plan.choice.source, plan.choice.step) == ("local", 50)
+
+
+def test_policy_from_config_and_priority_order(tmp_path):
+    root = tmp_path / "p"
+    root.mkdir()
+    (root / "colabkit.yaml").write_text(YAML.format(root=tmp_path) + "resume:\n  priority: [hub, local]\n  policy: first\n")
+    cfg = load_config(root / "colabkit.yaml")
+    save_local(cfg, 500)
+    save_remote(cfg, "hub", 10)
+    plan = locate(config=cfg, experiment="v01")
+    assert [s.name for s in plan.sources] == ["hub", "local"]
+    assert (plan.policy, plan.choice.source, plan.choice.step) == ("first", "hub", 10)
+
+
+def test_corrupt_local_newest_falls_back(project):
+    save_local(project, 100)
+    p = save_local(project, 200)
+    data = bytearray(p.read_bytes())
+    data[-50] ^= 0xFF
+    p.write_bytes(bytes(data))
+    plan = locate(config=project, experiment="v01")
+    local = plan.source("local")
+    assert local.newest_step == 100
+    assert [(r["step"], r["path"]) for r in local.rejected] == [(200, str(p))]
+    assert "does not match its manifest" in local.rejected[0]["reason"]
+    assert fetch(plan, progress=False) == ckdir(project) / "v01_step_00000100.pt"
+
+
+def test_a_remote_record_disagreeing_with_its_manifest_is_not_verified(project, tmp_path):
+    save_remote(project, "hub", 100)
+    rel = save_remote(project, "hub", 200)
+    # the tier now holds other bytes under the newest name, with the old manifest beside it
+    other = tmp_path / "other.pt"
+    torch.save({"step": 999}, other)
+    open_remote(project, "hub").put(other, rel)
+    plan = locate(config=project, experiment="v01")
+    hub = plan.source("hub")
+    assert hub.newest_step == 100
+    assert hub.rejected[0]["path"] == rel
+    assert hub.rejected[0]["reason"].startswith(f"{other.stat().st_size} bytes, its manifest says ")
+    assert plan.choice.step == 100
+
+
+def test_a_corrupt_download_is_refused_and_fetch_falls_back(project):
+    save_local(project, 100)
+    save_remote(project, "drive", 250)
+    rel = save_remote(project, "hub", 300)
+    plan = locate(config=project, experiment="v01")
+    assert (plan.choice.source, plan.choice.step) == ("hub", 300)
+    # bit rot on the tier after it was listed: same size and mtime, other bytes
+    f = tier_file(project, "hub", rel)
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[-50] ^= 0xFF
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    path = fetch(plan, progress=False)
+    assert path == ckdir(project) / "v01_step_00000250.pt"
+    assert (plan.choice.source, plan.choice.step) == ("drive", 250)
+    assert "fell back to drive step 250" in plan.reason
+    assert not (ckdir(project) / "v01_step_00000300.pt").exists(), "the corrupt copy must not be kept"
+    assert not [p for p in ckdir(project).iterdir() if p.name.startswith(".colabkit-tmp")]
+    verify([i for i in discover(ckdir(project)) if i.step == 250][0])
+
+
+def test_plain_torch_save_file_on_a_tier_is_fetched_and_checked(project, tmp_path):
+    rel = save_remote(project, "hub", 400, manifest=False)
+    plan = locate(config=project, experiment="v01")
+    assert plan.choice.step == 400 and not plan.choice.verified
+    path = fetch(plan, progress=False)
+    assert torch.load(path, weights_only=True)["step"] == 400
+    assert not manifest_path(path).exists()
+    # the same, truncated on the tier: refused after the download, nothing left behind
+    f = tier_file(project, "hub", rel)
+    path.unlink()
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    plan = locate(config=project, experiment="v01")
+    with pytest.raises(ResumeError) as ei:
+        fetch(plan, progress=False)
+    assert str(ei.value).startswith("no candidate checkpoint could be fetched and verified: hub step 400: ")
+    assert str(ei.value).endswith("; check the sources with 'colabkit resume --no-fetch'")
+    assert not path.exists()
+
+
+def test_a_failing_source_is_reported_and_skipped(project):
+    save_local(project, 100)
+    save_remote(project, "hub", 200)
+    plan = locate(config=project, experiment="v01", sources=["local", FailingRemote("drive"), "hub"])
+    drive = plan.source("drive")
+    assert drive.state == "error"
+    assert drive.error == ("RemoteAuthError: drive: the service account was rejected (invalid_grant); "
+                           "check drive.credentials")
+    assert (plan.choice.source, plan.choice.step) == ("hub", 200)
+    assert plan.reason == "step 200 is the highest (local has 100); skipped drive (unavailable)"
+    assert fetch(plan, progress=False) == ckdir(project) / "v01_step_00000200.pt"
+
+
+def test_nothing_found_while_a_source_failed_is_an_error(project):
+    with pytest.raises(ResumeError) as ei:
+        locate(config=project, experiment="v01", sources=["local", FailingRemote("drive"), "hub"])
+    assert str(ei.value) == (
+        "no checkpoint to resume from, and not every source could be asked (local: no checkpoint; drive: "
+        "RemoteAuthError: drive: the service account was rejected (invalid_grant); check drive.credentials; "
+        "hub: no checkpoint); fix the failing source and retry, or pass --source local to start without it")
+
+
+def test_nothing_anywhere_is_a_fresh_start(project):
+    plan = locate(config=project, experiment="v01")
+    assert plan.choice is None
+    assert plan.reason == "no source holds a checkpoint: start fresh"
+    assert fetch(plan) is None
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"policy": "oldest"}, "resume policy 'oldest' is not allowed; use one of newest, first"),
+    ({"sources": ["local", "gcs"]}, "no tier named 'gcs'; configured tiers: drive, hub"),
+])
+def test_bad_policy_or_source_is_refused(project, kwargs, message):
+    with pytest.raises(ConfigError) as ei:
+        locate(config=project, experiment="v01", **kwargs)
+    assert str(ei.value) == message
+
+
+# -- the command ------------------------------------------------------------------------------------
+def test_cli_resume_json(project, capsys):
+    save_local(project, 100)
+    save_remote(project, "hub", 300)
+    assert main(["resume", "--json", "--experiment", "v01", "--config", str(project.source)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(s["name"], s["state"], s["newest_step"]) for s in data["sources"]] == [
+        ("local", "ok", 100), ("drive", "empty", None), ("hub", "ok", 300)]
+    assert data["choice"]["source"] == "hub" and data["choice"]["step"] == 300
+    assert data["reason"] == "step 300 is the highest (local has 100)"
+    assert data["path"] == str(ckdir(project) / "v01_step_00000300.pt")
+    assert Path(data["path"]).is_file()
+
+
+def test_cli_resume_no_fetch_text(project, capsys):
+    save_local(project, 100)
+    assert main(["resume", "--no-fetch", "-e", "v01", "--config", str(project.source)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        f"Resume sources (newest policy), checkpoint folder {ckdir(project)}:",
+        "  local  step 100        v01_step_00000100.pt",
+        "  drive  no checkpoint",
+        "  hub    no checkpoint",
+        "Choice: local step 100 — step 100 is the highest",
+        "Not fetched (--no-fetch).",
+    ]
+
+
+def test_cli_resume_error_exits_1(project, capsys):
+    assert main(["resume", "--policy", "oldest", "--config", str(project.source)]) == 2
+    assert "argument --policy: invalid choice: 'oldest'" in capsys.readouterr().err
+    assert main(["resume", "--source", "gcs", "--config", str(project.source)]) == 1
+    assert capsys.readouterr().err.strip() == "Error: no tier named 'gcs'; configured tiers: drive, hub"
+
+
+def test_cli_resume_in_a_subprocess(project):
+    save_remote(project, "drive", 700)
+    out = subprocess.run([sys.executable, "-m", "colabkit", "resume", "--json", "-e", "v01"], cwd=project.root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["choice"]["source"] == "drive" and data["choice"]["step"] == 700
+    assert Path(data["path"]) == ckdir(project) / "v01_step_00000700.pt"
+    assert torch.load(data["path"], weights_only=True)["step"] == 700
+
+
+@pytest.mark.magic
+def test_magic_resume_shows_sources_and_fetches(project, monkeypatch, capsys):
+    from IPython.core.error import UsageError
+    from IPython.testing.globalipapp import get_ipython
+    ip = get_ipython()
+    ip.run_line_magic("load_ext", "colabkit")
+    monkeypatch.chdir(project.root)
+    save_local(project, 100)
+    save_remote(project, "hub", 300)
+    ip.run_line_magic("resume", "-e v01")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"Resume sources (newest policy), checkpoint folder {ckdir(project)}:"
+    assert out[3] == "  hub    step 300        v01_step_00000300.pt"
+    assert out[4] == "Choice: hub step 300 — step 300 is the highest (local has 100)"
+    assert out[5] == f"Resume from: {ckdir(project) / 'v01_step_00000300.pt'}"
+    assert (ckdir(project) / "v01_step_00000300.pt").is_file()
+    with pytest.raises(UsageError) as ei:
+        ip.run_line_magic("resume", "--source gcs")
+    assert str(ei.value) == "no tier named 'gcs'; configured tiers: drive, hub"
