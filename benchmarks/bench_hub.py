@@ -27,7 +27,7 @@ from typing import Any  # noqa: E402
 from .common import WORK, result, write_results  # noqa: E402
 
 SIZE = int(os.environ.get("COLABKIT_BENCH_HUB_BYTES", 256 * 1024 * 1024))
-ROUNDS = int(os.environ.get("COLABKIT_BENCH_HUB_ROUNDS", 4))
+ROUNDS = int(os.environ.get("COLABKIT_BENCH_HUB_ROUNDS", 7))
 
 
 def _server_module():
