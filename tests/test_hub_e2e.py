@@ -1,8 +1,8 @@
-"""Resume from the Hub tier end to end: real torch checkpoints, the real huggingface_hub, tests/hub_server.py.
+"""The Hub tier end to end: real torch checkpoints, the real huggingface_hub against tests/hub_server.py, the
+real Drive remote (google-api-python-client) against tests/drive_server.py, and colabkit.resume.
 
-A local-folder tier stands in for Drive (the sync engine, colabkit/sync.py, is not in the tree yet, so the
-uploads are made the way it will make them: one ``put_many`` commit per tick for the weights, logs to the
-drive tier only).
+The sync engine (colabkit/sync.py) is not in the tree yet, so the uploads are made the way it routes them:
+one ``put_many`` commit per tick for the weights to the hub tier, logs to the drive tier only.
 """
 from __future__ import annotations
 
@@ -16,26 +16,34 @@ torch = pytest.importorskip("torch")
 
 from colabkit import resume as resume_mod  # noqa: E402
 from colabkit.checkpoints import Checkpointer  # noqa: E402
-from colabkit.config import Config, HubConfig, ResumeConfig, TierConfig  # noqa: E402
+from colabkit.config import Config, DriveConfig, HubConfig, ResumeConfig, TierConfig  # noqa: E402
 from colabkit.errors import ResumeError  # noqa: E402
 from colabkit.remotes import open_remote  # noqa: E402
-from colabkit.remotes.hub import HubRemote  # noqa: E402
 
+from .drive_server import DriveServer, drive_server  # noqa: F401,E402
 from .hub_server import HubServer, hub_server  # noqa: F401,E402
 
 REPO = "alice/proj-weights"
 
 
 @pytest.fixture
-def project(tmp_path: Path, hub_server: HubServer, monkeypatch) -> Config:
+def project(tmp_path: Path, hub_server: HubServer, drive_server: DriveServer, monkeypatch) -> Config:
     monkeypatch.setenv("HF_TOKEN", hub_server.WRITE_TOKEN)
     root = tmp_path / "proj"
     root.mkdir()
+    folder = drive_server.create_folder("colabkit", share_with={drive_server.SA_EMAIL: "writer"}, shared_drive=True)
+    key = drive_server.write_service_account(tmp_path / "keys" / "sa.json")
     return Config(root=root, project="proj",
-                  tiers=(TierConfig(name="drive", remote="local", path=str(tmp_path / "drive")),
-                         TierConfig(name="hub", remote="hub")),
+                  tiers=(TierConfig(name="drive", remote="drive"), TierConfig(name="hub", remote="hub")),
+                  drive=DriveConfig(folder_id=folder, credentials=str(key), endpoint=drive_server.endpoint),
                   hub=HubConfig(repo_id=REPO, endpoint=hub_server.endpoint, path_prefix=""),
                   resume=ResumeConfig(priority=("local", "drive", "hub")))
+
+
+def _remote(cfg: Config, name: str):
+    r = open_remote(cfg, name)
+    assert type(r).__name__ == {"drive": "DriveRemote", "hub": "HubRemote"}[name]
+    return r
 
 
 def _train(cfg: Config, steps: list[int]) -> dict[int, dict]:
@@ -54,20 +62,21 @@ def _sync(cfg: Config, *, weights_to: str = "hub", logs_to: str = "drive") -> No
     """One sync tick as the engine routes it: weights (+ manifests) to the hub in one commit, logs to drive."""
     ckdir, logdir = cfg.checkpoint_dir("v01"), cfg.log_dir("v01")
     weights = [(p, cfg.remote_path(p)) for p in sorted(ckdir.iterdir()) if p.name != "latest"]
-    open_remote(cfg, weights_to).put_many(weights)
     logs = [(p, cfg.remote_path(p)) for p in sorted(logdir.iterdir())]
-    open_remote(cfg, logs_to).put_many(logs)
+    for name, items in ((weights_to, weights), (logs_to, logs)):
+        with _remote(cfg, name) as r:
+            r.put_many(items)
 
 
 def test_weights_only_on_the_hub_logs_only_on_drive(project: Config, hub_server: HubServer):
     _train(project, [100, 200])
     _sync(project)
-    hub, drive = open_remote(project, "hub"), open_remote(project, "drive")
-    assert isinstance(hub, HubRemote)
-    assert [f.path for f in hub.list()] == [
+    with _remote(project, "hub") as hub, _remote(project, "drive") as drive:
+        hub_files, drive_files = [f.path for f in hub.list()], [f.path for f in drive.list()]
+    assert hub_files == [
         "experiments/v01/checkpoints/v01_step_00000100.pt", "experiments/v01/checkpoints/v01_step_00000100.pt.json",
         "experiments/v01/checkpoints/v01_step_00000200.pt", "experiments/v01/checkpoints/v01_step_00000200.pt.json"]
-    assert [f.path for f in drive.list()] == ["experiments/v01/logs/train.log"]
+    assert drive_files == ["experiments/v01/logs/train.log"]
     assert hub_server.commit_messages(REPO)[0] == "colabkit proj v01: steps 100, 200 (4 files)"
 
 
@@ -89,8 +98,9 @@ def test_corrupt_hub_copy_is_refused_and_resume_falls_back(project: Config, hub_
     states = _train(project, [100, 200])
     _sync(project)
     _sync(project, weights_to="drive")  # drive holds the weights too
-    open_remote(project, "drive").delete("experiments/v01/checkpoints/v01_step_00000200.pt")
-    open_remote(project, "drive").delete("experiments/v01/checkpoints/v01_step_00000200.pt.json")
+    with _remote(project, "drive") as drive:
+        drive.delete("experiments/v01/checkpoints/v01_step_00000200.pt")
+        drive.delete("experiments/v01/checkpoints/v01_step_00000200.pt.json")
     hub_server.corrupt(REPO, "experiments/v01/checkpoints/v01_step_00000200.pt")
     shutil.rmtree(project.checkpoint_dir("v01"))
 
