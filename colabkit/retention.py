@@ -38,6 +38,7 @@ _EXTS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 #: the last disk-guard verdict per folder (read by colabkit.sync.status())
 _guard_lock = threading.Lock()
 _guard: dict[str, dict[str, Any]] = {}
+_REWARN = 600.0  # repeat an unchanged 'nothing can be deleted' warning at most this often
 
 
 def guard_status() -> dict[str, dict[str, Any]]:
@@ -46,9 +47,9 @@ def guard_status() -> dict[str, dict[str, Any]]:
         return {k: dict(v) for k, v in _guard.items()}
 
 
-def _note(directory: Path, state: str, free: int, message: str) -> None:
+def _note(directory: Path, state: str, free: int, message: str, **extra: Any) -> None:
     with _guard_lock:
-        _guard[str(directory)] = {"state": state, "free": free, "message": message, "time": time.time()}
+        _guard[str(directory)] = {"state": state, "free": free, "message": message, "time": time.time(), **extra}
 
 
 def step_of(name: str) -> int | None:
@@ -242,8 +243,14 @@ def make_room(directory: str | os.PathLike, needed: int, *, config: "Config | No
            + (f" ({', '.join(c.path.name for c in unsynced[:3])}{', ...' if len(unsynced) > 3 else ''})"
               if unsynced else "")
            + "; run 'colabkit sync flush' or free space by hand")
-    log.warning(msg)
-    _note(directory, "blocked", free, msg)
+    with _guard_lock:
+        prev = _guard.get(str(directory)) or {}
+    repeat = prev.get("state") == "blocked" and prev.get("unsynced") == len(unsynced) \
+        and time.time() - prev.get("warned", 0) < _REWARN
+    # loud, but once per situation (the guard runs on every tick): again when it changes or after a while
+    log.log(logging.DEBUG if repeat else logging.WARNING, msg)
+    _note(directory, "blocked", free, msg, unsynced=len(unsynced),
+          warned=prev.get("warned", 0) if repeat else time.time())
     return freed
 
 
