@@ -435,66 +435,117 @@ def _iter_tensors(obj: Any, torch, _depth: int = 0) -> Iterator[Any]:
             yield from _iter_tensors(v, torch, _depth + 1)
 
 
+class _StoragePool:
+    """CPU buffers kept from one async save to the next, so a snapshot copies into memory already mapped
+    (fresh allocations cost a page fault per 4 KiB, about as much as the copy itself)."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[bool, int], list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, torch, nbytes: int, *, pinned: bool):
+        with self._lock:
+            bucket = self._free.get((pinned, nbytes))
+            if bucket:
+                return bucket.pop()
+        st = torch.UntypedStorage(nbytes)
+        return st.pin_memory() if pinned else st
+
+    def give(self, storages: list[Any]) -> None:
+        with self._lock:
+            for pinned, st in storages:
+                self._free.setdefault((pinned, st.nbytes()), []).append(st)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
 def snapshot(state: Any) -> Any:
     """A copy of `state` in CPU memory that later changes to the originals cannot touch.
 
     Tensors are copied storage by storage (tensors sharing a storage still share it in the copy), containers
     are rebuilt, other objects are deep-copied.
     """
+    return _snapshot(state, None)[0]
+
+
+def _snapshot(state: Any, pool: _StoragePool | None) -> tuple[Any, list[Any]]:
     torch = _torch("saving a checkpoint")
-    memo: dict[Any, Any] = {}
-    cuda = []
-    out = _snap(state, torch, memo, cuda, 0)
-    if cuda:
+    ctx = _SnapContext(torch, pool)
+    out = ctx.snap(state, 0)
+    if ctx.cuda:
         torch.cuda.synchronize()
-    return out
+    return out, ctx.storages
 
 
-def _snap(obj: Any, torch, memo: dict, cuda: list, depth: int) -> Any:
-    if depth > 100:
+class _SnapContext:
+    def __init__(self, torch, pool: _StoragePool | None) -> None:
+        self.torch = torch
+        self.pool = pool
+        self.memo: dict[Any, Any] = {}
+        self.cuda = False
+        self.storages: list[tuple[bool, Any]] = []  # (pinned, storage) handed back to the pool after the write
+
+    def snap(self, obj: Any, depth: int) -> Any:
+        torch = self.torch
+        if depth > 100:
+            return copy.deepcopy(obj)
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj)
+        if isinstance(obj, (str, bytes, int, float, bool, type(None))):
+            return obj
+        if isinstance(obj, dict):
+            new = copy.copy(obj)  # keeps OrderedDict and its _metadata (state_dict versions)
+            for k, v in obj.items():
+                new[k] = self.snap(v, depth + 1)
+            return new
+        if isinstance(obj, list):
+            return [self.snap(v, depth + 1) for v in obj]
+        if isinstance(obj, tuple):
+            items = [self.snap(v, depth + 1) for v in obj]
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
         return copy.deepcopy(obj)
-    if isinstance(obj, torch.Tensor):
-        return _snap_tensor(obj, torch, memo, cuda)
-    if isinstance(obj, (str, bytes, int, float, bool, type(None))):
-        return obj
-    if isinstance(obj, dict):
-        new = copy.copy(obj)  # keeps OrderedDict and its _metadata (state_dict versions)
-        for k, v in obj.items():
-            new[k] = _snap(v, torch, memo, cuda, depth + 1)
+
+    def storage(self, src_st, device) -> Any:
+        torch = self.torch
+        nbytes = src_st.nbytes()
+        pinned = device.type == "cuda"
+        if self.pool is not None:
+            new_st = self.pool.take(torch, nbytes, pinned=pinned)
+        else:
+            new_st = torch.UntypedStorage(nbytes)
+            if pinned:
+                new_st = new_st.pin_memory()
+        self.storages.append((pinned, new_st))
+        if nbytes:
+            # byte views of both storages: tensor copies run on several threads, storage copies on one
+            dst = torch.empty((0,), dtype=torch.uint8).set_(new_st, 0, (nbytes,), (1,))
+            src = torch.empty((0,), dtype=torch.uint8, device=device).set_(src_st, 0, (nbytes,), (1,))
+            dst.copy_(src, non_blocking=pinned)
+            self.cuda = self.cuda or pinned
+        return new_st
+
+    def tensor(self, t):
+        torch = self.torch
+        if id(t) in self.memo:
+            return self.memo[id(t)]
+        src = t.detach()
+        try:
+            if src.layout != torch.strided or src.is_quantized or getattr(src, "is_nested", False):
+                raise TypeError("not a plain dense tensor")
+            st = src.untyped_storage()
+            key = ("storage", str(src.device), st.data_ptr(), st.nbytes())
+            new_st = self.memo.get(key)
+            if new_st is None:
+                new_st = self.memo[key] = self.storage(st, src.device)
+            new = torch.empty((0,), dtype=src.dtype).set_(new_st, src.storage_offset(), src.size(), src.stride())
+        except (RuntimeError, NotImplementedError, TypeError):  # sparse, quantized, nested tensors
+            new = src.to("cpu", copy=True)
+        if isinstance(t, torch.nn.Parameter):
+            new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+        self.memo[id(t)] = new
         return new
-    if isinstance(obj, list):
-        return [_snap(v, torch, memo, cuda, depth + 1) for v in obj]
-    if isinstance(obj, tuple):
-        items = [_snap(v, torch, memo, cuda, depth + 1) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    return copy.deepcopy(obj)
-
-
-def _snap_tensor(t, torch, memo: dict, cuda: list):
-    if id(t) in memo:
-        return memo[id(t)]
-    src = t.detach()
-    try:
-        st = src.untyped_storage()
-        key = ("storage", str(src.device), st.data_ptr(), st.nbytes())
-        new_st = memo.get(key)
-        if new_st is None:
-            if src.device.type == "cpu":
-                new_st = torch.UntypedStorage(st.nbytes())
-                new_st.copy_(st)
-            else:
-                new_st = torch.UntypedStorage(st.nbytes(), device="cpu").pin_memory() \
-                    if src.device.type == "cuda" else torch.UntypedStorage(st.nbytes())
-                new_st.copy_(st, non_blocking=src.device.type == "cuda")
-                cuda.append(src.device)
-            memo[key] = new_st
-        new = torch.empty((0,), dtype=src.dtype).set_(new_st, src.storage_offset(), src.size(), src.stride())
-    except (RuntimeError, NotImplementedError, TypeError):  # sparse, quantized, nested tensors
-        new = src.to("cpu", copy=True)
-    if isinstance(t, torch.nn.Parameter):
-        new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
-    memo[id(t)] = new
-    return new
 
 
 # module-level bookkeeping: one atexit hook waits for every Checkpointer's background write
@@ -547,6 +598,7 @@ class Checkpointer:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._pool = _StoragePool()
         self.directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.directory)
 
@@ -579,9 +631,9 @@ class Checkpointer:
         self.wait()
         if not self.async_save:
             return self._write(step, state)
-        snap = snapshot(state)
+        snap, storages = _snapshot(state, self._pool)
         path = self.path_for(step)
-        t = threading.Thread(target=self._background, args=(step, snap), daemon=True,
+        t = threading.Thread(target=self._background, args=(step, snap, storages), daemon=True,
                              name=f"colabkit-checkpoint-{self.prefix}-{step}")
         with self._lock:
             self._thread = t
@@ -589,13 +641,17 @@ class Checkpointer:
         t.start()
         return path
 
-    def _background(self, step: int, snap: Any) -> None:
+    def _background(self, step: int, snap: Any, storages: list[Any]) -> None:
         try:
             self._write(step, snap)
         except BaseException as e:  # kept for the next save()/wait(): never lost
             log.debug("background checkpoint write of step %d failed: %s", step, e)
             with self._lock:
                 self._error = e
+        finally:
+            del snap
+            if not self._closed:
+                self._pool.give(storages)  # the next snapshot copies into these buffers
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the background write in flight (if any); raise its error if it failed.
@@ -631,6 +687,7 @@ class Checkpointer:
             self.wait()
         finally:
             self._closed = True
+            self._pool.clear()
 
     def __enter__(self) -> "Checkpointer":
         return self

@@ -352,3 +352,17 @@ def test_disk_full_in_a_background_write_is_raised_at_wait(small_disk):
     assert [i.step for i in discover(small_disk)] == [1]
     assert [p for p in small_disk.iterdir() if p.name.startswith(TMP_PREFIX)] == []
     ck.close()
+
+
+def test_async_saves_reusing_buffers_keep_each_step_own_values(tmp_path):
+    w = torch.zeros(50_000)
+    with Checkpointer(tmp_path, prefix="v01", async_save=True) as ck:
+        for s in range(1, 5):
+            w.fill_(float(s))
+            ck.save(s, {"w": w, "b": w[:10]})
+            w.fill_(-1.0)
+    for info in discover(tmp_path):
+        verify(info)
+        state = torch.load(info.path, weights_only=True)
+        assert float(state["w"].min()) == float(state["w"].max()) == float(info.step)
+        assert float(state["b"][0]) == float(info.step)
