@@ -1,8 +1,6 @@
-"""The Hub tier end to end: real torch checkpoints, the real huggingface_hub against tests/hub_server.py, the
-real Drive remote (google-api-python-client) against tests/drive_server.py, and colabkit.resume.
-
-The sync engine (colabkit/sync.py) is not in the tree yet, so the uploads are made the way it routes them:
-one ``put_many`` commit per tick for the weights to the hub tier, logs to the drive tier only.
+"""The Hub tier end to end: real torch checkpoints, the sync engine (colabkit.sync) uploading to the real
+Drive remote (google-api-python-client against tests/drive_server.py) and the Hub remote (huggingface_hub
+against tests/hub_server.py), then colabkit.resume onto an empty disk.
 """
 from __future__ import annotations
 
@@ -15,8 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from colabkit import resume as resume_mod  # noqa: E402
+from colabkit import sync  # noqa: E402
 from colabkit.checkpoints import Checkpointer  # noqa: E402
-from colabkit.config import Config, DriveConfig, HubConfig, ResumeConfig, TierConfig  # noqa: E402
+from colabkit.config import Config, DriveConfig, HubConfig, ResumeConfig, SyncConfig, TierConfig  # noqa: E402
 from colabkit.errors import ResumeError  # noqa: E402
 from colabkit.remotes import open_remote  # noqa: E402
 
@@ -34,7 +33,9 @@ def project(tmp_path: Path, hub_server: HubServer, drive_server: DriveServer, mo
     folder = drive_server.create_folder("colabkit", share_with={drive_server.SA_EMAIL: "writer"}, shared_drive=True)
     key = drive_server.write_service_account(tmp_path / "keys" / "sa.json")
     return Config(root=root, project="proj",
-                  tiers=(TierConfig(name="drive", remote="drive"), TierConfig(name="hub", remote="hub")),
+                  tiers=(TierConfig(name="drive", remote="drive", include=("**/logs/**",)),
+                         TierConfig(name="hub", remote="hub", include=("**/checkpoints/**",))),
+                  sync=SyncConfig(settle=0.0),
                   drive=DriveConfig(folder_id=folder, credentials=str(key), endpoint=drive_server.endpoint),
                   hub=HubConfig(repo_id=REPO, endpoint=hub_server.endpoint, path_prefix=""),
                   resume=ResumeConfig(priority=("local", "drive", "hub")))
@@ -58,14 +59,10 @@ def _train(cfg: Config, steps: list[int]) -> dict[int, dict]:
     return states
 
 
-def _sync(cfg: Config, *, weights_to: str = "hub", logs_to: str = "drive") -> None:
-    """One sync tick as the engine routes it: weights (+ manifests) to the hub in one commit, logs to drive."""
-    ckdir, logdir = cfg.checkpoint_dir("v01"), cfg.log_dir("v01")
-    weights = [(p, cfg.remote_path(p)) for p in sorted(ckdir.iterdir()) if p.name != "latest"]
-    logs = [(p, cfg.remote_path(p)) for p in sorted(logdir.iterdir())]
-    for name, items in ((weights_to, weights), (logs_to, logs)):
-        with _remote(cfg, name) as r:
-            r.put_many(items)
+def _sync(cfg: Config) -> None:
+    """One synchronous pass of the sync engine over the experiment (threads started, flushed and joined)."""
+    result = sync.once([cfg.experiment_dir("v01")], config=cfg, timeout=120)
+    assert result["ok"], result
 
 
 def test_weights_only_on_the_hub_logs_only_on_drive(project: Config, hub_server: HubServer):
@@ -74,10 +71,11 @@ def test_weights_only_on_the_hub_logs_only_on_drive(project: Config, hub_server:
     with _remote(project, "hub") as hub, _remote(project, "drive") as drive:
         hub_files, drive_files = [f.path for f in hub.list()], [f.path for f in drive.list()]
     assert hub_files == [
-        "experiments/v01/checkpoints/v01_step_00000100.pt", "experiments/v01/checkpoints/v01_step_00000100.pt.json",
+        "experiments/v01/checkpoints/latest", "experiments/v01/checkpoints/v01_step_00000100.pt", "experiments/v01/checkpoints/v01_step_00000100.pt.json",
         "experiments/v01/checkpoints/v01_step_00000200.pt", "experiments/v01/checkpoints/v01_step_00000200.pt.json"]
     assert drive_files == ["experiments/v01/logs/train.log"]
-    assert hub_server.commit_messages(REPO)[0] == "colabkit proj v01: steps 100, 200 (4 files)"
+    assert hub_server.count("POST", r"/commit/") == 1  # the whole tick in one commit
+    assert hub_server.commit_messages(REPO)[0] == "colabkit proj v01: steps 100, 200 (5 files)"
 
 
 def test_resume_from_the_hub_onto_an_empty_disk(project: Config, hub_server: HubServer):
@@ -96,8 +94,8 @@ def test_resume_from_the_hub_onto_an_empty_disk(project: Config, hub_server: Hub
 
 def test_corrupt_hub_copy_is_refused_and_resume_falls_back(project: Config, hub_server: HubServer, caplog):
     states = _train(project, [100, 200])
-    _sync(project)
-    _sync(project, weights_to="drive")  # drive holds the weights too
+    tiers = (project.tiers[0].__class__(name="drive", remote="drive", include=("**",)), project.tiers[1])
+    _sync(project.with_changes(tiers=tiers))  # drive holds the weights too
     with _remote(project, "drive") as drive:
         drive.delete("experiments/v01/checkpoints/v01_step_00000200.pt")
         drive.delete("experiments/v01/checkpoints/v01_step_00000200.pt.json")
@@ -113,6 +111,9 @@ def test_corrupt_hub_copy_is_refused_and_resume_falls_back(project: Config, hub_
     assert sorted(p.name for p in path.parent.iterdir()) == ["latest", "v01_step_00000100.pt",
                                                               "v01_step_00000100.pt.json"]
     assert hub_server.WRITE_TOKEN not in caplog.text
+    written = [p for p in project.root.rglob("*") if p.is_file()]
+    assert any(p.parent.name == "logs" and p.name == "sync.log" for p in written)  # the engine's own log is scanned
+    assert not [p for p in written if hub_server.WRITE_TOKEN.encode() in p.read_bytes()]
 
 
 def test_hub_unreachable_is_reported_not_silently_skipped(project: Config, hub_server: HubServer):
