@@ -128,3 +128,16 @@ def test_hub_unreachable_is_reported_not_silently_skipped(project: Config, hub_s
                           "drive: no checkpoint; hub: RemoteAuthError: hub: listing model repo 'alice/proj-weights' "
                           "failed: the Hugging Face token from the HF_TOKEN environment variable was rejected")
     assert hub_server.WRITE_TOKEN not in msg
+
+
+def test_storage_quota_stops_the_hub_tier_with_a_clear_status(project: Config, hub_server: HubServer):
+    from .hub_server import QUOTA_MESSAGE
+    _train(project, [100])
+    hub_server.inject(method="POST", path=r"/objects/batch", status=403, message=QUOTA_MESSAGE, times=1000)
+    result = sync.once([project.experiment_dir("v01")], config=project, timeout=60)
+    hub = result["tiers"]["hub"]
+    assert result["ok"] is False and hub["ok"] is False and hub["state"] == "stopped"
+    assert "the Hub refused to store more data (HTTP 403)" in hub["last_error"]
+    assert "the hub tier stops until space is freed" in hub["last_error"]
+    assert hub_server.count("POST", r"/objects/batch") == 1  # stopped, not retried until the deadline
+    assert result["tiers"]["drive"]["ok"] is True  # the other tier is not held up

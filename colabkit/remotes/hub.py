@@ -451,7 +451,7 @@ class HubRemote(Remote):
             wait = f"after {ra:g}s" if ra is not None else "later"
             return self.error(TransientRemoteError, f"{what}: the Hub is rate-limiting requests (HTTP 429){detail}; "
                               f"retrying {wait}", path=path, retry_after=ra)
-        if status in (402, 413, 507) or (status in (403, 400, 422) and _QUOTA.search(msg)):
+        if status in (402, 507) or (status in (403, 400, 422) and _QUOTA.search(msg)):
             return self.error(RemoteQuotaError, f"{what}: the Hub refused to store more data (HTTP {status}){detail}; "
                               f"the {self.name} tier stops until space is freed: delete old checkpoints from "
                               f"{self.repo_id} and squash its history, or upgrade the plan", path=path)
