@@ -157,7 +157,7 @@ def test_upload_with_30_percent_faults_arrives_once_and_verified(drive_server, t
     src = big_file(tmp_path / "data" / "ckpt.bin", 100 * 1000 * 1000)
     drive_server.faults.ratio(0.3, seed=7)
     rec = remote.put(src, "v68/ckpt.bin")
-    back = remote.get("v68/ckpt.bin", tmp_path / "back" / "ckpt.bin")
+    back = remote.get("v68/ckpt.bin", tmp_path / "back" / "ckpt.bin", expected=rec)  # md5 and sha256 checked
     drive_server.faults.clear()
     local = hash_file(src)
     copies = [f for f in drive_server.files.values() if f.name == "ckpt.bin"]
@@ -221,8 +221,9 @@ def test_truncated_download_resumes_by_range(drive_server, tmp_path):
     src = big_file(tmp_path / "t.bin", 5 * MiB)
     remote.put(src, "t.bin")
     drive_server.faults.truncate(2)
-    remote.get("t.bin", tmp_path / "out" / "t.bin")
+    got = remote.get("t.bin", tmp_path / "out" / "t.bin")
     assert (tmp_path / "out" / "t.bin").read_bytes() == src.read_bytes()
+    assert got.md5 == hash_file(src).md5 and got.sha256 is None, "a Drive record carries md5 only"
     assert len([1 for k, _, _ in drive_server.faults.injected if k == "truncate"]) == 2
     remote.close()
 

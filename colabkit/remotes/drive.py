@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import (CredentialsError, IntegrityError, MissingDependencyError, RemoteAuthError, RemoteError,
                       RemoteNotFoundError, RemotePermissionError, RemoteQuotaError, TransientRemoteError)
-from ..fsutil import FileDigest, _Hasher, atomic_open, hash_file
+from ..fsutil import FileDigest, atomic_open, hash_file
 from ..secrets import redact
 from .base import ACCESS_MARKER, Progress, Remote, RemoteFile, UploadState, normalize_path
 
@@ -146,40 +146,59 @@ def _classify(e: BaseException) -> _Failure:
     raise e
 
 
-class _HashWorker:
-    """md5 and sha256 computed on two worker threads, so hashing overlaps the network transfer.
+def _writeback_starter() -> Callable[[int, int, int], None] | None:
+    """Linux ``sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE)``: start writing pages back without waiting,
+    so the fsync at the end of a large download finds little left to do. None where unavailable."""
+    if not hasattr(os, "fsync") or not os.uname().sysname == "Linux":
+        return None
+    try:
+        import ctypes
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return lambda fd, off, n: fn(fd, off, n, 2)
 
-    hashlib releases the GIL on large buffers, so both run in parallel with socket I/O and each other.
-    Blocks are hashed in the order they are submitted. ``close()`` joins the threads (always call it).
+
+class _Fanout:
+    """Hand every block to several consumers, each on its own thread, in order.
+
+    Used so that md5, sha256 and the file write of a download overlap the network transfer (hashlib and file
+    writes release the GIL). A consumer's exception is re-raised by :meth:`close`. ``close()`` joins the
+    threads; always call it (``finally``).
     """
 
-    def __init__(self, name: str) -> None:
-        import hashlib
+    def __init__(self, name: str, sinks: dict[str, Callable[[Any], Any]]) -> None:
         import queue
         self.size = 0
-        self._algos = [hashlib.md5(usedforsecurity=False), hashlib.sha256()]
-        self._qs: list["queue.Queue[Any]"] = [queue.Queue(maxsize=8), queue.Queue(maxsize=8)]
-        self._ts = [threading.Thread(target=self._run, args=(i,), name=f"{name}-{a}", daemon=True)
-                    for i, a in enumerate(("md5", "sha256"))]
-        for t in self._ts:
+        self.error: BaseException | None = None
+        self._qs: list["queue.Queue[Any]"] = []
+        self._ts: list[threading.Thread] = []
+        for label, sink in sinks.items():
+            q: "queue.Queue[Any]" = queue.Queue(maxsize=4)
+            t = threading.Thread(target=self._run, args=(q, sink), name=f"{name}-{label}", daemon=True)
+            self._qs.append(q)
+            self._ts.append(t)
             t.start()
 
-    def _run(self, i: int) -> None:
-        q, h = self._qs[i], self._algos[i]
+    def _run(self, q: Any, sink: Callable[[Any], Any]) -> None:
         while True:
             item = q.get()
             if item is None:
                 return
-            h.update(item)
+            if self.error is None:
+                try:
+                    sink(item)
+                except BaseException as e:  # re-raised in the caller's thread by close()
+                    self.error = e
 
     def update(self, data: Any) -> None:
+        if self.error is not None:
+            raise self.error
         self.size += len(data)
         for q in self._qs:
             q.put(data)
-
-    def digest(self) -> FileDigest:
-        self.close()
-        return FileDigest(self.size, self._algos[1].hexdigest(), self._algos[0].hexdigest())
 
     def close(self) -> None:
         for q, t in zip(self._qs, self._ts):
@@ -187,6 +206,27 @@ class _HashWorker:
                 q.put(None)
         for t in self._ts:
             t.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _HashWorker(_Fanout):
+    """md5 and sha256 on two worker threads (plus any extra consumers, e.g. the file write)."""
+
+    def __init__(self, name: str, extra: dict[str, Callable[[Any], Any]] | None = None, *,
+                 sha256: bool = True) -> None:
+        import hashlib
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._sha = hashlib.sha256() if sha256 else None
+        sinks: dict[str, Callable[[Any], Any]] = {"md5": self._md5.update}
+        if self._sha is not None:
+            sinks["sha256"] = self._sha.update
+        super().__init__(name, {**sinks, **(extra or {})})
+
+    def digest(self) -> FileDigest:
+        """The digest; ``sha256`` is "" when it was not asked for."""
+        self.close()
+        return FileDigest(self.size, self._sha.hexdigest() if self._sha is not None else "", self._md5.hexdigest())
 
 
 class _SequentialHasher:
@@ -258,12 +298,26 @@ def _media_class():
 
 
 class _HashingWriter:
-    def __init__(self, f: Any, progress: Progress | None, *, name: str) -> None:
-        self.f, self.h, self.progress = f, _HashWorker(name), progress
+    """The file-like object MediaIoBaseDownload writes to: blocks go to md5, sha256 and the file, each on its
+    own thread, so the next chunk is fetched while the last one is hashed and written."""
+
+    def __init__(self, f: Any, progress: Progress | None, *, name: str, sha256: bool) -> None:
+        self.f, self.progress = f, progress
+        self._fd = f.fileno()
+        self._written = self._flushed = 0
+        self._writeback = _writeback_starter()
+        self.h = _HashWorker(name, {"write": self._write}, sha256=sha256)
+
+    def _write(self, data: bytes) -> None:
+        self.f.write(data)
+        self._written += len(data)
+        if self._writeback is not None and self._written - self._flushed >= (64 << 20):
+            self.f.flush()
+            self._writeback(self._fd, self._flushed, self._written - self._flushed)
+            self._flushed = self._written
 
     def write(self, data: bytes) -> int:
         self.h.update(data)
-        self.f.write(data)
         if self.progress:
             self.progress(len(data))
         return len(data)
@@ -776,7 +830,9 @@ class DriveRemote(Remote):
             raise MissingDependencyError("google-api-python-client", purpose="The Google Drive tier") from e
         local = Path(local)
         with atomic_open(local, "wb") as fout:
-            writer = _HashingWriter(fout, progress, name=f"colabkit-drive-hash-{self.name}")
+            # Drive records carry md5 only; sha256 is computed when the caller's record has one to check
+            writer = _HashingWriter(fout, progress, name=f"colabkit-drive-hash-{self.name}",
+                                    sha256=rec.sha256 is not None)
             try:
                 self._download(rec, rel, writer)
             finally:
@@ -786,7 +842,7 @@ class DriveRemote(Remote):
                 raise IntegrityError(
                     f"{self.name}: {rel} does not match its recorded hash (size {got.size} vs {rec.size}, md5 "
                     f"{got.md5} vs {rec.md5}); the copy was discarded", path=rel, expected=rec.md5, actual=got.md5)
-        return RemoteFile(rel, got.size, sha256=got.sha256, md5=got.md5, modified=rec.modified, id=rec.id)
+        return RemoteFile(rel, got.size, sha256=got.sha256 or None, md5=got.md5, modified=rec.modified, id=rec.id)
 
     def _download(self, rec: RemoteFile, rel: str, writer: "_HashingWriter") -> None:
         from googleapiclient.http import MediaIoBaseDownload
