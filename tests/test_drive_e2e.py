@@ -1,15 +1,19 @@
 """End to end through the Drive tier (DriveRemote against tests/drive_server.py): airlock export and pull,
-log import, and resume from Drive onto an empty disk. The sync engine's variant is not here yet: colabkit/sync.py
-did not exist when this was written."""
+log import, resume from Drive onto an empty disk, and the sync engine uploading to Drive (kill -9 and restart).
+"""
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from colabkit import airlock, resume
+from colabkit import airlock, resume, sync
 from colabkit.config import load_config
 from colabkit.fsutil import hash_file
 from colabkit.remotes import open_remote
@@ -90,3 +94,80 @@ def test_resume_from_drive_onto_an_empty_disk(project: Path, drive_server: Drive
     assert plan.choice.source == "drive" and plan.choice.step == 1200
     assert path == saved and hash_file(path) == digest
     assert torch.load(path, weights_only=True)["w"].tolist() == list(range(10))
+
+
+# -- the sync engine uploading to Drive ---------------------------------------------------------------
+SYNC_CHILD = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from colabkit import sync
+from colabkit.config import load_config
+cfg = load_config(data=json.loads({cfg!r}), start={root!r})
+res = sync.once(config=cfg)
+print(json.dumps({{"ok": res["ok"]}}), flush=True)
+"""
+
+
+def _sync_project(tmp_path: Path, srv: DriveServer) -> tuple[Path, dict]:
+    folder = srv.create_folder("colabkit", share_with={DriveServer.SA_EMAIL: "writer"}, shared_drive=True)
+    key = srv.write_service_account(tmp_path / "keys" / "sa.json")
+    root = tmp_path / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "logs").mkdir()
+    data = {"drive": {"folder_id": folder, "credentials": str(key), "endpoint": srv.endpoint, "chunk_size": "8MiB"},
+            "tiers": [{"name": "drive", "remote": "drive", "include": ["**"], "exclude": []}],
+            "sync": {"settle": 0}}
+    return root, data
+
+
+def test_sync_engine_resumes_a_killed_large_upload_from_its_ledger(drive_server: DriveServer, tmp_path: Path):
+    root, data = _sync_project(tmp_path, drive_server)
+    big = root / "checkpoints" / "model.bin"
+    with open(big, "wb") as f:
+        for _ in range(9):
+            f.write(os.urandom(8 << 20))          # 72 MiB: over the 64 MiB that keeps its session
+    (root / "logs" / "train.log").write_text("step 1 loss 3.0\n")
+    script = tmp_path / "sync_child.py"
+    script.write_text(SYNC_CHILD.format(repo=str(Path(__file__).resolve().parents[1]), cfg=json.dumps(data),
+                                        root=str(root)))
+    drive_server.pause_at = 40 << 20
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert drive_server.paused.wait(60), "the upload never got going"
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        child.stdout.close()
+        child.stderr.close()
+        drive_server.gate.set()
+    before = len(drive_server.content_ranges)
+    again = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == {"ok": True}
+    assert "BEGIN PRIVATE KEY" not in again.stderr and not any(t in again.stderr for t in drive_server.issued_tokens)
+    puts = [cr for cr in drive_server.content_ranges[before:] if not cr.startswith("bytes */")]
+    first = [cr for cr in puts if cr.endswith(f"/{9 * (8 << 20)}")][0]
+    assert int(first.split()[1].split("-")[0]) >= 32 << 20, "the restarted sync began the upload again from 0"
+    folder = data["drive"]["folder_id"]
+    copies = [f for f in drive_server.files.values() if f.name == "model.bin"]
+    assert len(copies) == 1 and copies[0].md5 == hash_file(big).md5
+    assert drive_server.content(drive_server.find("logs/train.log", root=folder).id) == b"step 1 loss 3.0\n"
+
+
+def test_sync_engine_updates_a_growing_log_in_place(drive_server: DriveServer, tmp_path: Path):
+    root, data = _sync_project(tmp_path, drive_server)
+    cfg = load_config(data=data, start=root)
+    log = root / "logs" / "train.log"
+    log.write_text("step 1 loss 3.0\n")
+    assert sync.once(config=cfg)["ok"]
+    first = drive_server.find("logs/train.log", root=data["drive"]["folder_id"])
+    with open(log, "a") as f:
+        f.write("step 2 loss 2.5\n")
+    assert sync.once(config=cfg)["ok"]
+    again = drive_server.find("logs/train.log", root=data["drive"]["folder_id"])
+    assert again.id == first.id
+    assert drive_server.content(again.id) == b"step 1 loss 3.0\nstep 2 loss 2.5\n"
+    assert len([f for f in drive_server.files.values() if f.name == "train.log"]) == 1
