@@ -134,15 +134,22 @@ class _Server(ThreadingHTTPServer):
         super().__init__(addr, handler)
 
     def process_request(self, request, client_address):
-        # same as ThreadingMixIn.process_request, with a named thread we can find again
-        vars(self).setdefault("_threads", __import__("socketserver")._Threads())
+        # as ThreadingMixIn.process_request, with a named thread that server_close() joins (socketserver does
+        # not track daemon threads)
         self._n += 1
         t = threading.Thread(target=self.process_request_thread, args=(request, client_address),
                              name=f"hub-server-{self.kind}-conn-{self._n}", daemon=True)
-        self._threads.append(t)
         with self._conns_lock:
             self._conns.add(request)
+            self._conn_threads = [x for x in getattr(self, "_conn_threads", []) if x.is_alive()] + [t]
         t.start()
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._conns_lock:
+            threads = list(getattr(self, "_conn_threads", []))
+        for t in threads:
+            t.join(10)
 
     def shutdown_request(self, request):
         with self._conns_lock:

@@ -100,6 +100,32 @@ def test_stored_login_token_is_used(hub_server: HubServer, tmp_path: Path):
     assert hub_server.repo(REPO) is not None
 
 
+def test_colab_secret_is_the_last_resort(hub_server: HubServer, monkeypatch):
+    """Inside the Colab UI the token comes from Colab Secrets (our own lookup, colabkit.secrets.colab_secret)."""
+    import colabkit.secrets
+    asked = []
+    monkeypatch.setattr(colabkit.secrets, "colab_secret",
+                        lambda name, **kw: asked.append(name) or hub_server.WRITE_TOKEN)
+    assert describe_hub_token() == {"source": "colab_secrets", "name": "HF_TOKEN",
+                                    "description": "Colab Secrets (HF_TOKEN)"}
+    make_remote(hub_server).check_access()
+    assert asked == ["HF_TOKEN", "HF_TOKEN"]
+    monkeypatch.setenv("HF_TOKEN", hub_server.WRITE_TOKEN)
+    assert describe_hub_token()["source"] == "env" and asked == ["HF_TOKEN", "HF_TOKEN"]  # not asked again
+
+
+def test_server_stop_joins_its_threads_with_idle_keepalive_connections(tmp_path: Path):
+    import threading
+
+    from huggingface_hub import HfApi
+    srv = HubServer(tmp_path / "srv").start()
+    HfApi(endpoint=srv.endpoint, token=srv.WRITE_TOKEN).whoami()  # leaves a pooled keep-alive connection open
+    assert any(t.name.startswith("hub-server-hub-conn-") for t in threading.enumerate())
+    srv.stop()
+    srv.stop()  # twice is fine
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("hub-server-")]
+
+
 def test_library_settings_from_conftest_took_effect(hub_server: HubServer):
     """huggingface_hub reads these once at import: they must have been set before it was imported."""
     from huggingface_hub import constants
