@@ -936,14 +936,18 @@ def gdown_fetch(id_or_url: str, dest_dir: str | os.PathLike, *, endpoint: str | 
     Example:
         >>> gdown_fetch("https://drive.google.com/file/d/1AbC.../view", "experiments/v68/logs")
     """
+    import inspect
     import re
     import warnings
     try:
         import gdown
-        from gdown.exceptions import FileURLRetrievalError
         from gdown.parse_url import parse_url
     except ImportError as e:
         raise MissingDependencyError("gdown", purpose="Importing a run through a public Drive link") from e
+    try:
+        from gdown.exceptions import FileURLRetrievalError
+    except ImportError:  # gdown < 4.7 raised plain exceptions for a page it could not follow
+        FileURLRetrievalError = None  # type: ignore[assignment,misc]
     s = id_or_url.strip()
     if "://" in s:
         file_id, _ = parse_url(s)
@@ -957,17 +961,24 @@ def gdown_fetch(id_or_url: str, dest_dir: str | os.PathLike, *, endpoint: str | 
     fix = (f"gdown: the link {id_or_url!r} needs sign-in: the file is not shared publicly. In Drive, choose "
            "Share > General access > 'Anyone with the link', or import the run through the Drive tier with "
            "credentials instead")
-    extra: dict[str, Any] = {"proxy": endpoint, "verify": False} if endpoint else {}
+    extra: dict[str, Any] = {"use_cookies": False, "timeout": timeout}
+    if endpoint:
+        extra.update(proxy=endpoint, verify=False)
+    accepted = inspect.signature(gdown.download).parameters
+    extra = {k: v for k, v in extra.items() if k in accepted}   # older gdown releases lack some of these
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # urllib3's InsecureRequestWarning through a test proxy
             out = gdown.download(url=f"https://drive.google.com/uc?id={file_id}", output=str(dest) + os.sep,
-                                 quiet=True, use_cookies=False, timeout=timeout, **extra)
-    except FileURLRetrievalError:
-        raise RemotePermissionError(fix, remote="gdown", path=file_id) from None
+                                 quiet=True, **extra)
     except Exception as e:
+        if (FileURLRetrievalError is not None and isinstance(e, FileURLRetrievalError)) or \
+                "public link" in str(e) or "retrieve file url" in str(e).lower():
+            raise RemotePermissionError(fix, remote="gdown", path=file_id) from None
         raise RemoteError(f"gdown: downloading {id_or_url!r} failed ({type(e).__name__}: {redact(str(e))[:300]}); "
                           "check the link and your connection", remote="gdown", path=file_id) from e
+    if out is None:  # older gdown returns None when it could not follow the page
+        raise RemotePermissionError(fix, remote="gdown", path=file_id)
     path = Path(str(out))
     with open(path, "rb") as f:   # an HTML page instead of the file: a sign-in or error page
         head = f.read(512).lstrip().lower()
