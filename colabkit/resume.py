@@ -457,8 +457,19 @@ def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[st
                               id=rec.id)
     else:
         expected = rec
+    from .remotes.local import LocalRemote
     if c.sha256 is not None and _already_there(dst, c):
         log.info("%s already holds %s with the expected sha256", target_dir, c.name)
+    elif c.sha256 is not None and type(remote) is LocalRemote:
+        # a folder tier (or a mounted Drive): copy and hash in one pipelined pass, sha256 only
+        from .remotes.base import normalize_path
+        bar = _progress_bar(c, enabled=progress)
+        try:
+            copy_verified(remote.root / normalize_path(rec.path), dst, size=c.manifest["size"], sha256=c.sha256,
+                          progress=bar.update if bar else None, label=f"{c.source}: {rec.path}")
+        finally:
+            if bar is not None:
+                _close_bar(bar)
     else:
         bar = _progress_bar(c, enabled=progress)
         try:
@@ -486,6 +497,89 @@ def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[st
     atomic_write_json(dst.parent / LATEST, {"format": 1, "file": dst.name, "step": c.step})
     log.info("fetched %s step %d from %s to %s", c.name, c.step, c.source, dst)
     return dst
+
+
+_BUF = 8 * 1024 * 1024
+
+
+def copy_verified(src: str | os.PathLike, dst: str | os.PathLike, *, size: int, sha256: str,
+                  progress: Any = None, label: str | None = None) -> None:
+    """Copy `src` to `dst` atomically, checking the bytes written against `size` and `sha256`.
+
+    One read of the source: each buffer is written by this thread while a helper thread hashes it (hashlib
+    releases the GIL); sha256 only (the tier's md5 is not needed here). On a mismatch nothing is left at `dst`.
+
+    Raises:
+        IntegrityError: the copy does not match (the temporary file is removed).
+        OSError: reading or writing failed.
+    """
+    import hashlib
+    import queue
+    import threading
+
+    src, dst = Path(src), Path(dst)
+    label = label or str(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + dst.name + ".", suffix=".tmp", dir=dst.parent)
+    h = hashlib.sha256()
+    free: "queue.Queue[bytearray]" = queue.Queue()
+    full: "queue.Queue[tuple[bytearray, int] | None]" = queue.Queue()
+    for _ in range(4):
+        free.put(bytearray(_BUF))
+
+    def hasher() -> None:
+        while True:
+            item = full.get()
+            if item is None:
+                return
+            buf, n = item
+            h.update(memoryview(buf)[:n])
+            free.put(buf)
+
+    t = threading.Thread(target=hasher, name="colabkit-resume-hash", daemon=True)
+    t.start()
+    written = 0
+    ok = False
+    try:
+        os.fchmod(fd, 0o644)
+        with open(src, "rb", buffering=0) as fin:
+            while True:
+                buf = free.get()
+                n = fin.readinto(buf)
+                if not n:
+                    free.put(buf)
+                    break
+                view = memoryview(buf)[:n]
+                off = 0
+                while off < n:
+                    off += os.write(fd, view[off:])
+                full.put((buf, n))
+                written += n
+                if progress:
+                    progress(n)
+        full.put(None)
+        t.join()
+        got = h.hexdigest()
+        if written != size or got != sha256:
+            raise IntegrityError(f"{label} does not match its manifest (size {written} vs {size}, sha256 "
+                                 f"{got[:12]}... vs {sha256[:12]}...); the copy was discarded",
+                                 path=str(src), expected=sha256, actual=got)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, dst)
+        ok = True
+    finally:
+        if t.is_alive():
+            full.put(None)
+            t.join()
+        if fd >= 0:
+            os.close(fd)
+        if not ok:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    from .fsutil import fsync_dir
+    fsync_dir(dst.parent)
 
 
 def _existing(p: Path) -> Path:
