@@ -47,7 +47,6 @@ import re
 import socket
 import tempfile
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -357,7 +356,7 @@ class _Handler(BaseHTTPRequestHandler):
         except _HTTPError as e:
             self._drain()
             self._error(e)
-        except (ConnectionError, OSError) as e:
+        except OSError:  # the client went away
             self._status = -2
             self.close_connection = True
         except Exception as e:  # a bug in this server: answer 500 rather than hang the client
