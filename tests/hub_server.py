@@ -181,7 +181,7 @@ class HubServer:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         self.page_size = page_size
         self.repos: dict[tuple[str, str], Repo] = {}
-        self.blobs: dict[str, bytes] = {}                 # git oid -> content of regular files
+        (self.root / "git").mkdir(parents=True, exist_ok=True)  # regular files by git blob oid
         self.requests: list[tuple[str, str, str, int]] = []
         self.faults: list[Fault] = []
         self.lock = threading.RLock()
@@ -239,7 +239,7 @@ class HubServer:
         with self.lock:
             repo = Repo(repo_type, repo_id, private)
             attrs = b"*.pt filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
-            self.blobs[git_blob_oid(attrs)] = attrs
+            self.store_blob(attrs)
             oid = self._new_commit(repo, None, "initial commit", {".gitattributes": Entry(len(attrs), git_blob_oid(attrs))})
             repo.branches["main"] = oid
             self.repos[(repo_type, repo_id)] = repo
@@ -260,6 +260,16 @@ class HubServer:
             out.append(msg)
             oid = parent
         return out
+
+    def store_blob(self, data: bytes) -> str:
+        """Keep a regular (non-LFS) file's bytes on disk under its git blob oid."""
+        oid = git_blob_oid(data)
+        p = self.root / "git" / oid
+        if not p.exists():
+            tmp = self.root / "tmp" / uuid.uuid4().hex
+            tmp.write_bytes(data)
+            os.replace(tmp, p)
+        return oid
 
     def lfs_path(self, sha256: str) -> Path:
         return self.root / "lfs" / sha256
@@ -638,7 +648,7 @@ class _Handler(BaseHTTPRequestHandler):
                 elif key == "file":
                     data = base64.b64decode(v["content"])
                     oid = git_blob_oid(data)
-                    self.hub.blobs[oid] = data
+                    self.hub.store_blob(data)
                     tree[v["path"]] = Entry(len(data), oid)
                 elif key == "lfsFile":
                     p = self.hub.lfs_path(v["oid"])
@@ -672,7 +682,8 @@ class _Handler(BaseHTTPRequestHandler):
                             "X-Linked-Etag": f'"{e.lfs}"', "X-Linked-Size": str(e.size), "ETag": f'"{e.oid}"'})
             return self._send(302, b"", headers=headers)
         headers["ETag"] = f'"{e.oid}"'
-        self._send(200, self.hub.blobs[e.oid], ctype="application/octet-stream", headers=headers)
+        self._send(200, (self.hub.root / "git" / e.oid).read_bytes(), ctype="application/octet-stream",
+                   headers=headers)
 
     # -- the CDN ----------------------------------------------------------------------------------
     def _cdn(self) -> None:
