@@ -349,6 +349,10 @@ def _choose(reports: list[SourceReport], policy: str) -> tuple[Candidate | None,
     failed = [r.name for r in reports if r.state == "error"]
     skipped = f"; skipped {', '.join(failed)} (unavailable)" if failed else ""
     if not ok:
+        bad = sum(len(r.rejected) for r in reports)
+        if bad:
+            return None, (f"no source holds a valid checkpoint ({bad} rejected as corrupt or inconsistent): "
+                          "start fresh" + skipped)
         return None, "no source holds a checkpoint: start fresh" + skipped
     if policy == "first":
         r = ok[0]

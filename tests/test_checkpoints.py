@@ -366,3 +366,15 @@ def test_async_saves_reusing_buffers_keep_each_step_own_values(tmp_path):
         state = torch.load(info.path, weights_only=True)
         assert float(state["w"].min()) == float(state["w"].max()) == float(info.step)
         assert float(state["b"][0]) == float(info.step)
+
+
+def test_a_script_ending_without_close_still_finishes_its_last_async_write(tmp_path):
+    code = ("import torch; from colabkit import Checkpointer; "
+            f"ck = Checkpointer({str(tmp_path)!r}, prefix='v01', async_save=True); "
+            "ck.save(1, {'w': torch.ones(2_000_000)}); print('returned', flush=True)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "returned"
+    (info,) = discover(tmp_path)
+    verify(info)
+    assert info.manifest is not None and info.step == 1

@@ -37,6 +37,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, str(CHILD)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env=env, cwd=str(Path(__file__).parent.parent))
         self.lines: queue.Queue[str | None] = queue.Queue()
+        self.saver: int | None = None
         self.reader = threading.Thread(target=self._read, name="test-kill-reader", daemon=True)
         self.reader.start()
 
@@ -72,6 +73,11 @@ class Server:
         return line
 
     def close(self) -> None:
+        if self.saver is not None:  # a failed round: the saver is still running
+            try:
+                os.kill(self.saver, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             self.send("quit")
             self.proc.stdin.close()
@@ -138,7 +144,7 @@ def wait_for_bytes(d: Path, step: int, nbytes: int, server: Server, pending: lis
             if line == f"saved {step}" or line.startswith("saving "):
                 return  # the write finished before reaching that size: kill here instead
         idle.wait(0.0005)
-    raise AssertionError(f"checkpoint {step} never reached {nbytes} bytes")
+    raise AssertionError(f"checkpoint {step} never reached {nbytes} bytes (lines seen: {pending})")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill test forks its savers (POSIX only)")
@@ -157,9 +163,11 @@ def test_kill_9_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp_path: Pa
             mode = "async" if rnd % 2 else "sync"
             server.send(f"go {d} {mode}")
             pid = int(server.next().split()[1])
+            server.saver = pid
             resumed = server.next()
             assert resumed.startswith("resumed "), resumed
-            assert resumed == f"resumed {expected if expected is not None else 'none'}", (resumed, expected, seed)
+            assert resumed == f"resumed {expected if expected is not None else 'none'}", \
+                f"the saver resumed from {resumed!r}, the test found {expected} (seed {seed}, round {rnd})"
             left = [p for p in stale if p.exists()]
             assert left == [], f"temporary files of a killed save were not removed: {left} (seed {seed})"
             pending: list[str] = []
@@ -183,6 +191,7 @@ def test_kill_9_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp_path: Pa
                 wait_for_bytes(d, step, rng.randrange(0, 4_100_000), server, pending)
                 kills_mid_write += 1
             os.kill(pid, signal.SIGKILL)
+            server.saver = None
             while True:
                 line = server.next()
                 if line.startswith("exit "):

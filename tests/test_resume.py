@@ -302,3 +302,13 @@ def test_magic_resume_shows_sources_and_fetches(project, monkeypatch, capsys):
     with pytest.raises(UsageError) as ei:
         ip.run_line_magic("resume", "--source gcs")
     assert str(ei.value) == "no tier named 'gcs'; configured tiers: drive, hub"
+
+
+def test_only_corrupt_checkpoints_say_so(project):
+    p = save_local(project, 100)
+    with open(p, "r+b") as f:
+        f.truncate(100)
+    plan = locate(config=project, experiment="v01")
+    assert plan.choice is None
+    assert plan.reason == "no source holds a valid checkpoint (1 rejected as corrupt or inconsistent): start fresh"
+    assert plan.as_dict()["sources"][0]["rejected"][0]["step"] == 100
