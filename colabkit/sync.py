@@ -180,12 +180,17 @@ def _manifest_sha(path: str, size: int) -> str | None:
 
 
 def _lower_priority() -> None:
-    """Make this thread yield the CPU (and the disk) to the training process: nice 19, idle I/O class."""
+    """Make this thread yield the CPU (and the disk) to the training process: SCHED_IDLE (else nice 19) and
+    the idle I/O class. Linux applies both per thread, so the rest of the process is unaffected."""
+    tid = threading.get_native_id()
     try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, 19)  # per-thread on Linux
+        # SCHED_IDLE: runs when a core is otherwise idle and is preempted at once when training wakes up
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))  # per-thread on Linux
     except (AttributeError, OSError):
-        pass
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+        except (AttributeError, OSError):
+            pass
     try:  # ioprio_set(IOPRIO_WHO_PROCESS, tid, IOPRIO_CLASS_IDLE): best effort, x86_64/arm64 Linux only
         import ctypes
         import platform
@@ -194,6 +199,15 @@ def _lower_priority() -> None:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.syscall(nr, 1, threading.get_native_id(), 3 << 13)
     except Exception:
+        pass
+
+
+def _normal_priority() -> None:
+    """Back to the normal scheduler for a flush (someone is waiting for it); best effort: an unprivileged
+    thread may not be allowed to leave SCHED_IDLE (RLIMIT_NICE), root (Colab, a VM) is."""
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_OTHER, os.sched_param(0))
+    except (AttributeError, OSError):
         pass
 
 
@@ -358,6 +372,14 @@ class TierSyncer(threading.Thread):
             self.snap["state"] = "flushing"
         self._attempts = 0
         self._next_attempt = 0.0
+        ok = False
+        _normal_priority()
+        try:
+            return self._flush_loop(deadline)
+        finally:
+            _lower_priority()
+
+    def _flush_loop(self, deadline: float) -> dict[str, Any]:
         ok = False
         while True:
             ok = self._tick(final=True, deadline=deadline)
