@@ -1,0 +1,108 @@
+"""The sync engine against the real Drive and Hub clients talking to the local protocol servers."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from colabkit import sync
+from colabkit.config import load_config
+from colabkit.fsutil import hash_file
+from colabkit.ledger import Ledger
+from tests.drive_server import DriveServer, drive_server  # noqa: F401  (fixture)
+from tests.hub_server import HubServer, hub_server  # noqa: F401  (fixture)
+from tests.test_sync import ckpt
+
+REPO = Path(__file__).resolve().parents[1]
+MiB = 1024 * 1024
+
+
+def big_checkpoint(root: Path, size: int) -> Path:
+    p = root / "checkpoints" / "v01_step_00000001.pt"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(MiB)
+    h = hashlib.sha256()
+    with open(p, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(block)
+            h.update(block)
+    (p.parent / (p.name + ".json")).write_text(json.dumps(
+        {"format": 1, "step": 1, "size": size, "sha256": h.hexdigest(), "file": p.name}))
+    return p
+
+
+def test_kill_9_mid_drive_upload_resumes_the_session_from_the_ledger(drive_server, tmp_path):
+    """The Drive session URI lives in the ledger: a restarted `colabkit sync once` resumes, not restarts."""
+    folder = drive_server.create_folder("colabkit", share_with={DriveServer.SA_EMAIL: "writer"}, shared_drive=True)
+    key = drive_server.write_service_account(tmp_path / "keys" / "sa.json")
+    root = tmp_path / "proj"
+    src = big_checkpoint(root, 72 * MiB)
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "drive": {"folder_id": folder, "credentials": str(key), "endpoint": drive_server.endpoint,
+                  "chunk_size": "8MiB"},
+        "tiers": [{"name": "drive", "remote": "drive", "every": 3600, "include": ["*.pt", "*.pt.json"],
+                   "exclude": [], "max_file_size": "1GB"}],
+        "sync": {"settle": 0.1}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "colabkit", "sync", "once", "--config", str(root / "colabkit.yaml")]
+    drive_server.pause_at = 40 * MiB
+    child = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert drive_server.paused.wait(60), "the upload never got going"
+        led = Ledger.load(root / ".colabkit", "drive")
+        state = led.upload_state("checkpoints/v01_step_00000001.pt").load()
+        assert state and state["offset"] >= 32 * MiB and "upload_id=" in state["uri"]
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        child.stdout.close()
+        child.stderr.close()
+        drive_server.gate.set()
+    ranges_before = len(drive_server.content_ranges)
+    again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "sync once: everything due is uploaded" in again.stdout
+    resumed = [cr for cr in drive_server.content_ranges[ranges_before:] if not cr.startswith("bytes */")]
+    assert int(resumed[0].split()[1].split("-")[0]) >= 32 * MiB, "the restart began again from byte 0"
+    copies = [f for f in drive_server.files.values() if f.name == src.name]
+    assert len(copies) == 1 and copies[0].md5 == hash_file(src).md5
+    led = Ledger.load(root / ".colabkit", "drive")
+    assert led.inflight == {}
+    entry = led.verified_copy("checkpoints/v01_step_00000001.pt", hash_file(src).sha256)
+    assert entry and entry["remote_id"] == copies[0].id
+
+
+def test_hub_tier_gets_a_ticks_files_in_one_commit(hub_server: HubServer, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", hub_server.WRITE_TOKEN)
+    root = tmp_path / "proj"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "hub": {"repo_id": "alice/weights", "endpoint": hub_server.endpoint},
+        "tiers": [{"name": "hub", "remote": "hub", "every": 3600, "latest_only": False}],
+        "sync": {"settle": 0.1}}))
+    files = [ckpt(root, s, size=3000 + s) for s in (1, 2, 3)]
+    cfg = load_config(start=root)
+    res = sync.once(config=cfg)
+    assert res["ok"], res
+    repo = hub_server.repos[("model", "alice/weights")]
+    messages = [m for _, m, _ in repo.commits.values()]
+    assert messages == ["initial commit", "colabkit proj: steps 1, 2, 3 (6 files)"]  # 6 files, one commit
+    tree = repo.commits[hub_server.repos[("model", "alice/weights")].branches["main"]][2]
+    for f in files:
+        assert any(k.endswith(f"checkpoints/{f.name}") for k in tree)
+        assert any(k.endswith(f"checkpoints/{f.name}.json") for k in tree)
+    led = Ledger.load(cfg.state_dir, "hub")
+    for f in files:
+        assert led.verified_copy(cfg.remote_path(f), hashlib.sha256(f.read_bytes()).hexdigest())
+    n = len(repo.commits)
+    assert sync.once(config=cfg)["ok"]
+    assert len(repo.commits) == n  # nothing new: no commit at all
