@@ -49,6 +49,9 @@ UNIT = 256 * 1024
 DEFAULT_ROOT = "https://www.googleapis.com/"
 #: uploads larger than this keep their session URI in the caller's upload state
 PERSIST_SESSION_OVER = 64 * 1024 * 1024
+#: bytes asked for per download request: the library reads each answer whole into memory, and blocks above
+#: glibc's 32 MiB mmap threshold cost a page fault per 4 KiB every time
+DOWNLOAD_CHUNK = 8 * 1024 * 1024
 #: files up to this size go in one multipart request
 MULTIPART_MAX = 5 * 1024 * 1024
 FILE_FIELDS = "id,name,mimeType,size,md5Checksum,parents,modifiedTime,createdTime"
@@ -849,7 +852,7 @@ class DriveRemote(Remote):
         if rec.size == 0:
             return
         req = self._service().files().get_media(fileId=rec.id, supportsAllDrives=True)
-        dl = MediaIoBaseDownload(writer, req, chunksize=max(self.chunk_size, 32 << 20))
+        dl = MediaIoBaseDownload(writer, req, chunksize=DOWNLOAD_CHUNK)
         done = False
         while not done:
             # a truncated response raises; the next request asks for the rest by Range
