@@ -1,0 +1,1265 @@
+"""``%train``: run an experiment's ``train.py`` as a supervised child process.
+
+What one call does, in order:
+
+1. **Preflight** (each failure is a :class:`~colabkit.errors.PreflightError` that says what to do): the
+   experiment and its ``train.py`` exist; the GPU's memory tier (an L4-class GPU is Tier 1, where a job is
+   capped at 20 GB; a larger ``--max-vram`` is refused with the advice to move to Tier 2); free disk against
+   ``train.min_free_disk``; ``train.data_paths`` on a network/FUSE mount (a warning: pre-fetch to local disk);
+   write access to every sync tier; the checkpoint to resume from.
+2. ``pip freeze`` into ``frozen_requirements.txt`` in the run's log folder
+   ``experiments/vXX/logs/<run id>/``, beside one log per attempt (``<run id>.attempt1.log``) and ``run.json``
+   (host, GPU, attempts, exit codes, last step; ``%airlock import`` reads it).
+3. Background sync of the checkpoint and log folders (``colabkit.sync``), flushed when the run ends.
+4. The child: its own process group, output streamed line by line to the caller (the cell, the terminal) and
+   to the attempt's log; progress (step, loss, rate, ETA, last checkpoint) read from the lines by
+   :mod:`colabkit.events`. The child runs a small bootstrap before ``train.py`` that caps its GPU memory
+   (``torch.cuda.set_per_process_memory_fraction`` from ``COLABKIT_MAX_VRAM``), so an oversize job fails
+   fast instead of taking the whole GPU.
+5. On a non-zero exit: restart from the newest local checkpoint, up to ``max_restarts`` times, with
+   exponential back-off, except after running out of memory (CUDA OOM text, ``MemoryError``, killed by the
+   kernel's OOM killer), which fails at once with :class:`~colabkit.errors.OutOfMemoryError` and the tier
+   advice. A child that prints nothing and saves no checkpoint for ``stall_after`` is killed and restarted.
+
+Stopping (``Job.stop()``, ``%train stop``, or Ctrl-C / interrupting the kernel in the foreground) sends
+SIGTERM to the child's process group, SIGKILL after ``grace``, then flushes sync.
+
+Example:
+    >>> result = train("v01", args=["--steps", "300"], on_line=print)     # foreground
+    >>> job = train("v01", background=True); job.status()["step"]         # background
+    >>> job.stop()
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import re
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from .errors import ColabkitError, ConfigError, OutOfMemoryError, PreflightError, TrainError
+from .events import LineParser
+from .fsutil import atomic_write_json, atomic_write_text, free_bytes
+
+if TYPE_CHECKING:
+    from .config import Config
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+SCRIPT = "train.py"
+#: how many of the last log lines an error message shows
+TAIL_LINES = 15
+#: the longest back-off between two attempts, in seconds (the first is train.restart_backoff)
+MAX_BACKOFF = 600.0
+#: the job file of a running job is refreshed at most this often (seconds) while lines stream
+JOB_FILE_INTERVAL = 2.0
+
+# what a run that ran out of memory prints (PyTorch, the CUDA caching allocator, cuBLAS, Python)
+_OOM_TEXT = re.compile(r"CUDA out of memory|torch\.(?:cuda\.)?OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED"
+                       r"|CUDA error: out of memory|^\s*MemoryError\b|\bMemoryError:|Cannot allocate memory",
+                       re.MULTILINE)
+_STEPS_ARG = re.compile(r"^--(?:steps|total[-_]steps|max[-_]steps|num[-_]steps|iters|max[-_]iters)(?:=(\d+))?$")
+
+# Runs in the child before train.py: caps GPU memory, then runs the script as `python train.py` would.
+BOOTSTRAP = r"""
+import os, runpy, sys
+def _colabkit_cap():
+    cap = os.environ.get("COLABKIT_MAX_VRAM")
+    if not cap:
+        return
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        return
+    cap = int(cap)
+    for i in range(torch.cuda.device_count()):
+        total = torch.cuda.get_device_properties(i).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), i)
+    print(f"colabkit: GPU memory capped at {cap / 1e9:.1f} GB per device (COLABKIT_MAX_VRAM)", flush=True)
+_colabkit_cap()
+del _colabkit_cap
+_script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(_script))
+runpy.run_path(_script, run_name="__main__")
+"""
+
+
+# -- records -----------------------------------------------------------------------------------------
+@dataclass
+class Attempt:
+    """One start of the child process.
+
+    Attributes:
+        number: 1 for the first start, 2 for the first restart, ...
+        log: the attempt's log file.
+        exit_code: the child's return code (negative: killed by that signal); None while running.
+        outcome: ``running``, ``finished``, ``crashed``, ``oom``, ``stalled`` or ``stopped``.
+        resume_from: the checkpoint it was started from (None: a fresh start).
+        last_step: the last step it reported.
+    """
+
+    number: int
+    log: str
+    started: float
+    resume_from: str | None = None
+    pid: int | None = None
+    ended: float | None = None
+    exit_code: int | None = None
+    outcome: str = "running"
+    detail: str | None = None
+    first_step: int | None = None
+    last_step: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or failed, or stopped) run did.
+
+    Attributes:
+        state: ``finished``, ``failed``, ``oom`` or ``stopped``.
+        exit_code: the last attempt's return code.
+        attempts: every :class:`Attempt`, in order.
+        step / total_steps / loss: the last progress seen.
+        log_dir: the run's log folder (attempt logs, run.json, frozen_requirements.txt).
+        warnings: preflight and progress warnings (network data paths, estimate off by more than half).
+        last_lines: the last lines the child printed.
+    """
+
+    experiment: str
+    run_id: str
+    state: str
+    exit_code: int | None
+    attempts: list[Attempt]
+    step: int | None
+    total_steps: int | None
+    loss: float | None
+    log_dir: Path
+    last_checkpoint: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    last_lines: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "finished"
+
+    @property
+    def restarts(self) -> int:
+        return max(0, len(self.attempts) - 1)
+
+    @property
+    def log(self) -> Path | None:
+        """The last attempt's log file."""
+        return Path(self.attempts[-1].log) if self.attempts else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"experiment": self.experiment, "run_id": self.run_id, "state": self.state, "ok": self.ok,
+                "exit_code": self.exit_code, "attempts": [a.as_dict() for a in self.attempts],
+                "restarts": self.restarts, "step": self.step, "total_steps": self.total_steps, "loss": self.loss,
+                "log_dir": str(self.log_dir), "log": str(self.log) if self.log else None,
+                "last_checkpoint": self.last_checkpoint, "warnings": list(self.warnings),
+                "last_lines": list(self.last_lines), "elapsed": self.elapsed}
+
+
+class Progress:
+    """Progress read from the log lines: step, loss, rate over a sliding window, ETA, last checkpoint."""
+
+    def __init__(self, *, total_steps: int | None = None, window: int = 64) -> None:
+        self.total_steps = total_steps
+        self.step: int | None = None
+        self.loss: float | None = None
+        self.checkpoint_step: int | None = None
+        self.checkpoint_path: str | None = None
+        self.updated: float | None = None
+        self._samples: deque[tuple[float, int]] = deque(maxlen=window)
+
+    def new_attempt(self) -> None:
+        """A restart re-measures the pace (start-up time is not training time)."""
+        self._samples.clear()
+
+    def observe(self, events: Iterable[Any], *, base: Path | None = None) -> None:
+        for e in events:
+            self.updated = e.time
+            if e.kind == "checkpoint":
+                self.checkpoint_step = e.step if e.step is not None else self.checkpoint_step
+                p = e.path
+                if p and base is not None and not os.path.isabs(p):
+                    p = str(base / p)
+                self.checkpoint_path = p or self.checkpoint_path
+            elif e.kind == "step" and e.step is not None:
+                self.step = e.step
+                total = e.values.get("total")
+                if isinstance(total, int) and total > 0 and self.total_steps is None:
+                    self.total_steps = total
+                if not self._samples or self._samples[-1][1] != e.step:
+                    self._samples.append((e.time, e.step))
+            elif e.kind == "loss" and e.loss is not None:
+                self.loss = e.loss
+
+    @property
+    def rate(self) -> float | None:
+        """Steps per second over the recent window (None until two distinct steps were seen)."""
+        if len(self._samples) < 2:
+            return None
+        (t0, s0), (t1, s1) = self._samples[0], self._samples[-1]
+        if t1 <= t0 or s1 <= s0:
+            return None
+        return (s1 - s0) / (t1 - t0)
+
+    @property
+    def measured_steps(self) -> int:
+        if len(self._samples) < 2:
+            return 0
+        return self._samples[-1][1] - self._samples[0][1]
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds to ``total_steps`` at the measured rate (None when either is unknown)."""
+        r = self.rate
+        if r is None or not self.total_steps or self.step is None:
+            return None
+        return max(0.0, (self.total_steps - self.step) / r)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "total_steps": self.total_steps, "loss": self.loss, "rate": self.rate,
+                "eta": self.eta, "checkpoint_step": self.checkpoint_step, "checkpoint": self.checkpoint_path,
+                "updated": self.updated}
+
+
+# -- preflight ------------------------------------------------------------------------------------------
+@dataclass
+class Preflight:
+    """What the checks before a run found.
+
+    Attributes:
+        script: the train.py to run.
+        gpu: the first GPU's name (None without one); tier: its memory tier.
+        max_vram: the cap passed to the child in bytes (None: no cap).
+        warnings: things worth telling the user that do not stop the run.
+    """
+
+    experiment: str
+    experiment_dir: Path
+    script: Path
+    gpu: str | None
+    gpu_memory: int | None
+    tier: int | None
+    max_vram: int | None
+    free_disk: int
+    warnings: list[str] = field(default_factory=list)
+    tiers_checked: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["experiment_dir"], d["script"] = str(self.experiment_dir), str(self.script)
+        return d
+
+
+def _experiments(cfg: "Config") -> list[str]:
+    base = cfg.root / cfg.experiments
+    with contextlib.suppress(OSError):
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return []
+
+
+def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int | str | None = None,
+              check_tiers: bool = True, script: str | os.PathLike | None = None) -> Preflight:
+    """The checks before a run starts, without starting anything.
+
+    Args:
+        experiment: ``vXX``.
+        config: the configuration (default: loaded from the working directory).
+        max_vram: the GPU memory cap in bytes (or ``20GB``); default ``train.max_vram``, else 20 GB on Tier 1.
+        check_tiers: check write access to every sync tier (``Remote.check_access``).
+        script: run this file instead of ``experiments/<experiment>/train.py``.
+    Returns:
+        A :class:`Preflight` (its ``warnings`` list what did not stop the run).
+    Raises:
+        PreflightError: saying what failed and what to do.
+    """
+    from . import runtime
+    from .config import format_size, load_config, parse_size
+    cfg = config if config is not None else load_config()
+    _check_name(experiment)
+    exp_dir = cfg.experiment_dir(experiment)
+    if not exp_dir.is_dir():
+        known = _experiments(cfg)
+        raise PreflightError(
+            f"unknown experiment {experiment!r}: {exp_dir} does not exist "
+            f"({'experiments here: ' + ', '.join(known) if known else 'no experiments yet'}); "
+            f"create it with 'colabkit init --experiment {experiment}' or pull it with '%airlock pull {experiment}'")
+    path = Path(script).expanduser() if script is not None else exp_dir / SCRIPT
+    if not path.is_absolute():
+        path = exp_dir / path
+    if not path.is_file():
+        raise PreflightError(f"{experiment}: no {path.name} in {path.parent}; put the training script there "
+                             f"(colabkit init writes a template) or pull the experiment's bundle with "
+                             f"'%airlock pull {experiment}'")
+
+    warnings: list[str] = []
+    gpus = runtime.gpus()
+    gpu = gpus[0] if gpus else None
+    cap = parse_size(max_vram, key="--max-vram") if max_vram is not None else cfg.train.max_vram
+    if gpu is not None:
+        if gpu.tier == 1:
+            limit = runtime.TIER1_DEFAULT_CAP
+            if cap is not None and cap > limit:
+                raise PreflightError(
+                    f"{experiment}: --max-vram {format_size(cap)} is more than a Tier 1 job may use "
+                    f"({gpu.name}, {format_size(gpu.memory_total)}: jobs are capped at {format_size(limit)}); "
+                    f"move this run to Tier 2 (an A100 80 GB: '%airlock export {experiment}', then pull and "
+                    "train it on the cluster), or lower --max-vram")
+            cap = cap if cap is not None else limit
+        if cap is not None and cap > gpu.memory_total:
+            raise PreflightError(
+                f"{experiment}: --max-vram {format_size(cap)} is more than this {gpu.name} has "
+                f"({format_size(gpu.memory_total)}); lower --max-vram or move the run to a larger GPU")
+    elif cap is not None:
+        warnings.append(f"no GPU found: --max-vram {format_size(cap)} has nothing to cap")
+        cap = None
+
+    ck_dir = cfg.checkpoint_dir(experiment)
+    free = free_bytes(ck_dir)
+    if free < cfg.train.min_free_disk:
+        raise PreflightError(
+            f"{experiment}: only {format_size(free)} free on the disk of {ck_dir} (train.min_free_disk is "
+            f"{format_size(cfg.train.min_free_disk)}); free space first (old checkpoints are pruned once a "
+            "remote holds them: 'colabkit sync flush'), or lower train.min_free_disk in colabkit.yaml")
+
+    for d in cfg.train.data_paths:
+        p = Path(d).expanduser()
+        p = p if p.is_absolute() else cfg.root / p
+        if runtime.is_network_path(p):
+            warnings.append(f"data path {p} is on a network/FUSE mount: training from it is slow and stalls "
+                            "when the mount hiccups; pre-fetch it to local SSD (/content/ or /mnt/) before "
+                            "train.py starts and point train.data_paths there")
+        elif not p.exists():
+            warnings.append(f"data path {p} does not exist (train.data_paths); pre-fetch the data there first")
+
+    checked: list[str] = []
+    if check_tiers:
+        from .remotes import open_remote
+        from .secrets import redact
+        for t in cfg.tiers:
+            try:
+                with open_remote(cfg, t) as r:
+                    r.check_access()
+            except (ColabkitError, OSError) as e:
+                raise PreflightError(
+                    f"{experiment}: cannot write to sync tier {t.name!r}: {redact(str(e))}; fix its access "
+                    "('colabkit config show' shows what is configured) or run with --no-sync") from None
+            checked.append(t.name)
+    return Preflight(experiment=experiment, experiment_dir=exp_dir, script=path, gpu=gpu.name if gpu else None,
+                     gpu_memory=gpu.memory_total if gpu else None, tier=gpu.tier if gpu else None, max_vram=cap,
+                     free_disk=free, warnings=warnings, tiers_checked=checked)
+
+
+def _check_name(experiment: str) -> None:
+    if (not isinstance(experiment, str) or not experiment or "/" in experiment or "\\" in experiment
+            or experiment in (".", "..") or experiment.startswith("-")):
+        raise PreflightError(f"{experiment!r} is not an experiment name; use the folder name under "
+                             "experiments/, e.g. v01")
+
+
+def oom_advice(tier: int | None, gpu: str | None, experiment: str) -> str:
+    """What to do after running out of memory, by hardware tier."""
+    if tier == 1:
+        return (f"this is a Tier 1 GPU ({gpu}, jobs capped at 20 GB): reduce the batch size or the model, or "
+                f"move the run to Tier 2 (an A100 80 GB: '%airlock export {experiment}', then pull and train it "
+                "on the cluster)")
+    if tier == 2:
+        return ("reduce the batch size (gradient accumulation keeps the effective batch), use mixed precision or "
+                "activation checkpointing")
+    return "reduce the batch size or the data held in memory, or move the run to a machine with more memory"
+
+
+def _oom_kills() -> int | None:
+    """The kernel OOM killer's count for this cgroup (v2 or v1), or None where it cannot be read."""
+    for p, key in (("/sys/fs/cgroup/memory.events", "oom_kill"), ("/sys/fs/cgroup/memory/memory.oom_control",
+                                                                  "oom_kill")):
+        try:
+            for line in Path(p).read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _total_from_args(args: Sequence[str]) -> int | None:
+    for i, a in enumerate(args):
+        m = _STEPS_ARG.match(a)
+        if not m:
+            continue
+        v = m.group(1) if m.group(1) else (args[i + 1] if i + 1 < len(args) else None)
+        if v is not None and str(v).isdigit() and int(v) > 0:
+            return int(v)
+    return None
+
+
+def _stamp(t: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t if t is not None else time.time()))
+
+
+def pip_freeze(dest: Path, *, python: str | None = None, timeout: float = 120.0) -> Path:
+    """``pip freeze`` of the interpreter the child runs, written atomically to `dest`.
+
+    Falls back to the installed distributions' names and versions when pip itself is missing.
+    """
+    exe = python or sys.executable
+    try:
+        out = subprocess.run([exe, "-m", "pip", "freeze", "--disable-pip-version-check"], capture_output=True,
+                             text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        text = out.stdout if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        text = None
+    if text is None:
+        from importlib import metadata
+        names = sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions()
+                        if d.metadata and d.metadata["Name"]}, key=str.lower)
+        text = "# pip is not available: installed distributions\n" + "\n".join(names) + "\n"
+    atomic_write_text(dest, text)
+    return dest
+
+
+# -- the job ---------------------------------------------------------------------------------------------
+_jobs: dict[str, "Job"] = {}
+_jobs_lock = threading.Lock()
+_atexit_installed = False
+
+
+class Job:
+    """A supervised training run (foreground or background).
+
+    Create it with :func:`train`. In the background a thread named ``colabkit-train-<experiment>`` pumps the
+    child's output into the log and the progress state; :meth:`stop` ends the child and joins that thread.
+
+    Attributes:
+        experiment, run_id, log_dir: what and where.
+        progress: the :class:`Progress` read from the log lines.
+        attempts: the :class:`Attempt` records so far.
+        state: ``starting``, ``running``, ``waiting`` (back-off before a restart), ``stopping``, then
+            ``finished``, ``failed``, ``oom`` or ``stopped``.
+    """
+
+    def __init__(self, experiment: str, *, config: "Config", pre: Preflight, args: Sequence[str] = (),
+                 max_restarts: int, resume_from: str | None, restart_backoff: float, stall_after: float,
+                 grace: float, estimate: float | None, total_steps: int | None, sync: bool,
+                 on_line: Callable[[str], None] | None, on_warning: Callable[[str], None] | None,
+                 python: str | None = None, resume_policy: str = "auto") -> None:
+        self.experiment = experiment
+        self.config = config
+        self.pre = pre
+        self.args = [str(a) for a in args]
+        self.max_restarts = max_restarts
+        self.initial_resume = resume_from
+        self.resume_policy = resume_policy
+        self.restart_backoff = restart_backoff
+        self.stall_after = stall_after
+        self.grace = grace
+        self.estimate = estimate
+        self.sync_enabled = sync
+        self.on_line = on_line
+        self.on_warning = on_warning
+        self.python = python or sys.executable
+        self.started = time.time()
+        self.run_id = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(self.started))}-{uuid.uuid4().hex[:4]}"
+        self.log_dir = config.log_dir(experiment) / self.run_id
+        self.checkpoint_dir = config.checkpoint_dir(experiment)
+        self.cwd = pre.experiment_dir
+        self.progress = Progress(total_steps=total_steps or _total_from_args(self.args) or config.train.total_steps)
+        self.parser = LineParser(config)
+        self.attempts: list[Attempt] = []
+        self.warnings: list[str] = list(pre.warnings)
+        self.state = "starting"
+        self.result: TrainResult | None = None
+        self.error: BaseException | None = None
+        self.background = False
+        self._tail: deque[str] = deque(maxlen=200)
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+        self._kill_at: float | None = None
+        self._killed_by_us = False
+        self._estimate_checked = False
+        self._job_file_written = 0.0
+        self._sync_started = False
+        self._stop_file = config.state_dir / "jobs" / f"{experiment}.stop"
+
+    # -- public ----------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return not self._done.is_set()
+
+    @property
+    def job_file(self) -> Path:
+        return self.config.state_dir / "jobs" / f"{self.experiment}.json"
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot: state, attempt, step, total, loss, rate (steps/s), ETA (s), log, checkpoint."""
+        with self._lock:
+            att = self.attempts[-1] if self.attempts else None
+            d = {"experiment": self.experiment, "run_id": self.run_id, "state": self.state,
+                 "attempt": att.number if att else None, "restarts": max(0, len(self.attempts) - 1),
+                 "max_restarts": self.max_restarts, "pid": os.getpid(),
+                 "child_pid": self._proc.pid if self._proc is not None and self._proc.poll() is None else None,
+                 "log": att.log if att else None, "log_dir": str(self.log_dir), "started": self.started,
+                 "elapsed": time.time() - self.started, "background": self.background, "host": socket.gethostname(),
+                 "warnings": list(self.warnings)}
+        d.update(self.progress.as_dict())
+        if self.error is not None:
+            d["error"] = str(self.error)
+        return d
+
+    def logs(self, n: int = 50) -> list[str]:
+        """The last `n` lines the child printed (all attempts, newest last)."""
+        with self._lock:
+            lines = list(self._tail)
+        return lines[-n:] if n else lines
+
+    def wait(self, timeout: float | None = None, *, raise_error: bool = True) -> TrainResult | None:
+        """Wait for the run to end. Returns its result (None on timeout).
+
+        Raises:
+            OutOfMemoryError / TrainError: the run failed (unless ``raise_error=False``).
+        """
+        if not self._done.wait(timeout):
+            return None
+        if self._thread is not None:
+            self._thread.join()
+        if raise_error and self.error is not None:
+            raise self.error
+        return self.result
+
+    def stop(self, *, grace: float | None = None, timeout: float | None = None) -> TrainResult | None:
+        """Stop the run: SIGTERM to the child's process group, SIGKILL after `grace` seconds, flush sync.
+
+        Safe to call twice and after the run ended. Returns the run's result.
+        """
+        if grace is not None:
+            self.grace = grace
+        self._stop.set()
+        self._signal(signal.SIGTERM)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._done.wait(timeout)
+        return self.result
+
+    # -- running -----------------------------------------------------------------------------------------
+    def start_background(self) -> "Job":
+        self.background = True
+        t = threading.Thread(target=self._run_safely, name=f"colabkit-train-{self.experiment}", daemon=True)
+        self._thread = t
+        t.start()
+        return self
+
+    def _run_safely(self) -> None:
+        try:
+            self.run()
+        except BaseException as e:  # kept for wait()/status(): a background thread never raises into nothing
+            if self.error is None:
+                self.error = e
+            log.error("%s: %s", self.experiment, e)
+
+    def run(self) -> TrainResult:
+        """Run every attempt in the calling thread; returns the result or raises the run's error."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            self._stop_file.unlink()
+        for w in self.warnings:
+            self._warn(w, record=False)
+        try:
+            pip_freeze(self.log_dir / "frozen_requirements.txt", python=self.python)
+            self._start_sync()
+            self._write_run_json()
+            self._loop()
+        except KeyboardInterrupt:
+            self._stop.set()
+            self._terminate_now()
+            self._finish("stopped")
+            raise
+        except BaseException as e:
+            if self.result is None:
+                self.error = self.error or e
+                self._finish("failed")
+            raise
+        finally:
+            self._end_sync()
+            self._done.set()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def _loop(self) -> None:
+        resume_from = self.initial_resume
+        n = 0
+        while True:
+            n += 1
+            att = self._attempt(n, resume_from)
+            if att.outcome == "finished":
+                self._finish("finished")
+                return
+            if att.outcome == "stopped" or self._stop.is_set():
+                att.outcome = "stopped"
+                self._finish("stopped")
+                return
+            if att.outcome == "oom":
+                self.error = OutOfMemoryError(
+                    f"{self.experiment}: the run ran out of memory (attempt {n}: {att.detail}); not restarted: "
+                    f"{oom_advice(self.pre.tier, self.pre.gpu, self.experiment)}. "
+                    f"{self._tail_text(att)}")
+                self._finish("oom")
+                return
+            if n > self.max_restarts:
+                self.error = TrainError(
+                    f"{self.experiment}: {self.pre.script.name} failed {n} time{'s' if n != 1 else ''} "
+                    f"(last: {att.detail}); gave up after {self.max_restarts} restart"
+                    f"{'s' if self.max_restarts != 1 else ''} (--max-restarts). {self._tail_text(att)}")
+                self._finish("failed")
+                return
+            delay = min(self.restart_backoff * 2 ** (n - 1), max(self.restart_backoff, MAX_BACKOFF))
+            resume_from = self._newest_checkpoint() or resume_from
+            self._set_state("waiting")
+            self._warn(f"{self.experiment}: attempt {n} {att.detail}; restarting in {delay:g}s "
+                       f"({n}/{self.max_restarts} restarts) from "
+                       f"{resume_from if resume_from else 'scratch (no checkpoint yet)'}")
+            if self._stop.wait(delay):
+                self._finish("stopped")
+                return
+
+    def _attempt(self, n: int, resume_from: str | None) -> Attempt:
+        log_path = self.log_dir / f"{self.run_id}.attempt{n}.log"
+        att = Attempt(number=n, log=str(log_path), started=time.time(), resume_from=resume_from)
+        with self._lock:
+            self.attempts.append(att)
+        self.progress.new_attempt()
+        cmd = [self.python, "-u", "-c", BOOTSTRAP, str(self.pre.script), *self.args]
+        if resume_from:
+            cmd += ["--resume-from", str(resume_from)]
+        env = dict(os.environ)
+        env.update({"COLABKIT_EXPERIMENT": self.experiment, "COLABKIT_RUN_ID": self.run_id,
+                    "COLABKIT_PROJECT_ROOT": str(self.config.root),
+                    "COLABKIT_CHECKPOINT_DIR": str(self.checkpoint_dir), "COLABKIT_LOG_DIR": str(self.log_dir),
+                    "COLABKIT_ATTEMPT": str(n), "PYTHONUNBUFFERED": "1"})
+        if resume_from:
+            env["COLABKIT_RESUME_FROM"] = str(resume_from)
+        else:
+            env.pop("COLABKIT_RESUME_FROM", None)
+        if self.pre.max_vram:
+            env["COLABKIT_MAX_VRAM"] = str(self.pre.max_vram)
+        else:
+            env.pop("COLABKIT_MAX_VRAM", None)
+        if self.config.source is not None:
+            env.setdefault("COLABKIT_CONFIG", str(self.config.source))
+        oom_before = _oom_kills()
+        self._killed_by_us = False
+        self._kill_at = None
+        header = (f"# colabkit %train {self.experiment} run {self.run_id} attempt {n} on {socket.gethostname()} "
+                  f"at {_stamp(att.started)}: {shlex.join([Path(self.python).name, str(self.pre.script), *cmd[5:]])}\n")
+        with open(log_path, "ab", buffering=0) as logf:
+            logf.write(header.encode())
+            try:
+                proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, start_new_session=True, bufsize=0)
+            except OSError as e:
+                raise TrainError(f"{self.experiment}: cannot start {self.python}: {e.strerror}; check the "
+                                 "interpreter") from None
+            with self._lock:
+                self._proc = proc
+            att.pid = proc.pid
+            self._set_state("stopping" if self._stop.is_set() else "running")
+            if self._stop.is_set():
+                self._signal(signal.SIGTERM)
+            try:
+                stalled = self._pump(proc, logf, att)
+            except KeyboardInterrupt:
+                att.outcome, att.detail = "stopped", "interrupted"
+                self._stop.set()
+                self._terminate_now()
+                self._close_attempt(att, proc)
+                raise
+            rc = self._close_attempt(att, proc)
+        att.exit_code = rc
+        att.outcome, att.detail = self._classify(att, rc, stalled, oom_before)
+        with contextlib.suppress(OSError):
+            with open(log_path, "ab") as f:
+                f.write(f"# colabkit: attempt {n} {att.detail} at {_stamp(att.ended)}\n".encode())
+        self._write_run_json()
+        self._write_job_file(force=True)
+        return att
+
+    def _pump(self, proc: subprocess.Popen, logf, att: Attempt) -> bool:
+        """Copy the child's output to the log and the caller until it exits; returns True if it stalled."""
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        tick = max(0.02, min(1.0, self.stall_after / 4))
+        last_activity = time.monotonic()
+        last_activity_wall = time.time()
+        buf = b""
+        stalled = False
+        exited_at: float | None = None
+        while True:
+            ready, _, _ = select.select([fd], [], [], tick)
+            now = time.monotonic()
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                logf.write(chunk)
+                last_activity, last_activity_wall = now, time.time()
+                buf += chunk
+                if b"\n" in buf:
+                    *lines, buf = buf.split(b"\n")
+                    for raw in lines:
+                        self._line(raw.decode("utf-8", "replace"), att)
+                continue
+            # idle: escalate a stop, notice a stall, notice an exit whose pipe a grandchild keeps open
+            if self._kill_at is not None and now >= self._kill_at and proc.poll() is None:
+                self._signal(signal.SIGKILL)
+                self._kill_at = None
+            if proc.poll() is not None:
+                exited_at = exited_at or now
+                if now - exited_at > 1.0:
+                    self._signal(signal.SIGKILL)  # its leftover children, still holding the pipe
+                    break
+            if self._stop.is_set() and self._kill_at is None and proc.poll() is None and not self._killed_by_us:
+                self._signal(signal.SIGTERM)
+            if self._stop_file.exists() and not self._stop.is_set():
+                log.warning("%s: stop requested from another process", self.experiment)
+                self._stop.set()
+                self._signal(signal.SIGTERM)
+            if not stalled and now - last_activity > self.stall_after and proc.poll() is None:
+                newest = self._newest_checkpoint_mtime()
+                if newest is not None and newest > last_activity_wall:
+                    last_activity, last_activity_wall = now, time.time()
+                else:
+                    stalled = True
+                    self._warn(f"{self.experiment}: no output and no checkpoint for "
+                               f"{self.stall_after:g}s (train.stall_after); killing attempt {att.number}")
+                    self._signal(signal.SIGTERM)
+            if len(self._tail) and time.time() - self._job_file_written > JOB_FILE_INTERVAL:
+                self._write_job_file()
+        if buf:
+            self._line(buf.decode("utf-8", "replace"), att)
+        return stalled
+
+    def _line(self, text: str, att: Attempt) -> None:
+        # a tqdm bar redraws with \r: every segment is progress, the last one is what a terminal shows
+        segs = text.split("\r") if "\r" in text else [text]
+        base = self.cwd
+        for seg in segs:
+            if seg:
+                events = self.parser.parse(seg)
+                if events:
+                    self.progress.observe(events, base=base)
+        shown = next((s for s in reversed(segs) if s), "")
+        with self._lock:
+            self._tail.append(shown)
+        step = self.progress.step
+        if step is not None:
+            if att.first_step is None:
+                att.first_step = step
+            att.last_step = step
+        if self.on_line is not None:
+            self.on_line(shown)
+        if self.estimate and not self._estimate_checked:
+            self._check_estimate()
+        if time.time() - self._job_file_written > JOB_FILE_INTERVAL:
+            self._write_job_file()
+
+    def _check_estimate(self) -> None:
+        p = self.progress
+        if not p.total_steps:
+            self._estimate_checked = True
+            self._warn(f"{self.experiment}: --estimate needs the total number of steps to compare the pace "
+                       "(pass --total-steps N or set train.total_steps)")
+            return
+        remaining_at_start = p.total_steps - (self.attempts[0].first_step or 0)
+        if p.rate is None or p.measured_steps < max(2, 0.05 * remaining_at_start):
+            return
+        self._estimate_checked = True
+        from .config import format_duration
+        projected = (time.time() - self.started) + (p.eta or 0.0)
+        assert self.estimate is not None
+        if abs(projected - self.estimate) > 0.5 * self.estimate:
+            self._warn(f"{self.experiment}: at the measured pace ({p.rate:.3g} steps/s) the run takes about "
+                       f"{format_duration(projected)}, against an estimate of {format_duration(self.estimate)} "
+                       "(off by more than 50%); update the estimate and tell whoever is waiting for it")
+
+    def _classify(self, att: Attempt, rc: int, stalled: bool, oom_before: int | None) -> tuple[str, str]:
+        if self._stop.is_set():
+            return "stopped", f"stopped (exit code {rc})"
+        if stalled:
+            return "stalled", f"stalled (no output for {self.stall_after:g}s; killed, exit code {rc})"
+        if rc == 0:
+            return "finished", "finished (exit code 0)"
+        tail = "\n".join(list(self._tail)[-40:])
+        m = _OOM_TEXT.search(tail)
+        if m:
+            return "oom", f"exit code {rc}, {m.group(0).strip()!r} in its output"
+        if rc in (-signal.SIGKILL, 137) and not self._killed_by_us:
+            after = _oom_kills()
+            if oom_before is None or after is None or after > oom_before:
+                return "oom", f"killed by SIGKILL (exit code {rc}), which is what the kernel's OOM killer does"
+        if rc < 0:
+            with contextlib.suppress(ValueError):
+                return "crashed", f"killed by {signal.Signals(-rc).name} (exit code {rc})"
+        return "crashed", f"exited with code {rc}"
+
+    def _close_attempt(self, att: Attempt, proc: subprocess.Popen) -> int:
+        try:
+            rc = proc.wait(timeout=max(self.grace, 1.0))
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            rc = proc.wait()
+        with contextlib.suppress(OSError):
+            assert proc.stdout is not None
+            proc.stdout.close()
+        att.ended = time.time()
+        att.exit_code = rc
+        return rc
+
+    def _signal(self, sig: int) -> None:
+        """Signal the child's process group (it has its own session: a kernel interrupt never reaches it)."""
+        with self._lock:
+            proc = self._proc
+        if proc is None or proc.returncode is not None and sig != signal.SIGKILL:
+            return
+        if sig in (signal.SIGTERM, signal.SIGKILL):
+            self._killed_by_us = True
+        if sig == signal.SIGTERM and self._kill_at is None:
+            self._kill_at = time.monotonic() + self.grace
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    def _terminate_now(self) -> None:
+        """SIGTERM, wait up to `grace`, SIGKILL: used where nobody pumps the output any more."""
+        with self._lock:
+            proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        self._signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=self.grace)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+
+    # -- checkpoints, sync, state -------------------------------------------------------------------------
+    def _newest_checkpoint(self) -> str | None:
+        """The newest local checkpoint that verifies (a restart resumes from it)."""
+        from .checkpoints import latest_valid
+        try:
+            found = latest_valid(self.checkpoint_dir)
+        except (ColabkitError, OSError) as e:
+            log.warning("%s: cannot read the checkpoints in %s: %s", self.experiment, self.checkpoint_dir, e)
+            return None
+        if found is None:
+            return None
+        info = found[0] if isinstance(found, tuple) else found
+        return str(getattr(info, "path", info))
+
+    def _newest_checkpoint_mtime(self) -> float | None:
+        newest = None
+        with contextlib.suppress(OSError):
+            with os.scandir(self.checkpoint_dir) as it:
+                for e in it:
+                    with contextlib.suppress(OSError):
+                        m = e.stat().st_mtime
+                        newest = m if newest is None or m > newest else newest
+        return newest
+
+    def _start_sync(self) -> None:
+        if not self.sync_enabled or not self.config.tiers:
+            return
+        try:
+            from . import sync
+        except ImportError:
+            return
+        running = sync.status().get("groups") or []
+        if running:  # %sync start already watches this project: flush it at the end instead
+            return
+        sync.start([self.checkpoint_dir, self.config.log_dir(self.experiment)], config=self.config)
+        self._sync_started = True
+
+    def _end_sync(self) -> None:
+        if not self.sync_enabled or not self.config.tiers:
+            return
+        try:
+            from . import sync
+        except ImportError:
+            return
+        try:
+            if self._sync_started:
+                res = sync.stop(flush=True)
+            elif sync.status().get("groups"):
+                res = sync.flush()
+            else:
+                return
+            if not res.get("ok", True):
+                self._warn(f"{self.experiment}: sync did not upload everything at the end of the run; "
+                           "see '%sync status'", record=True)
+        except ColabkitError as e:
+            self._warn(f"{self.experiment}: flushing sync at the end of the run failed: {e}")
+
+    def _set_state(self, state: str) -> None:
+        with self._lock:
+            self.state = state
+        self._write_job_file(force=True)
+
+    def _warn(self, text: str, *, record: bool = True) -> None:
+        if record:
+            with self._lock:
+                self.warnings.append(text)
+        log.warning("%s", text)
+        if self.on_warning is not None and not self.background:
+            self.on_warning(text)
+
+    def _tail_text(self, att: Attempt) -> str:
+        lines = [x for x in list(self._tail)[-TAIL_LINES:]]
+        if not lines:
+            return f"It printed nothing (log: {att.log})."
+        return f"Last lines of {att.log}:\n" + "\n".join("  " + x for x in lines)
+
+    def _finish(self, state: str) -> None:
+        with self._lock:
+            if self.result is not None:
+                return
+            self.state = state
+            last = self.attempts[-1] if self.attempts else None
+            self.result = TrainResult(
+                experiment=self.experiment, run_id=self.run_id, state=state,
+                exit_code=last.exit_code if last else None, attempts=list(self.attempts), step=self.progress.step,
+                total_steps=self.progress.total_steps, loss=self.progress.loss, log_dir=self.log_dir,
+                last_checkpoint=self.progress.checkpoint_path, warnings=list(self.warnings),
+                last_lines=list(self._tail)[-TAIL_LINES:], elapsed=time.time() - self.started)
+        self._write_run_json()
+        self._write_job_file(force=True)
+        with _jobs_lock:
+            if _jobs.get(self.experiment) is self:
+                del _jobs[self.experiment]
+
+    def _write_run_json(self) -> None:
+        bundle = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            rec = json.loads((self.config.state_dir / "airlock" / f"{self.experiment}.json").read_text())
+            bundle = rec.get("bundle") if isinstance(rec, dict) else None
+        with self._lock:
+            data = {"format": FORMAT, "experiment": self.experiment, "run_id": self.run_id,
+                    "host": socket.gethostname(), "gpu": self.pre.gpu, "gpu_memory": self.pre.gpu_memory,
+                    "tier": self.pre.tier, "max_vram": self.pre.max_vram, "python": sys.version.split()[0],
+                    "script": str(self.pre.script), "args": self.args, "bundle": bundle,
+                    "started": _stamp(self.started), "state": self.state,
+                    "ended": _stamp() if self.result is not None else None,
+                    "attempts": [a.as_dict() for a in self.attempts],
+                    "exit_codes": [a.exit_code for a in self.attempts if a.exit_code is not None],
+                    "last_step": self.progress.step, "total_steps": self.progress.total_steps,
+                    "last_loss": self.progress.loss, "last_checkpoint": self.progress.checkpoint_path,
+                    "warnings": list(self.warnings), "colabkit_version": _version()}
+        with contextlib.suppress(OSError):
+            atomic_write_json(self.log_dir / "run.json", data)
+
+    def _write_job_file(self, *, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._job_file_written < JOB_FILE_INTERVAL:
+            return
+        self._job_file_written = now
+        data = self.status()
+        data.update({"format": FORMAT, "updated": now})
+        with contextlib.suppress(OSError):
+            atomic_write_json(self.job_file, data)
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+# -- the public API ---------------------------------------------------------------------------------------
+def train(experiment: str, *, config: "Config | None" = None, background: bool = False,
+          max_restarts: int | None = None, resume: str | os.PathLike | None = "auto",
+          max_vram: int | str | None = None, estimate: float | str | None = None, args: Sequence[str] = (),
+          on_line: Callable[[str], None] | None = None, on_warning: Callable[[str], None] | None = None,
+          total_steps: int | None = None, sync: bool | None = None, stall_after: float | None = None,
+          restart_backoff: float | None = None, grace: float | None = None, script: str | os.PathLike | None = None,
+          python: str | None = None) -> "TrainResult | Job":
+    """Run ``experiments/<experiment>/train.py`` under supervision (see the module docstring).
+
+    Args:
+        experiment: ``vXX``.
+        config: the configuration (default: loaded from the working directory).
+        background: return a running :class:`Job` at once instead of waiting.
+        max_restarts: restarts after a crash or stall (default ``train.max_restarts``).
+        resume: ``auto`` (the newest verified checkpoint from any source, via :mod:`colabkit.resume`),
+            ``none`` (a fresh start), or a checkpoint path.
+        max_vram: GPU memory cap in bytes or ``20GB`` (default ``train.max_vram``; 20 GB on Tier 1).
+        estimate: the expected duration in seconds (or ``6h``); a warning when the measured pace is off by
+            more than half.
+        args: extra arguments for train.py.
+        on_line: called with each line the child prints (in the foreground: in the calling thread).
+        on_warning: called with each warning (foreground only; background warnings are logged and kept in
+            ``status()["warnings"]``).
+        total_steps: for the ETA (default: ``--steps N`` in `args`, a ``step N/M`` line, ``train.total_steps``).
+        sync: start background sync of the checkpoint and log folders (default: on when tiers are configured).
+        stall_after, restart_backoff, grace: seconds (default: ``train.*``).
+        script: a file to run instead of the experiment's train.py.
+        python: the interpreter for the child (default: this one).
+    Returns:
+        A :class:`TrainResult` (foreground) or a :class:`Job` (background).
+    Raises:
+        PreflightError: a check before the start failed.
+        OutOfMemoryError: the run ran out of memory (foreground; never restarted).
+        TrainError: it failed more than `max_restarts` times (the message shows its last lines), or the
+            experiment is already running.
+        KeyboardInterrupt: re-raised after the child was stopped and sync flushed.
+    """
+    from .config import load_config, parse_duration
+    cfg = config if config is not None else load_config()
+    tr = cfg.train
+    max_restarts = tr.max_restarts if max_restarts is None else max_restarts
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+        raise ConfigError(f"--max-restarts: {max_restarts!r} must be a whole number >= 0", key="max_restarts",
+                          value=max_restarts)
+    est = parse_duration(estimate, key="--estimate") if estimate is not None else None
+    if est is not None and est <= 0:
+        raise ConfigError(f"--estimate: {estimate!r} must be a positive duration, e.g. 6h", key="estimate",
+                          value=estimate)
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                    or total_steps < 1):
+        raise ConfigError(f"--total-steps: {total_steps!r} must be a whole number >= 1", key="total_steps",
+                          value=total_steps)
+    want_sync = bool(cfg.tiers) if sync is None else bool(sync)
+    if want_sync:
+        try:
+            import colabkit.sync  # noqa: F401
+        except ImportError:
+            want_sync = False
+    _check_name(experiment)
+    _refuse_if_running(cfg, experiment)
+    pre = preflight(experiment, config=cfg, max_vram=max_vram, check_tiers=want_sync, script=script)
+    resume_from = _resume_source(cfg, experiment, resume)
+    job = Job(experiment, config=cfg, pre=pre, args=args, max_restarts=max_restarts, resume_from=resume_from,
+              restart_backoff=tr.restart_backoff if restart_backoff is None else restart_backoff,
+              stall_after=tr.stall_after if stall_after is None else stall_after,
+              grace=tr.grace if grace is None else grace, estimate=est, total_steps=total_steps, sync=want_sync,
+              on_line=on_line, on_warning=on_warning, python=python,
+              resume_policy=str(resume) if resume is not None else "none")
+    with _jobs_lock:
+        _jobs[experiment] = job
+    _install_atexit()
+    if background:
+        job._write_job_file(force=True)
+        return job.start_background()
+    try:
+        return job.run()
+    finally:
+        with _jobs_lock:
+            if _jobs.get(experiment) is job:
+                del _jobs[experiment]
+
+
+def _resume_source(cfg: "Config", experiment: str, resume: str | os.PathLike | None) -> str | None:
+    if resume is None or str(resume) == "none":
+        return None
+    if str(resume) == "auto":
+        from . import resume as rs
+        plan = rs.locate(config=cfg, experiment=experiment)
+        path = rs.fetch(plan, progress=False)
+        if path is not None:
+            log.info("%s: resuming from %s (%s)", experiment, path, plan.reason)
+        return str(path) if path is not None else None
+    p = Path(resume).expanduser()
+    if not p.is_absolute():
+        p = (Path.cwd() / p) if (Path.cwd() / p).exists() else cfg.experiment_dir(experiment) / p
+    if not p.is_file():
+        raise PreflightError(f"--resume {resume}: no such checkpoint file; pass an existing checkpoint path, "
+                             "auto (the newest verified one from any source) or none (a fresh start)")
+    return str(p.resolve())
+
+
+def _refuse_if_running(cfg: "Config", experiment: str) -> None:
+    with _jobs_lock:
+        job = _jobs.get(experiment)
+    if job is not None and job.running:
+        raise TrainError(f"{experiment} is already running in this kernel (run {job.run_id}, state {job.state}); "
+                         f"stop it with '%train stop {experiment}' or wait for it")
+    other = _read_job_file(cfg.state_dir / "jobs" / f"{experiment}.json")
+    if other and other.get("live") and other.get("pid") != os.getpid():
+        raise TrainError(f"{experiment} is already running in process {other.get('pid')} on this machine "
+                         f"(run {other.get('run_id')}); stop it with 'colabkit train stop {experiment}'")
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+_ACTIVE = ("starting", "running", "waiting", "stopping")
+
+
+def _read_job_file(p: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    active = data.get("state") in _ACTIVE
+    data["live"] = bool(active and _pid_alive(data.get("pid")))
+    if active and not data["live"]:
+        data["state"] = "lost"
+        data["error"] = (f"the process that ran it ({data.get('pid')}) is gone; the child may still be running: "
+                         f"pid {data.get('child_pid')}")
+    return data
+
+
+def _jobs_here(cfg: "Config | None", experiment: str | None) -> list[Job]:
+    with _jobs_lock:
+        jobs = list(_jobs.values())
+    if cfg is not None:
+        jobs = [j for j in jobs if j.config.root == cfg.root]
+    return [j for j in jobs if experiment is None or j.experiment == experiment]
+
+
+def status(*, config: "Config | None" = None, experiment: str | None = None) -> dict[str, Any]:
+    """Every job of this project: those of this process, and those other processes recorded in
+    ``<root>/.colabkit/jobs/`` (a CLI in another terminal sees a notebook's background run).
+
+    Returns:
+        ``{"jobs": [job status, ...]}``, newest first; each has experiment, state, attempt, step, total_steps,
+        loss, rate, eta, log, pid.
+    """
+    cfg = _cfg(config)
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for j in _jobs_here(cfg, experiment):
+        out.append(j.status())
+        seen.add(j.run_id)
+    if cfg is not None:
+        d = cfg.state_dir / "jobs"
+        for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+            data = _read_job_file(p)
+            if not data or data.get("run_id") in seen:
+                continue
+            if experiment is not None and data.get("experiment") != experiment:
+                continue
+            out.append(data)
+    out.sort(key=lambda d: -(d.get("started") or 0))
+    return {"jobs": out}
+
+
+def _cfg(config: "Config | None") -> "Config | None":
+    if config is not None:
+        return config
+    from .config import load_config
+    try:
+        return load_config()
+    except ColabkitError:
+        return None
+
+
+def _pick(cfg: "Config | None", experiment: str | None) -> tuple[Job | None, dict[str, Any] | None]:
+    jobs = _jobs_here(cfg, experiment)
+    if jobs:
+        return jobs[0], None
+    data = status(config=cfg, experiment=experiment)["jobs"]
+    return None, (data[0] if data else None)
+
+
+def logs(n: int = 50, *, experiment: str | None = None, config: "Config | None" = None) -> list[str]:
+    """The last `n` lines of the running (or last) job's current attempt log.
+
+    Raises:
+        TrainError: no job has run for this project (or `experiment`).
+    """
+    cfg = _cfg(config)
+    job, data = _pick(cfg, experiment)
+    if job is not None:
+        return job.logs(n)
+    if data and data.get("log"):
+        try:
+            with open(data["log"], "r", encoding="utf-8", errors="replace") as f:
+                lines = [x.rstrip("\n") for x in deque(f, maxlen=n or None)]
+            return lines
+        except OSError as e:
+            raise TrainError(f"cannot read the log {data['log']}: {e.strerror}") from None
+    raise TrainError(_no_job(experiment))
+
+
+def _no_job(experiment: str | None) -> str:
+    what = f"experiment {experiment!r}" if experiment else "this project"
+    return f"no training job found for {what}; start one with '%train vXX' (or '%train vXX --background')"
+
+
+def stop(*, experiment: str | None = None, config: "Config | None" = None, grace: float | None = None,
+         timeout: float | None = None) -> dict[str, Any]:
+    """Stop the running job(s): SIGTERM to the child's process group, SIGKILL after `grace`, flush sync.
+
+    A job run by another process on this machine is asked to stop through its job file, and its child is
+    sent SIGTERM. Safe to call twice.
+
+    Returns:
+        ``{"stopped": [status after stopping, ...]}`` (empty when nothing was running).
+    """
+    cfg = _cfg(config)
+    stopped: list[dict[str, Any]] = []
+    for j in _jobs_here(cfg, experiment):
+        j.stop(grace=grace, timeout=timeout)
+        stopped.append(j.status())
+    if not stopped and cfg is not None:
+        for data in status(config=cfg, experiment=experiment)["jobs"]:
+            if not data.get("live"):
+                continue
+            stop_file = cfg.state_dir / "jobs" / f"{data['experiment']}.stop"
+            atomic_write_text(stop_file, f"{_stamp()}\n")
+            if data.get("child_pid"):
+                with contextlib.suppress(ProcessLookupError, PermissionError, TypeError, ValueError):
+                    os.killpg(int(data["child_pid"]), signal.SIGTERM)
+            data["state"] = "stopping"
+            stopped.append(data)
+    return {"stopped": stopped}
+
+
+def _stop_all_at_exit() -> None:
+    with _jobs_lock:
+        jobs = list(_jobs.values())
+    for j in jobs:
+        with contextlib.suppress(Exception):
+            j.stop(grace=min(j.grace, 10.0), timeout=30.0)
+
+
+def _install_atexit() -> None:
+    global _atexit_installed
+    if not _atexit_installed:
+        atexit.register(_stop_all_at_exit)
+        _atexit_installed = True
