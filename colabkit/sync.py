@@ -252,6 +252,7 @@ class TierSyncer(threading.Thread):
         self.fatal: str | None = None
         self._pending: dict[str, int] = {}          # rel -> size of files due or settling
         self._skipped_big: set[str] = set()
+        self._data_of: dict[str, LocalFile] = {}
         self.snap: dict[str, Any] = {
             "tier": tier.name, "remote": remote.describe() if remote else None, "state": "starting",
             "every": self.every, "last_upload": None, "last_tick": None, "next_due": None, "pending_files": 0,
@@ -420,7 +421,8 @@ class TierSyncer(threading.Thread):
             if self._too_big(f.size):
                 if f.rel not in self._skipped_big:
                     self._skipped_big.add(f.rel)
-                    self.snap["skipped"] += 1
+                    with self._lock:
+                        self.snap["skipped"] += 1
                     log.info("%s: %s is larger than max_file_size (%d bytes); not uploaded",
                              self.tier.name, f.rel, self.tier.max_file_size)
                 continue
@@ -432,6 +434,9 @@ class TierSyncer(threading.Thread):
                 due.append((f, sha))
             else:
                 unsettled.append(f)
+        # a manifest goes up only after its data file (when this tier takes the data file too)
+        self._data_of = {f.path: by_path[f.path[:-5]] for f, _ in due
+                         if f.path.endswith(".json") and f.path[:-5] in by_path}
         if self.tier.latest_only:
             # per folder: only the newest checkpoint due, and never one older than a checkpoint already held
             best: dict[str, tuple[int, str]] = {}
@@ -491,7 +496,7 @@ class TierSyncer(threading.Thread):
             if self.fatal is None:
                 self.snap["state"] = "retrying" if not ok else "idle"
             self.snap["current"] = None
-        self.group.persist_status()
+        self.group.persist_status(force=bool(due) or not ok)
         return ok and not unsettled
 
     def _upload(self, due: list[tuple[LocalFile, str | None]]) -> bool:
@@ -504,6 +509,9 @@ class TierSyncer(threading.Thread):
         for f, sha in due:
             if self._stop_evt.is_set():
                 return False
+            data = self._data_of.get(f.path)
+            if data is not None and not self.ledger.unchanged(data.rel, data.size, data.mtime_ns):
+                continue  # its checkpoint is not up (yet): a remote never holds a manifest without its data
             try:
                 self._upload_one(f, sha)
             except FATAL as e:
@@ -894,7 +902,8 @@ class SyncGroup:
         if alive:
             log.error("sync threads still running after stop (an upload in progress): %s", ", ".join(alive))
             result["still_running"] = alive
-        self.persist_status(force=True)
+        with contextlib.suppress(OSError):
+            self._status_path.unlink()  # only live processes leave a snapshot for `colabkit sync status`
         with _registry_lock:
             if _registry.get(self.key) is self:
                 del _registry[self.key]
@@ -937,7 +946,7 @@ class SyncGroup:
     def persist_status(self, *, force: bool = False) -> None:
         """Write the snapshot to <root>/.colabkit/sync/status-<pid>.json (for `colabkit sync status` elsewhere)."""
         now = time.monotonic()
-        if not force and now - self._status_written < 1.0:
+        if self._stopped or (not force and now - self._status_written < 1.0):
             return
         with self._status_lock:
             self._status_written = now
@@ -1086,11 +1095,7 @@ def once(paths: Sequence[str | os.PathLike] | None = None, *, config: "Config | 
     group.poll = group.poll  # no observer needed for a single pass
     group._make_observer = lambda: None  # type: ignore[method-assign]
     group.start()
-    try:
-        return group.stop(flush=True, timeout=timeout)
-    finally:
-        with contextlib.suppress(OSError):
-            group._status_path.unlink()
+    return group.stop(flush=True, timeout=timeout)
 
 
 def watch(paths: Sequence[str | os.PathLike] | None = None, *, config: "Config | None" = None,

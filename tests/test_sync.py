@@ -320,3 +320,23 @@ def test_local_tier_inside_the_project_is_not_synced_into_itself(tmp_path):
     got = remote_files(root / "backup")
     assert "checkpoints/v01_step_00000001.pt" in got and not any(k.startswith("backup/") for k in got)
     assert got["checkpoints/v01_step_00000001.pt"] == sha(c)
+
+
+class DataFailsRemote(WrappedRemote):
+    """Every checkpoint data upload fails (transiently); manifests and logs would succeed."""
+
+    def put(self, local, path, **kw):
+        if path.endswith(".pt"):
+            from colabkit.errors import TransientRemoteError
+            raise TransientRemoteError(f"{self.name}: 500 Internal Server Error (injected)", remote=self.name)
+        return super().put(local, path, **kw)
+
+
+def test_a_manifest_never_goes_up_without_its_checkpoint(project, tmp_path):
+    cfg = load_config(start=project)
+    ckpt(project, 1)
+    res = sync.once(config=cfg, remotes={"backup": DataFailsRemote(open_remote(cfg, "backup"))}, timeout=1.0)
+    assert not res["ok"]
+    assert res["tiers"]["backup"]["last_error"] == (
+        "TransientRemoteError: backup: 500 Internal Server Error (injected)")
+    assert remote_files(tmp_path / "remote_backup") == {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -77,6 +78,14 @@ def test_sigterm_to_sync_watch_flushes_before_exit(tmp_path):
         wait_for(lambda: (dst / (first.name + ".json")).exists() or p.poll() is not None, timeout=30,
                  what="the first tick")
         assert p.poll() is None, p.communicate()
+
+        def elsewhere():  # `colabkit sync status` in another process sees the watcher's snapshot
+            r = subprocess.run([sys.executable, "-m", "colabkit", "sync", "status", "--json"], cwd=root, env=env,
+                               capture_output=True, text=True, timeout=60)
+            return json.loads(r.stdout).get("elsewhere")
+        seen = wait_for(lambda: (e := elsewhere()) and e[0]["tiers"]["backup"]["uploaded"] == 2 and e,
+                        what="the watcher's persisted status")
+        assert [e["pid"] for e in seen] == [p.pid]
         late = ckpt(root, 2)  # not due for an hour
         log_file = root / "logs" / "train.log"
         log_file.write_text("final line\n")
