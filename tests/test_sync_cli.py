@@ -77,6 +77,8 @@ def test_magic_start_status_flush_stop(project, tmp_path, ip, capsys):
     capsys.readouterr()
     assert [t.name for t in threading.enumerate() if t.name.startswith("colabkit-sync-backup")] == [
         "colabkit-sync-backup"]
+    wait_for(lambda: (t := sync.status()["tiers"]["backup"])["last_tick"] and t["state"] == "idle",
+             what="the replacement's first tick")
     c = ckpt(project, 9)
     ip.run_line_magic("sync", "status")
     out = capsys.readouterr().out
