@@ -1,8 +1,8 @@
 """Hub tier throughput: a 256 MB checkpoint up and down through HubRemote vs plain HTTP to the same server.
 
-Both go to tests/hub_server.py on 127.0.0.1 in the same run, through the same HTTP client
-(huggingface_hub's shared session). The plain baseline is one streaming PUT of the bytes to the storage port
-and one streaming GET back into a file. The Hub path is ``HubRemote.put`` (sha256 of the file, preupload,
+Both go to tests/hub_server.py on 127.0.0.1 in the same run, through the same HTTP primitives of
+huggingface_hub: the plain baseline is one streaming PUT of the bytes to the storage port (``http_backoff``,
+as the LFS upload does) and one GET back into a file (``http_get``, as a download does), fsynced. The Hub path is ``HubRemote.put`` (sha256 of the file, preupload,
 LFS batch, PUT, verify, ndjson commit, paths-info check) and ``HubRemote.get`` (HEAD on resolve, redirect to
 the storage port, GET hashed while streaming, size and sha256 checked, fsync, atomic rename).
 Target: Hub throughput / plain throughput >= 0.8.
@@ -39,8 +39,11 @@ def _server_module():
 
 
 def run() -> list[dict[str, Any]]:
+    import warnings
+
     from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import disable_progress_bars, http_backoff
 
     from colabkit.remotes.hub import HubRemote
 
@@ -56,7 +59,8 @@ def run() -> list[dict[str, Any]]:
             f.write(os.urandom(SIZE % (16 * 1024 * 1024)))
         from colabkit.fsutil import hash_file
         digest = hash_file(src)  # what the sync engine's ledger already holds when it calls put/put_many
-        client = get_session()
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # httpx2 on the library's data=file
+        disable_progress_bars()  # the Hub path runs without bars too
         plain_up, plain_down, hub_up, hub_down, cold_up = [], [], [], [], []
         with hs.HubServer(work / "server") as srv:
             remote = HubRemote("hub", "alice/bench", endpoint=srv.endpoint, token=srv.WRITE_TOKEN, project="bench")
@@ -66,15 +70,11 @@ def run() -> list[dict[str, Any]]:
                     # plain: PUT the bytes, GET them back into a file
                     t0 = time.perf_counter()
                     with open(src, "rb") as f:
-                        r = client.put(f"{srv.cdn}/plain/ck{i}", content=f,
-                                       headers={"Content-Length": str(SIZE)})
-                        r.raise_for_status()
+                        http_backoff("PUT", f"{srv.cdn}/plain/ck{i}", data=f).raise_for_status()
                     t1 = time.perf_counter()
                     dst = work / f"plain{i}.pt"
-                    with client.stream("GET", f"{srv.cdn}/plain/ck{i}") as r, open(dst, "wb") as out:
-                        r.raise_for_status()
-                        for chunk in r.iter_bytes(chunk_size=10 * 1024 * 1024):
-                            out.write(chunk)
+                    with open(dst, "wb") as out:
+                        http_get(f"{srv.cdn}/plain/ck{i}", out, expected_size=SIZE)
                         out.flush()
                         os.fsync(out.fileno())
                     t2 = time.perf_counter()
