@@ -107,6 +107,7 @@ class SourceReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "where": self.where, "newest_step": self.newest_step,
+                "step": self.newest_step,  # the same, under the short name the dashboard reads
                 "path": self.newest.path if self.newest else None, "size": self.newest.size if self.newest else None,
                 "error": self.error, "rejected": list(self.rejected), "checkpoints": len(self.candidates)}
 

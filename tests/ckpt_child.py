@@ -2,8 +2,8 @@
 
 Protocol (one line each, on stdin / stdout):
     test -> server: ``go <directory> <sync|async>``   fork a saver; ``quit``: exit
-    server -> test: ``pid <pid>``                      the saver's pid (the test SIGKILLs it)
-    saver  -> test: ``resumed <step>|none``            what load_latest gave it (after stale temporaries went)
+    saver  -> test: ``pid <pid>``                      its pid (the test SIGKILLs it)
+                    ``resumed <step>|none``            what load_latest gave it (after stale temporaries went)
                     ``saving <step>``                  about to call save()
                     ``saved <step>``                   checkpoint <step> is fully written
     server -> test: ``exit <pid> <status>``            the saver is gone (reaped)
@@ -28,6 +28,7 @@ def say(line: str) -> None:
 
 
 def saver(directory: str, mode: str) -> None:
+    say(f"pid {os.getpid()}")  # from the saver itself, so it always comes before the saver's other lines
     torch.set_num_threads(1)
     ck = Checkpointer(directory, prefix="k", async_save=(mode == "async"))
     state = ck.load_latest()
@@ -65,7 +66,6 @@ def main() -> None:
                 say(f"error {type(e).__name__}: {e}".replace("\n", " "))
             finally:
                 os._exit(1)
-        say(f"pid {pid}")
         _, status = os.waitpid(pid, 0)
         say(f"exit {pid} {status}")
 

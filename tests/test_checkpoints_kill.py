@@ -89,7 +89,8 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self.reader.join(TIMEOUT)
-        self.proc.stdout.close()
+        if not self.reader.is_alive():  # never close the pipe under a reader still blocked on it
+            self.proc.stdout.close()
 
 
 def temporaries(d: Path) -> list[Path]:
