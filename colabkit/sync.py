@@ -125,7 +125,7 @@ def _step_of(name: str) -> int | None:
 
 
 # -- scanning ------------------------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)
 class LocalFile:
     path: str           # absolute
     rel: str            # relative to the project root, POSIX (= the remote path and the ledger key)
@@ -412,12 +412,19 @@ class TierSyncer(threading.Thread):
         now = time.time()
         settle = self.group.config.sync.settle
         led = self.ledger
-        by_path = {f.path: f for f in files}
         due: list[tuple[LocalFile, str | None]] = []
         unsettled: list[LocalFile] = []
-        for f in files:
-            if led.unchanged(f.rel, f.size, f.mtime_ns):
-                continue
+        entries = led.entries
+        todo = []
+        for f in files:  # the hot loop of an idle tick: one dict lookup per file
+            e = entries.get(f.rel)
+            if e is None or e.get("local_mtime_ns") != f.mtime_ns or e.get("local_size") != f.size:
+                todo.append(f)
+        self._data_of = {}
+        if not todo:
+            return due, unsettled
+        by_path = {f.path: f for f in files}
+        for f in todo:
             if self._too_big(f.size):
                 if f.rel not in self._skipped_big:
                     self._skipped_big.add(f.rel)
@@ -441,7 +448,8 @@ class TierSyncer(threading.Thread):
             # per folder: only the newest checkpoint due, and never one older than a checkpoint already held
             best: dict[str, tuple[int, str]] = {}
             steps: dict[str, int] = {}
-            held_paths = {f.path for f in files} - {f.path for f, _ in due} - {f.path for f in unsettled}
+            due_paths = {f.path for f, _ in due}
+            held_paths = {f.path for f in files} - due_paths - {f.path for f in unsettled}
             for f in files:
                 if f.path.endswith(".json"):
                     continue
@@ -449,11 +457,11 @@ class TierSyncer(threading.Thread):
                 if s is None:
                     continue
                 steps[f.path] = s
-                if f.path in held_paths or any(f is g for g, _ in due):
+                if f.path in held_paths or f.path in due_paths:
                     d = os.path.dirname(f.path)
                     if d not in best or (s, f.path) > best[d]:
                         best[d] = (s, f.path)
-            drop = {p for p in steps if p in {g.path for g, _ in due} and best[os.path.dirname(p)][1] != p}
+            drop = {p for p in steps if p in due_paths and best[os.path.dirname(p)][1] != p}
             drop |= {p + ".json" for p in drop}
             due = [(f, s) for f, s in due if f.path not in drop]
             unsettled = [f for f in unsettled if f.path not in steps
