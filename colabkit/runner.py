@@ -70,9 +70,9 @@ MAX_BACKOFF = 600.0
 JOB_FILE_INTERVAL = 2.0
 
 # what a run that ran out of memory prints (PyTorch, the CUDA caching allocator, cuBLAS, Python)
-_OOM_TEXT = re.compile(r"CUDA out of memory|torch\.(?:cuda\.)?OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED"
-                       r"|CUDA error: out of memory|^\s*MemoryError\b|\bMemoryError:|Cannot allocate memory",
-                       re.MULTILINE)
+_OOM_TEXT = [re.compile(p, re.MULTILINE) for p in (
+    r"CUDA out of memory", r"CUDA error: out of memory", r"torch\.(?:cuda\.)?OutOfMemoryError",
+    r"CUBLAS_STATUS_ALLOC_FAILED", r"^\s*MemoryError\b", r"\bMemoryError:", r"Cannot allocate memory")]
 _STEPS_ARG = re.compile(r"^--(?:steps|total[-_]steps|max[-_]steps|num[-_]steps|iters|max[-_]iters)(?:=(\d+))?$")
 
 # Runs in the child before train.py: caps GPU memory, then runs the script as `python train.py` would.
@@ -505,6 +505,7 @@ class Job:
         self._thread: threading.Thread | None = None
         self._kill_at: float | None = None
         self._killed_by_us = False
+        self._interrupted = False
         self._estimate_checked = False
         self._job_file_written = 0.0
         self._sync_started = False
@@ -679,6 +680,7 @@ class Job:
             env.setdefault("COLABKIT_CONFIG", str(self.config.source))
         oom_before = _oom_kills()
         self._killed_by_us = False
+        self._interrupted = False
         self._kill_at = None
         header = (f"# colabkit %train {self.experiment} run {self.run_id} attempt {n} on {socket.gethostname()} "
                   f"at {_stamp(att.started)}: {shlex.join([Path(self.python).name, str(self.pre.script), *cmd[5:]])}\n")
@@ -707,11 +709,15 @@ class Job:
             rc = self._close_attempt(att, proc)
         att.exit_code = rc
         att.outcome, att.detail = self._classify(att, rc, stalled, oom_before)
+        if self._interrupted:
+            att.detail = f"interrupted (exit code {rc})"
         with contextlib.suppress(OSError):
             with open(log_path, "ab") as f:
                 f.write(f"# colabkit: attempt {n} {att.detail} at {_stamp(att.ended)}\n".encode())
         self._write_run_json()
         self._write_job_file(force=True)
+        if self._interrupted:
+            raise KeyboardInterrupt
         return att
 
     def _pump(self, proc: subprocess.Popen, logf, att: Attempt) -> bool:
@@ -724,49 +730,65 @@ class Job:
         buf = b""
         stalled = False
         exited_at: float | None = None
+        next_check = time.monotonic() + tick
+        interrupted = False
         while True:
-            ready, _, _ = select.select([fd], [], [], tick)
-            now = time.monotonic()
-            if ready:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                logf.write(chunk)
-                last_activity, last_activity_wall = now, time.time()
-                buf += chunk
-                if b"\n" in buf:
-                    *lines, buf = buf.split(b"\n")
-                    for raw in lines:
-                        self._line(raw.decode("utf-8", "replace"), att)
-                continue
-            # idle: escalate a stop, notice a stall, notice an exit whose pipe a grandchild keeps open
-            if self._kill_at is not None and now >= self._kill_at and proc.poll() is None:
-                self._signal(signal.SIGKILL)
-                self._kill_at = None
-            if proc.poll() is not None:
-                exited_at = exited_at or now
-                if now - exited_at > 1.0:
-                    self._signal(signal.SIGKILL)  # its leftover children, still holding the pipe
-                    break
-            if self._stop.is_set() and self._kill_at is None and proc.poll() is None and not self._killed_by_us:
-                self._signal(signal.SIGTERM)
-            if self._stop_file.exists() and not self._stop.is_set():
-                log.warning("%s: stop requested from another process", self.experiment)
+            try:
+                ready, _, _ = select.select([fd], [], [], tick)
+                now = time.monotonic()
+                if ready:
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        break
+                    logf.write(chunk)
+                    last_activity, last_activity_wall = now, time.time()
+                    buf += chunk
+                    if b"\n" in buf:
+                        *lines, buf = buf.split(b"\n")
+                        for raw in lines:
+                            self._line(raw.decode("utf-8", "replace"), att)
+                    if now < next_check:
+                        continue
+                next_check = now + tick
+                # every tick, busy or idle: escalate a stop, notice a stall or an exit whose pipe a grandchild holds
+                alive = proc.poll() is None
+                if self._kill_at is not None and now >= self._kill_at and alive:
+                    self._signal(signal.SIGKILL)
+                    self._kill_at = None
+                if not alive:
+                    exited_at = exited_at or now
+                    if now - exited_at > 1.0:
+                        self._signal(signal.SIGKILL)  # its leftover children, still holding the pipe
+                        break
+                if self._stop.is_set() and self._kill_at is None and alive and not self._killed_by_us:
+                    self._signal(signal.SIGTERM)
+                if not self._stop.is_set() and self._stop_file.exists():
+                    log.warning("%s: stop requested from another process", self.experiment)
+                    self._stop.set()
+                    self._signal(signal.SIGTERM)
+                if not stalled and alive and now - last_activity > self.stall_after:
+                    newest = self._newest_checkpoint_mtime()
+                    if newest is not None and newest > last_activity_wall:
+                        last_activity, last_activity_wall = now, time.time()
+                    else:
+                        stalled = True
+                        self._warn(f"{self.experiment}: no output and no checkpoint for "
+                                   f"{self.stall_after:g}s (train.stall_after); killing attempt {att.number}")
+                        self._signal(signal.SIGTERM)
+                if time.time() - self._job_file_written > JOB_FILE_INTERVAL:
+                    self._write_job_file()
+            except KeyboardInterrupt:
+                # Ctrl-C / interrupting the kernel: stop the child but keep reading, so its last words reach
+                # the log; a second interrupt kills it at once
+                if interrupted:
+                    self._signal(signal.SIGKILL)
+                    raise
+                interrupted = True
                 self._stop.set()
                 self._signal(signal.SIGTERM)
-            if not stalled and now - last_activity > self.stall_after and proc.poll() is None:
-                newest = self._newest_checkpoint_mtime()
-                if newest is not None and newest > last_activity_wall:
-                    last_activity, last_activity_wall = now, time.time()
-                else:
-                    stalled = True
-                    self._warn(f"{self.experiment}: no output and no checkpoint for "
-                               f"{self.stall_after:g}s (train.stall_after); killing attempt {att.number}")
-                    self._signal(signal.SIGTERM)
-            if len(self._tail) and time.time() - self._job_file_written > JOB_FILE_INTERVAL:
-                self._write_job_file()
         if buf:
             self._line(buf.decode("utf-8", "replace"), att)
+        self._interrupted = interrupted
         return stalled
 
     def _line(self, text: str, att: Attempt) -> None:
@@ -813,6 +835,8 @@ class Job:
                        "(off by more than 50%); update the estimate and tell whoever is waiting for it")
 
     def _classify(self, att: Attempt, rc: int, stalled: bool, oom_before: int | None) -> tuple[str, str]:
+        if not self._stop.is_set() and self._stop_file.exists():  # `train stop` from another process
+            self._stop.set()
         if self._stop.is_set():
             return "stopped", f"stopped (exit code {rc})"
         if stalled:
@@ -820,7 +844,7 @@ class Job:
         if rc == 0:
             return "finished", "finished (exit code 0)"
         tail = "\n".join(list(self._tail)[-40:])
-        m = _OOM_TEXT.search(tail)
+        m = next((m for m in (p.search(tail) for p in _OOM_TEXT) if m), None)
         if m:
             return "oom", f"exit code {rc}, {m.group(0).strip()!r} in its output"
         if rc in (-signal.SIGKILL, 137) and not self._killed_by_us:
