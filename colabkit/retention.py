@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .config import Config
 
 log = logging.getLogger(__name__)
+_activity = logging.getLogger("colabkit.sync.activity")  # sync.log while sync runs (see colabkit.sync)
 
 _STEP = re.compile(r"(?:step|iter|iteration|global_step)[_\-]?(\d+)", re.IGNORECASE)
 _EXTS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -184,7 +185,8 @@ def _delete(c: Candidate) -> int:
             c.manifest.unlink()
             freed += size
     fsync_dir(c.path.parent)
-    log.info("deleted local checkpoint %s (step %d): verified copies in %s", c.path, c.step, ", ".join(c.held_by))
+    for lg in (log, _activity):
+        lg.info("deleted local checkpoint %s (step %d): verified copies in %s", c.path, c.step, ", ".join(c.held_by))
     return freed
 
 

@@ -47,6 +47,11 @@ if TYPE_CHECKING:
     from .remotes.base import Remote
 
 log = logging.getLogger(__name__)
+#: routine activity (uploads, starts, stops) goes only to <root>/.colabkit/logs/sync.log: it does not
+#: propagate, so a notebook whose root logger prints INFO is not flooded by background threads
+_activity = logging.getLogger(__name__ + ".activity")
+_activity.propagate = False
+_activity.setLevel(logging.INFO)
 
 FATAL = (RemoteQuotaError, RemoteAuthError, RemotePermissionError)
 _SKIP_DIRS = {".colabkit", ".git", "__pycache__", ".ipynb_checkpoints"}
@@ -430,7 +435,7 @@ class TierSyncer(threading.Thread):
                     self._skipped_big.add(f.rel)
                     with self._lock:
                         self.snap["skipped"] += 1
-                    log.info("%s: %s is larger than max_file_size (%d bytes); not uploaded",
+                    _activity.info("%s: %s is larger than max_file_size (%d bytes); not uploaded",
                              self.tier.name, f.rel, self.tier.max_file_size)
                 continue
             sha = None
@@ -527,7 +532,7 @@ class TierSyncer(threading.Thread):
                 return False
             except IntegrityError as e:
                 # the file changed while it was read: it is picked up again once it settles
-                log.info("%s: %s", self.tier.name, e)
+                _activity.info("%s: %s", self.tier.name, e)
                 continue
             except RemoteError as e:
                 self._record_error(e)
@@ -571,7 +576,7 @@ class TierSyncer(threading.Thread):
                         return False
                 led.record(f.rel, remote_path=remote_path, size=rec.size, sha256=sha, md5=rec.md5,
                            remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns)
-                log.info("%s: %s was uploaded before an interruption; verified and recorded", self.tier.name, f.rel)
+                _activity.info("%s: %s was uploaded before an interruption; verified and recorded", self.tier.name, f.rel)
                 return True
         return False
 
@@ -603,7 +608,7 @@ class TierSyncer(threading.Thread):
             self.snap["uploaded"] += 1
             self.snap["uploaded_bytes"] += rec.size
             self.snap["last_upload"] = time.time()
-        log.info("%s: uploaded %s (%d bytes)", self.tier.name, f.rel, rec.size)
+        _activity.info("%s: uploaded %s (%d bytes)", self.tier.name, f.rel, rec.size)
 
     def _upload_batch(self, due: list[tuple[LocalFile, str | None]]) -> bool:
         """Hub: every file due in this tick in one commit."""
@@ -632,7 +637,7 @@ class TierSyncer(threading.Thread):
         except FATAL as e:
             self._set_fatal(e)
         except IntegrityError as e:
-            log.info("%s: %s", self.tier.name, e)
+            _activity.info("%s: %s", self.tier.name, e)
             self._backoff(None)
         except FileNotFoundError as e:
             if isinstance(e, RemoteError):
@@ -697,7 +702,7 @@ class _Handler:
 
 
 _log_handlers: dict[str, list[Any]] = {}   # sync.log path -> [handler, refcount]
-_LOGGERS = ("colabkit.sync", "colabkit.retention", "colabkit.ledger")
+_LOGGERS = ("colabkit.sync", "colabkit.sync.activity", "colabkit.retention", "colabkit.ledger")
 
 
 def _attach_log(path: Path) -> None:
@@ -711,11 +716,8 @@ def _attach_log(path: Path) -> None:
         h = logging.FileHandler(path, encoding="utf-8")
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
         h.setLevel(logging.INFO)
-        for name in _LOGGERS:
-            lg = logging.getLogger(name)
-            lg.addHandler(h)
-            if lg.level == logging.NOTSET or lg.level > logging.INFO:
-                lg.setLevel(logging.INFO)
+        for name in _LOGGERS:  # levels are left alone: warnings reach the user's handlers as configured
+            logging.getLogger(name).addHandler(h)
         _log_handlers[key] = [h, 1]
 
 
@@ -839,7 +841,7 @@ class SyncGroup:
         self.started_at = time.time()
         for s in self.syncers:
             s.start()
-        log.info("sync started: %s -> %s", ", ".join(self.key),
+        _activity.info("sync started: %s -> %s", ", ".join(self.key),
                  ", ".join(f"{s.tier.name} every {s.every:g}s" for s in self.syncers))
         self.persist_status(force=True)
         return self
@@ -920,7 +922,7 @@ class SyncGroup:
             if s.remote is not None:
                 with contextlib.suppress(Exception):
                     s.remote.close()
-        log.info("sync stopped: %s", ", ".join(self.key))
+        _activity.info("sync stopped: %s", ", ".join(self.key))
         self._stop_result = result
         return result
 
@@ -1000,7 +1002,7 @@ def start(paths: Sequence[str | os.PathLike] | None = None, *, config: "Config |
     with _registry_lock:
         old = _registry.pop(group.key, None)
     if old is not None:
-        log.info("sync: replacing the syncers already watching %s", ", ".join(group.key))
+        _activity.info("sync: replacing the syncers already watching %s", ", ".join(group.key))
         old.stop(flush=False)
     group.start()
     with _registry_lock:

@@ -340,3 +340,14 @@ def test_a_manifest_never_goes_up_without_its_checkpoint(project, tmp_path):
     assert res["tiers"]["backup"]["last_error"] == (
         "TransientRemoteError: backup: 500 Internal Server Error (injected)")
     assert remote_files(tmp_path / "remote_backup") == {}
+
+
+def test_background_threads_never_print(project, capfd):
+    cfg = load_config(start=project)
+    ckpt(project, 1)
+    g = sync.start(config=cfg, remotes={"backup": FlakyRemote(open_remote(cfg, "backup"))}, every=0.1)
+    wait_for(lambda: g.status()["tiers"]["backup"]["uploaded"] == 2, what="uploads")
+    sync.stop()
+    assert capfd.readouterr() == ("", "")
+    text = (project / ".colabkit" / "logs" / "sync.log").read_text()
+    assert "backup: uploaded checkpoints/v01_step_00000001.pt (2000 bytes)" in text
