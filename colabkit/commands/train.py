@@ -22,6 +22,9 @@ class _TrainParser(ArgumentParser):
             i = args.index("--")
             args, extra = args[:i], args[i + 1:]
         ns, rest = super().parse_known_args(args, namespace)
+        if rest:
+            self.error(f"unrecognized arguments: {' '.join(rest)} (arguments for train.py go after --: "
+                       f"{ns.target} -- {' '.join(rest)})")
         ns.script_args = extra
         return ns, rest
 
