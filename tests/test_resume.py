@@ -285,13 +285,21 @@ def test_cli_resume_in_a_subprocess(project):
 
 @pytest.mark.magic
 def test_magic_resume_shows_sources_and_fetches(project, monkeypatch, capsys):
-    from IPython.core.error import UsageError
     from IPython.testing.globalipapp import get_ipython
     ip = get_ipython()
     ip.run_line_magic("load_ext", "colabkit")
+    try:
+        _magic_resume(ip, project, monkeypatch, capsys)
+    finally:
+        ip.run_line_magic("unload_ext", "colabkit")  # the shared shell is left as other tests expect it
+
+
+def _magic_resume(ip, project, monkeypatch, capsys):
+    from IPython.core.error import UsageError
     monkeypatch.chdir(project.root)
     save_local(project, 100)
     save_remote(project, "hub", 300)
+    capsys.readouterr()
     ip.run_line_magic("resume", "-e v01")
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"Resume sources (newest policy), checkpoint folder {ckdir(project)}:"
