@@ -247,9 +247,9 @@ class TierSyncer(threading.Thread):
         self.patterns = Patterns(tier.include, tier.exclude)
         self._wake = threading.Event()
         self._stop_evt = threading.Event()
-        self._pause = threading.Event()  # never set: a stop-aware wait during settle/back-off inside a flush
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._flushes: list[_FlushRequest] = []
+        self._closed = False
         self._next_due = time.monotonic()           # the first tick is due at once (catch up after a restart)
         self._next_attempt = 0.0                    # back-off: no attempt before this
         self._next_guard = 0.0
@@ -284,7 +284,7 @@ class TierSyncer(threading.Thread):
     def request_flush(self, deadline: float) -> _FlushRequest:
         req = _FlushRequest(deadline)
         with self._lock:
-            if not self.is_alive():
+            if self._closed or not self.is_alive():
                 req.result = self._flush_result(ok=self.fatal is None, note="not running")
                 req.done.set()
                 return req
@@ -333,6 +333,7 @@ class TierSyncer(threading.Thread):
                 self._wake.clear()
             if self._stop_evt.is_set():
                 with self._lock:
+                    self._closed = True
                     reqs, self._flushes = self._flushes, []
                 for r in reqs:
                     r.result = self._flush_result(ok=False, note="stopped")
@@ -354,10 +355,13 @@ class TierSyncer(threading.Thread):
         now = time.monotonic()
         if reqs:
             deadline = max(r.deadline for r in reqs)
-            result = self._flush(deadline)
-            for r in reqs:
-                r.result = result
-                r.done.set()
+            result: dict[str, Any] = {"ok": False, "state": "error", "note": "the flush failed (see sync.log)"}
+            try:
+                result = self._flush(deadline)
+            finally:  # whoever waits is answered, whatever happened
+                for r in reqs:
+                    r.result = result
+                    r.done.set()
             return
         if self.fatal is not None:
             return
@@ -806,7 +810,9 @@ class SyncGroup:
         self._scan_lock = threading.Lock()
         self._stopped = False
         self._stop_result: dict[str, Any] | None = None
-        self._status_path = config.state_dir / "sync" / f"status-{os.getpid()}.json"
+        import hashlib
+        tag = hashlib.sha1("\0".join(self.key).encode()).hexdigest()[:8]
+        self._status_path = config.state_dir / "sync" / f"status-{os.getpid()}-{tag}.json"
         self._status_lock = threading.Lock()
         self._status_written = 0.0
         self.started_at: float | None = None
