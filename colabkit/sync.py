@@ -580,7 +580,8 @@ class TierSyncer(threading.Thread):
                         return False
                 led.record(f.rel, remote_path=remote_path, size=rec.size, sha256=sha, md5=rec.md5,
                            remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns)
-                _activity.info("%s: %s was uploaded before an interruption; verified and recorded", self.tier.name, f.rel)
+                _activity.info("%s: %s was uploaded before an interruption; verified and recorded",
+                               self.tier.name, f.rel)
                 return True
         return False
 

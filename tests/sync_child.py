@@ -9,13 +9,10 @@ so the parent knows when to kill -9. Every completed put appends "path sha256" t
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
-
 from colabkit.errors import TransientRemoteError
 from colabkit.remotes.base import Remote, RemoteFile
 
@@ -103,10 +100,6 @@ class BlockingRemote(CountingRemote):
         self.marker.write_text(path)
         self.never.wait()  # until kill -9
         raise AssertionError("unreachable")
-
-
-def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def main(argv: list[str]) -> int:

@@ -106,7 +106,8 @@ def test_flush_uploads_complete_files_and_never_temporaries(project, tmp_path):
                    "logs/train.log": sha(log_file)}
     led = Ledger.load(cfg.state_dir, "backup")
     assert led.verified_copy("checkpoints/v01_step_00000100.pt", sha(c1))["size"] == 2000
-    assert (project / ".colabkit" / "logs" / "sync.log").read_text().count("uploaded checkpoints/v01_step_00000100.pt (2000 bytes)") == 1
+    text = (project / ".colabkit" / "logs" / "sync.log").read_text()
+    assert text.count("uploaded checkpoints/v01_step_00000100.pt (2000 bytes)") == 1
 
 
 def test_unsettled_file_waits_until_stable(project, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from colabkit import sync
 from colabkit.cli import main
-from tests.test_sync import age, ckpt, make_project, remote_files, sha, wait_for
+from tests.test_sync import ckpt, make_project, remote_files, sha, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,6 @@
 """Real child processes: kill -9 mid-upload then restart; SIGTERM to `colabkit sync watch` flushes first."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
