@@ -284,10 +284,7 @@ def test_cli_resume_in_a_subprocess(project):
 
 
 @pytest.mark.magic
-def test_magic_resume_shows_sources_and_fetches(project, monkeypatch, capsys):
-    from IPython.testing.globalipapp import get_ipython
-    ip = get_ipython()
-    ip.run_line_magic("load_ext", "colabkit")
+def test_magic_resume_shows_sources_and_fetches(ip, project, monkeypatch, capsys):
     try:
         _magic_resume(ip, project, monkeypatch, capsys)
     finally:
