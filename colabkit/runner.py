@@ -927,7 +927,7 @@ class Job:
             from . import sync
         except ImportError:
             return
-        running = sync.status().get("groups") or []
+        running = sync.status(config=self.config).get("groups") or []
         if running:  # %sync start already watches this project: flush it at the end instead
             return
         sync.start([self.checkpoint_dir, self.config.log_dir(self.experiment)], config=self.config)
@@ -943,7 +943,7 @@ class Job:
         try:
             if self._sync_started:
                 res = sync.stop(flush=True)
-            elif sync.status().get("groups"):
+            elif sync.status(config=self.config).get("groups"):
                 res = sync.flush()
             else:
                 return

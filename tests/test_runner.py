@@ -416,3 +416,37 @@ def test_cli_in_another_process_sees_and_stops_a_background_job(project):
     finally:
         job.stop(timeout=30)
     assert res is not None and res.state == "stopped" and len(res.attempts) == 1
+
+
+def test_sigkill_is_out_of_memory_only_when_the_oom_killer_counted_it(project):
+    """A SIGKILL nobody in colabkit sent: the cgroup's oom_kill counter tells whether the OOM killer did it."""
+    make_project(project, "sigkill_self.py")
+    if runner._oom_kills() is None:  # no cgroup counter to ask: every such SIGKILL counts as out of memory
+        with pytest.raises(OutOfMemoryError, match=r"^v01: the run ran out of memory \(attempt 1: killed by SIGKILL "
+                                                   r"\(exit code -9\), which is what the kernel's OOM killer does\)"):
+            runner.train("v01", config=cfg_of(project), resume="none")
+        return
+    warnings: list[str] = []
+    res = runner.train("v01", config=cfg_of(project), resume="none", on_warning=warnings.append)
+    assert res.ok and [a.outcome for a in res.attempts] == ["crashed", "finished"]
+    assert warnings[0].startswith("v01: attempt 1 killed by SIGKILL (exit code -9); restarting in ")
+
+
+def test_resume_auto_fetches_from_a_tier_when_the_local_disk_is_empty(tmp_path):
+    """A fresh machine: nothing local, the backup tier holds step 5 (file + manifest): fetched, verified, used."""
+    import hashlib
+    tier = tmp_path / "backup"
+    root = make_project(tmp_path / "p", "crash_then_resume.py",
+                        extra={"tiers": [{"name": "backup", "remote": "local", "path": str(tier)}]})
+    data = b"weights" * 100
+    remote_dir = tier / "experiments" / "v01" / "checkpoints"
+    remote_dir.mkdir(parents=True)
+    (remote_dir / "v01_step_00000005.pt").write_bytes(data)
+    (remote_dir / "v01_step_00000005.pt.json").write_text(json.dumps(
+        {"format": 1, "step": 5, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+         "file": "v01_step_00000005.pt", "created": "2026-11-22T00:00:00Z", "run_id": "x", "colabkit_version": "0"}))
+    lines: list[str] = []
+    res = runner.train("v01", config=cfg_of(root), on_line=lines.append, sync=False)
+    local = root.resolve() / "experiments" / "v01" / "checkpoints" / "v01_step_00000005.pt"
+    assert lines[0] == f"attempt 1 resume-from {local}"
+    assert local.read_bytes() == data and res.ok and res.attempts[0].resume_from == str(local)
