@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .checkpoints import (LATEST, CheckpointInfo, discover, is_manifest, manifest_path, step_of, verify,
-                          _verify_plain)
+from .checkpoints import (LATEST, CheckpointInfo, discover, is_manifest, manifest_path, start_writeback, step_of,
+                          verify, _verify_plain)
 from .errors import ColabkitError, ConfigError, IntegrityError, ResumeError
 from .fsutil import TMP_PREFIX, atomic_write_bytes, atomic_write_json, hash_file
 
@@ -559,6 +559,7 @@ def copy_verified(src: str | os.PathLike, dst: str | os.PathLike, *, size: int, 
                 while off < n:
                     off += os.write(fd, view[off:])
                 full.put((buf, n))
+                start_writeback(fd, written, n)  # the final fsync then has little left to wait for
                 written += n
                 if progress:
                     progress(n)
