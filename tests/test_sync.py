@@ -352,3 +352,30 @@ def test_background_threads_never_print(project, capfd):
     assert capfd.readouterr() == ("", "")
     text = (project / ".colabkit" / "logs" / "sync.log").read_text()
     assert "backup: uploaded checkpoints/v01_step_00000001.pt (2000 bytes)" in text
+
+
+class RateLimitedOnce(WrappedRemote):
+    """The first put is refused with 429 and Retry-After: 0.8 s (as the Hub or Drive would send)."""
+
+    def put(self, local, path, **kw):
+        with self.lock:
+            self.calls += 1
+            first = self.calls == 1
+        if first:
+            from colabkit.errors import TransientRemoteError
+            raise TransientRemoteError(f"{self.name}: 429 Too Many Requests", remote=self.name, retry_after=0.8)
+        return super().put(local, path, **kw)
+
+
+def test_retry_after_is_honoured(project, tmp_path):
+    cfg = load_config(start=project)  # retry_initial 0.05 s: without Retry-After it would retry at once
+    c = ckpt(project, 1)
+    remote = RateLimitedOnce(open_remote(cfg, "backup"))
+    g = sync.start(config=cfg, remotes={"backup": remote}, every=0.05)
+    st = wait_for(lambda: (s := g.status()["tiers"]["backup"])["retry_at"] and s, what="the back-off")
+    assert st["state"] == "retrying" and st["last_error"] == "TransientRemoteError: backup: 429 Too Many Requests"
+    assert st["retry_at"] - st["last_error_at"] >= 0.79
+    dst = tmp_path / "remote_backup" / "checkpoints" / c.name
+    wait_for(lambda: dst.exists(), what="the upload after the back-off")
+    assert os.path.getmtime(dst) >= st["last_error_at"] + 0.79
+    assert remote.calls == 3  # the refused call, then the checkpoint and its manifest
