@@ -133,3 +133,24 @@ ev.wait()
             p.communicate()
     assert p.returncode == -signal.SIGTERM
     assert (tmp_path / "remote_backup" / "checkpoints" / "late.log").read_text() == "x\n"
+
+
+def test_interpreter_exit_flushes(tmp_path):
+    """A script that started sync and simply ends: the atexit hook uploads what it wrote last."""
+    root = make_project(tmp_path)
+    script = tmp_path / "ends.py"
+    script.write_text(f"""
+import threading
+from colabkit import sync
+from colabkit.config import load_config
+g = sync.start(config=load_config(start={str(root)!r}), every=3600)
+ev = threading.Event()
+while not g.status()["tiers"]["backup"]["last_tick"]:
+    ev.wait(0.02)
+open({str(root / 'logs' / 'final.log')!r}, 'w').write('done\\n')
+""")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "remote_backup" / "logs" / "final.log").read_text() == "done\n"
+    assert r.stdout == "" and r.stderr == ""
