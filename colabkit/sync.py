@@ -511,7 +511,7 @@ class TierSyncer(threading.Thread):
                 self.snap["last_error"] = None
                 self.snap["retry_at"] = None
             if self.fatal is None:
-                self.snap["state"] = "retrying" if not ok else "idle"
+                self.snap["state"] = "retrying" if self._next_attempt > time.monotonic() else "idle"
             self.snap["current"] = None
         self.group.persist_status(force=bool(due) or not ok)
         return ok and not unsettled
@@ -523,11 +523,13 @@ class TierSyncer(threading.Thread):
             self.snap["state"] = "uploading"
         if getattr(self.remote, "kind", "") == "hub" and len(due) > 1:
             return self._upload_batch(due)
+        complete = True
         for f, sha in due:
             if self._stop_evt.is_set():
                 return False
             data = self._data_of.get(f.path)
             if data is not None and not self.ledger.unchanged(data.rel, data.size, data.mtime_ns):
+                complete = False
                 continue  # its checkpoint is not up (yet): a remote never holds a manifest without its data
             try:
                 self._upload_one(f, sha)
@@ -537,6 +539,7 @@ class TierSyncer(threading.Thread):
             except IntegrityError as e:
                 # the file changed while it was read: it is picked up again once it settles
                 _activity.info("%s: %s", self.tier.name, e)
+                complete = False
                 continue
             except RemoteError as e:
                 self._record_error(e)
@@ -555,7 +558,7 @@ class TierSyncer(threading.Thread):
                 self._record_error(e)
                 self._backoff(None)
                 return False
-        return True
+        return complete
 
     def _digest_for(self, f: LocalFile, sha: str | None) -> tuple[FileDigest | None, str]:
         if sha is not None:
