@@ -444,6 +444,27 @@ def pip_freeze(dest: Path, *, python: str | None = None, timeout: float = 120.0)
     return dest
 
 
+def _sigterm_as_interrupt() -> Callable[[], None] | None:
+    """While a foreground run lasts, SIGTERM (a VM shutting down, `kill PID`) stops it as Ctrl-C does: the child
+    is stopped and sync flushed instead of the child being orphaned. Returns the function that restores the
+    previous handler (None outside the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    prev = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+        raise KeyboardInterrupt("SIGTERM")
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, prev)
+    return restore
+
+
 # -- the job ---------------------------------------------------------------------------------------------
 _jobs: dict[str, "Job"] = {}
 _jobs_lock = threading.Lock()
@@ -594,9 +615,12 @@ class Job:
             self._stop_file.unlink()
         for w in self.warnings:
             self._warn(w, record=False)
+        restore = None
         try:
             pip_freeze(self.log_dir / "frozen_requirements.txt", python=self.python)
             self._start_sync()
+            if not self.background:
+                restore = _sigterm_as_interrupt()  # after sync's own handler, which it then chains to
             self._write_run_json()
             self._loop()
         except KeyboardInterrupt:
@@ -610,6 +634,8 @@ class Job:
                 self._finish("failed")
             raise
         finally:
+            if restore is not None:
+                restore()
             self._end_sync()
             self._done.set()
         if self.error is not None:

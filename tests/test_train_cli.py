@@ -165,3 +165,29 @@ def test_cli_json_result(project):
     data = json.loads(out.stdout)  # only the JSON document: no streamed lines mixed in
     assert data["state"] == "finished" and data["step"] == 3 and data["exit_code"] == 0
     assert data["attempts"][0]["outcome"] == "finished"
+
+
+def test_cli_sigterm_stops_the_child_and_exits_130(project):
+    """`kill PID` on a foreground `colabkit train` (a VM shutting down): the child is stopped, not orphaned."""
+    import os
+    import signal
+    use(project, "slow_steps.py")
+    p = subprocess.Popen([sys.executable, "-m", "colabkit.cli", "train", "v01", "--resume", "none", "--",
+                          "--steps", "100000"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        for line in p.stdout:
+            if line.startswith("step 5/"):
+                p.send_signal(signal.SIGTERM)
+                break
+        rest, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 130, err
+    assert "got SIGTERM, exiting" in rest  # the child was told, and its last words still streamed
+    (log,) = (project / "experiments" / "v01" / "logs").glob("*/*.attempt1.log")
+    meta = json.loads((log.parent / "run.json").read_text())
+    assert meta["state"] == "stopped" and meta["attempts"][0]["exit_code"] == 143
+    with pytest.raises(ProcessLookupError):
+        os.kill(meta["attempts"][0]["pid"], 0)
