@@ -193,12 +193,18 @@ class Progress:
         self.checkpoint_path: str | None = None
         self.updated: float | None = None
         self._samples: deque[tuple[float, int]] = deque(maxlen=window)
+        self._lock = threading.Lock()  # the pump thread writes while status() reads
 
     def new_attempt(self) -> None:
         """A restart re-measures the pace (start-up time is not training time)."""
-        self._samples.clear()
+        with self._lock:
+            self._samples.clear()
 
     def observe(self, events: Iterable[Any], *, base: Path | None = None) -> None:
+        with self._lock:
+            self._observe(events, base)
+
+    def _observe(self, events: Iterable[Any], base: Path | None) -> None:
         for e in events:
             self.updated = e.time
             if e.kind == "checkpoint":
@@ -220,18 +226,20 @@ class Progress:
     @property
     def rate(self) -> float | None:
         """Steps per second over the recent window (None until two distinct steps were seen)."""
-        if len(self._samples) < 2:
-            return None
-        (t0, s0), (t1, s1) = self._samples[0], self._samples[-1]
+        with self._lock:
+            if len(self._samples) < 2:
+                return None
+            (t0, s0), (t1, s1) = self._samples[0], self._samples[-1]
         if t1 <= t0 or s1 <= s0:
             return None
         return (s1 - s0) / (t1 - t0)
 
     @property
     def measured_steps(self) -> int:
-        if len(self._samples) < 2:
-            return 0
-        return self._samples[-1][1] - self._samples[0][1]
+        with self._lock:
+            if len(self._samples) < 2:
+                return 0
+            return self._samples[-1][1] - self._samples[0][1]
 
     @property
     def eta(self) -> float | None:
@@ -558,9 +566,14 @@ class Job:
         return d
 
     def logs(self, n: int = 50) -> list[str]:
-        """The last `n` lines the child printed (all attempts, newest last)."""
+        """The last `n` lines the child printed (newest last; 0: the whole current attempt's log)."""
         with self._lock:
             lines = list(self._tail)
+            log_path = self.attempts[-1].log if self.attempts else None
+        if (n == 0 or n > len(lines)) and log_path and len(lines) == self._tail.maxlen:
+            with contextlib.suppress(OSError):
+                with open(log_path, "r", encoding="utf-8", errors="replace") as f:
+                    return [x.rstrip("\n") for x in deque(f, maxlen=n or None)]
         return lines[-n:] if n else lines
 
     def wait(self, timeout: float | None = None, *, raise_error: bool = True) -> TrainResult | None:
