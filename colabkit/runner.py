@@ -7,8 +7,8 @@ What one call does, in order:
    capped at 20 GB; a larger ``--max-vram`` is refused with the advice to move to Tier 2); free disk against
    ``train.min_free_disk``; ``train.data_paths`` on a network/FUSE mount (a warning: pre-fetch to local disk);
    write access to every sync tier; the checkpoint to resume from.
-2. ``pip freeze`` into ``frozen_requirements.txt`` in the run's log folder
-   ``experiments/vXX/logs/<run id>/``, beside one log per attempt (``<run id>.attempt1.log``) and ``run.json``
+2. ``pip freeze`` (taken as the run starts, beside the first attempt) into ``frozen_requirements.txt`` in the
+   run's log folder ``experiments/vXX/logs/<run id>/``, beside one log per attempt (``<run id>.attempt1.log``) and ``run.json``
    (host, GPU, attempts, exit codes, last step; ``%airlock import`` reads it).
 3. Background sync of the checkpoint and log folders (``colabkit.sync``), flushed when the run ends.
 4. The child: its own process group, output streamed line by line to the caller (the cell, the terminal) and
@@ -538,6 +538,7 @@ class Job:
         self._estimate_checked = False
         self._job_file_written = 0.0
         self._sync_started = False
+        self._freeze: tuple[subprocess.Popen, Any, Path, Path] | None = None
         self._stop_file = config.state_dir / "jobs" / f"{experiment}.stop"
 
     # -- public ----------------------------------------------------------------------------------------
@@ -630,7 +631,7 @@ class Job:
             self._warn(w, record=False)
         restore = None
         try:
-            pip_freeze(self.log_dir / "frozen_requirements.txt", python=self.python)
+            self._start_freeze()
             self._start_sync()
             if not self.background:
                 restore = _sigterm_as_interrupt()  # after sync's own handler, which it then chains to
@@ -649,6 +650,7 @@ class Job:
         finally:
             if restore is not None:
                 restore()
+            self._finish_freeze(wait=True)
             self._end_sync()
             self._done.set()
         if self.error is not None:
@@ -816,6 +818,8 @@ class Job:
                         self._signal(signal.SIGTERM)
                 if time.time() - self._job_file_written > JOB_FILE_INTERVAL:
                     self._write_job_file()
+                if self._freeze is not None:
+                    self._finish_freeze()
             except KeyboardInterrupt:
                 # Ctrl-C / interrupting the kernel: stop the child but keep reading, so its last words reach
                 # the log; a second interrupt kills it at once
@@ -934,6 +938,56 @@ class Job:
             self._signal(signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
+
+    # -- pip freeze ----------------------------------------------------------------------------------------
+    def _start_freeze(self) -> None:
+        """``pip freeze`` of the child's interpreter, taken as the run starts: it runs beside the first attempt
+        (it costs about a second, which the training need not wait for) and lands in the log folder as
+        frozen_requirements.txt once pip exits (at the latest when the run ends)."""
+        from .fsutil import TMP_PREFIX
+        dest = self.log_dir / "frozen_requirements.txt"
+        tmp = self.log_dir / f"{TMP_PREFIX}frozen_requirements.txt"
+        try:
+            f = open(tmp, "wb")
+        except OSError as e:
+            self._warn(f"{self.experiment}: cannot write {tmp}: {e.strerror}")
+            return
+        try:
+            proc = subprocess.Popen([self.python, "-m", "pip", "freeze", "--disable-pip-version-check"], stdout=f,
+                                    stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError:
+            f.close()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            pip_freeze(dest, python=self.python)  # falls back to the installed distributions
+            return
+        self._freeze = (proc, f, tmp, dest)
+
+    def _finish_freeze(self, *, wait: bool = False) -> None:
+        if self._freeze is None:
+            return
+        proc, f, tmp, dest = self._freeze
+        if not wait and proc.poll() is None:
+            return
+        self._freeze = None
+        try:
+            rc = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:
+            rc = rc or 1
+        finally:
+            f.close()
+        if rc == 0:
+            os.replace(tmp, dest)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            pip_freeze(dest, python=self.python)
 
     # -- checkpoints, sync, state -------------------------------------------------------------------------
     def _newest_checkpoint(self) -> str | None:
