@@ -3,8 +3,9 @@
 A :class:`SyncGroup` watches some folders (watchdog; a polling observer on FUSE/network mounts) and runs one
 :class:`TierSyncer` thread per tier. A tier is due by its interval (``every``) or by :func:`flush`; on a due
 tick it walks the watched folders, picks the files its include/exclude globs select that are complete (a
-checkpoint with its manifest, or any file whose size and mtime have been stable for ``sync.settle``;
-temporary names never) and that it does not already hold (the persisted :class:`colabkit.ledger.Ledger`),
+checkpoint with its manifest, an append-only log (``*.log``: uploaded as it is on each due tick, so a
+preempted run's log reaches the tiers up to its last tick), or any other file whose size and mtime have been
+stable for ``sync.settle``; temporary names never) and that it does not already hold (the persisted :class:`colabkit.ledger.Ledger`),
 and uploads them one at a time (a Hub tier: all in one commit through ``put_many``). The training process
 never waits: uploads run on these threads, at a lowered CPU priority.
 
@@ -61,6 +62,11 @@ _STEP = re.compile(r"(?:step|iter|iteration|global_step)[_\-]?(\d+)", re.IGNOREC
 
 
 # -- globs ---------------------------------------------------------------------------------------
+#: append-only logs: due on every tick as they are (a run printing every second never "settles"), so
+#: the log of a run that is killed mid-way reaches the tiers up to its last tick
+APPEND_ONLY = (".log",)
+
+
 def glob_regex(pattern: str) -> re.Pattern[str]:
     """A compiled regex for a tier glob: ``*`` within a name, ``**`` across folders, ``?``, ``[...]``."""
     i, out = 0, []
@@ -446,7 +452,7 @@ class TierSyncer(threading.Thread):
             is_manifest = f.path.endswith(".json") and f.path[:-5] in by_path
             if not is_manifest and f.path + ".json" in by_path:
                 sha = _manifest_sha(f.path, f.size)
-            if sha is not None or is_manifest or now - f.mtime >= settle:
+            if sha is not None or is_manifest or f.path.endswith(APPEND_ONLY) or now - f.mtime >= settle:
                 due.append((f, sha))
             else:
                 unsettled.append(f)

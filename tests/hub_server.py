@@ -338,8 +338,20 @@ class _Handler(BaseHTTPRequestHandler):
     def hub(self) -> HubServer:
         return self.server.hub
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # recorded before the answer goes out: a client that has its answer always finds its request counted
+        self._record(code)
+        super().send_response(code, message)
+
+    def _record(self, status: int) -> None:
+        if not getattr(self, "_recorded", True):  # True outside _dispatch (e.g. a malformed request line)
+            self._recorded = True
+            with self.hub.lock:
+                self.hub.requests.append((self.server.kind, self.command, urlsplit(self.path).path, status))
+
     def _dispatch(self) -> None:
         self._status = 0
+        self._recorded = False
         self._body_read = False
         url = urlsplit(self.path)
         self.url_path, self.query = unquote(url.path), parse_qs(url.query)
@@ -376,8 +388,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self._status >= 0:
                 with contextlib.suppress(OSError):
                     self._drain()  # a body no route read must not be taken for the next request
-            with self.hub.lock:
-                self.hub.requests.append((kind, self.command, url.path, self._status))
+            self._record(self._status)  # no answer was sent (a dropped connection)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -31,8 +32,8 @@ def test_load_ext_imports_nothing_heavy():
 def test_cli_version_and_help(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for cmd in ("config",):
-        assert cmd in out
+    for cmd in ("init", "demo", "airlock", "train", "sync", "resume", "journal", "status", "config"):
+        assert re.search(rf"^\s+{cmd}\s", out, re.M), f"{cmd} missing from colabkit --help"
 
 
 def test_cli_bad_config_names_key_path(tmp_path, capsys):
@@ -58,12 +59,10 @@ def test_console_script_runs_in_subprocess(tmp_path):
 
 
 @pytest.mark.magic
-def test_magic_config_show_and_usage_error(tmp_path, monkeypatch, capsys):
+def test_magic_config_show_and_usage_error(ip, tmp_path, monkeypatch, capsys):
     from IPython.core.error import UsageError
-    from IPython.testing.globalipapp import get_ipython
-    ip = get_ipython()
-    ip.run_line_magic("load_ext", "colabkit")
     monkeypatch.chdir(tmp_path)
+    capsys.readouterr()  # whatever loading the extension printed
     ip.run_line_magic("colabkit", "config show --json")
     data = json.loads(capsys.readouterr().out)
     assert data["resume"]["policy"] == "newest"

@@ -376,6 +376,6 @@ def test_retry_after_is_honoured(project, tmp_path):
     assert st["state"] == "retrying" and st["last_error"] == "TransientRemoteError: backup: 429 Too Many Requests"
     assert st["retry_at"] - st["last_error_at"] >= 0.79
     dst = tmp_path / "remote_backup" / "checkpoints" / c.name
-    wait_for(lambda: dst.exists(), what="the upload after the back-off")
+    wait_for(lambda: dst.exists() and dst.with_name(c.name + ".json").exists(), what="the upload after the back-off")
     assert os.path.getmtime(dst) >= st["last_error_at"] + 0.79
     assert remote.calls == 3  # the refused call, then the checkpoint and its manifest
