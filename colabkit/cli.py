@@ -35,11 +35,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (a test's capture, a notebook's stream), never a stale one."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
 def _log_to_stderr() -> None:
     """Warnings from colabkit reach a terminal user; configured only for the CLI, never on import."""
     logger = logging.getLogger("colabkit")
     if not any(getattr(h, "_colabkit_cli", False) for h in logger.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _CurrentStderrHandler()
         h.setFormatter(logging.Formatter("colabkit: %(levelname)s: %(message)s"))
         h.setLevel(logging.WARNING)
         h._colabkit_cli = True  # type: ignore[attr-defined]

@@ -155,3 +155,11 @@ class OutOfMemoryError(TrainError, MemoryError):
 
 class CooldownError(ColabkitError):
     """A cooldown trigger or action is invalid or failed."""
+
+
+class JournalError(ColabkitError, ValueError):
+    """A journal entry cannot be written as asked (an empty name, a package that is not installed, no reason)."""
+
+
+class InitError(ColabkitError, ValueError):
+    """``colabkit init`` cannot scaffold here (a file in the way, a bad experiment name)."""

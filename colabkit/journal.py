@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from .errors import ColabkitError
+from .errors import ColabkitError, JournalError  # noqa: F401  (JournalError: re-exported)
 from .fsutil import atomic_open
 
 if TYPE_CHECKING:
@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 
 JOURNAL_NAME = "journal.md"
 HEADER = "# Journal\n"
-
-
-class JournalError(ColabkitError, ValueError):
-    """A journal entry could not be written (bad input, package not installed)."""
 
 
 def _cfg(config: "Config | None") -> "Config":

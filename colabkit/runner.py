@@ -1035,9 +1035,9 @@ class Job:
             return
         try:
             if self._sync_started:
-                res = sync.stop(flush=True)
+                res = sync.stop(flush=True, settled=True)  # the child has exited: nothing is being written
             elif sync.status(config=self.config).get("groups"):
-                res = sync.flush()
+                res = sync.flush(settled=True)
             else:
                 return
             if not res.get("ok", True):

@@ -229,8 +229,9 @@ def _fmt_err(e: BaseException) -> str:
 
 # -- one tier ------------------------------------------------------------------------------------
 class _FlushRequest:
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, settled: bool = False) -> None:
         self.deadline = deadline
+        self.settled = settled
         self.done = threading.Event()
         self.result: dict[str, Any] = {}
 
@@ -287,8 +288,8 @@ class TierSyncer(threading.Thread):
                 s["retry_at"] = None
             return s
 
-    def request_flush(self, deadline: float) -> _FlushRequest:
-        req = _FlushRequest(deadline)
+    def request_flush(self, deadline: float, *, settled: bool = False) -> _FlushRequest:
+        req = _FlushRequest(deadline, settled)
         with self._lock:
             if self._closed or not self.is_alive():
                 req.result = self._flush_result(ok=self.fatal is None, note="not running")
@@ -361,9 +362,10 @@ class TierSyncer(threading.Thread):
         now = time.monotonic()
         if reqs:
             deadline = max(r.deadline for r in reqs)
+            settled = all(r.settled for r in reqs)
             result: dict[str, Any] = {"ok": False, "state": "error", "note": "the flush failed (see sync.log)"}
             try:
-                result = self._flush(deadline)
+                result = self._flush(deadline, settled=settled)
             finally:  # whoever waits is answered, whatever happened
                 for r in reqs:
                     r.result = result
@@ -380,8 +382,9 @@ class TierSyncer(threading.Thread):
             self.group.guard()
             self._next_guard = time.monotonic() + min(_GUARD_INTERVAL, self.every)
 
-    def _flush(self, deadline: float) -> dict[str, Any]:
-        """A final tick: settle-waits and retries with back-off until everything due is up or the deadline."""
+    def _flush(self, deadline: float, *, settled: bool = False) -> dict[str, Any]:
+        """A final tick: settle-waits (not for logs and assets when `settled`) and retries with back-off until
+        everything due is up or the deadline."""
         if self.fatal is not None:
             return self._flush_result(ok=False)
         with self._lock:
@@ -391,14 +394,14 @@ class TierSyncer(threading.Thread):
         ok = False
         _normal_priority()
         try:
-            return self._flush_loop(deadline)
+            return self._flush_loop(deadline, settled=settled)
         finally:
             _lower_priority()
 
-    def _flush_loop(self, deadline: float) -> dict[str, Any]:
+    def _flush_loop(self, deadline: float, *, settled: bool = False) -> dict[str, Any]:
         ok = False
         while True:
-            ok = self._tick(final=True, deadline=deadline)
+            ok = self._tick(final=True, deadline=deadline, settled=settled)
             if ok or self.fatal is not None or self._stop_evt.is_set():
                 break
             wait = self._next_attempt - time.monotonic()
@@ -485,8 +488,11 @@ class TierSyncer(threading.Thread):
         due.sort(key=lambda x: (x[0].path.endswith(".json"), x[0].rel))
         return due, unsettled
 
-    def _tick(self, *, final: bool, deadline: float | None = None) -> bool:
-        """Upload what is due. Returns True when nothing due is left (uploaded or already held)."""
+    def _tick(self, *, final: bool, deadline: float | None = None, settled: bool = False) -> bool:
+        """Upload what is due. Returns True when nothing due is left (uploaded or already held).
+
+        `settled` (a final tick after the writers ended): files other than checkpoints are taken as they are
+        without waiting for their settle time."""
         with self._lock:
             if not final:
                 self.snap["state"] = "scanning"
@@ -497,6 +503,8 @@ class TierSyncer(threading.Thread):
             settle = self.group.config.sync.settle
             newest = max(f.mtime for f in unsettled)
             wait = min(newest + settle - time.time(), deadline - time.monotonic())
+            if settled and all(_step_of(os.path.basename(f.path)) is None for f in unsettled):
+                wait = 0  # nothing is writing any more: no reason to wait
             if wait > 0:
                 self._stop_evt.wait(wait)
             files = [f for f in self.group.scan() if self.patterns(f.rel)]
@@ -884,15 +892,18 @@ class SyncGroup:
         self.polling = poll
         return obs
 
-    def flush(self, *, timeout: float | None = None) -> dict[str, Any]:
+    def flush(self, *, timeout: float | None = None, settled: bool = False) -> dict[str, Any]:
         """Upload everything due now in every tier and wait (at most `timeout` seconds).
+
+        `settled`: the caller knows every writer has finished (the training process exited), so logs and
+        other files still inside their settle time are uploaded as they are instead of waited for.
 
         Returns:
             {"ok": bool, "tiers": {name: {"ok", "state", "uploaded", "pending_files", "last_error"}}}
         """
         timeout = self.config.sync.flush_timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + timeout
-        reqs = {s.tier.name: s.request_flush(deadline) for s in self.syncers}
+        reqs = {s.tier.name: s.request_flush(deadline, settled=settled) for s in self.syncers}
         out: dict[str, Any] = {}
         for name, r in reqs.items():
             if r.done.wait(max(deadline - time.monotonic(), 0) + 0.5):
@@ -902,13 +913,14 @@ class SyncGroup:
         self.persist_status(force=True)
         return {"ok": all(v.get("ok") for v in out.values()), "tiers": out}
 
-    def stop(self, *, flush: bool = True, timeout: float | None = None) -> dict[str, Any]:
-        """Flush (unless ``flush=False``), stop the observer and join every thread. Safe to call twice."""
+    def stop(self, *, flush: bool = True, timeout: float | None = None, settled: bool = False) -> dict[str, Any]:
+        """Flush (unless ``flush=False``; `settled` as in :meth:`flush`), stop the observer and join every
+        thread. Safe to call twice."""
         if self._stopped:
             return self._stop_result or {"ok": True, "tiers": {}}
         timeout = self.config.sync.flush_timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + timeout
-        result = self.flush(timeout=timeout) if flush else {"ok": True, "tiers": {}}
+        result = self.flush(timeout=timeout, settled=settled) if flush else {"ok": True, "tiers": {}}
         self._stopped = True
         for s in self.syncers:
             s.stop_soon()
@@ -1027,22 +1039,24 @@ def start(paths: Sequence[str | os.PathLike] | None = None, *, config: "Config |
     return group
 
 
-def stop(*, flush: bool = True, timeout: float | None = None) -> dict[str, Any]:
+def stop(*, flush: bool = True, timeout: float | None = None, settled: bool = False) -> dict[str, Any]:
     """Stop every running sync group (flushing first unless ``flush=False``). Safe to call twice.
+
+    `settled`: every writer has finished (see :meth:`SyncGroup.flush`); the end of a ``%train`` run passes it.
 
     Returns:
         {"ok": bool, "tiers": {name: flush result}, "stopped": number of groups}
     """
     out: dict[str, Any] = {"ok": True, "tiers": {}, "stopped": 0}
     for g in _groups():
-        r = g.stop(flush=flush, timeout=timeout)
+        r = g.stop(flush=flush, timeout=timeout, settled=settled)
         out["ok"] = out["ok"] and r.get("ok", True) and not r.get("still_running")
         out["tiers"].update(r.get("tiers", {}))
         out["stopped"] += 1
     return out
 
 
-def flush(*, timeout: float | None = None) -> dict[str, Any]:
+def flush(*, timeout: float | None = None, settled: bool = False) -> dict[str, Any]:
     """Upload everything due now in every running tier and wait (at most `timeout` seconds each group).
 
     Returns:
@@ -1055,7 +1069,7 @@ def flush(*, timeout: float | None = None) -> dict[str, Any]:
         raise SyncError("sync is not running; start it with '%sync start' (or 'colabkit sync once' for one pass)")
     out: dict[str, Any] = {"ok": True, "tiers": {}}
     for g in groups:
-        r = g.flush(timeout=timeout)
+        r = g.flush(timeout=timeout, settled=settled)
         out["ok"] = out["ok"] and r["ok"]
         out["tiers"].update(r["tiers"])
     return out

@@ -379,3 +379,30 @@ def test_retry_after_is_honoured(project, tmp_path):
     wait_for(lambda: dst.exists() and dst.with_name(c.name + ".json").exists(), what="the upload after the back-off")
     assert os.path.getmtime(dst) >= st["last_error_at"] + 0.79
     assert remote.calls == 3  # the refused call, then the checkpoint and its manifest
+
+
+def test_growing_log_goes_up_every_tick_and_a_settled_stop_takes_the_rest_at_once(tmp_path):
+    """A log written every moment never 'settles', yet each due tick uploads it as it is (a preempted run's
+    log reaches the tier); a stop that knows the writers ended (the end of %train) does not wait out the
+    settle time of a file written just before it."""
+    root = make_project(tmp_path, sync_cfg={"settle": 600})
+    cfg = load_config(start=root)
+    log_file = root / "logs" / "run.attempt1.log"
+    log_file.write_text("step 1 loss 1.0\n")
+    g = sync.start(config=cfg, every=0.05)
+    dst = tmp_path / "remote_backup" / "logs" / "run.attempt1.log"
+    wait_for(lambda: dst.exists(), what="the growing log on a regular tick")
+    with log_file.open("a") as f:
+        f.write("step 2 loss 0.5\n")
+    wait_for(lambda: dst.exists() and dst.read_text().endswith("step 2 loss 0.5\n"), what="the log updated")
+    (root / "logs" / "run.json").write_text('{"state": "finished"}\n')  # written just now: settles in 600 s
+    stopped = threading.Event()
+    result: dict = {}
+    t = threading.Thread(target=lambda: (result.update(g.stop(timeout=300, settled=True)), stopped.set()))
+    t.start()
+    try:
+        wait_for(stopped.is_set, timeout=30, what="stop(settled=True) without waiting out the settle time")
+    finally:
+        t.join(330)
+    assert result["ok"] is True
+    assert (tmp_path / "remote_backup" / "logs" / "run.json").read_text() == '{"state": "finished"}\n'

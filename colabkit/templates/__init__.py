@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import ColabkitError, ConfigError
+from ..errors import ConfigError, InitError  # noqa: F401  (InitError: re-exported)
 
 #: template name -> path in the project ({experiment} is filled in)
 FILES = {
@@ -36,10 +36,6 @@ FILES = {
 }
 _MODELS_INIT = '"""Model code of this experiment (bundled by %airlock export with train.py)."""\n'
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class InitError(ColabkitError, ValueError):
-    """``colabkit init`` cannot scaffold here."""
 
 
 @dataclass
