@@ -131,7 +131,8 @@ class Remote(abc.ABC):
     @abc.abstractmethod
     def get(self, path: str, local: Path, *, expected: RemoteFile | None = None,
             progress: Progress | None = None) -> RemoteFile:
-        """Download `path` to `local` atomically (temporary name, fsync, rename) and verify it.
+        """Download `path` to `local` atomically (temporary name, rename; not fsynced: a copy of what the
+        remote keeps, see :mod:`colabkit.fsutil`) and verify it.
 
         Raises:
             RemoteNotFoundError: no such file.

@@ -832,7 +832,7 @@ class DriveRemote(Remote):
         except ImportError as e:  # pragma: no cover
             raise MissingDependencyError("google-api-python-client", purpose="The Google Drive tier") from e
         local = Path(local)
-        with atomic_open(local, "wb") as fout:
+        with atomic_open(local, "wb", durable=False) as fout:  # a download (see fsutil)
             # Drive records carry md5 only; sha256 is computed when the caller's record has one to check
             writer = _HashingWriter(fout, progress, name=f"colabkit-drive-hash-{self.name}",
                                     sha256=rec.sha256 is not None)

@@ -127,7 +127,7 @@ class LocalRemote(Remote):
             raise self.error(RemoteNotFoundError, f"{self.name}: {rel} does not exist in {self.root}", path=rel)
         local = Path(local)
         try:
-            written = atomic_copy(src, local, progress=progress)
+            written = atomic_copy(src, local, progress=progress, durable=False)  # a download (see fsutil)
         except OSError as e:
             raise self._wrap(e, rel) from e
         if not rec.matches(written):
