@@ -2,6 +2,7 @@
 
     python -m benchmarks.run            # all
     python -m benchmarks.run sync hub   # bench_sync.py and bench_hub.py only
+    python -m benchmarks.run --table    # results.json as the Markdown table the README shows
 """
 from __future__ import annotations
 
@@ -11,10 +12,29 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import write_results
+from .common import RESULTS, write_results
+
+
+def table(path: Path = RESULTS) -> str:
+    """results.json as a Markdown table: figure, ratio, target, pass, what was measured."""
+    import json
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    lines = [f"Measured {data['updated'][:10]} on {m['cpu']}, {m['cores']} cores, "
+             f"{round(m['memory_bytes'] / 2**30)} GiB, Python {m['python']} (no GPU).", "",
+             "| figure | ratio | target | pass | what was measured |", "|---|---|---|---|---|"]
+    for r in data["results"]:
+        op = ">=" if r.get("higher_is_better") else "<="
+        notes = r.get("notes", "").replace("|", "/")
+        lines.append(f"| `{r['name']}` | {r['ratio']:g} | {op} {r['target']:g} | {'yes' if r['pass'] else '**no**'} "
+                     f"| {notes} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["--table"]:
+        print(table())
+        return 0
     here = Path(__file__).parent
     names = argv or sorted(p.stem[len("bench_"):] for p in here.glob("bench_*.py"))
     failed = []

@@ -123,18 +123,11 @@ def _check_name(experiment: str) -> str:
     return experiment
 
 
-def _experiments(cfg: "Config") -> list[str]:
-    base = cfg.root / cfg.experiments
-    with contextlib.suppress(OSError):
-        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return []
-
-
 def _experiment_dir(cfg: "Config", experiment: str) -> Path:
     _check_name(experiment)
     d = cfg.experiment_dir(experiment)
     if not d.is_dir():
-        known = _experiments(cfg)
+        known = cfg.experiment_names()
         raise AirlockError(f"experiment {experiment!r} not found: {d} does not exist; "
                            f"experiments here: {', '.join(known) or 'none'}")
     return d

@@ -228,6 +228,14 @@ class Config:
         """``<root>/experiments/<experiment>``."""
         return self.root / self.experiments / experiment
 
+    def experiment_names(self) -> list[str]:
+        """The experiments here: the folders under ``experiments/`` (sorted; none when it does not exist)."""
+        try:
+            return sorted(p.name for p in (self.root / self.experiments).iterdir()
+                          if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return []
+
     def checkpoint_dir(self, experiment: str | None = None) -> Path:
         """Where a run's checkpoints live: ``experiments/vXX/checkpoints``, or ``<root>/checkpoints``."""
         base = self.experiment_dir(experiment) if experiment else self.root

@@ -86,9 +86,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, durable: bool = True
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, *,
-                progress: Callable[[int], None] | None = None, durable: bool = True) -> "FileDigest":
-    """Copy `src` to `dst` atomically and return the digest of the bytes written (one read pass)."""
-    h = _Hasher()
+                progress: Callable[[int], None] | None = None, durable: bool = True,
+                md5: bool = True) -> "FileDigest":
+    """Copy `src` to `dst` atomically and return the digest of the bytes written (one read pass).
+
+    `md5=False` skips the md5 (only Drive needs it; it costs more CPU than sha256): the digest's md5 is None.
+    """
+    h = _Hasher(md5=md5)
     with open(src, "rb") as fin, atomic_open(dst, "wb", durable=durable) as fout:
         while True:
             buf = fin.read(CHUNK)
@@ -105,22 +109,23 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, *,
 class FileDigest:
     size: int
     sha256: str
-    md5: str
+    md5: str | None   # None when it was not computed (see atomic_copy)
 
 
 class _Hasher:
-    def __init__(self) -> None:
+    def __init__(self, *, md5: bool = True) -> None:
         self.sha = hashlib.sha256()
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.md5 = hashlib.md5(usedforsecurity=False) if md5 else None
         self.size = 0
 
     def update(self, buf: bytes) -> None:
         self.sha.update(buf)
-        self.md5.update(buf)
+        if self.md5 is not None:
+            self.md5.update(buf)
         self.size += len(buf)
 
     def digest(self) -> FileDigest:
-        return FileDigest(self.size, self.sha.hexdigest(), self.md5.hexdigest())
+        return FileDigest(self.size, self.sha.hexdigest(), self.md5.hexdigest() if self.md5 is not None else None)
 
 
 def hash_file(path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> FileDigest:

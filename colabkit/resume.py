@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .checkpoints import (LATEST, CheckpointInfo, discover, is_manifest, manifest_path, start_writeback, step_of,
+from .checkpoints import (LATEST, CheckpointInfo, discover, is_manifest, manifest_path, step_of,
                           verify, _verify_plain)
 from .errors import ColabkitError, ConfigError, IntegrityError, ResumeError
 from .fsutil import TMP_PREFIX, atomic_write_bytes, atomic_write_json, hash_file
@@ -516,7 +516,7 @@ def copy_verified(src: str | os.PathLike, dst: str | os.PathLike, *, size: int, 
     One read of the source: each buffer is written by this thread while a helper thread hashes it (hashlib
     releases the GIL); sha256 only (the tier's md5 is not needed here). On a mismatch nothing is left at `dst`.
 
-    The copy is not fsynced (writeback is started as it goes, nobody waits for it): a fetched checkpoint is a
+    The copy is not fsynced: a fetched checkpoint is a
     copy of one the tier keeps, every load verifies it against its manifest (a copy torn by a power cut is
     refused and fetched again), and an upload of it re-hashes what it reads. Waiting for the disk here would
     cost resume ~0.6 s per 256 MB on this machine's disk for no protection. The Checkpointer's own saves,
@@ -566,8 +566,7 @@ def copy_verified(src: str | os.PathLike, dst: str | os.PathLike, *, size: int, 
                 off = 0
                 while off < n:
                     off += os.write(fd, view[off:])
-                full.put((buf, n))
-                start_writeback(fd, written, n)  # to disk soon, without waiting for it
+                full.put((buf, n))  # no early writeback: it would make this loop wait for the disk's queue
                 written += n
                 if progress:
                     progress(n)

@@ -284,13 +284,6 @@ class Preflight:
         return d
 
 
-def _experiments(cfg: "Config") -> list[str]:
-    base = cfg.root / cfg.experiments
-    with contextlib.suppress(OSError):
-        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return []
-
-
 def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int | str | None = None,
               check_tiers: bool = True, script: str | os.PathLike | None = None) -> Preflight:
     """The checks before a run starts, without starting anything.
@@ -312,7 +305,7 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
     _check_name(experiment)
     exp_dir = cfg.experiment_dir(experiment)
     if not exp_dir.is_dir():
-        known = _experiments(cfg)
+        known = cfg.experiment_names()
         raise PreflightError(
             f"unknown experiment {experiment!r}: {exp_dir} does not exist "
             f"({'experiments here: ' + ', '.join(known) if known else 'no experiments yet'}); "

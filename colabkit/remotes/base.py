@@ -43,14 +43,15 @@ class RemoteFile:
     id: str | None = None
 
     def matches(self, digest: FileDigest) -> bool:
-        """True when this record's size and every hash it carries agree with `digest`."""
+        """True when this record's size and every hash both sides carry agree (at least one must be compared)."""
         if self.size != digest.size:
             return False
         if self.sha256 is not None and self.sha256 != digest.sha256:
             return False
-        if self.md5 is not None and self.md5 != digest.md5:
+        md5_compared = self.md5 is not None and digest.md5 is not None
+        if md5_compared and self.md5 != digest.md5:
             return False
-        return self.sha256 is not None or self.md5 is not None
+        return self.sha256 is not None or md5_compared
 
 
 class UploadState(Protocol):

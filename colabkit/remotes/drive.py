@@ -149,21 +149,6 @@ def _classify(e: BaseException) -> _Failure:
     raise e
 
 
-def _writeback_starter() -> Callable[[int, int, int], None] | None:
-    """Linux ``sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE)``: start writing pages back without waiting,
-    so the fsync at the end of a large download finds little left to do. None where unavailable."""
-    if not hasattr(os, "fsync") or not os.uname().sysname == "Linux":
-        return None
-    try:
-        import ctypes
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        fn.restype = ctypes.c_int
-    except (OSError, AttributeError):
-        return None
-    return lambda fd, off, n: fn(fd, off, n, 2)
-
-
 class _Fanout:
     """Hand every block to several consumers, each on its own thread, in order.
 
@@ -306,18 +291,12 @@ class _HashingWriter:
 
     def __init__(self, f: Any, progress: Progress | None, *, name: str, sha256: bool) -> None:
         self.f, self.progress = f, progress
-        self._fd = f.fileno()
-        self._written = self._flushed = 0
-        self._writeback = _writeback_starter()
         self.h = _HashWorker(name, {"write": self._write}, sha256=sha256)
 
     def _write(self, data: bytes) -> None:
+        # no early writeback: a download is not fsynced (see colabkit.fsutil), and starting writeback per
+        # block makes the writer wait for the disk's queue
         self.f.write(data)
-        self._written += len(data)
-        if self._writeback is not None and self._written - self._flushed >= (64 << 20):
-            self.f.flush()
-            self._writeback(self._fd, self._flushed, self._written - self._flushed)
-            self._flushed = self._written
 
     def write(self, data: bytes) -> int:
         self.h.update(data)

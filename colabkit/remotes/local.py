@@ -44,7 +44,7 @@ class LocalRemote(Remote):
         with contextlib.suppress(OSError, ValueError):
             k1, k2, sha, md5 = cache.read_text().split()
             if f"{k1} {k2}" == key:
-                return FileDigest(st.st_size, sha, md5)
+                return FileDigest(st.st_size, sha, None if md5 == "-" else md5)
         digest = hash_file(self.root / rel)
         self._store_digest(rel, digest, st)
         return digest
@@ -54,7 +54,7 @@ class LocalRemote(Remote):
         with contextlib.suppress(OSError):
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(TMP_PREFIX + cache.name)
-            tmp.write_text(f"{st.st_size} {st.st_mtime_ns} {digest.sha256} {digest.md5}\n")
+            tmp.write_text(f"{st.st_size} {st.st_mtime_ns} {digest.sha256} {digest.md5 or '-'}\n")
             os.replace(tmp, cache)
 
     def _wrap(self, e: OSError, path: str | None) -> RemoteError:
@@ -103,7 +103,8 @@ class LocalRemote(Remote):
         rel = normalize_path(path)
         dst = self.root / rel
         try:
-            written = atomic_copy(local, dst, progress=progress)
+            # sha256 only: a folder tier needs no md5 (computing it cost more CPU than the copy)
+            written = atomic_copy(local, dst, progress=progress, md5=False)
         except FileNotFoundError:
             raise
         except OSError as e:
@@ -127,7 +128,8 @@ class LocalRemote(Remote):
             raise self.error(RemoteNotFoundError, f"{self.name}: {rel} does not exist in {self.root}", path=rel)
         local = Path(local)
         try:
-            written = atomic_copy(src, local, progress=progress, durable=False)  # a download (see fsutil)
+            # a download (see fsutil); md5 only when the record has nothing better to check against
+            written = atomic_copy(src, local, progress=progress, durable=False, md5=rec.sha256 is None)
         except OSError as e:
             raise self._wrap(e, rel) from e
         if not rec.matches(written):
