@@ -1,5 +1,5 @@
 """Drive tier throughput: a 256 MB upload + download through DriveRemote (resumable 8 MiB chunks, md5
-verification both ways, atomic fsynced download) against a plain single-request upload and download of the
+verification both ways, atomic download) against a plain single-request upload and download of the
 same bytes to the same local Drive server in the same run. Target: throughput ratio >= 0.8.
 
 The main figure passes the file's digest to put(), as the sync engine does (it hashes each file once, for its
@@ -105,7 +105,7 @@ def run() -> list[dict]:
         result("drive_roundtrip_256mb_throughput", mb * 2 / tr, mb * 2 / tp, 0.8, "MB/s", higher_is_better=True,
                notes=f"DriveRemote put(digest=known)+get {tr:.2f}s vs plain single-request PUT+GET {tp:.2f}s to the "
                      "same local Drive server (best of %d, alternated); 8 MiB chunks, md5 verified both ways "
-                     "(hashing, file write and fsync of the download on worker threads); the digest is passed to "
+                     "(hashing and file write of the download on worker threads; like the baseline's, the download is not fsynced); the digest is passed to "
                      "put() as the sync engine does" % ROUNDS),
         result("drive_roundtrip_256mb_throughput_hashing_upload", mb * 2 / th, mb * 2 / tp, 0.8, "MB/s",
                higher_is_better=True,
