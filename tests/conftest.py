@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -14,6 +15,12 @@ for _var in ("COLABKIT_CONFIG", "COLABKIT_SERVICE_ACCOUNT", "GOOGLE_APPLICATION_
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+# A shell that starts the suite in the background without job control (`cmd &` in a script, nohup) hands it
+# SIGINT ignored, and Python then installs no KeyboardInterrupt handler, in this process or in any child it
+# starts: the Ctrl-C tests would wait forever. Give the suite the handler an interactive session has.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
