@@ -15,6 +15,7 @@ Every step goes through the same public API the magics and the CLI use.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -124,9 +125,10 @@ def _run_until_preempted(cfg, args: list[str], *, kill_at: int, say: Callable[[s
             if m:
                 saved = max(saved, int(m.group(1)))
                 say(f"    | {line}")
-            hub_step = _newest_step(hub, prefix)
-            if hub_step is not None and saved >= kill_at:
-                break
+            if saved >= kill_at:
+                hub_step = _newest_step(hub, prefix)
+                if hub_step is not None:
+                    break
         else:
             raise DemoError(f"no checkpoint reached the hub tier, or the run did not reach step {kill_at}, within "
                             f"{timeout:.0f} s; see {cfg.state_dir / 'logs'} and {cfg.log_dir(EXPERIMENT)}")
@@ -134,7 +136,7 @@ def _run_until_preempted(cfg, args: list[str], *, kill_at: int, say: Callable[[s
             raise DemoError(f"colabkit train ended (exit {proc.wait(10)}) before the preemption; see "
                             f"{cfg.log_dir(EXPERIMENT)}")
     finally:
-        if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the VM vanishes: the runner, train.py and its sync at once
         proc.wait(30)
         reader.join(30)  # the pipe closes when the last process of the group is gone
