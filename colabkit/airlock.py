@@ -539,7 +539,7 @@ def export(experiment: str, *, config: "Config | None" = None, allow_dirty: bool
                     zfile = Path(tmp) / f"{chash}.zip"
                     build_bundle(cfg, experiment, entries, manifest, zfile, tick=tick)
                     digest = hash_file(zfile)
-                    rec = remote.put(zfile, zpath, digest=digest)
+                    remote.put(zfile, zpath, digest=digest)
                     uploaded += digest.size
                     bundle_sha, bundle_size = digest.sha256, digest.size
                     log.info("uploaded %s (%d bytes) to %s", zpath, digest.size, remote.describe())
@@ -819,7 +819,7 @@ def pull(experiment: str, *, config: "Config | None" = None, bundle: str = "late
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=staging) as tmp:
         zfile = Path(tmp) / f"{chash}.zip"
         try:
-            rec = remote.get(rpath, zfile)
+            remote.get(rpath, zfile)
         except RemoteNotFoundError:
             raise AirlockError(f"{label} is listed but {rpath} is missing on {remote.describe()}; export again") \
                 from None
@@ -1000,7 +1000,7 @@ def import_logs(experiment: str, *, config: "Config | None" = None, from_: str |
         RemoteError: the tier or the link failed.
     """
     cfg = _load_cfg(config)
-    d = _experiment_dir(cfg, experiment)
+    _experiment_dir(cfg, experiment)  # an unknown experiment fails here, naming the ones there are
     if from_ and gdown:
         raise AirlockError("pass either --from REMOTE or --gdown ID_OR_URL, not both")
     logs = cfg.log_dir(experiment)

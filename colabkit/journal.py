@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from .errors import ColabkitError, JournalError  # noqa: F401  (JournalError: re-exported)
+from .errors import JournalError
 from .fsutil import atomic_open
 
 if TYPE_CHECKING:

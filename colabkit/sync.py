@@ -398,7 +398,6 @@ class TierSyncer(threading.Thread):
             self.snap["state"] = "flushing"
         self._attempts = 0
         self._next_attempt = 0.0
-        ok = False
         _normal_priority()
         try:
             return self._flush_loop(deadline, settled=settled)

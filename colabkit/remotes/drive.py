@@ -24,11 +24,9 @@ import http.client
 import json
 import logging
 import os
-import posixpath
 import random
 import socket
 import threading
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable

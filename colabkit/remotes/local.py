@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import posixpath
 from pathlib import Path
 
 from ..errors import IntegrityError, RemoteError, RemoteNotFoundError, RemotePermissionError, RemoteQuotaError
 from ..fsutil import FileDigest, TMP_PREFIX, atomic_copy, fsync_dir, hash_file, is_temporary
-from .base import ACCESS_MARKER, Progress, Remote, RemoteFile, UploadState, normalize_path, verify_local
+from .base import ACCESS_MARKER, Progress, Remote, RemoteFile, UploadState, normalize_path
 
 # sidecar digests so list() does not re-hash every file; keyed by (size, mtime_ns)
 _DIGEST_DIR = ".colabkit-digests"
