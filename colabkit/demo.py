@@ -89,11 +89,12 @@ def _newest_step(remote, prefix: str) -> int | None:
 
 def _run_until_preempted(cfg, args: list[str], *, kill_at: int, say: Callable[[str], None],
                          timeout: float) -> dict[str, Any]:
-    """``colabkit train`` as its own process group; SIGKILL the group once the run has saved step `kill_at`
-    and the hub tier holds a checkpoint."""
+    """``colabkit train`` as its own process group; SIGKILL the group once the run has saved step `kill_at`,
+    the hub tier holds a checkpoint and the drive tier the run's log (as it would after a tick or two)."""
     from .remotes import open_remote
-    hub = open_remote(cfg, "hub")
+    hub, drive = open_remote(cfg, "hub"), open_remote(cfg, "drive")
     prefix = cfg.remote_path(cfg.checkpoint_dir(EXPERIMENT))
+    logs_prefix = cfg.remote_path(cfg.log_dir(EXPERIMENT))
     env = dict(os.environ, COLABKIT_CONFIG=str(cfg.source), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "colabkit", "train", EXPERIMENT, "--resume", "none", "--", *args]
     proc = subprocess.Popen(cmd, cwd=cfg.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -127,11 +128,12 @@ def _run_until_preempted(cfg, args: list[str], *, kill_at: int, say: Callable[[s
                 say(f"    | {line}")
             if saved >= kill_at:
                 hub_step = _newest_step(hub, prefix)
-                if hub_step is not None:
+                if hub_step is not None and any(f.path.endswith(".log") for f in drive.list(logs_prefix)):
                     break
         else:
-            raise DemoError(f"no checkpoint reached the hub tier, or the run did not reach step {kill_at}, within "
-                            f"{timeout:.0f} s; see {cfg.state_dir / 'logs'} and {cfg.log_dir(EXPERIMENT)}")
+            raise DemoError(f"the run did not reach step {kill_at}, or its first checkpoint and log did not reach the "
+                            f"hub and drive tiers, within {timeout:.0f} s; see {cfg.state_dir / 'logs'} and "
+                            f"{cfg.log_dir(EXPERIMENT)}")
         if eof:
             raise DemoError(f"colabkit train ended (exit {proc.wait(10)}) before the preemption; see "
                             f"{cfg.log_dir(EXPERIMENT)}")
