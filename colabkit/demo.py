@@ -78,22 +78,13 @@ def _new_site(path: Path, config_text: str):
     return load_config(path / "colabkit.yaml")
 
 
-def _newest_step(remote, prefix: str) -> int | None:
-    """The highest step of a checkpoint a tier holds with its manifest (what resume would trust)."""
-    from .checkpoints import step_of
-    names = {f.path for f in remote.list(prefix)}
-    steps = [step_of(p.rsplit("/", 1)[-1]) for p in names if p.endswith(".pt") and p + ".json" in names]
-    steps = [s for s in steps if s is not None]
-    return max(steps) if steps else None
-
-
 def _run_until_preempted(cfg, args: list[str], *, kill_at: int, say: Callable[[str], None],
                          timeout: float) -> dict[str, Any]:
     """``colabkit train`` as its own process group; SIGKILL the group once the run has saved step `kill_at`,
     the hub tier holds a checkpoint and the drive tier the run's log (as it would after a tick or two)."""
+    from . import resume
     from .remotes import open_remote
-    hub, drive = open_remote(cfg, "hub"), open_remote(cfg, "drive")
-    prefix = cfg.remote_path(cfg.checkpoint_dir(EXPERIMENT))
+    drive = open_remote(cfg, "drive")
     logs_prefix = cfg.remote_path(cfg.log_dir(EXPERIMENT))
     env = dict(os.environ, COLABKIT_CONFIG=str(cfg.source), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "colabkit", "train", EXPERIMENT, "--resume", "none", "--", *args]
@@ -127,7 +118,8 @@ def _run_until_preempted(cfg, args: list[str], *, kill_at: int, say: Callable[[s
                 saved = max(saved, int(m.group(1)))
                 say(f"    | {line}")
             if saved >= kill_at:
-                hub_step = _newest_step(hub, prefix)
+                # what resume would trust there: the newest checkpoint whose manifest agrees with it
+                hub_step = resume.locate(config=cfg, experiment=EXPERIMENT, sources=["hub"]).source("hub").newest_step
                 if hub_step is not None and any(f.path.endswith(".log") for f in drive.list(logs_prefix)):
                     break
         else:

@@ -516,9 +516,9 @@ def copy_verified(src: str | os.PathLike, dst: str | os.PathLike, *, size: int, 
     One read of the source: each buffer is written by this thread while a helper thread hashes it (hashlib
     releases the GIL); sha256 only (the tier's md5 is not needed here). On a mismatch nothing is left at `dst`.
 
-    The copy is not fsynced: a fetched checkpoint is a
-    copy of one the tier keeps, every load verifies it against its manifest (a copy torn by a power cut is
-    refused and fetched again), and an upload of it re-hashes what it reads. Waiting for the disk here would
+    The copy is not fsynced: a fetched checkpoint is a copy of one the tier keeps, every load verifies it
+    against its manifest (a copy torn by a power cut is refused and fetched again), and an upload of it
+    re-hashes what it reads. Waiting for the disk here would
     cost resume ~0.6 s per 256 MB on this machine's disk for no protection. The Checkpointer's own saves,
     the only copy until synced, are fsynced.
 
