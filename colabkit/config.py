@@ -107,7 +107,7 @@ class DriveConfig:
     credentials: str | None = None          # path to a service-account or authorized-user JSON
     endpoint: str | None = None             # replaces https://www.googleapis.com/ (or COLABKIT_DRIVE_ENDPOINT)
     scopes: tuple[str, ...] = (DRIVE_SCOPE,)
-    chunk_size: int = 8 * 1024 * 1024       # resumable-upload chunk, a multiple of 256 KiB
+    chunk_size: int = 16 * 1024 * 1024      # resumable-upload chunk, a multiple of 256 KiB
     timeout: float = 60.0
 
     @property

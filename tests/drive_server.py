@@ -24,7 +24,8 @@ What it speaks (the subset colabkit and gdown use, with Drive's real shapes):
   ``name = '...'``, ``mimeType =/!= '...'``, ``trashed = false`` joined by ``and``; paging through
   ``pageToken``; ``fields`` honoured, so ``md5Checksum``/``size``/``parents`` appear only when asked for),
   get (metadata, ``alt=media`` with ``Range``), update (metadata, ``addParents``/``removeParents``),
-  delete; ``/drive/v3/about``.
+  delete; ``/drive/v3/about``. ``appProperties`` are kept from create/update/upload bodies (merged on update,
+  a null value removes a key, 124 bytes per key + value) and survive a content update, as on Drive.
 - ``/upload/drive/v3/files[/<id>]``: ``uploadType=multipart`` and ``uploadType=resumable`` (200 + Location to
   start; PUT chunks answered 308 with ``Range`` while incomplete; ``Content-Range: bytes */N`` status
   queries). Like Drive, a chunk cut off mid-way keeps only whole 256 KiB units.
@@ -118,6 +119,7 @@ class DFile:
     trashed: bool = False
     shares: dict[str, str] = field(default_factory=dict)   # email -> reader | writer
     public: bool = False                                   # "anyone with the link"
+    app_properties: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_folder(self) -> bool:
@@ -132,7 +134,33 @@ class DFile:
             r["md5Checksum"] = self.md5
         if self.drive_id:
             r["driveId"] = self.drive_id
+        if self.app_properties:
+            r["appProperties"] = dict(self.app_properties)
         return r
+
+    def set_app_properties(self, meta: dict[str, Any]) -> None:
+        """Merge ``meta["appProperties"]`` as Drive does: a key set to null is removed."""
+        for k, v in _app_properties(meta).items():
+            if v is None:
+                self.app_properties.pop(k, None)
+            else:
+                self.app_properties[k] = v
+
+
+def _app_properties(meta: dict[str, Any]) -> dict[str, Any]:
+    """Validate the appProperties of a request body (a map of strings, 124 bytes per key + value)."""
+    props = meta.get("appProperties")
+    if props is None:
+        return {}
+    if not isinstance(props, dict):
+        raise HTTPFail(400, "Invalid Value for field appProperties", "invalid")
+    for k, v in props.items():
+        if v is not None and not isinstance(v, str):
+            raise HTTPFail(400, f"Invalid Value for appProperties[{k!r}]", "invalid")
+        if len(k.encode()) + len((v or "").encode()) > 124:
+            raise HTTPFail(400, "The limit of 124 bytes (UTF-8) for the key and value of a property was exceeded.",
+                           "invalidProperty")
+    return props
 
 
 @dataclass
@@ -230,6 +258,9 @@ class Faults:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    #: a JSON answer goes out as two writes (headers, body); with Nagle on, the body waited for the client's
+    #: delayed ACK, ~40 ms per answer, which Drive's front ends do not do
+    disable_nagle_algorithm = True
     server: "_HTTPServer"
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet
@@ -709,6 +740,7 @@ class DriveServer:
             raise HTTPFail(403, "Creating files in the root of My Drive is not allowed in these tests.",
                            "insufficientFilePermissions")
         mime = meta.get("mimeType") or "application/octet-stream"
+        _app_properties(meta)
         with self._lock:
             parent = self._get_visible(parents[0], who, all_drives)
             self._check_create_in(parent, who, mime)
@@ -718,6 +750,7 @@ class DriveServer:
             f = DFile(_new_id(), meta.get("name") or "Untitled", mime, [parent.id], who, now, now,
                       size=0 if mime == FOLDER_MIME else size, md5=None if mime == FOLDER_MIME else md5,
                       blob=blob, drive_id=parent.drive_id)
+            f.set_app_properties(meta)
             self.files[f.id] = f
             return f
 
@@ -773,6 +806,7 @@ class DriveServer:
                 f.name = meta["name"]
             if "trashed" in meta:
                 f.trashed = bool(meta["trashed"])
+            f.set_app_properties(meta)
             for p in filter(None, (query.get("removeParents") or "").split(",")):
                 if p in f.parents:
                     f.parents.remove(p)
@@ -835,6 +869,7 @@ class DriveServer:
             f.blob, f.size, f.md5, f.modified = blob, size, md5, time.time()
             if meta.get("name"):
                 f.name = meta["name"]
+            f.set_app_properties(meta)
             if old and old != blob:
                 old.unlink(missing_ok=True)
             return f
@@ -848,6 +883,7 @@ class DriveServer:
                 self._new_file(meta, who, query, size=0, md5=None, blob=None, check_only=True)
             else:
                 self._check_write(self._get_visible(fid, who, query.get("supportsAllDrives") == "true"), who)
+                _app_properties(meta)
             self._check_upload_allowed(who, total or 0)
             sid = "ADPycd" + _secrets.token_urlsafe(24)
             s = Session(sid, who, total, meta, query.get("fields"), fid, self.blobs / ("s-" + sid),

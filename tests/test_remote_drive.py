@@ -157,7 +157,7 @@ def test_upload_with_30_percent_faults_arrives_once_and_verified(drive_server, t
     src = big_file(tmp_path / "data" / "ckpt.bin", 100 * 1000 * 1000)
     drive_server.faults.ratio(0.3, seed=7)
     rec = remote.put(src, "v68/ckpt.bin")
-    back = remote.get("v68/ckpt.bin", tmp_path / "back" / "ckpt.bin", expected=rec)  # md5 and sha256 checked
+    back = remote.get("v68/ckpt.bin", tmp_path / "back" / "ckpt.bin", expected=rec)  # sha256 checked
     drive_server.faults.clear()
     local = hash_file(src)
     copies = [f for f in drive_server.files.values() if f.name == "ckpt.bin"]
@@ -193,6 +193,10 @@ def test_retry_after_is_honoured(drive_server, tmp_path):
     drive_server.faults.fail(1, 429, retry_after=7, method="PUT")
     remote.put(src, "r.bin")
     assert max(waits) >= 7
+    waits.clear()
+    drive_server.faults.fail(1, 503, retry_after=5, method="GET", path="alt=media")   # downloads too
+    remote.get("r.bin", tmp_path / "back.bin")
+    assert max(waits) >= 5 and hash_file(tmp_path / "back.bin") == hash_file(src)
     remote.close()
 
 
@@ -223,8 +227,44 @@ def test_truncated_download_resumes_by_range(drive_server, tmp_path):
     drive_server.faults.truncate(2)
     got = remote.get("t.bin", tmp_path / "out" / "t.bin")
     assert (tmp_path / "out" / "t.bin").read_bytes() == src.read_bytes()
-    assert got.md5 == hash_file(src).md5 and got.sha256 is None, "a Drive record carries md5 only"
+    assert got.sha256 == hash_file(src).sha256, "verified by the sha256 recorded beside Drive's md5"
     assert len([1 for k, _, _ in drive_server.faults.injected if k == "truncate"]) == 2
+    ranges = [p for m, p in drive_server.requests if m == "GET" and "alt=media" in p]
+    assert len(ranges) == 3, "one request, then two continuing where the truncated answers stopped"
+    remote.close()
+
+
+def test_records_carry_the_sha256_beside_drives_md5(drive_server, tmp_path):
+    remote = make_remote(drive_server, tmp_path)
+    src = big_file(tmp_path / "s.bin", 3 * MiB)
+    d = hash_file(src)
+    before = len(drive_server.requests)
+    rec = remote.put(src, "known/s.bin", digest=d)
+    assert rec.sha256 == d.sha256 and rec.md5 == d.md5
+    assert not [m for m, _ in drive_server.requests[before:] if m == "PATCH"], "a known digest goes up with the file"
+    assert drive_server.find("known/s.bin", root=remote.folder_id).app_properties == {
+        "colabkitSha256": d.sha256, "colabkitMd5": d.md5}
+    rec2 = remote.put(src, "hashed/s.bin")   # hashed in the upload's read pass: recorded just after
+    assert rec2.sha256 == d.sha256
+    assert [(f.path, f.sha256, f.md5) for f in remote.list()] == [("hashed/s.bin", d.sha256, d.md5),
+                                                                  ("known/s.bin", d.sha256, d.md5)]
+    remote.close()
+
+
+def test_content_replaced_by_another_client_is_verified_by_md5(drive_server, tmp_path):
+    """Drive keeps appProperties when another client uploads new content: the stale sha256 is not believed."""
+    import hashlib
+    remote = make_remote(drive_server, tmp_path)
+    rec = remote.put(write(tmp_path / "n.txt", b"colabkit's notes\n"), "n.txt")
+    f = drive_server.files[rec.id]
+    new = b"edited in the Drive web UI\n"
+    f.blob.write_bytes(new)
+    f.size, f.md5 = len(new), hashlib.md5(new).hexdigest()
+    assert f.app_properties["colabkitSha256"] == rec.sha256, "the old sha256 is still there"
+    listed = remote.stat("n.txt")
+    assert listed.sha256 is None and listed.md5 == f.md5
+    got = remote.get("n.txt", tmp_path / "out.txt")
+    assert (tmp_path / "out.txt").read_bytes() == new and got.md5 == f.md5
     remote.close()
 
 
@@ -242,10 +282,15 @@ def test_corrupt_remote_copy_is_rejected_on_download(drive_server, tmp_path, req
 
 def test_expired_access_token_is_refreshed(drive_server, tmp_path):
     remote = make_remote(drive_server, tmp_path)
-    remote.put(write(tmp_path / "a", b"1"), "a.txt")
+    rec_a = remote.put(write(tmp_path / "a", b"1"), "a.txt")
     drive_server.expire_tokens()
     remote.put(write(tmp_path / "b", b"2"), "b.txt")
     assert [f.path for f in remote.list()] == ["a.txt", "b.txt"]
+    drive_server.expire_tokens()   # a download (its own HTTP session, the same credentials) refreshes too
+    before = len(drive_server.requests)
+    remote.get("a.txt", tmp_path / "a.back", expected=rec_a)   # no listing first: only the download asks
+    assert (tmp_path / "a.back").read_bytes() == b"1"
+    assert [m for m, _ in drive_server.requests[before:]] == ["GET", "POST", "GET"], "401, refresh, retry"
     remote.close()
 
 
