@@ -6,14 +6,21 @@ Downloads (``durable=False``) are renamed into place without the fsync: they are
 keeps, verified against their hash when written and again when loaded, so a copy torn by a power cut is
 refused and fetched again; waiting for the disk would cost ~0.6 s per 256 MB here for no protection.
 Temporary names all start with :data:`TMP_PREFIX`, which the sync engine and discovery ignore.
+
+A download that replaces an older copy is swapped into place (:func:`replace_copy`) rather than renamed over it:
+ext4 treats a rename over an existing file as a request to allocate and start writing back the whole new file
+at once (``auto_da_alloc``), which cost 0.2-1.3 s per 256 MB on this machine's disk.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,13 +70,65 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, durable: bool = Tr
             f.flush()
             if durable:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if durable:
+            os.replace(tmp, path)
+        else:
+            replace_copy(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_renameat2: Any = None   # libc's renameat2, False where there is none
+
+
+def _exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Atomically swap the names `a` and `b` (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+                fn = ctypes.CDLL(None, use_errno=True).renameat2
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _renameat2 = fn
+            except (OSError, AttributeError):
+                pass
+    if not _renameat2:
+        return False
+    import ctypes
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV,
+               errno.EPERM):
+        return False   # `b` went away, or the file system cannot exchange: a plain rename does it
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+def replace_copy(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the finished, verified copy `tmp` to `path`, replacing what is there, atomically.
+
+    For copies that need no fsync (downloads): when `path` is an existing regular file the two names are
+    swapped and the old copy is then removed, instead of renaming over it, which on ext4 makes the rename
+    allocate and start writing back the whole new file (see the module docstring). Readers see the old copy
+    or the new one, never neither.
+    """
+    try:
+        existing = stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        existing = False
+    if existing and _exchange(tmp, path):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)   # now the old copy
+        return
+    os.replace(tmp, path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
@@ -87,10 +146,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, durable: bool = True
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, *,
                 progress: Callable[[int], None] | None = None, durable: bool = True,
-                md5: bool = True) -> "FileDigest":
+                md5: bool = True, check: Callable[["FileDigest"], None] | None = None) -> "FileDigest":
     """Copy `src` to `dst` atomically and return the digest of the bytes written (one read pass).
 
     `md5=False` skips the md5 (only Drive needs it; it costs more CPU than sha256): the digest's md5 is None.
+    `check` is called with the digest before the copy takes `dst`'s name; if it raises, `dst` is left as it was.
     """
     h = _Hasher(md5=md5)
     with open(src, "rb") as fin, atomic_open(dst, "wb", durable=durable) as fout:
@@ -102,6 +162,8 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, *,
             h.update(buf)
             if progress:
                 progress(len(buf))
+        if check is not None:
+            check(h.digest())
     return h.digest()
 
 

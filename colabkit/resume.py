@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .checkpoints import (LATEST, CheckpointInfo, discover, is_manifest, manifest_path, step_of,
                           verify, _verify_plain)
 from .errors import ColabkitError, ConfigError, IntegrityError, ResumeError
-from .fsutil import TMP_PREFIX, atomic_write_bytes, atomic_write_json, hash_file
+from .fsutil import TMP_PREFIX, atomic_write_bytes, atomic_write_json, hash_file, replace_copy
 
 if TYPE_CHECKING:
     from .config import Config
@@ -579,7 +579,7 @@ def copy_verified(src: str | os.PathLike, dst: str | os.PathLike, *, size: int, 
                                  path=str(src), expected=sha256, actual=got)
         os.close(fd)
         fd = -1
-        os.replace(tmp, dst)
+        replace_copy(tmp, dst)
         ok = True
     finally:
         if t.is_alive():

@@ -82,6 +82,19 @@ class RemoteContract:
         assert isinstance(ei.value, FileNotFoundError) and isinstance(ei.value, RemoteError)
         assert not (tmp_path / "x.pt").exists()
 
+    def test_get_over_an_older_copy_replaces_it_or_leaves_it(self, remote: Remote, tmp_path: Path):
+        data = os.urandom(400_000)
+        rec = remote.put(_write(tmp_path / "new.pt", data), "ck/m.pt")
+        dst = _write(tmp_path / "out" / "m.pt", b"an older local copy")
+        forged = RemoteFile(rec.path, rec.size, sha256="0" * 64 if rec.sha256 else None,
+                            md5="0" * 32 if rec.md5 else None, modified=rec.modified, id=rec.id)
+        with pytest.raises(IntegrityError):
+            remote.get("ck/m.pt", dst, expected=forged)
+        assert dst.read_bytes() == b"an older local copy", "a failed download must leave the old copy as it was"
+        remote.get("ck/m.pt", dst)
+        assert dst.read_bytes() == data
+        assert [p.name for p in dst.parent.iterdir()] == ["m.pt"], "the old copy or a temporary file was left"
+
     def test_get_with_wrong_expected_hash_leaves_nothing(self, remote: Remote, tmp_path: Path):
         rec = remote.put(_write(tmp_path / "f", b"real content"), "v/f.bin")
         forged = RemoteFile(rec.path, rec.size, sha256="0" * 64 if rec.sha256 else None,

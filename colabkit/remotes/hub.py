@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..errors import (ConfigError, IntegrityError, MissingDependencyError, RemoteAuthError, RemoteError,
                       RemoteNotFoundError, RemotePermissionError, RemoteQuotaError, TransientRemoteError)
-from ..fsutil import TMP_PREFIX, FileDigest
+from ..fsutil import TMP_PREFIX, FileDigest, replace_copy
 from ..secrets import redact
 from .base import ACCESS_MARKER, Progress, Remote, RemoteFile, UploadState, normalize_path
 
@@ -791,7 +791,7 @@ class HubRemote(Remote):
                 raise IntegrityError(f"{self.name}: {rel} does not match its recorded hash (size {size} vs {rec.size}, "
                                      f"hash {got} vs {want}); the copy was discarded", path=rel, expected=want,
                                      actual=got)
-            os.replace(tmp, local)  # a download: not fsynced (see colabkit.fsutil)
+            replace_copy(tmp, local)  # a download: not fsynced (see colabkit.fsutil)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
         if git:

@@ -126,16 +126,16 @@ class LocalRemote(Remote):
         if rec is None or not src.is_file():
             raise self.error(RemoteNotFoundError, f"{self.name}: {rel} does not exist in {self.root}", path=rel)
         local = Path(local)
+
+        def check(written: FileDigest) -> None:   # before the copy takes the name: an older copy there stays
+            if not rec.matches(written):
+                raise IntegrityError(f"{self.name}: {rel} does not match its recorded hash; the copy was discarded",
+                                     path=rel, expected=rec.sha256 or rec.md5, actual=written.sha256)
         try:
             # a download (see fsutil); md5 only when the record has nothing better to check against
-            written = atomic_copy(src, local, progress=progress, durable=False, md5=rec.sha256 is None)
+            atomic_copy(src, local, progress=progress, durable=False, md5=rec.sha256 is None, check=check)
         except OSError as e:
             raise self._wrap(e, rel) from e
-        if not rec.matches(written):
-            with contextlib.suppress(OSError):
-                local.unlink()
-            raise IntegrityError(f"{self.name}: {rel} does not match its recorded hash; the copy was discarded",
-                                 path=rel, expected=rec.sha256 or rec.md5, actual=written.sha256)
         return rec
 
     def delete(self, path: str) -> None:

@@ -1,0 +1,76 @@
+"""Atomic replacement of downloaded copies (colabkit.fsutil.replace_copy / atomic_open(durable=False))."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from colabkit import fsutil
+from colabkit.fsutil import atomic_open, replace_copy
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(params=["exchange", "rename"])
+def how(request, monkeypatch):
+    """Both ways a copy is put in place: the Linux swap, and the plain rename used where there is none."""
+    if request.param == "rename":
+        monkeypatch.setattr(fsutil, "_renameat2", False)
+    elif not sys.platform.startswith("linux"):
+        pytest.skip("renameat2 is Linux only")
+    return request.param
+
+
+def test_replace_copy_over_an_existing_file(tmp_path, how):
+    old, new = tmp_path / "ckpt.pt", tmp_path / ".colabkit-tmp-ckpt.pt.x"
+    old.write_bytes(b"old copy")
+    new.write_bytes(b"new copy, longer")
+    with open(old, "rb") as reader:          # a reader of the old copy keeps reading it
+        replace_copy(new, old)
+        assert reader.read() == b"old copy"
+    assert old.read_bytes() == b"new copy, longer"
+    assert _files(tmp_path) == ["ckpt.pt"], "the old copy or the temporary name was left behind"
+
+
+def test_replace_copy_to_a_new_name(tmp_path, how):
+    new = tmp_path / ".colabkit-tmp-a.x"
+    new.write_bytes(b"data")
+    replace_copy(new, tmp_path / "a.bin")
+    assert (tmp_path / "a.bin").read_bytes() == b"data" and _files(tmp_path) == ["a.bin"]
+
+
+def test_replace_copy_onto_a_symlink_replaces_the_link_not_its_target(tmp_path, how):
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"keep me")
+    (tmp_path / "link.bin").symlink_to(target)
+    new = tmp_path / ".colabkit-tmp-l.x"
+    new.write_bytes(b"downloaded")
+    replace_copy(new, tmp_path / "link.bin")
+    assert not (tmp_path / "link.bin").is_symlink()
+    assert (tmp_path / "link.bin").read_bytes() == b"downloaded" and target.read_bytes() == b"keep me"
+
+
+def test_replace_copy_onto_a_directory_fails_and_keeps_both(tmp_path, how):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "inside").write_bytes(b"x")
+    new = tmp_path / ".colabkit-tmp-d.x"
+    new.write_bytes(b"file")
+    with pytest.raises(OSError):
+        replace_copy(new, tmp_path / "d")
+    assert (tmp_path / "d" / "inside").read_bytes() == b"x" and new.read_bytes() == b"file"
+
+
+def test_download_that_fails_midway_leaves_the_old_copy(tmp_path, how):
+    dst = tmp_path / "m.pt"
+    dst.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(dst, "wb", durable=False) as f:
+            f.write(b"half of the new")
+            raise RuntimeError("connection lost")
+    assert dst.read_bytes() == b"old" and _files(tmp_path) == ["m.pt"]
+    with atomic_open(dst, "wb", durable=False) as f:
+        f.write(b"the new copy")
+    assert dst.read_bytes() == b"the new copy" and _files(tmp_path) == ["m.pt"]
