@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import re
-import sys
 import threading
 import time
 import uuid
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from .errors import CheckpointError, DiskFullError, IntegrityError, MissingDependencyError, NoCheckpointError
-from .fsutil import TMP_PREFIX, atomic_write_json, free_bytes, fsync_dir, is_temporary
+from .fsutil import TMP_PREFIX, atomic_write_json, free_bytes, fsync_dir, is_temporary, linux_libc
 
 log = logging.getLogger(__name__)
 
@@ -351,27 +350,14 @@ class _HashingWriter:
             raise
 
 
-_sync_file_range: Any = None
-
-
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask the kernel to start writing `nbytes` at `offset` to disk now, without waiting (Linux
     ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so the fsync at the end of a large write has little left
     to do. A no-op where unavailable."""
-    global _sync_file_range
-    if _sync_file_range is None:
-        _sync_file_range = False
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-                f = ctypes.CDLL(None, use_errno=True).sync_file_range
-                f.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-                f.restype = ctypes.c_int
-                _sync_file_range = f
-            except (OSError, AttributeError):
-                pass
-    if _sync_file_range:
-        _sync_file_range(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; failures only lose the head start
+    import ctypes
+    fn = linux_libc("sync_file_range", (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint))
+    if fn is not None:
+        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; failures only lose the head start
 
 
 def _is_no_space(e: BaseException | None) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -82,28 +83,32 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, durable: bool = Tr
         fsync_dir(path.parent)
 
 
+@functools.lru_cache(maxsize=None)
+def linux_libc(name: str, argtypes: tuple[Any, ...]) -> Callable[..., int] | None:
+    """libc's function `name` (ctypes, errno kept, returning int) on Linux; None elsewhere or where it is missing."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = list(argtypes)
+    fn.restype = ctypes.c_int
+    return fn
+
+
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
-_renameat2: Any = None   # libc's renameat2, False where there is none
 
 
 def _exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Atomically swap the names `a` and `b` (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    global _renameat2
-    if _renameat2 is None:
-        _renameat2 = False
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-                fn = ctypes.CDLL(None, use_errno=True).renameat2
-                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-                fn.restype = ctypes.c_int
-                _renameat2 = fn
-            except (OSError, AttributeError):
-                pass
-    if not _renameat2:
-        return False
     import ctypes
-    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    renameat2 = linux_libc("renameat2", (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                                         ctypes.c_uint))
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV,

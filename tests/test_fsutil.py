@@ -18,7 +18,7 @@ def _files(folder: Path) -> list[str]:
 def how(request, monkeypatch):
     """Both ways a copy is put in place: the Linux swap, and the plain rename used where there is none."""
     if request.param == "rename":
-        monkeypatch.setattr(fsutil, "_renameat2", False)
+        monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False)
     elif not sys.platform.startswith("linux"):
         pytest.skip("renameat2 is Linux only")
     return request.param
