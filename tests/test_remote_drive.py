@@ -251,6 +251,20 @@ def test_records_carry_the_sha256_beside_drives_md5(drive_server, tmp_path):
     remote.close()
 
 
+def test_sha256_that_cannot_be_recorded_leaves_a_verified_upload(drive_server, tmp_path, caplog):
+    remote = make_remote(drive_server, tmp_path)
+    src = big_file(tmp_path / "p.bin", 2 * MiB)
+    drive_server.faults.fail(1, 403, reason="insufficientFilePermissions", method="PATCH")
+    with caplog.at_level(logging.WARNING, logger="colabkit.remotes.drive"):
+        rec = remote.put(src, "p.bin")   # hashed in the read pass: the sha256 goes up after the upload
+    assert rec.md5 == hash_file(src).md5
+    assert "stays uploaded and verified by md5" in caplog.text
+    assert remote.stat("p.bin").sha256 is None
+    remote.get("p.bin", tmp_path / "back.bin")
+    assert hash_file(tmp_path / "back.bin") == hash_file(src)
+    remote.close()
+
+
 def test_content_replaced_by_another_client_is_verified_by_md5(drive_server, tmp_path):
     """Drive keeps appProperties when another client uploads new content: the stale sha256 is not believed."""
     import hashlib

@@ -215,10 +215,9 @@ class _Fanout:
 
 
 class _HashWorker(_Fanout):
-    """md5 and/or sha256, each on a worker thread (plus any extra consumers, e.g. the file write)."""
+    """md5 and/or sha256, each on a worker thread."""
 
-    def __init__(self, name: str, extra: dict[str, Callable[[Any], Any]] | None = None, *,
-                 sha256: bool = True, md5: bool = True) -> None:
+    def __init__(self, name: str, *, sha256: bool = True, md5: bool = True) -> None:
         import hashlib
         self._md5 = hashlib.md5(usedforsecurity=False) if md5 else None
         self._sha = hashlib.sha256() if sha256 else None
@@ -227,7 +226,7 @@ class _HashWorker(_Fanout):
             sinks["md5"] = self._md5.update
         if self._sha is not None:
             sinks["sha256"] = self._sha.update
-        super().__init__(name, {**sinks, **(extra or {})})
+        super().__init__(name, sinks)
 
     def digest(self) -> FileDigest:
         """The digest; ``sha256`` is "" and ``md5`` None when not asked for."""
@@ -346,8 +345,9 @@ def _media_class():
         raise MissingDependencyError("google-api-python-client", purpose="The Google Drive tier") from e
 
     class _ChunkUpload(MediaIoBaseUpload):
-        """Chunks are handed to httplib2 as bytes, so a resend after a dropped connection sends them again
-        (a stream slice would already be consumed and the request would hang)."""
+        """Chunks are handed to httplib2 as bytes-like objects (views of the :class:`_ChunkReader`'s buffers), so
+        a resend after a dropped connection sends them again (a stream slice would already be consumed and the
+        request would hang)."""
 
         def __init__(self, fh, *, chunksize: int, resumable: bool, hasher: _SequentialHasher | None,
                      reader: _ChunkReader | None = None) -> None:
@@ -751,11 +751,15 @@ class DriveRemote(Remote):
                             supportsAllDrives=True)
 
     def _set_digest(self, file_id: str | None, digest: FileDigest, rel: str) -> None:
-        """Record the sha256 beside Drive's md5 (see :data:`APP_SHA256`); without it, reads verify by md5."""
+        """Record the sha256 beside Drive's md5 (see :data:`APP_SHA256`). The upload is verified already: if
+        this fails the file stays, and reads of it verify by Drive's md5 instead."""
         def update():
             return self._service().files().update(fileId=file_id, body={"appProperties": _digest_props(digest)},
                                                   fields="id", supportsAllDrives=True).execute()
-        self._call(update, action="upload (record sha256)", path=rel)
+        try:
+            self._call(update, action="upload (record sha256)", path=rel)
+        except RemoteError as e:
+            log.warning("%s; %s stays uploaded and verified by md5", e, rel)
 
     def _put_multipart(self, local: Path, rel: str, folder: str, name: str, target: str | None,
                        digest: FileDigest | None, progress: Progress | None) -> tuple[dict[str, Any], FileDigest]:
