@@ -979,8 +979,7 @@ class DriveRemote(Remote):
             if writer.h.size < rec.size:
                 raise ConnectionError(f"the download ended at byte {writer.h.size} of {rec.size}")
 
-        while writer.h.size < rec.size:
-            self._call(stream, action="download", path=rel)
+        self._call(stream, action="download", path=rel)   # each retry asks for the bytes still missing
 
     def _delete_id(self, file_id: str | None, rel: str | None) -> None:
         if not file_id:
