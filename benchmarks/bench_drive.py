@@ -168,8 +168,7 @@ def run() -> list[dict]:
         dp, dr, _ = _measure(WORK)
         out.append(result("drive_roundtrip_256mb_throughput_disk", mb * 2 / dr, mb * 2 / dp, 0.8, "MB/s",
                           higher_is_better=True,
-                          notes=f"as the first, files on disk: {dr:.2f}s vs {dp:.2f}s (read 0.66-1.01 over six "
-                                "runs of the same code)"))
+                          notes=f"as the first, files on disk: {dr:.2f}s vs {dp:.2f}s"))
     return out
 
 
