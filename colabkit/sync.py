@@ -9,9 +9,11 @@ stable for ``sync.settle``; temporary names never) and that it does not already 
 :class:`colabkit.ledger.Ledger`), and uploads them one at a time (a Hub tier: all in one commit through
 ``put_many``). The training process never waits: uploads run on these threads, at a lowered CPU priority.
 
-Errors: transient ones (TransientRemoteError, any other RemoteError/OSError not known to be fatal) retry
-with exponential back-off and jitter, honouring ``retry_after``; RemoteQuotaError, RemoteAuthError and
-RemotePermissionError stop that tier. Either way the error stays in :func:`status` and the log
+Errors are classified once, where a remote wraps them (``RemoteError.kind``, see
+:func:`colabkit.errors.error_kind`): ``transient`` ones (5xx, 429, dropped connections, a token endpoint that is
+briefly down) and any other RemoteError/OSError not known to be fatal retry with exponential back-off and jitter,
+honouring ``retry_after``, for as long as the tier runs (each attempt is bounded by the remote's own retries);
+``auth``, ``permission`` and ``quota`` stop that tier (:data:`FATAL_KINDS`). Either way the error stays in :func:`status` and the log
 (``<root>/.colabkit/logs/sync.log``) until a later upload succeeds. Threads never print.
 
 Example:
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import (ColabkitError, IntegrityError, RemoteAuthError, RemoteError, RemotePermissionError,
-                     RemoteQuotaError, SyncError)
+                     RemoteQuotaError, SyncError, error_kind)
 from .fsutil import FileDigest, atomic_write_json, hash_file, is_temporary
 
 if TYPE_CHECKING:
@@ -54,7 +56,9 @@ _activity = logging.getLogger(__name__ + ".activity")
 _activity.propagate = False
 _activity.setLevel(logging.INFO)
 
-FATAL = (RemoteQuotaError, RemoteAuthError, RemotePermissionError)
+#: error kinds that stop a tier: retrying cannot help until someone fixes the key, the sharing or the quota
+FATAL_KINDS = frozenset({"auth", "permission", "quota"})
+FATAL = (RemoteQuotaError, RemoteAuthError, RemotePermissionError)   # the classes of FATAL_KINDS
 _SKIP_DIRS = {".colabkit", ".git", "__pycache__", ".ipynb_checkpoints"}
 _GUARD_INTERVAL = 30.0      # the disk guard also runs between due ticks, at least this often
 _CKPT_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -275,7 +279,8 @@ class TierSyncer(threading.Thread):
         self.snap: dict[str, Any] = {
             "tier": tier.name, "remote": remote.describe() if remote else None, "state": "starting",
             "every": self.every, "last_upload": None, "last_tick": None, "next_due": None, "pending_files": 0,
-            "pending_bytes": 0, "last_error": None, "last_error_at": None, "uploaded": 0, "uploaded_bytes": 0,
+            "pending_bytes": 0, "last_error": None, "last_error_at": None, "last_error_kind": None,
+            "uploaded": 0, "uploaded_bytes": 0,
             "skipped": 0, "errors": 0, "retry_at": None, "current": None}
         if open_error is not None:
             self._set_fatal(open_error)
@@ -529,6 +534,7 @@ class TierSyncer(threading.Thread):
                 self._attempts = 0
                 self._next_attempt = 0.0
                 self.snap["last_error"] = None
+                self.snap["last_error_kind"] = None
                 self.snap["retry_at"] = None
             if self.fatal is None:
                 self.snap["state"] = "retrying" if self._next_attempt > time.monotonic() else "idle"
@@ -686,6 +692,7 @@ class TierSyncer(threading.Thread):
         with self._lock:
             self.snap["last_error"] = msg
             self.snap["last_error_at"] = time.time()
+            self.snap["last_error_kind"] = error_kind(e)
             self.snap["errors"] += 1
         log.warning("%s: upload failed (will retry): %s", self.tier.name, msg)
 
@@ -708,6 +715,7 @@ class TierSyncer(threading.Thread):
             self.snap["state"] = "stopped"
             self.snap["last_error"] = msg
             self.snap["last_error_at"] = time.time()
+            self.snap["last_error_kind"] = error_kind(e)
             self.snap["errors"] += 1
         log.error("%s: tier stopped: %s", self.tier.name, msg)
 

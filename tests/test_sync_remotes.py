@@ -106,3 +106,29 @@ def test_hub_tier_gets_a_ticks_files_in_one_commit(hub_server: HubServer, tmp_pa
     n = len(repo.commits)
     assert sync.once(config=cfg)["ok"]
     assert len(repo.commits) == n  # nothing new: no commit at all
+
+
+def test_drive_token_endpoint_outage_does_not_stop_the_tier(drive_server, tmp_path):
+    """Three failed refreshes in a row (503 at the token endpoint) used to stop the Drive tier for the rest
+    of the run with "the credentials were rejected". It is transient: the tier backs off and uploads."""
+    from colabkit.remotes import open_remote
+    folder = drive_server.create_folder("colabkit", share_with={DriveServer.SA_EMAIL: "writer"}, shared_drive=True)
+    key = drive_server.write_service_account(tmp_path / "keys" / "sa.json")
+    root = tmp_path / "proj"
+    (root / "logs").mkdir(parents=True)
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "drive": {"folder_id": folder, "credentials": str(key), "endpoint": drive_server.endpoint},
+        "tiers": [{"name": "drive", "remote": "drive", "every": 3600, "include": ["*.txt"], "exclude": []}],
+        "sync": {"settle": 0, "retry_initial": 0.01, "retry_max": 0.05}}))
+    (root / "logs" / "notes.txt").write_text("hello\n")
+    cfg = load_config(start=root)
+    remote = open_remote(cfg, "drive")
+    remote.retry_initial, remote.retry_max, remote.max_attempts = 0.001, 0.01, 2
+    drive_server.faults.token(9, 503)      # google-auth tries 3 times per refresh: 3 refreshes fail in a row
+    res = sync.once(config=cfg, remotes={"drive": remote}, timeout=120)
+    remote.close()
+    assert res["ok"], res
+    t = res["tiers"]["drive"]
+    assert t["state"] != "stopped" and t["uploaded"] == 1, t
+    assert drive_server.token_faults == 9
+    assert drive_server.find("logs/notes.txt", root=folder) is not None
