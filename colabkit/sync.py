@@ -600,19 +600,25 @@ class TierSyncer(threading.Thread):
             led.touch(f.rel, local_size=f.size, local_mtime_ns=f.mtime_ns)
             led.save()
             return True
-        inf = led.inflight.get(f.rel)
-        if inf and inf.get("sha256") == sha and self.remote is not None:
-            rec = self.remote.stat(remote_path)
-            if rec is not None and rec.size == f.size and (rec.sha256 == sha or (rec.sha256 is None and rec.md5)):
-                if rec.sha256 is None:  # only an md5 to compare: check it against the local file
-                    if hash_file(f.path).md5 != rec.md5:
-                        return False
-                led.record(f.rel, remote_path=remote_path, size=rec.size, sha256=sha, md5=rec.md5,
-                           remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns)
-                _activity.info("%s: %s was uploaded before an interruption; verified and recorded",
-                               self.tier.name, f.rel)
-                return True
+        if self._was_inflight(f, sha) and self.remote is not None:
+            return self._held_by(f, sha, remote_path, self.remote.stat(remote_path))
         return False
+
+    def _was_inflight(self, f: LocalFile, sha: str) -> bool:
+        inf = self.ledger.inflight.get(f.rel)
+        return bool(inf and inf.get("sha256") == sha)
+
+    def _held_by(self, f: LocalFile, sha: str, remote_path: str, rec: Any) -> bool:
+        """Record `f` as held when the remote's record `rec` (of an upload in flight when a process or an
+        attempt was interrupted) is exactly its content."""
+        if rec is None or rec.size != f.size or not (rec.sha256 == sha or (rec.sha256 is None and rec.md5)):
+            return False
+        if rec.sha256 is None and hash_file(f.path).md5 != rec.md5:  # only an md5 to compare: check it
+            return False
+        self.ledger.record(f.rel, remote_path=remote_path, size=rec.size, sha256=sha, md5=rec.md5,
+                           remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns)
+        _activity.info("%s: %s was uploaded before an interruption; verified and recorded", self.tier.name, f.rel)
+        return True
 
     def _upload_one(self, f: LocalFile, sha_hint: str | None) -> None:
         remote_path = self.group.config.remote_path(f.path)
@@ -648,10 +654,22 @@ class TierSyncer(threading.Thread):
         """Hub: every file due in this tick in one commit."""
         items, digests, meta = [], {}, []
         try:
+            hashed = []
             for f, sha in due:
                 remote_path = self.group.config.remote_path(f.path)
                 d = hash_file(f.path)
-                if self._already_held(f, d.sha256, remote_path):
+                if self.ledger.verified_copy(f.rel, d.sha256):
+                    self.ledger.touch(f.rel, local_size=f.size, local_mtime_ns=f.mtime_ns)
+                    with self._lock:
+                        self._pending.pop(f.rel, None)
+                    continue
+                hashed.append((f, d, remote_path))
+            # after a failed attempt every file is in flight: look them all up in one call (retried by the
+            # remote), and keep what an earlier attempt did get up
+            inflight = [rp for f, d, rp in hashed if self._was_inflight(f, d.sha256)]
+            held = self.remote.stat_many(inflight) if inflight else {}
+            for f, d, remote_path in hashed:
+                if remote_path in held and self._held_by(f, d.sha256, remote_path, held[remote_path]):
                     with self._lock:
                         self._pending.pop(f.rel, None)
                     continue
@@ -659,9 +677,9 @@ class TierSyncer(threading.Thread):
                 digests[remote_path] = d
                 meta.append((f, d))
                 self.ledger.begin(f.rel, remote_path=remote_path, size=f.size, sha256=d.sha256, save=False)
+            self.ledger.save()
             if not items:
                 return True
-            self.ledger.save()
             with self._lock:
                 self.snap["current"] = f"{len(items)} files in one commit"
             recs = self.remote.put_many(items, digests=digests)
