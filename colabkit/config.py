@@ -163,6 +163,10 @@ class RetentionConfig:
 class ResumeConfig:
     priority: tuple[str, ...] = ("local", "drive", "hub")
     policy: str = "newest"                  # newest | first
+    # a source that may hold a newer checkpoint but cannot be reached (transient errors past the deadline):
+    # wait (retry until `deadline`, then fail), older (say so loudly and resume from the best reachable one), fail
+    on_unreachable: str = "wait"
+    deadline: float = 600.0                 # seconds resume retries transient errors (locate, then fetch)
 
 
 @dataclass(frozen=True)
@@ -526,7 +530,10 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
 
     rs = top.section("resume")
     resume = ResumeConfig(priority=rs.strings("priority", ("local", *[t.name for t in tiers])),
-                          policy=rs.str("policy", "newest", choices=("newest", "first")))
+                          policy=rs.str("policy", "newest", choices=("newest", "first")),
+                          on_unreachable=rs.str("on_unreachable", ResumeConfig.on_unreachable,
+                                                choices=("wait", "older", "fail")),
+                          deadline=rs.duration("deadline", ResumeConfig.deadline))
     rs.done()
     for n in resume.priority:
         if n != "local" and n not in tier_names:

@@ -1119,7 +1119,7 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
           on_line: Callable[[str], None] | None = None, on_warning: Callable[[str], None] | None = None,
           total_steps: int | None = None, sync: bool | None = None, stall_after: float | None = None,
           restart_backoff: float | None = None, grace: float | None = None, script: str | os.PathLike | None = None,
-          python: str | None = None) -> "TrainResult | Job":
+          python: str | None = None, on_unreachable: str | None = None) -> "TrainResult | Job":
     """Run ``experiments/<experiment>/train.py`` under supervision (see the module docstring).
 
     Args:
@@ -1141,6 +1141,8 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
         stall_after, restart_backoff, grace: seconds (default: ``train.*``).
         script: a file to run instead of the experiment's train.py.
         python: the interpreter for the child (default: this one).
+        on_unreachable: with ``resume="auto"``: ``wait``, ``older`` or ``fail`` when a source that may hold a
+            newer checkpoint cannot be reached (default ``resume.on_unreachable``; see :mod:`colabkit.resume`).
     Returns:
         A :class:`TrainResult` (foreground) or a :class:`Job` (background).
     Raises:
@@ -1174,7 +1176,7 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
     _check_name(experiment)
     _refuse_if_running(cfg, experiment)
     pre = preflight(experiment, config=cfg, max_vram=max_vram, check_tiers=want_sync, script=script)
-    resume_from = _resume_source(cfg, experiment, resume)
+    resume_from = _resume_source(cfg, experiment, resume, on_unreachable=on_unreachable, warn=on_warning)
     job = Job(experiment, config=cfg, pre=pre, args=args, max_restarts=max_restarts, resume_from=resume_from,
               restart_backoff=tr.restart_backoff if restart_backoff is None else restart_backoff,
               stall_after=tr.stall_after if stall_after is None else stall_after,
@@ -1195,14 +1197,20 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
                 del _jobs[experiment]
 
 
-def _resume_source(cfg: "Config", experiment: str, resume: str | os.PathLike | None) -> str | None:
+def _resume_source(cfg: "Config", experiment: str, resume: str | os.PathLike | None, *,
+                   on_unreachable: str | None = None, warn: Callable[[str], None] | None = None) -> str | None:
     if resume is None or str(resume) == "none":
         return None
     if str(resume) == "auto":
         from . import resume as rs
-        plan = rs.locate(config=cfg, experiment=experiment)
+        plan = rs.locate(config=cfg, experiment=experiment, on_unreachable=on_unreachable)
         path = rs.fetch(plan, progress=False)
-        if path is not None:
+        if path is not None and plan.unreachable:   # resume.on_unreachable: older: never quietly
+            msg = f"{experiment}: resuming from an older checkpoint, {path}: {plan.reason}"
+            log.warning("%s", msg)
+            if warn is not None:
+                warn(msg)
+        elif path is not None:
             log.info("%s: resuming from %s (%s)", experiment, path, plan.reason)
         return str(path) if path is not None else None
     p = Path(resume).expanduser()
