@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .checkpoints import (LATEST, CheckpointInfo, discover, is_manifest, manifest_path, step_of,
                           verify, _verify_plain)
 from .errors import ColabkitError, ConfigError, IntegrityError, ResumeError, error_kind
-from .fsutil import TMP_PREFIX, atomic_write_bytes, atomic_write_json, hash_file, replace_copy
+from .fsutil import (TMP_PREFIX, atomic_write_bytes, atomic_write_json, hash_file, record_verified, replace_copy,
+                     verified_sha256)
 
 if TYPE_CHECKING:
     from .config import Config
@@ -565,6 +566,8 @@ def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[st
         if c.sha256 and digest.sha256 != c.sha256:
             dst.unlink()
             raise IntegrityError(f"{src} changed while it was copied", path=str(src))
+        if c.sha256:
+            record_verified(dst, digest.sha256)
         if c.manifest:
             atomic_write_json(manifest_path(dst), c.manifest, durable=False)
         return dst
@@ -611,6 +614,8 @@ def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[st
                 dst.unlink()
             raise IntegrityError(f"{c.source}: {rec.path} downloaded with sha256 {got.sha256[:12]}..., its "
                                  f"manifest says {c.sha256[:12]}...; the copy was discarded", path=rec.path)
+        if c.sha256 is not None and got is not None and got.sha256 == c.sha256:
+            record_verified(dst, c.sha256)   # hashed while it downloaded; nothing has written to it since
     if c.sha256 is None:
         try:
             _verify_plain(dst)
@@ -701,6 +706,8 @@ def copy_verified(src: str | os.PathLike, dst: str | os.PathLike, *, size: int, 
             raise IntegrityError(f"{label} does not match its manifest (size {written} vs {size}, sha256 "
                                  f"{got[:12]}... vs {sha256[:12]}...); the copy was discarded",
                                  path=str(src), expected=sha256, actual=got)
+        # these bytes were hashed as they were written: the loader need not read them again (see verify())
+        record_verified(fd, got)
         os.close(fd)
         fd = -1
         replace_copy(tmp, dst)
@@ -723,10 +730,13 @@ def _existing(p: Path) -> Path:
 
 def _already_there(dst: Path, c: Candidate) -> bool:
     try:
-        if dst.stat().st_size != c.size:
+        st = dst.stat()
+        if st.st_size != c.size:
             return False
     except OSError:
         return False
+    if verified_sha256(dst, st) == c.sha256:
+        return True
     return hash_file(dst).sha256 == c.sha256
 
 
