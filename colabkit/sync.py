@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import random
 import re
 import signal
@@ -55,6 +56,8 @@ _activity.propagate = False
 _activity.setLevel(logging.INFO)
 
 FATAL = (RemoteQuotaError, RemoteAuthError, RemotePermissionError)
+_SHOW_SKIPPED = 50          # skipped files listed by name in a status snapshot (all are counted)
+_MANIFEST_OF_SKIPPED = "the manifest of a skipped checkpoint"
 _SKIP_DIRS = {".colabkit", ".git", "__pycache__", ".ipynb_checkpoints"}
 _GUARD_INTERVAL = 30.0      # the disk guard also runs between due ticks, at least this often
 _CKPT_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -122,6 +125,22 @@ class Patterns:
                 self._cache.clear()
             self._cache[rel] = r
         return r
+
+
+def _latest_reason(step: int) -> str:
+    return f"latest_only: step {step} is newer"
+
+
+def describe_skipped(files: Mapping[str, str], *, limit: int = 3) -> str:
+    """``reason: a, b; other reason: c`` for a tier's skipped files (as in status and flush results)."""
+    by: dict[str, list[str]] = {}
+    for rel, why in sorted(files.items()):
+        by.setdefault(why, []).append(rel)
+    parts = []
+    for why, rels in by.items():
+        names = ", ".join(rels[:limit]) + (f", ... ({len(rels) - limit} more)" if len(rels) > limit else "")
+        parts.append(f"{why}: {names}")
+    return "; ".join(parts)
 
 
 def _step_of(name: str) -> int | None:
@@ -270,7 +289,9 @@ class TierSyncer(threading.Thread):
         self._attempts = 0
         self.fatal: str | None = None
         self._pending: dict[str, int] = {}          # rel -> size of files due or settling
-        self._skipped_big: set[str] = set()
+        self._skipped: dict[str, str] = {}          # rel -> why this tier will not upload it (as things are)
+        self._best: dict[str, tuple[int, str]] = {}  # latest_only: folder -> (step, path) of its newest checkpoint
+        self._logged_big: set[str] = set()
         self._data_of: dict[str, LocalFile] = {}
         self.snap: dict[str, Any] = {
             "tier": tier.name, "remote": remote.describe() if remote else None, "state": "starting",
@@ -286,6 +307,8 @@ class TierSyncer(threading.Thread):
             s = dict(self.snap)
             s["pending_files"] = len(self._pending)
             s["pending_bytes"] = sum(self._pending.values())
+            s["skipped"] = len(self._skipped)
+            s["skipped_files"] = dict(sorted(self._skipped.items())[:_SHOW_SKIPPED])
             now_m, now = time.monotonic(), time.time()
             if self.fatal is None and s["state"] != "stopped":
                 s["next_due"] = now + max(max(self._next_due, self._next_attempt) - now_m, 0.0)
@@ -307,7 +330,10 @@ class TierSyncer(threading.Thread):
         return req
 
     def note(self, path: str) -> None:
-        """A watchdog event for `path`: update pending counts (uploads still wait for the due tick)."""
+        """A watchdog event for `path`: update pending counts (uploads still wait for the due tick).
+
+        Pending counts only what this tier will upload: a file it will skip (max_file_size, the manifest of
+        such a checkpoint, an older checkpoint in a latest_only tier) is counted as skipped, with the reason."""
         rel = self.group.rel_of(path)
         if rel is None or not self.patterns(rel) or is_temporary(path):
             return
@@ -316,14 +342,59 @@ class TierSyncer(threading.Thread):
         except OSError:
             with self._lock:
                 self._pending.pop(rel, None)
+                self._skipped.pop(rel, None)
             return
         if not os.path.isfile(path):
             return
         with self._lock:
             if self.ledger.unchanged(rel, st.st_size, st.st_mtime_ns):
                 self._pending.pop(rel, None)
-            elif not self._too_big(st.st_size):
-                self._pending[rel] = st.st_size
+                self._skipped.pop(rel, None)
+                return
+            why = self._skip_reason(path, rel, st.st_size)
+            if why is not None:
+                self._pending.pop(rel, None)
+                self._skipped[rel] = why
+                return
+            self._skipped.pop(rel, None)
+            self._pending[rel] = st.st_size
+
+    def _skip_reason(self, path: str, rel: str, size: int) -> str | None:
+        """Why this tier will not upload `path` (judged from one event; the next tick judges every file)."""
+        if self._too_big(size):
+            return self._big_reason()
+        base = os.path.basename(path)
+        data = path[:-5] if path.endswith(".json") else None
+        step = _step_of(base[:-5]) if data is not None else _step_of(base)
+        if data is not None and step is not None:
+            drel = rel[:-5]
+            with contextlib.suppress(OSError):
+                if self.patterns(drel) and self._too_big(os.stat(data).st_size):
+                    return _MANIFEST_OF_SKIPPED
+        if not self.tier.latest_only or step is None:
+            return None
+        ckpt = rel[:-5] if data is not None else rel
+        folder = posixpath.dirname(rel)
+        best = self._best.get(folder)
+        if best is not None and (step, ckpt) < best:
+            return _latest_reason(best[0])
+        # a complete checkpoint (its manifest is there) newer than the folder's newest: the older ones waiting
+        # for the tick will not be uploaded now
+        if (data is not None or os.path.exists(path + ".json")) and (best is None or (step, ckpt) > best):
+            self._best[folder] = (step, ckpt)
+            for r in list(self._pending):
+                if posixpath.dirname(r) != folder:
+                    continue
+                c = r[:-5] if r.endswith(".json") else r
+                s = _step_of(posixpath.basename(c))
+                if s is not None and (s, c) < (step, ckpt):
+                    del self._pending[r]
+                    self._skipped[r] = _latest_reason(step)
+        return None
+
+    def _big_reason(self) -> str:
+        from .config import format_size
+        return f"larger than max_file_size ({format_size(self.tier.max_file_size)})"
 
     def stop_soon(self) -> None:
         self._stop_evt.set()
@@ -421,7 +492,7 @@ class TierSyncer(threading.Thread):
     def _flush_result(self, *, ok: bool, note: str | None = None) -> dict[str, Any]:
         s = self.snapshot()
         out = {"ok": ok, "state": s["state"], "uploaded": s["uploaded"], "pending_files": s["pending_files"],
-               "last_error": s["last_error"]}
+               "skipped": s["skipped"], "skipped_files": s["skipped_files"], "last_error": s["last_error"]}
         if note:
             out["note"] = note
         return out
@@ -445,20 +516,26 @@ class TierSyncer(threading.Thread):
             if e is None or e.get("local_mtime_ns") != f.mtime_ns or e.get("local_size") != f.size:
                 todo.append(f)
         self._data_of = {}
-        if not todo:
+        if not todo:   # an idle tick: everything is held (the newest per folder is unchanged too)
+            with self._lock:
+                self._skipped = {}
             return due, unsettled
+        skipped: dict[str, str] = {}
         by_path = {f.path: f for f in files}
         for f in todo:
             if self._too_big(f.size):
-                if f.rel not in self._skipped_big:
-                    self._skipped_big.add(f.rel)
-                    with self._lock:
-                        self.snap["skipped"] += 1
+                skipped[f.rel] = self._big_reason()
+                if f.rel not in self._logged_big:
+                    self._logged_big.add(f.rel)
                     _activity.info("%s: %s is larger than max_file_size (%d bytes); not uploaded",
-                             self.tier.name, f.rel, self.tier.max_file_size)
+                                   self.tier.name, f.rel, self.tier.max_file_size)
                 continue
             sha = None
-            is_manifest = f.path.endswith(".json") and f.path[:-5] in by_path
+            data = by_path.get(f.path[:-5]) if f.path.endswith(".json") else None
+            is_manifest = data is not None
+            if is_manifest and self._too_big(data.size) and _step_of(os.path.basename(data.path)) is not None:
+                skipped[f.rel] = _MANIFEST_OF_SKIPPED   # it would wait for its checkpoint forever
+                continue
             if not is_manifest and f.path + ".json" in by_path:
                 sha = _manifest_sha(f.path, f.size)
             if sha is not None or is_manifest or f.path.endswith(APPEND_ONLY) or now - f.mtime >= settle:
@@ -468,12 +545,13 @@ class TierSyncer(threading.Thread):
         # a manifest goes up only after its data file (when this tier takes the data file too)
         self._data_of = {f.path: by_path[f.path[:-5]] for f, _ in due
                          if f.path.endswith(".json") and f.path[:-5] in by_path}
+        best_rel: dict[str, tuple[int, str]] = {}
         if self.tier.latest_only:
             # per folder: only the newest checkpoint due, and never one older than a checkpoint already held
             best: dict[str, tuple[int, str]] = {}
             steps: dict[str, int] = {}
             due_paths = {f.path for f, _ in due}
-            held_paths = {f.path for f in files} - due_paths - {f.path for f in unsettled}
+            held_paths = {f.path for f in files} - {f.path for f in todo}
             for f in files:
                 if f.path.endswith(".json"):
                     continue
@@ -485,11 +563,19 @@ class TierSyncer(threading.Thread):
                     d = os.path.dirname(f.path)
                     if d not in best or (s, f.path) > best[d]:
                         best[d] = (s, f.path)
+                        best_rel[posixpath.dirname(f.rel)] = (s, f.rel)
             drop = {p for p in steps if p in due_paths and best[os.path.dirname(p)][1] != p}
             drop |= {p + ".json" for p in drop}
+            old = [f for f in unsettled if f.path in steps and os.path.dirname(f.path) in best
+                   and steps[f.path] <= best[os.path.dirname(f.path)][0]]
+            for f in [f for f, _ in due if f.path in drop] + old:
+                skipped[f.rel] = _latest_reason(best[os.path.dirname(f.path[:-5] if f.path.endswith(".json")
+                                                                    else f.path)][0])
             due = [(f, s) for f, s in due if f.path not in drop]
-            unsettled = [f for f in unsettled if f.path not in steps
-                         or os.path.dirname(f.path) not in best or steps[f.path] > best[os.path.dirname(f.path)][0]]
+            unsettled = [f for f in unsettled if f not in old]
+        with self._lock:
+            self._skipped = skipped
+            self._best = best_rel
         # data files before their manifests: a remote holding a manifest always holds its data
         due.sort(key=lambda x: (x[0].path.endswith(".json"), x[0].rel))
         return due, unsettled
