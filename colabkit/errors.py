@@ -95,6 +95,11 @@ class RemoteQuotaError(RemoteError):
     """Storage quota or a daily upload cap is exhausted: the tier stops instead of retrying."""
 
 
+class RemoteUploadCapError(RemoteQuotaError):
+    """A daily upload cap is reached (Drive: about 750 GB per account per rolling day). Unlike a full quota it
+    frees itself: the sync tier pauses and tries again later (``retry_after`` seconds, when known)."""
+
+
 class CheckpointError(ColabkitError):
     """A checkpoint could not be written or read."""
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import (ColabkitError, IntegrityError, RemoteAuthError, RemoteError, RemotePermissionError,
-                     RemoteQuotaError, SyncError)
+                     RemoteQuotaError, RemoteUploadCapError, SyncError)
 from .fsutil import FileDigest, atomic_write_json, hash_file, is_temporary
 
 if TYPE_CHECKING:
@@ -56,6 +56,9 @@ _activity.propagate = False
 _activity.setLevel(logging.INFO)
 
 FATAL = (RemoteQuotaError, RemoteAuthError, RemotePermissionError)
+_CAP_PROBE = 3600.0         # after Drive's daily-cap answer (no Retry-After), ask again this much later
+_HUB_HINT = ("weights belong on the Hub: keep checkpoints out of this tier (exclude: ['*.pt', '*.pt.json', ...]) "
+             "and let a hub tier take them")
 _SHOW_SKIPPED = 50          # skipped files listed by name in a status snapshot (all are counted)
 _MANIFEST_OF_SKIPPED = "the manifest of a skipped checkpoint"
 _SKIP_DIRS = {".colabkit", ".git", "__pycache__", ".ipynb_checkpoints"}
@@ -129,6 +132,25 @@ class Patterns:
 
 def _latest_reason(step: int) -> str:
     return f"latest_only: step {step} is newer"
+
+
+def tier_notes(t: Mapping[str, Any]) -> list[str]:
+    """What a tier snapshot (or flush result) says beyond its counts: a pause by a daily upload cap, skipped files.
+
+    Example:
+        >>> tier_notes(sync.status()["tiers"]["drive"])
+        ['paused until 14:05: 699.9 GB uploaded to this tier in the last 24 h; ...']
+    """
+    out = []
+    if t.get("paused_until"):
+        out.append(f"{t.get('paused') or 'paused'}: {t.get('pause_reason') or ''}".rstrip(": "))
+    if t.get("skipped"):
+        out.append(f"skipped {t['skipped']} ({describe_skipped(t.get('skipped_files') or {})})")
+    return out
+
+
+def _hhmm(t: float) -> str:
+    return time.strftime("%H:%M", time.localtime(t))
 
 
 def describe_skipped(files: Mapping[str, str], *, limit: int = 3) -> str:
@@ -292,6 +314,13 @@ class TierSyncer(threading.Thread):
         self._skipped: dict[str, str] = {}          # rel -> why this tier will not upload it (as things are)
         self._best: dict[str, tuple[int, str]] = {}  # latest_only: folder -> (step, path) of its newest checkpoint
         self._logged_big: set[str] = set()
+        self._ckpt_recorded = False                 # a checkpoint was recorded since the last prune
+        # a daily upload cap (Drive): files deferred in the last tick, until when, why
+        self._deferred: dict[str, int] = {}
+        self._paused_until: float | None = None     # wall clock
+        self._pause_reason: str | None = None
+        self._cap_answer_until = 0.0                # Drive answered "cap reached": nothing is sent before this
+        self._pause_logged: tuple[int, str] | None = None
         self._data_of: dict[str, LocalFile] = {}
         self.snap: dict[str, Any] = {
             "tier": tier.name, "remote": remote.describe() if remote else None, "state": "starting",
@@ -309,6 +338,13 @@ class TierSyncer(threading.Thread):
             s["pending_bytes"] = sum(self._pending.values())
             s["skipped"] = len(self._skipped)
             s["skipped_files"] = dict(sorted(self._skipped.items())[:_SHOW_SKIPPED])
+            paused = self._paused_until if self._deferred and self._paused_until else None
+            s["paused_until"] = paused
+            s["paused"] = f"paused until {_hhmm(paused)}" if paused else None
+            s["pause_reason"] = self._pause_reason if paused else None
+            s["deferred_files"] = len(self._deferred) if paused else 0
+            if paused and s["state"] in ("idle", "scanning"):
+                s["state"] = "paused"
             now_m, now = time.monotonic(), time.time()
             if self.fatal is None and s["state"] != "stopped":
                 s["next_due"] = now + max(max(self._next_due, self._next_attempt) - now_m, 0.0)
@@ -491,8 +527,11 @@ class TierSyncer(threading.Thread):
 
     def _flush_result(self, *, ok: bool, note: str | None = None) -> dict[str, Any]:
         s = self.snapshot()
+        if s["paused_until"]:   # what waits for the daily cap is not up: said at once, not waited for
+            ok = False
         out = {"ok": ok, "state": s["state"], "uploaded": s["uploaded"], "pending_files": s["pending_files"],
-               "skipped": s["skipped"], "skipped_files": s["skipped_files"], "last_error": s["last_error"]}
+               "skipped": s["skipped"], "skipped_files": s["skipped_files"], "paused_until": s["paused_until"],
+               "paused": s["paused"], "pause_reason": s["pause_reason"], "last_error": s["last_error"]}
         if note:
             out["note"] = note
         return out
@@ -610,6 +649,10 @@ class TierSyncer(threading.Thread):
             self._pending.update({f.rel: f.size for f in unsettled})
             self.snap["last_tick"] = time.time()
         ok = self._upload(due)
+        if self._ckpt_recorded:
+            # retention in the default flow: the verified copies just recorded may let older checkpoints go
+            self._ckpt_recorded = False
+            self.group.prune()
         with self._lock:
             if ok:
                 self._attempts = 0
@@ -623,6 +666,12 @@ class TierSyncer(threading.Thread):
         return ok and not unsettled
 
     def _upload(self, due: list[tuple[LocalFile, str | None]]) -> bool:
+        """Upload `due` in order. Returns True when nothing is left but what a daily upload cap defers."""
+        now = time.time()
+        with self._lock:
+            self._deferred = {}
+            if self._cap_answer_until <= now:
+                self._paused_until = self._pause_reason = None
         if not due:
             return True
         with self._lock:
@@ -630,41 +679,106 @@ class TierSyncer(threading.Thread):
         if getattr(self.remote, "kind", "") == "hub" and len(due) > 1:
             return self._upload_batch(due)
         complete = True
-        for f, sha in due:
-            if self._stop_evt.is_set():
-                return False
-            data = self._data_of.get(f.path)
-            if data is not None and not self.ledger.unchanged(data.rel, data.size, data.mtime_ns):
-                complete = False
-                continue  # its checkpoint is not up (yet): a remote never holds a manifest without its data
-            try:
-                self._upload_one(f, sha)
-            except FATAL as e:
-                self._set_fatal(e)
-                return False
-            except IntegrityError as e:
-                # the file changed while it was read: it is picked up again once it settles
-                _activity.info("%s: %s", self.tier.name, e)
-                complete = False
-                continue
-            except RemoteError as e:
-                self._record_error(e)
-                self._backoff(e.retry_after)
-                return False
-            except FileNotFoundError:
-                with self._lock:
-                    self._pending.pop(f.rel, None)
-                continue  # deleted locally (pruned, rotated) before its turn
-            except OSError as e:
-                self._record_error(e)
-                self._backoff(None)
-                return False
-            except Exception as e:
-                log.exception("%s: uploading %s failed", self.tier.name, f.rel)
-                self._record_error(e)
-                self._backoff(None)
-                return False
-        return complete
+        deferred: dict[str, int] = {}
+        try:
+            for f, sha in due:
+                if self._stop_evt.is_set():
+                    return False
+                data = self._data_of.get(f.path)
+                if data is not None and data.rel in deferred:
+                    deferred[f.rel] = f.size   # goes up after its checkpoint, when the cap allows
+                    continue
+                if data is not None and not self.ledger.unchanged(data.rel, data.size, data.mtime_ns):
+                    complete = False
+                    continue  # its checkpoint is not up (yet): a remote never holds a manifest without its data
+                if self._defer(f):
+                    if f.rel not in self._skipped:
+                        deferred[f.rel] = f.size
+                    continue
+                try:
+                    self._upload_one(f, sha)
+                except RemoteUploadCapError as e:
+                    # Drive refuses more today: pause (not stop) and try again later
+                    self._cap_answered(e)
+                    deferred[f.rel] = f.size
+                    continue
+                except FATAL as e:
+                    self._set_fatal(e)
+                    return False
+                except IntegrityError as e:
+                    # the file changed while it was read: it is picked up again once it settles
+                    _activity.info("%s: %s", self.tier.name, e)
+                    complete = False
+                    continue
+                except RemoteError as e:
+                    self._record_error(e)
+                    self._backoff(e.retry_after)
+                    return False
+                except FileNotFoundError:
+                    with self._lock:
+                        self._pending.pop(f.rel, None)
+                    continue  # deleted locally (pruned, rotated) before its turn
+                except OSError as e:
+                    self._record_error(e)
+                    self._backoff(None)
+                    return False
+                except Exception as e:
+                    log.exception("%s: uploading %s failed", self.tier.name, f.rel)
+                    self._record_error(e)
+                    self._backoff(None)
+                    return False
+            return complete
+        finally:
+            with self._lock:
+                self._deferred = deferred
+
+    # -- a daily upload cap (Drive) ----------------------------------------------------------------
+    def _daily_cap(self) -> int | None:
+        if getattr(self.remote, "kind", "") != "drive":
+            return None
+        return self.group.config.drive.daily_upload_cap or None
+
+    def _defer(self, f: LocalFile) -> bool:
+        """True when `f` must wait for the daily upload cap (or can never pass it: then it is skipped)."""
+        from .config import format_size
+        now = time.time()
+        if self._cap_answer_until > now:
+            return True
+        cap = self._daily_cap()
+        if cap is None:
+            return False
+        at = self.ledger.fits_at(f.size, cap, now=now)
+        if at is None:
+            return False
+        if at == float("inf"):
+            with self._lock:
+                self._pending.pop(f.rel, None)
+                self._skipped[f.rel] = f"larger than drive.daily_upload_cap ({format_size(cap)})"
+            return True
+        used = self.ledger.uploaded_within(now=now)
+        self._pause(at, f"{format_size(used)} uploaded to this tier in the last 24 h, and {f.rel} "
+                        f"({format_size(f.size)}) would pass drive.daily_upload_cap ({format_size(cap)}; Drive "
+                        f"refuses more than about 750 GB a day); uploads go on by themselves then; {_HUB_HINT}")
+        return True
+
+    def _cap_answered(self, e: RemoteUploadCapError) -> None:
+        until = time.time() + (e.retry_after or _CAP_PROBE)
+        self._cap_answer_until = until
+        with self._lock:
+            self._paused_until = None   # Drive's answer rules over our own count
+        self._pause(until, f"Drive answered that this account's daily upload cap is reached ({e}); "
+                           f"trying again then; {_HUB_HINT}")
+
+    def _pause(self, until: float, reason: str) -> None:
+        with self._lock:
+            if self._paused_until is not None and self._paused_until <= until:
+                return   # an earlier resume time is already known
+            self._paused_until, self._pause_reason = until, reason
+        # wake up when the first deferred file may go (the tick would otherwise wait for `every`)
+        self._next_due = min(self._next_due, time.monotonic() + max(until - time.time(), 0.0) + 1.0)
+        if self._pause_logged != (round(until), reason):   # once per pause, not on every tick
+            self._pause_logged = (round(until), reason)
+            log.warning("%s: paused until %s: %s", self.tier.name, _hhmm(until), reason)
 
     def _digest_for(self, f: LocalFile, sha: str | None) -> tuple[FileDigest | None, str]:
         if sha is not None:
@@ -687,10 +801,13 @@ class TierSyncer(threading.Thread):
                 if rec.sha256 is None:  # only an md5 to compare: check it against the local file
                     if hash_file(f.path).md5 != rec.md5:
                         return False
+                led.count_upload(f.rel, rec.size)   # sent by the interrupted process, today most likely
                 led.record(f.rel, remote_path=remote_path, size=rec.size, sha256=sha, md5=rec.md5,
                            remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns)
                 _activity.info("%s: %s was uploaded before an interruption; verified and recorded",
                                self.tier.name, f.rel)
+                if _step_of(os.path.basename(f.path)) is not None:
+                    self._ckpt_recorded = True
                 return True
         return False
 
@@ -714,9 +831,12 @@ class TierSyncer(threading.Thread):
         self._recorded(f, rec, sha, digest)
 
     def _recorded(self, f: LocalFile, rec: Any, sha: str, digest: FileDigest | None) -> None:
+        self.ledger.count_upload(f.rel, rec.size)   # towards a daily cap (saved by record())
         self.ledger.record(f.rel, remote_path=rec.path, size=rec.size, sha256=rec.sha256 or sha,
                            md5=rec.md5 or (digest.md5 if digest else None), remote_id=rec.id,
                            local_size=f.size, local_mtime_ns=f.mtime_ns)
+        if _step_of(os.path.basename(f.path)) is not None:
+            self._ckpt_recorded = True
         with self._lock:
             self._pending.pop(f.rel, None)
             self.snap["uploaded"] += 1
@@ -916,6 +1036,7 @@ class SyncGroup:
         self.observer: Any = None
         self.poll = bool(config.sync.poll) if config.sync.poll is not None else None
         self._guard_lock = threading.Lock()
+        self._prune_lock = threading.Lock()
         self._ckpt_dirs: set[str] = set()
         self._scan_lock = threading.Lock()
         self._stopped = False
@@ -1064,6 +1185,20 @@ class SyncGroup:
             log.warning("disk guard failed: %s", _fmt_err(e))
         finally:
             self._guard_lock.release()
+
+    def prune(self) -> None:
+        """Retention after verified uploads: in every folder holding checkpoints, delete those beyond
+        ``retention.keep_local`` that the tiers ``retention.require_remote`` names hold verified copies of
+        (:func:`colabkit.retention.prune`; the newest ``keep_local`` always stay)."""
+        with self._prune_lock:   # tiers finishing at the same moment take turns
+            try:
+                from . import retention
+                with self._scan_lock:
+                    dirs = sorted(self._ckpt_dirs)
+                for d in dirs:
+                    retention.prune(d, config=self.config)
+            except Exception as e:
+                log.warning("pruning local checkpoints failed: %s", _fmt_err(e))
 
     def status(self) -> dict[str, Any]:
         from . import retention

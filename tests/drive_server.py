@@ -38,8 +38,9 @@ A service account creating a file outside a Shared Drive gets ``403 storageQuota
 
 Fault knobs (see :class:`Faults`): ``fail(n, status, reason=..., retry_after=...)``, ``drop(n)`` (close the
 connection mid-body), ``truncate(n)`` (cut a media download short), ``ratio(p)`` (fault that fraction of
-Drive requests at random); ``upload_cap`` bytes per principal (then 403 userRateLimitExceeded, Drive's answer
-at the 750 GB daily cap); ``storage_full`` (403 storageQuotaExceeded for every upload).
+Drive requests at random); ``upload_cap`` bytes per principal (then 403 userRateLimitExceeded "User rate limit
+exceeded.", Drive's answer at the 750 GB daily cap; ``daily_cap(n)`` gives that answer to the next `n` uploads);
+``storage_full`` (403 storageQuotaExceeded for every upload).
 Blobs are stored on disk under the server's folder, never held in memory whole.
 """
 from __future__ import annotations
@@ -69,6 +70,11 @@ from typing import Any
 import pytest
 
 FOLDER_MIME = "application/vnd.google-apps.folder"
+#: Drive's message at the daily upload cap, and for the per-minute user rate limit (same reason, userRateLimitExceeded)
+DAILY_CAP_MESSAGE = "User rate limit exceeded."
+USER_RATE_MESSAGE = ("User Rate Limit Exceeded. Rate of requests for user exceed configured project quota. You may "
+                     "consider re-evaluating expected per-user traffic to the API and adjust project quota limits "
+                     "accordingly.")
 UNIT = 256 * 1024
 GOOGLE_TOKEN_AUD = "https://oauth2.googleapis.com/token"
 
@@ -194,11 +200,19 @@ class Faults:
         self.injected: list[tuple[str, str, str]] = []
 
     def fail(self, n: int = 1, status: int = 503, *, reason: str | None = None, retry_after: float | None = None,
-             method: str | None = None, path: str | None = None) -> None:
-        """Answer the next `n` matching requests with `status` (and a Drive error body with `reason`)."""
+             method: str | None = None, path: str | None = None, message: str | None = None) -> None:
+        """Answer the next `n` matching requests with `status` (and a Drive error body with `reason`).
+
+        ``reason="userRateLimitExceeded"`` answers with Drive's per-minute rate-limit message (transient);
+        :meth:`daily_cap` gives the daily-cap answer, which carries the same reason with another message."""
         with self._lock:
             self._queue.append(dict(kind="status", n=n, status=status, reason=reason, retry_after=retry_after,
-                                    method=method, path=path))
+                                    method=method, path=path, message=message))
+
+    def daily_cap(self, n: int = 1) -> None:
+        """Answer the next `n` uploads as Drive does once the account's daily upload cap (~750 GB per rolling
+        24 h) is reached: ``403 userRateLimitExceeded "User rate limit exceeded."`` (usageLimits)."""
+        self.fail(n, 403, reason="userRateLimitExceeded", message=DAILY_CAP_MESSAGE, path="/upload/")
 
     def drop(self, n: int = 1, *, method: str | None = "PUT", path: str | None = None) -> None:
         """Close the connection half-way through the body of the next `n` matching requests."""
@@ -561,7 +575,7 @@ class DriveServer:
             raise HTTPFail(403, "The user's Drive storage quota has been exceeded.", "storageQuotaExceeded",
                            domain="usageLimits")
         if self.upload_cap is not None and self.uploaded.get(who, 0) + more > self.upload_cap:
-            raise HTTPFail(403, "User rate limit exceeded.", "userRateLimitExceeded", domain="usageLimits")
+            raise HTTPFail(403, DAILY_CAP_MESSAGE, "userRateLimitExceeded", domain="usageLimits")
 
     # -- HTTP plumbing --------------------------------------------------------------------------
     def _dispatch(self, h: _Handler, method: str) -> None:
@@ -588,9 +602,10 @@ class DriveServer:
                 headers = {}
                 if fault.get("retry_after") is not None:
                     headers["Retry-After"] = str(int(fault["retry_after"]))
-                raise HTTPFail(st, {503: "Service Unavailable", 500: "Internal Error",
-                                    429: "Rate Limit Exceeded"}.get(st, "Injected error"), reason,
-                               headers=headers)
+                message = fault.get("message") or (USER_RATE_MESSAGE if reason == "userRateLimitExceeded" else None)
+                raise HTTPFail(st, message or {503: "Service Unavailable", 500: "Internal Error",
+                                               429: "Rate Limit Exceeded"}.get(st, "Injected error"), reason,
+                               headers=headers, domain="usageLimits" if st in (403, 429) else "global")
             if fault and fault["kind"] == "lose":
                 h._lose = True
             who = self._auth(h)

@@ -61,7 +61,7 @@ def tier_lines(tiers: dict[str, Any]) -> Iterable[str]:
                 f" · next due {_ago(t.get('next_due')) if t.get('next_due') else '-'}"
                 f" · pending {t.get('pending_files', 0)} files / {format_size(t.get('pending_bytes', 0))}"
                 f" · uploaded {t.get('uploaded', 0)}")
-        line += _skipped_part(t)
+        line += _notes(t)
         if t.get("errors"):
             line += f" · errors {t['errors']}"
         if t.get("last_error"):
@@ -69,11 +69,9 @@ def tier_lines(tiers: dict[str, Any]) -> Iterable[str]:
         yield line
 
 
-def _skipped_part(t: dict[str, Any]) -> str:
-    from ..sync import describe_skipped
-    if not t.get("skipped"):
-        return ""
-    return f" · skipped {t['skipped']} ({describe_skipped(t.get('skipped_files') or {})})"
+def _notes(t: dict[str, Any]) -> str:
+    from ..sync import tier_notes
+    return "".join(f" · {n}" for n in tier_notes(t))
 
 
 def _status_lines(data: dict[str, Any]) -> Iterable[str]:
@@ -99,7 +97,7 @@ def _flush_lines(res: dict[str, Any], verb: str) -> Iterable[str]:
     for name, t in res.get("tiers", {}).items():
         state = "ok" if t.get("ok") else f"NOT done ({t.get('state')})"
         line = f"{name}: {state} · uploaded {t.get('uploaded', 0)} · pending {t.get('pending_files', 0)}"
-        line += _skipped_part(t)
+        line += _notes(t)
         if t.get("last_error"):
             line += f" · last error: {t['last_error']}"
         if t.get("note"):
