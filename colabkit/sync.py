@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import (ColabkitError, IntegrityError, RemoteAuthError, RemoteError, RemotePermissionError,
                      RemoteQuotaError, RemoteUploadCapError, SyncError)
-from .fsutil import FileDigest, atomic_write_json, hash_file, is_temporary
+from .fsutil import FileDigest, atomic_write_json, hash_file, is_temporary, sweep_temporaries
 
 if TYPE_CHECKING:
     from .config import Config, TierConfig
@@ -439,6 +439,7 @@ class TierSyncer(threading.Thread):
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> None:
         _lower_priority()
+        self._sweep()
         with self._lock:
             if self.fatal is None:
                 self.snap["state"] = "idle"
@@ -469,6 +470,25 @@ class TierSyncer(threading.Thread):
         with self._lock:
             self.snap["state"] = "stopped"
             self.snap["current"] = None
+
+    def _sweep(self) -> None:
+        """Remove temporaries of ours that killed processes left in this tier's folder and in the ledger folder
+        (a partial copy on a mounted Drive is synced and counts against its quota); never one whose writer
+        is alive (:func:`colabkit.fsutil.sweep_temporaries`)."""
+        from .config import format_size
+        where = [(str(self.ledger.path.parent), False)]
+        root = getattr(self.remote, "root", None) if getattr(self.remote, "kind", "") == "local" else None
+        if root is not None:
+            where.append((str(root), True))
+        for folder, recursive in where:
+            try:
+                gone = sweep_temporaries(folder, recursive=recursive)
+            except Exception as e:   # hygiene must never stop a tier
+                log.warning("%s: sweeping stale temporaries in %s failed: %s", self.tier.name, folder, _fmt_err(e))
+                continue
+            if gone:
+                _activity.info("%s: removed %d stale temporary file(s) (%s) left by interrupted writers in %s",
+                               self.tier.name, len(gone), format_size(sum(n for _, n in gone)), folder)
 
     def _step(self) -> None:
         with self._lock:
