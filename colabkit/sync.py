@@ -819,8 +819,11 @@ class TierSyncer(threading.Thread):
             rec = self.remote.stat(remote_path)
             if rec is not None and rec.size == f.size and (rec.sha256 == sha or (rec.sha256 is None and rec.md5)):
                 if rec.sha256 is None:  # only an md5 to compare: check it against the local file
-                    if hash_file(f.path).md5 != rec.md5:
+                    d = hash_file(f.path)
+                    if d.md5 != rec.md5 or d.sha256 != sha:
                         return False
+                    # and finish what the interrupted upload left undone (Drive: the sha256 beside the file)
+                    rec = self.remote.adopt(remote_path, rec, d)
                 led.count_upload(f.rel, rec.size)   # sent by the interrupted process, today most likely
                 led.record(f.rel, remote_path=remote_path, size=rec.size, sha256=sha, md5=rec.md5,
                            remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns)

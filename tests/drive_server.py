@@ -40,7 +40,8 @@ Fault knobs (see :class:`Faults`): ``fail(n, status, reason=..., retry_after=...
 connection mid-body), ``truncate(n)`` (cut a media download short), ``ratio(p)`` (fault that fraction of
 Drive requests at random); ``upload_cap`` bytes per principal (then 403 userRateLimitExceeded "User rate limit
 exceeded.", Drive's answer at the 750 GB daily cap; ``daily_cap(n)`` gives that answer to the next `n` uploads);
-``storage_full`` (403 storageQuotaExceeded for every upload).
+``storage_full`` (403 storageQuotaExceeded for every upload); ``pause_at`` (hold an upload mid-way) and
+``hold_metadata`` (hold the next metadata update, then drop it unapplied) with ``paused``/``held`` and ``gate``.
 Blobs are stored on disk under the server's folder, never held in memory whole.
 """
 from __future__ import annotations
@@ -376,6 +377,10 @@ class DriveServer:
         self.pause_at: int | None = None
         self.paused = threading.Event()
         self.gate = threading.Event()
+        #: when set, a metadata update (PATCH /drive/v3/files/<id>) sets `held` and waits on `gate`, then is
+        #: dropped unapplied: the client died between an upload's last chunk and its metadata update
+        self.hold_metadata = False
+        self.held = threading.Event()
         self.issued_tokens: list[str] = []                      # every access token handed out (leak scans)
         self._lock = threading.RLock()
         self._conns: set[socket.socket] = set()
@@ -638,7 +643,14 @@ class DriveServer:
                 if method == "GET":
                     return self._get(h, query, who, fid, fault)
                 if method == "PATCH":
-                    return self._update_meta(h, query, h.rfile.read(length), who, fid)
+                    body = h.rfile.read(length)
+                    if self.hold_metadata:
+                        self.hold_metadata = False
+                        self.held.set()
+                        while not self.gate.wait(0.05) and self._httpd is not None:
+                            pass
+                        raise _Drop()
+                    return self._update_meta(h, query, body, who, fid)
                 if method == "DELETE":
                     _drain(h, length)
                     return self._delete(h, query, who, fid)

@@ -48,6 +48,9 @@ class WrappedRemote(Remote):
     def delete(self, path: str) -> None:
         self.inner.delete(path)
 
+    def adopt(self, path, record, digest):
+        return self.inner.adopt(path, record, digest)
+
     def check_access(self) -> None:
         self.inner.check_access()
 

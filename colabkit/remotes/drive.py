@@ -769,6 +769,15 @@ class DriveRemote(Remote):
         return files.create(body={"name": name, "parents": [folder], **body}, media_body=media, fields=FILE_FIELDS,
                             supportsAllDrives=True)
 
+    def adopt(self, path: str, record: RemoteFile, digest: FileDigest) -> RemoteFile:
+        """A file an interrupted upload left without its sha256 (killed between the last chunk and the metadata
+        update) gets it now, once its md5 and size were verified against the local file."""
+        if record.sha256 is None and record.id and record.md5 == digest.md5 and record.size == digest.size:
+            self._set_digest(record.id, digest, normalize_path(path))
+            return RemoteFile(record.path, record.size, sha256=digest.sha256, md5=record.md5,
+                              modified=record.modified, id=record.id)
+        return record
+
     def _set_digest(self, file_id: str | None, digest: FileDigest, rel: str) -> None:
         """Record the sha256 beside Drive's md5 (see :data:`APP_SHA256`). The upload is verified already: if
         this fails the file stays, and reads of it verify by Drive's md5 instead."""
