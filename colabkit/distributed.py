@@ -376,10 +376,25 @@ def _verify_dcp(folder: Path) -> None:
             with open(p, "rb") as f:
                 f.seek(info.offset)
                 raw = f.read(info.length)
-            try:
-                torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise IntegrityError(f"{p}: {index.fqn} does not load ({type(e).__name__})", path=str(p)) from e
+            _verify_record(p, index.fqn, raw, torch)
+
+
+def _verify_record(path: Path, fqn: str, raw: bytes, torch) -> None:
+    """One DCP item: a torch.save archive, whose records carry CRCs (torch.load does not check them)."""
+    import zipfile
+    buf = io.BytesIO(raw)
+    try:
+        if zipfile.is_zipfile(buf):
+            with zipfile.ZipFile(buf) as z:
+                bad = z.testzip()
+            if bad is not None:
+                raise IntegrityError(f"{path}: {fqn} fails its CRC check in record {bad} (corrupt)", path=str(path))
+            return
+        torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except IntegrityError:
+        raise
+    except Exception as e:
+        raise IntegrityError(f"{path}: {fqn} does not load ({type(e).__name__})", path=str(path)) from e
 
 
 def _safetensors_index(folder: Path) -> Path | None:
@@ -481,39 +496,60 @@ def load_unit(unit: CheckpointUnit, *, state: Any = None, map_location: Any = "c
 
 def _load_dcp(folder: Path, *, state: Any, process_group: Any) -> Any:
     _torch("loading a DCP checkpoint")
-    import warnings
-
     import torch.distributed.checkpoint as dcp
     no_dist = _dist() is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized": a single process is the intent
-        try:
-            if state is None:
-                # what torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, into memory
-                from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-                from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-                sd: dict[str, Any] = {}
-                _load_state_dict(sd, storage_reader=dcp.FileSystemReader(str(folder)),
-                                 planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-                return sd
-            if not isinstance(state, dict):
-                raise CheckpointError(f"state={type(state).__name__} cannot receive {folder.name}: pass the state "
-                                      "dict to load into, e.g. {'model': model.state_dict(), 'optim': opt.state_dict()}")
-            dcp.load(state, checkpoint_id=str(folder), process_group=process_group, no_dist=no_dist)
-            return state
-        except CheckpointError:
+    _quiet_single_process()
+    try:
+        if state is None:
+            # what torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, into memory
+            from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+            from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+            sd: dict[str, Any] = {}
+            _load_state_dict(sd, storage_reader=dcp.FileSystemReader(str(folder)),
+                             planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+            return sd
+        if not isinstance(state, dict):
+            raise CheckpointError(f"state={type(state).__name__} cannot receive {folder.name}: pass the state "
+                                  "dict to load into, e.g. {'model': model.state_dict(), 'optim': opt.state_dict()}")
+        dcp.load(state, checkpoint_id=str(folder), process_group=process_group, no_dist=no_dist)
+        return state
+    except CheckpointError:
+        raise
+    except BaseException as e:  # DCP wraps rank failures in CheckpointException (a BaseException)
+        if not (isinstance(e, Exception) or _is_dcp_failure(e)):
             raise
-        except Exception as e:  # DCP wraps rank failures in CheckpointException
-            msg = _first_line(e)
-            if "Missing key" in msg or "missing" in msg.lower() or "size mismatch" in msg.lower():
-                raise CheckpointError(f"{folder}: does not fit the state passed in ({msg}); pass a state dict with "
-                                      "the keys and shapes that were saved") from e
-            raise IntegrityError(f"{folder}: does not load ({type(e).__name__}: {msg})", path=str(folder)) from e
+        msg = _reason(e)
+        if "missing key" in msg.lower() or "size mismatch" in msg.lower() or "shape" in msg.lower():
+            raise CheckpointError(f"{folder}: does not fit the state passed in ({msg}); pass a state dict with "
+                                  "the keys and shapes that were saved") from e
+        raise IntegrityError(f"{folder}: does not load ({msg})", path=str(folder)) from e
 
 
 def _first_line(e: BaseException) -> str:
     from .checkpoints import _first_line as f
     return f(e)
+
+
+def _is_dcp_failure(e: BaseException) -> bool:
+    return type(e).__name__ == "CheckpointException" and hasattr(e, "failures")
+
+
+def _reason(e: BaseException) -> str:
+    """One line: the exception, or for DCP's CheckpointException each failing rank's own exception."""
+    if _is_dcp_failure(e):
+        parts = []
+        for rank, pair in sorted(e.failures.items()):
+            exc = pair[0] if isinstance(pair, tuple) else pair
+            parts.append(f"rank {rank}: {type(exc).__name__}: {_first_line(exc)}")
+        return "; ".join(parts)
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _quiet_single_process() -> None:
+    """DCP warns on every save and load without an initialized process group, even with ``no_dist=True``
+    (for async saves in DCP's own thread, where catch_warnings cannot reach): one process is what was meant."""
+    import warnings
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _load_safetensors(folder: Path) -> dict[str, Any]:
@@ -645,20 +681,22 @@ class DistributedSaver:
         tmp = self.ckpt.directory / f"{TMP_PREFIX}{final.name}.{self.token}-{self.seq}"
         lock_fd = self._begin(tmp)
         try:
-            import warnings
-
             import torch.distributed.checkpoint as dcp
+            _quiet_single_process()
             writer = dcp.FileSystemWriter(str(tmp))
             no_dist = self.group is None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if async_save:
-                    fut = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=no_dist)
-                else:
-                    dcp.save(state, storage_writer=writer, process_group=self.group, no_dist=no_dist)
-                    fut = None
-        except BaseException:
+            if async_save:
+                fut = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=no_dist)
+            else:
+                dcp.save(state, storage_writer=writer, process_group=self.group, no_dist=no_dist)
+                fut = None
+        except BaseException as e:
             self._release(lock_fd)
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, Exception) or _is_dcp_failure(e):
+                raise CheckpointError(f"sharded checkpoint step {step} was not saved ({_reason(e)}); the previous "
+                                      "checkpoint is intact") from e
             raise
         if fut is None:
             self._finish(step, tmp, final, lock_fd, None)
@@ -705,8 +743,8 @@ class DistributedSaver:
             log.debug("dcp wrote step %d into %s", step, tmp.name)
             digests = self._hash_own(tmp)
         except BaseException as e:
-            failure = f"rank {self.rank}: {type(e).__name__}: {_first_line(e)}"
-            if not isinstance(e, Exception):
+            failure = f"rank {self.rank}: {_reason(e)}"
+            if not (isinstance(e, Exception) or _is_dcp_failure(e)):
                 raise
         gathered = self._gather((failure, digests))
         outcome: str | None = None
@@ -718,7 +756,7 @@ class DistributedSaver:
                 try:
                     self._commit(step, tmp, final, [d for _, ds in gathered for d in ds])
                 except Exception as e:
-                    outcome = f"rank 0: {type(e).__name__}: {_first_line(e)}"
+                    outcome = f"rank 0: {_reason(e)}"
             self._release(lock_fd)
             if outcome:
                 shutil.rmtree(tmp, ignore_errors=True)
