@@ -633,6 +633,11 @@ class Checkpointer:
         """Every checkpoint in the folder (see :func:`discover`)."""
         return discover(self.directory)
 
+    def units(self) -> list[Any]:
+        """Every checkpoint unit in the folder, files and folders (see :func:`colabkit.distributed.discover_units`)."""
+        from .distributed import discover_units
+        return discover_units(self.directory)
+
     # -- saving ------------------------------------------------------------------------------------
     def save(self, step: int, state: Any) -> Path:
         """Save `state` as checkpoint `step`.

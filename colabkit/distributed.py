@@ -178,13 +178,14 @@ def read_folder_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
 def folder_step(name: str) -> int | None:
     """The step a checkpoint folder's name carries (``v01_step_00001200``, ``iter_0001200``,
     ``checkpoint-1200``, ``global_step1200``), or None."""
-    from .checkpoints import step_of
-    if not name or is_temporary(name):
+    from .checkpoints import _STEP
+    if not name or is_temporary(name) or name.endswith((".json", ".txt")):
         return None
     m = _HF_STEP.match(name)
     if m:
         return int(m.group(1))
-    return step_of(name) if "." not in name else None
+    matches = _STEP.findall(name)  # the whole name: a prefix may hold dots ("v0.1_step_00000100")
+    return int(matches[-1]) if matches else None
 
 
 def _listing(folder: Path) -> tuple[tuple[str, int], ...]:
@@ -623,7 +624,8 @@ def remove_stale_folders(directory: str | os.PathLike) -> list[Path]:
     for e in entries:
         if not e.name.startswith(TMP_PREFIX) or not e.is_dir(follow_symlinks=False):
             continue
-        if folder_step(e.name[len(TMP_PREFIX):].split(".", 1)[0]) is None:
+        # ours are TMP_PREFIX + final name + "." + token + "-" + sequence number
+        if folder_step(e.name[len(TMP_PREFIX):].rsplit(".", 1)[0]) is None:
             continue
         lock = Path(e.path) / _LOCK_NAME
         try:

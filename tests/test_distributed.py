@@ -155,6 +155,13 @@ def test_a_folder_without_its_manifest_or_under_a_temporary_name_is_not_a_checkp
     assert [u.name for u in discover_units(tmp_path)] == ["v01_step_00000001"]
 
 
+def test_a_prefix_with_dots_still_names_discoverable_folders(tmp_path):
+    ck = Checkpointer(tmp_path, prefix="v0.1", sharded=True)
+    ck.save(3, _state(3.0))
+    assert [(u.name, u.step) for u in ck.units()] == [("v0.1_step_00000003", 3)]
+    assert ck.load_latest()["step"] == 3
+
+
 def test_resaving_a_step_replaces_the_folder(tmp_path):
     ck = Checkpointer(tmp_path, prefix="v01", sharded=True)
     ck.save(5, _state(1.0))

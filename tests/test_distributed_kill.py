@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from colabkit.distributed import FOLDER_MANIFEST, discover_units, load_latest_unit, verify_unit
+from colabkit.distributed import (FOLDER_MANIFEST, discover_units, load_latest_unit, remove_stale_folders,
+                                  verify_unit)
 from colabkit.fsutil import TMP_PREFIX
 
 CHILD = Path(__file__).with_name("dist_kill_child.py")
@@ -145,6 +146,8 @@ def test_kill_9_of_a_rank_during_sharded_saves_never_leaves_a_bad_folder(tmp_pat
             newest = _check_folder(directory, saved)
         assert newest is not None and newest >= ROUNDS // 2
         leftovers = [n for n in os.listdir(directory) if n.startswith(TMP_PREFIX) and (directory / n).is_dir()]
-        assert len(leftovers) <= 1  # only the last round's temporary folder (the next run removes it)
+        assert len(leftovers) <= 1  # only the last round's temporary folder: the next run removes it
+        remove_stale_folders(directory)
+        assert not [n for n in os.listdir(directory) if n.startswith(TMP_PREFIX) and (directory / n).is_dir()]
     finally:
         server.close()
