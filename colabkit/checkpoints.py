@@ -660,7 +660,10 @@ class Checkpointer:
         from .distributed import is_sharded_state, rank_and_world
         rank, world = rank_and_world()
         if self.sharded or (self.sharded is None and is_sharded_state(state)):
-            return self._sharded().save(step, state, async_save=self.async_save)
+            final = self._sharded().save(step, state, async_save=self.async_save)
+            if self.async_save:
+                _live.add(self)  # the exit hook waits for the write in flight
+            return final
         if world > 1 and rank != 0:
             return self.path_for(step)  # replicated (DDP): rank 0 writes it; no barrier a dead rank could hang
         if not self.async_save:

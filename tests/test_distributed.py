@@ -97,6 +97,18 @@ def test_async_sharded_save_error_is_raised_at_the_next_save(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a_step_00000001", "latest"]
 
 
+def test_the_interpreter_waits_at_exit_for_an_async_sharded_write(tmp_path):
+    code = ("import torch\nfrom colabkit.checkpoints import Checkpointer\n"
+            f"ck = Checkpointer({str(tmp_path)!r}, prefix='x', sharded=True, async_save=True)\n"
+            "ck.save(9, {'w': torch.full((2_000_000,), 9.0)})\n")  # no close(): the exit hook must wait
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    [unit] = discover_units(tmp_path)
+    verify_unit(unit)
+    assert unit.name == "x_step_00000009" and torch.equal(load_unit(unit)["w"], torch.full((2_000_000,), 9.0))
+
+
 def test_a_sharded_save_that_fails_leaves_nothing_and_says_why(tmp_path):
     ck = Checkpointer(tmp_path, prefix="a", sharded=True)
     with pytest.raises(CheckpointError) as e:
