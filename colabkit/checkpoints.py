@@ -896,8 +896,17 @@ class Checkpointer:
         self.loaded, state = found
         return state
 
-    def load(self, path: str | os.PathLike, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
-        """Load one checkpoint (e.g. ``--resume-from PATH``), verified against its manifest if it has one."""
+    def load(self, path: str | os.PathLike, *, map_location: Any = "cpu", weights_only: bool = True,
+             state: Any = None) -> Any:
+        """Load one checkpoint (e.g. ``--resume-from PATH``), verified against its manifest if it has one.
+
+        A checkpoint folder (sharded, DCP, safetensors, Megatron) is verified and loaded as
+        :meth:`load_latest` does, into `state` for DCP folders; under torch.distributed every rank calls it.
+        """
+        if Path(path).is_dir():
+            from .distributed import load_folder
+            return load_folder(path, state=state, map_location=map_location, weights_only=weights_only,
+                               saver=self._sharded())
         return load(path, map_location=map_location, weights_only=weights_only)
 
     def __repr__(self) -> str:

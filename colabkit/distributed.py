@@ -212,15 +212,19 @@ def _megatron_tracker(directory: Path) -> int | str | None:
         return None
 
 
-def classify_folder(folder: str | os.PathLike) -> CheckpointUnit | None:
+def classify_folder(folder: str | os.PathLike, *, any_name: bool = False) -> CheckpointUnit | None:
     """The unit `folder` is, or None when it is not a (complete) checkpoint folder.
 
     A colabkit folder needs its manifest; a Megatron ``iter_N`` folder needs N <= the iteration in the parent's
     ``latest_checkpointed_iteration.txt`` (Megatron writes it after the save); a DCP folder needs ``.metadata``
     (written last by DCP); an HF-style folder needs its ``*.safetensors`` index or ``model.safetensors``.
+    Discovery needs a step in the folder's name; `any_name` (a path given explicitly) takes any name (step 0
+    unless the manifest says otherwise).
     """
     folder = Path(folder)
     step = folder_step(folder.name)
+    if step is None and any_name and not is_temporary(folder.name):
+        step = 0
     if step is None or not folder.is_dir():
         return None
     manifest = read_folder_manifest(folder)
@@ -904,6 +908,39 @@ def load_latest_unit(directory: str | os.PathLike, *, state: Any = None, map_loc
         return unit, loaded
     raise NoCheckpointError(f"no valid checkpoint in {directory}: " + "; ".join(rejected)
                             + "; fetch one from a remote with 'colabkit resume'")
+
+
+def load_folder(path: str | os.PathLike, *, state: Any = None, map_location: Any = "cpu", weights_only: bool = True,
+                saver: DistributedSaver | None = None) -> Any:
+    """Verify and load the checkpoint folder `path` (``--resume-from DIR``). Under torch.distributed (a `saver`
+    with a group) rank 0 verifies it and tells the others, and every rank loads it.
+
+    Raises:
+        NoCheckpointError: `path` is not a complete checkpoint folder.
+        IntegrityError: it fails verification.
+    """
+    folder = Path(path)
+    group = saver.group if saver is not None else None
+    verdict: Any = None
+    if saver is None or saver.rank == 0:
+        unit = classify_folder(folder, any_name=True)
+        if unit is None:
+            verdict = ("none", f"{folder}: not a complete checkpoint folder (no {FOLDER_MANIFEST}, {DCP_METADATA}, "
+                               f"safetensors index or tracked Megatron iteration); check --resume-from / the path given")
+        else:
+            try:
+                verify_unit(unit)
+                verdict = ("ok", unit)
+            except IntegrityError as e:
+                verdict = ("bad", e)
+    if saver is not None:
+        verdict = saver._broadcast(verdict)
+    what, value = verdict
+    if what == "none":
+        raise NoCheckpointError(value)
+    if what == "bad":
+        raise value
+    return load_unit(value, state=state, map_location=map_location, weights_only=weights_only, process_group=group)
 
 
 def has_folders(directory: str | os.PathLike) -> bool:

@@ -2,9 +2,11 @@
 
 Usage: python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_child.py DIR
 
+DIR/one/o_step_00000007 must hold a folder that one process saved ({"w": arange(32).reshape(8, 4) * 7, "step": 7}).
 Part 1 (DDP, replicated): rank 1 saves first and only then lets rank 0 save (through the rendezvous store): a
 barrier inside rank 1's save would hang it. Part 2 (sharded): a DTensor sharded over a CPU mesh of 2, saved
-synchronously and asynchronously, then loaded back on every rank. Every result is one JSON line per rank.
+synchronously and asynchronously, then loaded back on every rank; part 3 corrupts a shard of the newest folder
+(every rank must fall back to the same older one); part 4 loads the one-process folder onto the 2 ranks. Every result is one JSON line per rank.
 """
 from __future__ import annotations
 
@@ -72,7 +74,27 @@ def main() -> None:
     want = (full + 100.0)[rank * 4:(rank + 1) * 4]
     say(rank=rank, part="sharded-load", step=got["step"], same=bool(torch.equal(local, want)),
         loaded=sk.loaded.name, files=sorted(os.listdir(sk.loaded.path)))
+
+    # -- part 3: a corrupt shard: rank 0 refuses it and every rank falls back to the same older folder ------
+    if rank == 0:
+        shard = os.path.join(root, "sharded", "s_step_00000002", "__1_0.distcp")
+        data = bytearray(open(shard, "rb").read())
+        data[len(data) // 2] ^= 0xFF
+        open(shard, "wb").write(bytes(data))
+    dist.barrier()
+    template = {"w": distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)]), "step": 0}
+    got = sk.load_latest(state=template)
+    want = full[rank * 4:(rank + 1) * 4]
+    say(rank=rank, part="fallback", step=got["step"], same=bool(torch.equal(got["w"].to_local(), want)),
+        loaded=sk.loaded.name)
     sk.close()
+
+    # -- part 4: a folder one process wrote, resharded onto the 2 ranks (load of an explicit path) ----------
+    one = os.path.join(root, "one", "o_step_00000007")
+    template = {"w": distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)]), "step": 0}
+    got = Checkpointer(os.path.join(root, "one"), prefix="o").load(one, state=template)
+    want = (full * 7)[rank * 4:(rank + 1) * 4]
+    say(rank=rank, part="reshard", step=got["step"], same=bool(torch.equal(got["w"].to_local(), want)))
     dist.destroy_process_group()
 
 

@@ -167,6 +167,24 @@ def test_a_folder_without_its_manifest_or_under_a_temporary_name_is_not_a_checkp
     assert [u.name for u in discover_units(tmp_path)] == ["v01_step_00000001"]
 
 
+def test_load_of_a_folder_path_verifies_it_first(tmp_path):
+    ck = Checkpointer(tmp_path / "c", prefix="v01", sharded=True)
+    final = ck.save(4, _state(4.0))
+    template = _template()
+    assert ck.load(final, state=template) is template and template["step"] == 4
+    _flip_byte(final / "__0_0.distcp")
+    with pytest.raises(IntegrityError, match=r"__0_0.distcp: sha256 .* \(corrupt\)"):
+        ck.load(final, state=_template())
+    _dcp_save(_state(8.0), tmp_path / "final")  # any name will do for a path given explicitly
+    assert ck.load(tmp_path / "final", state=_template())["step"] == 8
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoCheckpointError) as e:
+        ck.load(tmp_path / "empty")
+    assert str(e.value) == (f"{tmp_path / 'empty'}: not a complete checkpoint folder (no {FOLDER_MANIFEST}, "
+                            ".metadata, safetensors index or tracked Megatron iteration); check --resume-from / the "
+                            "path given")
+
+
 def test_a_prefix_with_dots_still_names_discoverable_folders(tmp_path):
     ck = Checkpointer(tmp_path, prefix="v0.1", sharded=True)
     ck.save(3, _state(3.0))
@@ -315,6 +333,8 @@ def test_megatron_iteration_folders_follow_the_tracker_file(tmp_path):
 
 # -- real torchrun, 2 ranks, gloo ----------------------------------------------------------------------
 def test_ddp_and_dtensor_checkpoints_under_torchrun_then_resharded_to_one_process(tmp_path):
+    full = torch.arange(32, dtype=torch.float32).reshape(8, 4)
+    Checkpointer(tmp_path / "one", prefix="o", sharded=True).save(7, {"w": full * 7, "step": 7})  # world size 1
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(ROOT / "tests" / "dist_child.py"), str(tmp_path)],
@@ -335,9 +355,15 @@ def test_ddp_and_dtensor_checkpoints_under_torchrun_then_resharded_to_one_proces
         assert r["files"] == [".metadata", "__0_0.distcp", "__1_0.distcp", FOLDER_MANIFEST]
     m = json.loads((tmp_path / "sharded" / "s_step_00000002" / FOLDER_MANIFEST).read_text())
     assert m["world_size"] == 2 and [f["path"] for f in m["files"]] == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    # resharded on load: the same folders read by one process into whole tensors
-    full = torch.arange(32, dtype=torch.float32).reshape(8, 4)
-    for step, want in ((1, full), (2, full + 100)):
+    # a corrupt shard of the newest folder: rank 0 refused it, both ranks loaded step 1
+    for rank in (0, 1):
+        assert by["fallback", rank] == {"rank": rank, "part": "fallback", "step": 1, "same": True,
+                                        "loaded": "s_step_00000001"}
+        # a folder saved by one process, resharded onto the DTensors of 2 ranks
+        assert by["reshard", rank] == {"rank": rank, "part": "reshard", "step": 7, "same": True}
+    assert "checkpoint s_step_00000002 is not usable" in proc.stderr and "__1_0.distcp: sha256" in proc.stderr
+    # resharded on load: the folders 2 ranks wrote, read by one process into whole tensors
+    for step, want in ((1, full),):
         template = {"w": torch.zeros(8, 4), "step": 0}
         unit = [u for u in discover_units(tmp_path / "sharded") if u.step == step][0]
         verify_unit(unit)
