@@ -749,13 +749,14 @@ class DistributedSaver:
             log.debug("dcp wrote step %d into %s", step, tmp.name)
             digests = self._hash_own(tmp)
         except BaseException as e:
-            failure = f"rank {self.rank}: {_reason(e)}"
+            # DCP's CheckpointException already names every failing rank (and every rank raises the same one)
+            failure = _reason(e) if _is_dcp_failure(e) else f"rank {self.rank}: {_reason(e)}"
             if not (isinstance(e, Exception) or _is_dcp_failure(e)):
                 raise
         gathered = self._gather((failure, digests))
         outcome: str | None = None
         if self.rank == 0:
-            failures = [f for f, _ in gathered if f]
+            failures = list(dict.fromkeys(f for f, _ in gathered if f))
             if failures:
                 outcome = "; ".join(failures)
             else:
