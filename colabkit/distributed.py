@@ -82,16 +82,13 @@ def rank_and_world() -> tuple[int, int]:
 
 def is_sharded_state(state: Any) -> bool:
     """True when `state` holds a DTensor (FSDP2, tensor parallel) or a ShardedTensor anywhere inside."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
+    # no import here: a DTensor or ShardedTensor can exist only once its module has been imported
     kinds: list[type] = []
-    with contextlib.suppress(Exception):
-        from torch.distributed.tensor import DTensor
-        kinds.append(DTensor)
-    with contextlib.suppress(Exception):
-        from torch.distributed._shard.sharded_tensor import ShardedTensor
-        kinds.append(ShardedTensor)
+    for module, name in (("torch.distributed.tensor", "DTensor"),
+                         ("torch.distributed._shard.sharded_tensor", "ShardedTensor")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            kinds.append(cls)
     if not kinds:
         return False
     kinds_t = tuple(kinds)
