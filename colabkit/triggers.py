@@ -1035,7 +1035,8 @@ def watch(logfile: str | os.PathLike, *, config: "Config | None" = None, experim
     if not rs:
         raise TriggerError(f"{exp}: no trigger rules (triggers: in colabkit.yaml or experiments/{exp}/{FILE_NAME}); "
                            "add a rule first ('colabkit triggers check' validates them)")
-    wk = Worker(cfg, experiment=exp, until_idle=once, poll=poll) if worker else None
+    # the worker may only call it a day once the reading is done (until then more entries may come)
+    wk = Worker(cfg, experiment=exp, until_idle=False, poll=poll) if worker else None
     exp_dir = cfg.experiment_dir(exp)
     eng = Engine(cfg, exp, rs, run=run, base=exp_dir if exp_dir.is_dir() else path.parent,
                  on_enqueue=wk.wake if wk else None)
@@ -1091,6 +1092,7 @@ def watch(logfile: str | os.PathLike, *, config: "Config | None" = None, experim
             if not got:
                 stop.wait(poll)
         if wk is not None and once:
+            wk.until_idle = True
             wk.wake()
             while wk.alive and not stop.is_set():
                 wk.join(poll)
