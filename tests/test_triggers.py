@@ -506,3 +506,33 @@ def test_bad_rule_in_an_experiments_triggers_yaml_names_the_file_and_stops_train
     assert str(ei.value) == ("experiments/v01/triggers.yaml: triggers[0].conditions.every: 0 must be a whole "
                              "number >= 1")
     assert not (root / "experiments" / "v01" / "logs").exists()  # nothing started
+
+
+# -- runner integration: line listeners and run states -----------------------------------------------------------
+def test_runner_feeds_listeners_every_line_once_and_reports_run_states(tmp_path):
+    out = tmp_path / "final.txt"
+    rules = [{"name": "again", "state": "restarted",
+              "action": {"type": "log", "message": "attempt {attempt} {detail}; resuming"}},
+             {"name": "final", "state": "finished",
+              "action": {"type": "command", "command": ["sh", "-c", f"echo {{state}} {{step}} {{path}} > {out}"]}}]
+    root = make_project(tmp_path / "p", rules)
+    (root / "experiments" / "v01" / "train.py").write_text((SCRIPTS / "crash_then_resume.py").read_text())
+    seen: list[tuple[list[str], str, int | None]] = []
+    try:
+        res = runner.train("v01", config=cfg_of(root), resume="none", max_restarts=1,
+                           listeners=[lambda evs, line, att: seen.append(([e.kind for e in evs], line,
+                                                                           att.number if att else None))])
+        assert res.ok and len(res.attempts) == 2
+        assert triggers.join(timeout=60)
+    finally:
+        triggers.stop_workers()
+    lines = [(k, line, n) for k, line, n in seen if line]
+    assert (["step", "loss"], "step 5 loss 0.25", 1) in lines and (["step", "loss"], "step 10 loss 0.125", 2) in lines
+    assert [line for _, line, _ in lines].count("step 5 loss 0.25") == 1
+    states = [(k, n) for k, line, n in seen if not line]
+    assert states == [(["state"], 1), (["state"], 2)]
+    ck = root / "experiments" / "v01" / "checkpoints" / "v01_step_00000005.pt"
+    assert out.read_text() == f"finished 10 {ck}\n"
+    log = (root / ".colabkit" / "actions" / "v01" / "triggers.log").read_text()
+    assert "again: attempt 1 exited with code 1; resuming" in log
+    assert {e["state"] for e in triggers.list_entries(config=cfg_of(root))} == {"done"}
