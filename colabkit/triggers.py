@@ -74,6 +74,7 @@ POLL = 1.0
 #: how many entries status() lists
 STATUS_ENTRIES = 20
 _RUN_MAIN = "main"
+_ANY = float("-inf")   # a rule any event may fire
 
 
 # -- rules ------------------------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def _literal(pattern: str) -> str | None:
 class _Compiled:
     """A rule made ready to match: its regex, a literal pre-filter, the thresholds still to fire."""
 
-    __slots__ = ("rule", "regex", "literal", "substring", "extract", "metadata", "pending_at", "every_seen")
+    __slots__ = ("rule", "regex", "literal", "substring", "extract", "metadata", "pending_at", "every_last")
 
     def __init__(self, rule: TriggerRule) -> None:
         self.rule = rule
@@ -165,7 +166,18 @@ class _Compiled:
         self.extract = rule.extract
         self.metadata = dict(rule.metadata)
         self.pending_at: list[int] = list(rule.at) if rule.at else []
-        self.every_seen: set[int] = set()
+        self.every_last: int | None = None   # the last multiple fired: a restart re-printing steps fires none
+
+    def next_step(self) -> float:
+        """The lowest step at which this rule can fire next (-inf: any event may fire it, inf: none can)."""
+        r = self.rule
+        if self.extract:
+            return _ANY  # the step may come from an extracted value
+        if r.at is not None:
+            return self.pending_at[0] if self.pending_at else float("inf")
+        if r.every is not None:
+            return (self.every_last + r.every) if self.every_last is not None else r.every
+        return _ANY
 
     def match_line(self, line: str) -> dict[str, Any] | None:
         if self.substring is not None:
@@ -388,11 +400,17 @@ class Engine:
         self.path: str | None = None
         self.attempt: int | None = None
         self.last_activity = time.time()
+        self.ended = False
         self.fired: list[dict[str, Any]] = []   # what fired through this engine (dry runs keep them here only)
         self._seen: set[str] = set()
         self._lock = threading.Lock()
         compiled = [_Compiled(r) for r in self.rules]
-        self._line_rules = [c for c in compiled if c.rule.detector == "pattern"]
+        pats = [c for c in compiled if c.rule.detector == "pattern"]
+        # one C-speed search for every pattern's literal: most lines mention none of them
+        self._line_rules = [c for c in pats if c.literal is not None or c.substring is not None]
+        self._line_always = [c for c in pats if c not in self._line_rules]
+        lits = [c.literal if c.literal is not None else c.substring for c in self._line_rules]
+        self._line_filter = re.compile("|".join(re.escape(x) for x in lits)) if lits else None  # type: ignore[arg-type]
         self._event_rules: dict[str, list[_Compiled]] = {}
         for c in compiled:
             if c.rule.detector in ("checkpoint", "step", "loss"):
@@ -404,6 +422,9 @@ class Engine:
                 if c.pending_at:
                     c.pending_at = [t for t in c.pending_at
                                     if not self.queue.exists(self._id(c.rule, {"at": t}, t))]
+        self._gate: dict[str, float] = {}
+        for k in self._event_rules:
+            self._regate(k)
 
     def _id(self, rule: TriggerRule, identity: Mapping[str, Any], tag: Any) -> str:
         return entry_id(rule.name, self.experiment, self.run, identity, tag)
@@ -414,32 +435,47 @@ class Engine:
         with self._lock:
             if attempt is not None:
                 self.attempt = getattr(attempt, "number", attempt)
-            if line:
+            if line and self._idle_rules:
                 self.last_activity = time.time()
+            gate = self._gate
             for e in events:
                 k = e.kind
-                if k == "state":
-                    self._on_state(e)
-                    continue
-                if k == "checkpoint":
-                    if e.step is not None:
-                        self.step = e.step if self.step is None or e.step > self.step else self.step
-                    p = e.path
+                step = e.values.get("step")
+                if k == "step":
+                    if step is not None:
+                        self.step = step
+                elif k == "checkpoint":
+                    if isinstance(step, int) and (self.step is None or step > self.step):
+                        self.step = step
+                    p = e.values.get("path")
                     if p:
                         self.path = p if os.path.isabs(p) else str(self.base / p)
-                        self.last_activity = time.time()
-                elif k == "step" and e.step is not None:
-                    self.step = e.step
-                for c in self._event_rules.get(k, ()):
+                elif k == "state":
+                    self._on_state(e)
+                    continue
+                g = gate.get(k)
+                # the common case, a step line below every threshold, costs one comparison
+                if g is None or (g != _ANY and (step.__class__ is not int or step < g)):
+                    continue
+                for c in self._event_rules[k]:
                     vals = dict(e.values)
                     if k == "checkpoint" and self.path:
                         vals["path"] = self.path
                     self._consider(c, vals, e.line)
-            if line and self._line_rules:
-                for c in self._line_rules:
+                self._regate(k)
+            if line:
+                if self._line_filter is not None and self._line_filter.search(line) is not None:
+                    for c in self._line_rules:
+                        vals = c.match_line(line)
+                        if vals is not None:
+                            self._consider(c, vals, line)
+                for c in self._line_always:
                     vals = c.match_line(line)
                     if vals is not None:
                         self._consider(c, vals, line)
+
+    def _regate(self, kind: str) -> None:
+        self._gate[kind] = min(c.next_step() for c in self._event_rules[kind])
 
     def feed(self, line: str, parser: Any) -> None:
         """Parse `line` with `parser` (a :class:`~colabkit.events.LineParser`) and feed it (``triggers watch``)."""
@@ -450,7 +486,7 @@ class Engine:
 
     def tick(self, now: float | None = None) -> None:
         """Fire inactivity rules whose silence has lasted long enough (called by the worker and the watcher)."""
-        if not self._idle_rules:
+        if not self._idle_rules or self.ended:
             return
         now = time.time() if now is None else now
         with self._lock:
@@ -462,6 +498,8 @@ class Engine:
 
     def _on_state(self, e: "Event") -> None:
         state = e.values.get("state")
+        if state in ("finished", "failed", "oom", "stopped"):
+            self.ended = True  # a run that ended is not silent: no inactivity rule fires after it
         vals = dict(e.values)
         if vals.get("path"):
             self.path = str(vals["path"])
@@ -494,9 +532,9 @@ class Engine:
             if step is None or step < rule.every:
                 return
             m = step // rule.every * rule.every
-            if m in c.every_seen:
+            if c.every_last is not None and m <= c.every_last:
                 return
-            c.every_seen.add(m)
+            c.every_last = m
             fire.append(({"every": m}, m))
         else:
             if identity is None:
