@@ -385,7 +385,7 @@ class Engine:
     def __init__(self, config: "Config", experiment: str, rules_: Sequence[TriggerRule] | None = None, *,
                  run: str = _RUN_MAIN, run_id: str | None = None, output_dir: str | os.PathLike | None = None,
                  base: str | os.PathLike | None = None, on_enqueue: Callable[[], None] | None = None,
-                 dry_run: bool = False) -> None:
+                 dry_run: bool = False, args: Sequence[str] = ()) -> None:
         self.config = config
         self.experiment = experiment
         self.rules = tuple(rules(config, experiment=experiment) if rules_ is None else rules_)
@@ -395,6 +395,7 @@ class Engine:
         self.base = Path(base) if base is not None else config.experiment_dir(experiment)
         self.on_enqueue = on_enqueue
         self.dry_run = dry_run
+        self.args = [str(a) for a in args]   # the run's train.py arguments: a cooldown starts from them
         self.queue = Queue(config, experiment)
         self.step: int | None = None
         self.path: str | None = None
@@ -572,7 +573,7 @@ class Engine:
             "state": "pending", "attempts": 0, "created": now, "updated": now, "history": [],
             "output": None, "result": None, "error": None, "worker": None}
         try:
-            entry["action"] = render_action(rule, ctx, self.config, self.experiment)
+            entry["action"] = render_action(rule, ctx, self.config, self.experiment, base_args=self.args)
             if rule.file_exists:
                 entry["wait"] = {"file": render(rule.file_exists, ctx),
                                  "until": now + rule.wait if rule.wait is not None else None}
@@ -617,15 +618,19 @@ def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in values.items()}
 
 
-def render_action(rule: TriggerRule, ctx: Mapping[str, Any], config: "Config", experiment: str) -> dict[str, Any]:
-    """The rule's action with every template filled in from `ctx`."""
+def render_action(rule: TriggerRule, ctx: Mapping[str, Any], config: "Config", experiment: str, *,
+                  base_args: Sequence[str] = ()) -> dict[str, Any]:
+    """The rule's action with every template filled in from `ctx` (a cooldown's train.py arguments are the main
+    run's `base_args` followed by the rule's, which argparse lets override)."""
     a = rule.action
     if a.type == "cooldown":
         folder = render(a.folder, ctx)
         path = ctx.get("path")
         if not path:
             raise TriggerError("a cooldown needs the checkpoint to start from, and no checkpoint was seen yet")
-        return {"type": "cooldown", "args": [render(x, ctx) for x in a.args], "when": a.when, "folder": folder,
+        overrides = [render(x, ctx) for x in a.args]
+        return {"type": "cooldown", "args": [*base_args, *overrides], "overrides": overrides, "when": a.when,
+                "folder": folder,
                 "output_dir": str(config.experiment_dir(experiment) / folder), "checkpoint": str(path),
                 "triggers": a.triggers}
     if a.type == "command":
@@ -1029,7 +1034,7 @@ def attach(job: Any) -> Engine | None:
     run = getattr(job, "run_name", None) or _RUN_MAIN
     eng = Engine(job.config, job.experiment, rs, run=run, run_id=job.run_id,
                  output_dir=getattr(job, "output_dir", None) or job.config.experiment_dir(job.experiment),
-                 base=job.cwd)
+                 base=job.cwd, args=job.args)
     eng.on_enqueue = lambda: _ensure_worker(job.config, job.experiment, eng)
     job.listeners.append(eng.listener)
     _ensure_worker(job.config, job.experiment, eng)

@@ -536,3 +536,20 @@ def test_runner_feeds_listeners_every_line_once_and_reports_run_states(tmp_path)
     log = (root / ".colabkit" / "actions" / "v01" / "triggers.log").read_text()
     assert "again: attempt 1 exited with code 1; resuming" in log
     assert {e["state"] for e in triggers.list_entries(config=cfg_of(root))} == {"done"}
+
+
+def test_the_documented_recipes_and_the_readme_block_load(tmp_path):
+    import re
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "triggers.md").read_text(), re.S)
+    assert len(blocks) == 4
+    names = []
+    for b in blocks:
+        cfg = load_config(data=yaml.safe_load(b), start=tmp_path)
+        names.append([r.name for r in cfg.triggers])
+    assert names[1:] == [["cooldown"], ["eval_10k", "cooldown_50k", "finetune_100k"],
+                         ["checkpoint_saved", "convert_hf", "eval_hf", "full_eval_every_10k", "benchmarks_final"]]
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Configuration \(`colabkit.yaml`\).*?```yaml\n(.*?)```", readme, re.S).group(1)
+    cfg = load_config(data=yaml.safe_load(block), start=tmp_path)
+    assert [(r.name, r.at, r.action.type, r.action.when) for r in cfg.triggers] == [
+        ("cooldown_50k", (50000,), "cooldown", "after_main")]
