@@ -553,3 +553,19 @@ def test_the_documented_recipes_and_the_readme_block_load(tmp_path):
     cfg = load_config(data=yaml.safe_load(block), start=tmp_path)
     assert [(r.name, r.at, r.action.type, r.action.when) for r in cfg.triggers] == [
         ("cooldown_50k", (50000,), "cooldown", "after_main")]
+
+
+def test_sync_action_flushes_the_tiers_now(tmp_path):
+    root = make_project(tmp_path / "p", [{"name": "push", "event": "checkpoint", "action": {"type": "sync"}}])
+    data = yaml.safe_load((root / "colabkit.yaml").read_text())
+    data["tiers"] = [{"name": "backup", "remote": "local", "path": str(tmp_path / "backup"), "every": "1h"}]
+    (root / "colabkit.yaml").write_text(yaml.safe_dump(data))
+    logs = root / "experiments" / "v01" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "run.log").write_text("saved checkpoint at iteration 100 to ck.pt\n")
+    os.utime(logs / "run.log", (time.time() - 60, time.time() - 60))  # older than sync.settle
+    triggers.watch(logs / "run.log", config=cfg_of(root), experiment="v01", once=True, worker=False)
+    [e] = triggers.list_entries(config=cfg_of(root))
+    assert e["state"] == "done" and e["action"] == "sync"
+    assert (tmp_path / "backup" / "experiments" / "v01" / "logs" / "run.log").read_text() == \
+        "saved checkpoint at iteration 100 to ck.pt\n"
