@@ -807,7 +807,9 @@ def _trigger_rule(data: Any, key: str, tiers: set[str] | None, source: str | Non
                           value=meta)
 
     action = _trigger_action(r.raw("action", None), f"{key}.action", tiers)
-    default_mode = "queue" if action.type in ("cooldown", "command") else "inline"
+    # a log line costs nothing; anything that may take a while (a run, a command, an upload) is queued, never
+    # run in the watcher, where it would hold up the log stream (and a %train child writing to a full pipe)
+    default_mode = "inline" if action.type == "log" else "queue"
     mode = r.str("mode", default_mode, choices=("inline", "queue")) or default_mode
     retry = r.bool("retry", False)
 

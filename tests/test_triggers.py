@@ -564,7 +564,7 @@ def test_sync_action_flushes_the_tiers_now(tmp_path):
     logs.mkdir(parents=True)
     (logs / "run.log").write_text("saved checkpoint at iteration 100 to ck.pt\n")
     os.utime(logs / "run.log", (time.time() - 60, time.time() - 60))  # older than sync.settle
-    triggers.watch(logs / "run.log", config=cfg_of(root), experiment="v01", once=True, worker=False)
+    triggers.watch(logs / "run.log", config=cfg_of(root), experiment="v01", once=True, poll=0.05)
     [e] = triggers.list_entries(config=cfg_of(root))
     assert e["state"] == "done" and e["action"] == "sync"
     assert (tmp_path / "backup" / "experiments" / "v01" / "logs" / "run.log").read_text() == \
