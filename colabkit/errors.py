@@ -189,8 +189,9 @@ class OutOfMemoryError(TrainError, MemoryError):
     """The run ran out of memory; it is not restarted."""
 
 
-class CooldownError(ColabkitError):
-    """A cooldown trigger or action is invalid or failed."""
+class TriggerError(ColabkitError):
+    """A trigger's queue entry cannot be acted on as asked (unknown id, retry of a running entry), or the
+    queue cannot be read or written. Bad rules are :class:`ConfigError`."""
 
 
 class JournalError(ColabkitError, ValueError):
