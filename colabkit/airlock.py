@@ -682,7 +682,9 @@ def _read_manifest(zf: zipfile.ZipFile, label: str) -> dict[str, Any]:
         raise IntegrityError(f"{label}: {MANIFEST_NAME} is malformed; export the bundle again", path=MANIFEST_NAME)
     if m["format"] > FORMAT:
         raise AirlockError(f"{label} has manifest format {m['format']}, newer than this colabkit understands "
-                           f"({FORMAT}); upgrade colabkit (pip install -U colabkit)")
+                           f"({FORMAT}); upgrade colabkit where you installed it from (pip install -U -e . in your "
+                           "checkout, or pip install -U with its git URL; the name 'colabkit' on PyPI is another "
+                           "project)")
     return m
 
 

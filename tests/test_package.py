@@ -70,3 +70,33 @@ def test_magic_config_show_and_usage_error(ip, tmp_path, monkeypatch, capsys):
     with pytest.raises(UsageError) as ei:
         ip.run_line_magic("colabkit", "config check")
     assert str(ei.value) == "resume.policy: 'oldest' is not allowed; use one of newest, first"
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
+
+
+def _user_facing_texts():
+    """The docs and every message colabkit's code can print (the template notebook is checked by its own tests)."""
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "secrets.example").glob("*.md")),
+             *sorted(p for p in (ROOT / "colabkit").rglob("*.py") if "templates" not in p.parts)]
+    return [(p.relative_to(ROOT).as_posix(), p.read_text(encoding="utf-8")) for p in files]
+
+
+def test_nothing_tells_users_to_pip_install_the_unrelated_pypi_colabkit():
+    # 'colabkit' on PyPI is someone else's project: an install line may name a path or a git URL, never the bare name
+    bad = re.compile(r"pip install(?:\s+-{1,2}[\w-]+)*\s+['\"]?colabkit(?![\w/.\[-])")
+    hits = [f"{name}: {m.group(0)}" for name, text in _user_facing_texts() for m in bad.finditer(text)]
+    assert hits == []
+
+
+def test_secrets_example_counts_its_ways_and_never_suggests_a_my_drive_folder_as_editor():
+    text = (ROOT / "secrets.example" / "README.md").read_text(encoding="utf-8")
+    head = re.search(r"^## 2\. Give colabkit the key — (\w+) ways", text, re.M)
+    assert head, "section 2 heading changed"
+    section = text[head.end():text.index("\n## 3.")]
+    listed = re.findall(r"^(\d+)\. ", section, re.M)
+    assert _WORDS[head.group(1)] == len(listed) == int(listed[-1])
+    # a service account has no storage quota: a plain (My Drive) folder shared with it fails with storageQuotaExceeded
+    assert not re.search(r"share it with\s+`[^`]*gserviceaccount\.com`\s+as\s+\*\*Editor\*\*", text)
+    assert "storageQuotaExceeded" in text and "Shared Drive" in text and "authorized_user" in text
