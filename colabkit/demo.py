@@ -141,10 +141,7 @@ def _run_until_preempted(cfg, args: list[str], *, kill_at: int, say: Callable[[s
 
 
 def _final_weights_equal(a: Path, b: Path) -> bool:
-    import warnings
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch without numpy installed
-        import torch
+    import torch
     sa = torch.load(a, map_location="cpu", weights_only=True)["model"]
     sb = torch.load(b, map_location="cpu", weights_only=True)["model"]
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
