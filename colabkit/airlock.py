@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from .errors import (AirlockError, ColabkitError, DirtyTreeError, IntegrityError, RemoteNotFoundError,
                      SecretInBundleError, UnsafeBundleError)
 from .fsutil import TMP_PREFIX, atomic_open, atomic_write_json, hash_file, is_temporary
+from .runtime import command
 from .secrets import redact
 
 if TYPE_CHECKING:
@@ -116,21 +117,12 @@ def _load_cfg(config: "Config | None") -> "Config":
 
 
 def _check_name(experiment: str) -> str:
-    if not isinstance(experiment, str) or not experiment or experiment in (".", "..") or "/" in experiment \
-            or "\\" in experiment:
-        raise AirlockError(f"{experiment!r} is not an experiment name; use the folder name under experiments/, "
-                           "e.g. v01")
-    return experiment
+    from .config import check_experiment_name
+    return check_experiment_name(experiment)
 
 
 def _experiment_dir(cfg: "Config", experiment: str) -> Path:
-    _check_name(experiment)
-    d = cfg.experiment_dir(experiment)
-    if not d.is_dir():
-        known = cfg.experiment_names()
-        raise AirlockError(f"experiment {experiment!r} not found: {d} does not exist; "
-                           f"experiments here: {', '.join(known) or 'none'}")
-    return d
+    return cfg.require_experiment(experiment)  # the check every command makes (train, resume, ...)
 
 
 def _prefix(cfg: "Config", experiment: str) -> str:
@@ -763,7 +755,7 @@ def _resolve_bundle(remote: "Remote", cfg: "Config", experiment: str, bundle: st
         latest = _read_latest(remote, rdir, cfg)
         if latest is None or not isinstance(latest.get("bundle"), str):
             raise AirlockError(f"no bundle of {experiment!r} on {remote.describe()} ({rdir}/{LATEST_NAME} is "
-                               f"missing); run 'colabkit airlock export {experiment}' where the code is")
+                               f"missing); run '{command('airlock export ' + experiment)}' where the code is")
         return latest["bundle"], latest
     b = bundle.lower()
     if not re.fullmatch(r"[0-9a-f]{4,64}", b):
@@ -923,8 +915,8 @@ def status(experiment: str | None = None, *, config: "Config | None" = None,
         rdir = base / ".colabkit" / "airlock"
         names = sorted(p.stem for p in rdir.glob("*.json")) if rdir.is_dir() else []
         if not names:
-            raise AirlockError(f"no bundle was exported or pulled in {base} yet; run 'colabkit airlock export "
-                               "vXX' or 'colabkit airlock pull vXX'")
+            raise AirlockError(f"no bundle was exported or pulled in {base} yet; run "
+                               f"'{command('airlock export vXX')}' or '{command('airlock pull vXX')}'")
     else:
         names = [_check_name(experiment)]
     reports = []
@@ -933,8 +925,8 @@ def status(experiment: str | None = None, *, config: "Config | None" = None,
         if rec is None:
             if not cfg.experiment_dir(name).is_dir():
                 _experiment_dir(cfg, name)
-            raise AirlockError(f"no bundle of {name!r} was exported or pulled in {base}; run 'colabkit airlock "
-                               f"export {name}' (or pull it) first")
+            raise AirlockError(f"no bundle of {name!r} was exported or pulled in {base}; run "
+                               f"'{command('airlock export ' + name)}' (or pull it) first")
         manifest = rec["manifest"]
         prefix = manifest.get("prefix") or _prefix(cfg, name)
         recorded = {f["path"]: f for f in manifest.get("files", []) if isinstance(f, dict) and "path" in f}
@@ -1027,7 +1019,8 @@ def import_logs(experiment: str, *, config: "Config | None" = None, from_: str |
             files = [f for f in remote.list(prefix) if not is_temporary(f.path)]
             if not files:
                 raise AirlockError(f"no logs of {experiment!r} on {remote.describe()} under {prefix}/; has the run "
-                                   "synced its logs there ('%sync start' on the cluster)? Or use --gdown ID_OR_URL")
+                                   "synced its logs there (on the cluster: '%sync start' in the notebook, "
+                                   "'colabkit sync watch' in a terminal)? Or use --gdown ID_OR_URL")
             for i, f in enumerate(files):
                 rel = posixpath.relpath(f.path, prefix)
                 dest = logs / rel

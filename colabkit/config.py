@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownExperimentError
 
 CONFIG_NAME = "colabkit.yaml"
 STATE_DIR = ".colabkit"
@@ -236,6 +236,80 @@ class Config:
         except OSError:
             return []
 
+    def require_experiment(self, experiment: str) -> Path:
+        """The folder of `experiment`, which must exist: the one check every command that takes an experiment
+        makes (train, resume, status, airlock export/import/status, journal).
+
+        Raises:
+            ConfigError: not a folder name (``'../x' is not an experiment name; ...``).
+            UnknownExperimentError: ``unknown experiment 'v99': .../experiments/v99 does not exist (experiments
+                here: v01); create it with 'colabkit init --experiment v99' or pull it with 'colabkit airlock
+                pull v99'`` (the commands written as the user types them there: ``%airlock pull v99`` in IPython).
+        """
+        check_experiment_name(experiment)
+        d = self.experiment_dir(experiment)
+        if not d.is_dir():
+            from .runtime import command
+            known = self.experiment_names()
+            raise UnknownExperimentError(
+                f"unknown experiment {experiment!r}: {d} does not exist "
+                f"({'experiments here: ' + ', '.join(known) if known else 'no experiments yet'}); "
+                f"create it with '{command('init --experiment ' + experiment)}' or pull it with "
+                f"'{command('airlock pull ' + experiment)}'", value=experiment, known=tuple(known))
+        return d
+
+    def select_experiment(self, experiment: str | None = None, *, env: bool = True) -> "ExperimentChoice":
+        """Which experiment a command means: the one named, else ``$COLABKIT_EXPERIMENT``, else the only one
+        here, else the one with the newest checkpoint or run (said so in `reason`).
+
+        A project without an ``experiments/`` folder keeps its checkpoints at the root: the choice is then
+        ``name=None`` (``<root>/checkpoints``). A folder that no experiment uses is never chosen while
+        experiments exist.
+
+        Raises:
+            UnknownExperimentError: the named experiment is not here; or several are and none has a checkpoint
+                or a run yet (the message lists them and says how to name one).
+        """
+        if experiment is None and env:
+            experiment = os.environ.get("COLABKIT_EXPERIMENT") or None
+            if experiment is not None:
+                self.require_experiment(experiment)
+                return ExperimentChoice(experiment, "from $COLABKIT_EXPERIMENT")
+        if experiment is not None:
+            self.require_experiment(experiment)
+            return ExperimentChoice(experiment, None)
+        names = self.experiment_names()
+        if not names:
+            return ExperimentChoice(None, "no experiments here: the project's own checkpoints folder")
+        if len(names) == 1:
+            return ExperimentChoice(names[0], "the only experiment here")
+        activity = {n: self._last_activity(n) for n in names}
+        newest = max(names, key=lambda n: (activity[n], n))
+        if activity[newest] <= 0:
+            raise UnknownExperimentError(
+                f"{len(names)} experiments here ({', '.join(names)}) and none has a checkpoint or a run yet; "
+                f"name one with --experiment (-e), e.g. -e {names[-1]}", known=tuple(names))
+        others = [n for n in names if n != newest]
+        return ExperimentChoice(newest, f"the newest checkpoint or run of {len(names)} experiments; the others: "
+                                        f"{', '.join(others)} (name one with -e)")
+
+    def _last_activity(self, experiment: str) -> float:
+        """The newest mtime among the experiment's checkpoints and run folders (0: none)."""
+        newest = 0.0
+        for d in (self.checkpoint_dir(experiment), self.log_dir(experiment)):
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    newest = max(newest, e.stat().st_mtime)
+                except OSError:
+                    continue
+        return newest
+
     def checkpoint_dir(self, experiment: str | None = None) -> Path:
         """Where a run's checkpoints live: ``experiments/vXX/checkpoints``, or ``<root>/checkpoints``."""
         base = self.experiment_dir(experiment) if experiment else self.root
@@ -273,6 +347,32 @@ class Config:
         from .secrets import redact_config
         d = _plain(self)
         return redact_config(d) if redact else d
+
+
+@dataclass(frozen=True)
+class ExperimentChoice:
+    """The answer of :meth:`Config.select_experiment`.
+
+    Attributes:
+        name: the experiment, or None for a project without experiments (``<root>/checkpoints``).
+        reason: why it was chosen when the user did not name it (None: named), for the output.
+    """
+
+    name: str | None
+    reason: str | None
+
+
+def check_experiment_name(experiment: Any) -> str:
+    """`experiment` if it can be a folder name under ``experiments/``.
+
+    Raises:
+        ConfigError: ``'../x' is not an experiment name; use the folder name under experiments/, e.g. v01``.
+    """
+    if (not isinstance(experiment, str) or not experiment or "/" in experiment or "\\" in experiment
+            or experiment in (".", "..") or experiment.startswith("-")):
+        raise ConfigError(f"{experiment!r} is not an experiment name; use the folder name under experiments/, "
+                          "e.g. v01", key="experiment", value=experiment)
+    return experiment
 
 
 def _plain(obj: Any) -> Any:
@@ -342,7 +442,8 @@ def load_config(path: str | os.PathLike | None = None, *, start: str | os.PathLi
         source = Path(path).expanduser() if path is not None else find_config(start)
         if source is not None:
             if not source.is_file():
-                raise ConfigError(f"{source}: no such file; create it with 'colabkit init' or pass another path",
+                from .runtime import command
+                raise ConfigError(f"{source}: no such file; create it with '{command('init')}' or pass another path",
                                   key=None, value=str(source))
             data = _read_yaml(source)
         else:

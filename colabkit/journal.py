@@ -148,7 +148,8 @@ def add_data(name: str, *, config: "Config | None" = None, source: str | None = 
         JournalError: an empty name.
     """
     if not name or not str(name).strip():
-        raise JournalError("journal data: the data set needs a name, e.g. colabkit journal data PG-19 "
+        from .runtime import command
+        raise JournalError(f"journal data: the data set needs a name, e.g. {command('journal data PG-19')} "
                            "--source URL --version v1.0")
     t = _now(when)
     title = _clean(name) + (f" {_clean(version)}" if version else "")
@@ -223,10 +224,7 @@ def add_package(name: str, *, reason: str, config: "Config | None" = None, exper
         req = Path(requirements).expanduser()
         req = req if req.is_absolute() else cfg.root / req
     elif experiment:
-        d = cfg.experiment_dir(experiment)
-        if not d.is_dir():
-            raise JournalError(f"journal package: experiment {experiment!r} not found ({d} does not exist)")
-        req = d / "requirements.txt"
+        req = cfg.require_experiment(experiment) / "requirements.txt"
     else:
         req = cfg.root / "requirements.txt"
     line = pin_requirement(req, canonical, version)

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from .errors import ColabkitError, ConfigError, OutOfMemoryError, PreflightError, TrainError
 from .events import LineParser
 from .fsutil import atomic_write_json, atomic_write_text, free_bytes
+from .runtime import cli_form, command
 
 if TYPE_CHECKING:
     from .config import Config
@@ -302,21 +303,14 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
     from . import runtime
     from .config import format_size, load_config, parse_size
     cfg = config if config is not None else load_config()
-    _check_name(experiment)
-    exp_dir = cfg.experiment_dir(experiment)
-    if not exp_dir.is_dir():
-        known = cfg.experiment_names()
-        raise PreflightError(
-            f"unknown experiment {experiment!r}: {exp_dir} does not exist "
-            f"({'experiments here: ' + ', '.join(known) if known else 'no experiments yet'}); "
-            f"create it with 'colabkit init --experiment {experiment}' or pull it with '%airlock pull {experiment}'")
+    exp_dir = cfg.require_experiment(experiment)  # the one check of every command that takes an experiment
     path = Path(script).expanduser() if script is not None else exp_dir / SCRIPT
     if not path.is_absolute():
         path = exp_dir / path
     if not path.is_file():
         raise PreflightError(f"{experiment}: no {path.name} in {path.parent}; put the training script there "
-                             f"(colabkit init writes a template) or pull the experiment's bundle with "
-                             f"'%airlock pull {experiment}'")
+                             f"('{command('init')}' writes a template) or pull the experiment's bundle with "
+                             f"'{command('airlock pull ' + experiment)}'")
 
     warnings: list[str] = []
     gpus = runtime.gpus()
@@ -329,7 +323,7 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
                 raise PreflightError(
                     f"{experiment}: --max-vram {format_size(cap)} is more than a Tier 1 job may use "
                     f"({gpu.name}, {format_size(gpu.memory_total)}: jobs are capped at {format_size(limit)}); "
-                    f"move this run to Tier 2 (an A100 80 GB: '%airlock export {experiment}', then pull and "
+                    f"move this run to Tier 2 (an A100 80 GB: '{command('airlock export ' + experiment)}', then pull and "
                     "train it on the cluster), or lower --max-vram")
             cap = cap if cap is not None else limit
         if cap is not None and cap > gpu.memory_total:
@@ -346,7 +340,7 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
         raise PreflightError(
             f"{experiment}: only {format_size(free)} free on the disk of {ck_dir} (train.min_free_disk is "
             f"{format_size(cfg.train.min_free_disk)}); free space first (old checkpoints are pruned once a "
-            "remote holds them: 'colabkit sync flush'), or lower train.min_free_disk in colabkit.yaml")
+            f"remote holds them: '{command('sync flush')}'), or lower train.min_free_disk in colabkit.yaml")
 
     for d in cfg.train.data_paths:
         p = Path(d).expanduser()
@@ -369,7 +363,7 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
             except (ColabkitError, OSError) as e:
                 raise PreflightError(
                     f"{experiment}: cannot write to sync tier {t.name!r}: {redact(str(e))}; fix its access "
-                    "('colabkit config show' shows what is configured) or run with --no-sync") from None
+                    f"('{command('config show')}' shows what is configured) or run with --no-sync") from None
             checked.append(t.name)
     return Preflight(experiment=experiment, experiment_dir=exp_dir, script=path, gpu=gpu.name if gpu else None,
                      gpu_memory=gpu.memory_total if gpu else None, tier=gpu.tier if gpu else None, max_vram=cap,
@@ -377,17 +371,15 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
 
 
 def _check_name(experiment: str) -> None:
-    if (not isinstance(experiment, str) or not experiment or "/" in experiment or "\\" in experiment
-            or experiment in (".", "..") or experiment.startswith("-")):
-        raise PreflightError(f"{experiment!r} is not an experiment name; use the folder name under "
-                             "experiments/, e.g. v01")
+    from .config import check_experiment_name
+    check_experiment_name(experiment)
 
 
 def oom_advice(tier: int | None, gpu: str | None, experiment: str) -> str:
     """What to do after running out of memory, by hardware tier."""
     if tier == 1:
         return (f"this is a Tier 1 GPU ({gpu}, jobs capped at 20 GB): reduce the batch size or the model, or "
-                f"move the run to Tier 2 (an A100 80 GB: '%airlock export {experiment}', then pull and train it "
+                f"move the run to Tier 2 (an A100 80 GB: '{command('airlock export ' + experiment)}', then pull and train it "
                 "on the cluster)")
     if tier == 2:
         return ("reduce the batch size (gradient accumulation keeps the effective batch), use mixed precision or "
@@ -1035,7 +1027,7 @@ class Job:
                 return
             if not res.get("ok", True):
                 self._warn(f"{self.experiment}: sync did not upload everything at the end of the run; "
-                           "see '%sync status'", record=True)
+                           f"see '{command('sync status')}'", record=True)
         except ColabkitError as e:
             self._warn(f"{self.experiment}: flushing sync at the end of the run failed: {e}")
 
@@ -1219,11 +1211,11 @@ def _refuse_if_running(cfg: "Config", experiment: str) -> None:
         job = _jobs.get(experiment)
     if job is not None and job.running:
         raise TrainError(f"{experiment} is already running in this kernel (run {job.run_id}, state {job.state}); "
-                         f"stop it with '%train stop {experiment}' or wait for it")
+                         f"stop it with '{command('train stop ' + experiment)}' or wait for it")
     other = _read_job_file(cfg.state_dir / "jobs" / f"{experiment}.json")
     if other and other.get("live") and other.get("pid") != os.getpid():
         raise TrainError(f"{experiment} is already running in process {other.get('pid')} on this machine "
-                         f"(run {other.get('run_id')}); stop it with 'colabkit train stop {experiment}'")
+                         f"(run {other.get('run_id')}); stop it with '{command('train stop ' + experiment)}'")
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -1268,8 +1260,12 @@ def status(*, config: "Config | None" = None, experiment: str | None = None) -> 
     Returns:
         ``{"jobs": [job status, ...]}``, newest first; each has experiment, state, attempt, step, total_steps,
         loss, rate, eta, log, pid.
+    Raises:
+        UnknownExperimentError: `experiment` is not here.
     """
     cfg = _cfg(config)
+    if cfg is not None and experiment is not None:
+        cfg.require_experiment(experiment)
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     for j in _jobs_here(cfg, experiment):
@@ -1328,7 +1324,8 @@ def logs(n: int = 50, *, experiment: str | None = None, config: "Config | None" 
 
 def _no_job(experiment: str | None) -> str:
     what = f"experiment {experiment!r}" if experiment else "this project"
-    return f"no training job found for {what}; start one with '%train vXX' (or '%train vXX --background')"
+    return (f"no training job found for {what}; start one with '{command('train vXX')}'"
+            + (f" (or '{command('train vXX --background')}')" if command("train") != cli_form("train") else ""))
 
 
 def stop(*, experiment: str | None = None, config: "Config | None" = None, grace: float | None = None,
@@ -1342,6 +1339,8 @@ def stop(*, experiment: str | None = None, config: "Config | None" = None, grace
         ``{"stopped": [status after stopping, ...]}`` (empty when nothing was running).
     """
     cfg = _cfg(config)
+    if cfg is not None and experiment is not None:
+        cfg.require_experiment(experiment)
     stopped: list[dict[str, Any]] = []
     for j in _jobs_here(cfg, experiment):
         j.stop(grace=grace, timeout=timeout)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 from .errors import (ColabkitError, IntegrityError, RemoteAuthError, RemoteError, RemotePermissionError,
                      RemoteQuotaError, SyncError)
 from .fsutil import FileDigest, atomic_write_json, hash_file, is_temporary
+from .runtime import command
 
 if TYPE_CHECKING:
     from .config import Config, TierConfig
@@ -793,7 +794,7 @@ class SyncGroup:
             if not resolved:
                 raise SyncError(f"nothing to watch under {root}: none of {', '.join(config.sync.watch)} exists "
                                 "(at the root or in an experiment folder); pass the folders to watch "
-                                "(colabkit sync start PATH) or set sync.watch in colabkit.yaml")
+                                f"({command('sync start PATH')}) or set sync.watch in colabkit.yaml")
         else:
             resolved = []
             for p in paths:
@@ -809,7 +810,7 @@ class SyncGroup:
         selected = [config.tier(n) for n in tiers] if tiers else list(config.tiers)
         if not selected:
             raise SyncError("no sync tiers are configured; add a 'tiers:' list to colabkit.yaml "
-                            "(see 'colabkit config show')")
+                            f"(see '{command('config show')}')")
         remotes = dict(remotes or {})
         self.syncers: list[TierSyncer] = []
         self._skip: set[str] = set()

@@ -220,8 +220,9 @@ def test_unknown_experiment(project: Path, capsys, monkeypatch):
     monkeypatch.chdir(project)
     rc, _, err = run_cli(["airlock", "export", "v09"], capsys)
     assert rc == 1
-    assert err == (f"Error: experiment 'v09' not found: {project / 'experiments' / 'v09'} does not exist; "
-                   "experiments here: v01\n")
+    assert err == (f"Error: unknown experiment 'v09': {project / 'experiments' / 'v09'} does not exist "
+                   "(experiments here: v01); create it with 'colabkit init --experiment v09' or pull it with "
+                   "'colabkit airlock pull v09'\n")
     rc, _, err = run_cli(["airlock", "pull", "v09"], capsys)
     assert rc == 1
     assert err == (f"Error: no bundle of 'v09' on local folder {project.parent / 'remote'} (airlock/v09/latest.json "
@@ -544,8 +545,8 @@ def test_import_without_logs_or_run_json(project: Path, tmp_path: Path):
     with pytest.raises(AirlockError) as ei:
         airlock.import_logs("v01", config=cfg)
     assert str(ei.value) == (f"no logs of 'v01' on local folder {tmp_path / 'remote'} under experiments/v01/logs/; "
-                             "has the run synced its logs there ('%sync start' on the cluster)? Or use --gdown "
-                             "ID_OR_URL")
+                             "has the run synced its logs there (on the cluster: '%sync start' in the notebook, "
+                             "'colabkit sync watch' in a terminal)? Or use --gdown ID_OR_URL")
     logs = tmp_path / "remote" / "experiments" / "v01" / "logs"
     logs.mkdir(parents=True)
     (logs / "out.txt").write_text("nothing numeric here\n")

@@ -91,8 +91,9 @@ def test_package_errors(root: Path, capsys):
                                        "--reason\n")
     rc = main(["journal", "package", "tqdm", "--reason", "x", "--experiment", "v09"])
     assert rc == 1
-    assert capsys.readouterr().err == (f"Error: journal package: experiment 'v09' not found "
-                                       f"({root / 'experiments' / 'v09'} does not exist)\n")
+    assert capsys.readouterr().err == (f"Error: unknown experiment 'v09': {root / 'experiments' / 'v09'} does not "
+                                       "exist (experiments here: v01); create it with 'colabkit init --experiment "
+                                       "v09' or pull it with 'colabkit airlock pull v09'\n")
     assert not (root / "journal.md").exists() and not (root / "requirements.txt").exists()
 
 

@@ -100,3 +100,43 @@ def test_secrets_example_counts_its_ways_and_never_suggests_a_my_drive_folder_as
     # a service account has no storage quota: a plain (My Drive) folder shared with it fails with storageQuotaExceeded
     assert not re.search(r"share it with\s+`[^`]*gserviceaccount\.com`\s+as\s+\*\*Editor\*\*", text)
     assert "storageQuotaExceeded" in text and "Shared Drive" in text and "authorized_user" in text
+
+
+def test_bare_colabkit_prints_the_help_and_a_group_without_its_action_shows_that_group(capsys, tmp_path):
+    assert main([]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: colabkit [-h] [--version] COMMAND ...\n") and err == ""
+    assert re.search(r"^\s+resume\s", out, re.M)
+    p = subprocess.run([sys.executable, "-m", "colabkit"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout == out and "Error" not in p.stderr
+    assert main(["sync"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("usage: colabkit sync [-h] ACTION ...\n")
+    assert re.search(r"^\s+flush\s+upload everything due now", err, re.M)
+    assert err.endswith("\nError: colabkit sync: the following arguments are required: ACTION\n")
+
+
+@pytest.mark.magic
+def test_magic_help_names_the_magic_and_errors_name_the_form_of_the_notebook(ip, tmp_path, monkeypatch, capsys):
+    from IPython.core.error import UsageError
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    ip.run_line_magic("train", "--help")
+    assert capsys.readouterr().out.startswith("usage: %train [-h] [--background]")
+    ip.run_line_magic("sync", "start --help")
+    assert capsys.readouterr().out.startswith("usage: %sync start [-h]")
+    ip.run_line_magic("colabkit", "config --help")
+    assert capsys.readouterr().out.startswith("usage: %colabkit config [-h]")
+    ip.run_line_magic("colabkit", "")
+    assert capsys.readouterr().out.startswith("usage: %colabkit [-h] [--version] COMMAND ...\n")
+    with pytest.raises(UsageError) as ei:
+        ip.run_line_magic("sync", "")
+    assert str(ei.value) == "%sync: the following arguments are required: ACTION"
+    with pytest.raises(UsageError) as ei:
+        ip.run_line_magic("airlock", "status")
+    assert str(ei.value) == (f"no bundle was exported or pulled in {tmp_path.resolve()} yet; run "
+                             "'%airlock export vXX' or '%airlock pull vXX'")
+    # the same error from the terminal names the terminal's commands
+    assert main(["airlock", "status"]) == 1
+    assert capsys.readouterr().err == (f"Error: no bundle was exported or pulled in {tmp_path.resolve()} yet; run "
+                                       "'colabkit airlock export vXX' or 'colabkit airlock pull vXX'\n")

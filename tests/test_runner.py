@@ -13,7 +13,7 @@ import yaml
 
 from colabkit import runner
 from colabkit.config import load_config
-from colabkit.errors import ConfigError, OutOfMemoryError, PreflightError, TrainError
+from colabkit.errors import ConfigError, OutOfMemoryError, PreflightError, TrainError, UnknownExperimentError
 
 SCRIPTS = Path(__file__).parent / "scripts"
 FAST = {"max_restarts": 2, "restart_backoff": 0.01, "stall_after": 30, "grace": 5, "min_free_disk": "1MB"}
@@ -95,11 +95,11 @@ def test_airlock_import_reads_run_json(project):
 
 # -- bad inputs ----------------------------------------------------------------------------------------------
 def test_unknown_experiment(project):
-    with pytest.raises(PreflightError) as e:
+    with pytest.raises(UnknownExperimentError) as e:
         runner.train("v09", config=cfg_of(project))
     assert str(e.value) == (
         f"unknown experiment 'v09': {project.resolve()}/experiments/v09 does not exist (experiments here: v01); "
-        "create it with 'colabkit init --experiment v09' or pull it with '%airlock pull v09'")
+        "create it with 'colabkit init --experiment v09' or pull it with 'colabkit airlock pull v09'")
 
 
 def test_missing_train_py(project):
@@ -108,12 +108,12 @@ def test_missing_train_py(project):
         runner.train("v01", config=cfg_of(project))
     assert str(e.value) == (
         f"v01: no train.py in {project.resolve()}/experiments/v01; put the training script there "
-        "(colabkit init writes a template) or pull the experiment's bundle with '%airlock pull v01'")
+        "('colabkit init' writes a template) or pull the experiment's bundle with 'colabkit airlock pull v01'")
     assert not (project / "experiments" / "v01" / "logs").exists()  # nothing started
 
 
 def test_bad_experiment_name(project):
-    with pytest.raises(PreflightError, match=r"^'\.\./x' is not an experiment name; use the folder name under "
+    with pytest.raises(ConfigError, match=r"^'\.\./x' is not an experiment name; use the folder name under "
                                              r"experiments/, e.g. v01$"):
         runner.train("../x", config=cfg_of(project))
 
@@ -219,7 +219,7 @@ def test_out_of_memory_on_tier1_gpu_advises_tier2(project, monkeypatch):
     with pytest.raises(OutOfMemoryError) as e:
         runner.train("v01", config=cfg_of(project), resume="none")
     assert ("not restarted: this is a Tier 1 GPU (NVIDIA L4, jobs capped at 20 GB): reduce the batch size or the "
-            "model, or move the run to Tier 2 (an A100 80 GB: '%airlock export v01', then pull and train it on "
+            "model, or move the run to Tier 2 (an A100 80 GB: 'colabkit airlock export v01', then pull and train it on "
             "the cluster).") in str(e.value)
 
 
@@ -246,7 +246,7 @@ def test_tier1_gpu_caps_memory_in_the_child(project, monkeypatch):
     with pytest.raises(PreflightError) as e:
         runner.train("v01", config=cfg_of(project), max_vram="40GB")
     assert str(e.value) == ("v01: --max-vram 40.0 GB is more than a Tier 1 job may use (NVIDIA L4, 23.0 GB: jobs are "
-                            "capped at 20.0 GB); move this run to Tier 2 (an A100 80 GB: '%airlock export v01', then "
+                            "capped at 20.0 GB); move this run to Tier 2 (an A100 80 GB: 'colabkit airlock export v01', then "
                             "pull and train it on the cluster), or lower --max-vram")
 
 
@@ -354,7 +354,7 @@ def test_background_job_status_logs_stop(project):
         assert st["step"] >= 5 and st["attempt"] == 1
         assert any(x.startswith("step ") for x in runner.logs(5, config=cfg))
         with pytest.raises(TrainError, match=r"^v01 is already running in this kernel \(run v01-.*, state running\); "
-                                             r"stop it with '%train stop v01' or wait for it$"):
+                                             r"stop it with 'colabkit train stop v01' or wait for it$"):
             runner.train("v01", config=cfg)
     finally:
         out = runner.stop(config=cfg, experiment="v01")

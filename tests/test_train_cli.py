@@ -63,7 +63,7 @@ def test_magic_errors_are_one_line_usage_errors(project, ip, capsys):
     with pytest.raises(UsageError) as e:
         ip.run_line_magic("train", "v07")
     assert str(e.value) == (f"unknown experiment 'v07': {project.resolve()}/experiments/v07 does not exist "
-                            "(experiments here: v01); create it with 'colabkit init --experiment v07' or pull it "
+                            "(experiments here: v01); create it with '%colabkit init --experiment v07' or pull it "
                             "with '%airlock pull v07'")
     with pytest.raises(UsageError) as e:
         ip.run_line_magic("train", "v01 --steps 3")
