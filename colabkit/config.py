@@ -94,6 +94,31 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}h {m:02d}m" if m else f"{h}h"
 
 
+def duration_setting(seconds: float) -> str:
+    """Seconds as a user writes them in colabkit.yaml, and :func:`parse_duration` reads back: 5400 -> ``90m``."""
+    if seconds == 0:
+        return "0s"
+    for unit in ("d", "h", "m", "s"):
+        n = seconds / _DUR_FACTOR[unit]
+        if n == int(n):
+            return f"{int(n)}{unit}"
+    ms = seconds * 1000
+    return f"{int(ms)}ms" if ms == int(ms) else f"{seconds!r}s"
+
+
+_SIZE_UNITS = (("PB", 10**15), ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+               ("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def size_setting(n: int) -> str | int:
+    """Bytes as a user writes them in colabkit.yaml, and :func:`parse_size` reads back: 10**8 -> ``100MB``,
+    16 MiB -> ``16MiB``; a number no unit divides stays a number of bytes."""
+    for unit, factor in _SIZE_UNITS:
+        if n and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return int(n)
+
+
 # -- dataclasses ---------------------------------------------------------------------------------
 CHECKPOINT_PATTERNS = ("*.pt", "*.pth", "*.bin", "*.safetensors", "*.ckpt", "*.pt.json")
 DRIVE_SCOPE = "https://www.googleapis.com/auth/drive.file"
@@ -342,6 +367,17 @@ class Config:
     def with_changes(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
+    def as_yaml_data(self) -> dict[str, Any]:
+        """The configuration as the keys and values of a colabkit.yaml: durations as ``90m``, sizes as ``100MB``.
+
+        Loading it back (``load_config(data=...)`` at the same root) gives an equal :class:`Config`; ``root`` and
+        ``source`` are where the file is, not keys in it.
+        """
+        out = _settings(self)
+        out.pop("root", None)
+        out.pop("source", None)
+        return out
+
     def as_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """Plain data for ``colabkit config show``; secrets (credential values, tokens) are redacted."""
         from .secrets import redact_config
@@ -373,6 +409,40 @@ def check_experiment_name(experiment: Any) -> str:
         raise ConfigError(f"{experiment!r} is not an experiment name; use the folder name under experiments/, "
                           "e.g. v01", key="experiment", value=experiment)
     return experiment
+
+
+#: fields written with a unit in colabkit.yaml, by dataclass
+_UNITS: dict[str, dict[str, str]] = {
+    "TierConfig": {"every": "duration", "max_file_size": "size"},
+    "DriveConfig": {"chunk_size": "size", "timeout": "duration"},
+    "RetentionConfig": {"min_free": "size"},
+    "SyncConfig": {"settle": "duration", "poll_interval": "duration", "retry_initial": "duration",
+                   "retry_max": "duration", "flush_timeout": "duration"},
+    "AirlockConfig": {"max_unpacked": "size"},
+    "TrainConfig": {"restart_backoff": "duration", "stall_after": "duration", "grace": "duration",
+                    "max_vram": "size", "min_free_disk": "size"},
+}
+
+
+def _settings(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        units = _UNITS.get(type(obj).__name__, {})
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            unit = units.get(f.name)
+            if v is not None and unit == "duration":
+                out[f.name] = duration_setting(v)
+            elif v is not None and unit == "size":
+                out[f.name] = size_setting(v)
+            else:
+                out[f.name] = _settings(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_settings(x) for x in obj]
+    if isinstance(obj, Mapping):
+        return {k: _settings(v) for k, v in obj.items()}
+    return _plain(obj)
 
 
 def _plain(obj: Any) -> Any:
@@ -542,11 +612,15 @@ class _Reader:
         return _Reader(self.raw(name, None), self.key(name))
 
     def done(self, allowed_extra: tuple[str, ...] = ()) -> None:
-        unknown = sorted(set(self.data) - self.used - set(allowed_extra))
+        unknown = sorted(set(self.data) - self.used - set(allowed_extra), key=str)
         if unknown:
+            import difflib
             k = self.key(unknown[0])
-            allowed = ", ".join(sorted(self.used))
-            raise ConfigError(f"{k}: unknown key; allowed here: {allowed}", key=k, value=self.data[unknown[0]])
+            names = sorted(self.used | set(allowed_extra))
+            close = difflib.get_close_matches(str(unknown[0]), names, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{k}: unknown key{hint}; allowed here: {', '.join(names)}", key=k,
+                              value=self.data[unknown[0]])
 
 
 _REMOTES = ("local", "drive", "hub")
