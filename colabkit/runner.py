@@ -69,6 +69,9 @@ TAIL_LINES = 15
 MAX_BACKOFF = 600.0
 #: the job file of a running job is refreshed at most this often (seconds) while lines stream
 JOB_FILE_INTERVAL = 2.0
+#: --estimate compares the pace once it was measured this long: 5% of the estimate, within these bounds (seconds)
+ESTIMATE_MIN_WINDOW = 2.0
+ESTIMATE_MAX_WINDOW = 60.0
 
 # what a run that ran out of memory prints (PyTorch, the CUDA caching allocator, cuBLAS, Python)
 _OOM_TEXT = [re.compile(p, re.MULTILINE) for p in (
@@ -194,12 +197,14 @@ class Progress:
         self.checkpoint_path: str | None = None
         self.updated: float | None = None
         self._samples: deque[tuple[float, int]] = deque(maxlen=window)
+        self._first: tuple[float, int] | None = None  # the attempt's first step: how long the pace was measured
         self._lock = threading.Lock()  # the pump thread writes while status() reads
 
     def new_attempt(self) -> None:
         """A restart re-measures the pace (start-up time is not training time)."""
         with self._lock:
             self._samples.clear()
+            self._first = None
 
     def observe(self, events: Iterable[Any], *, base: Path | None = None) -> None:
         with self._lock:
@@ -221,6 +226,8 @@ class Progress:
                     self.total_steps = total
                 if not self._samples or self._samples[-1][1] != e.step:
                     self._samples.append((e.time, e.step))
+                    if self._first is None:
+                        self._first = (e.time, e.step)
             elif e.kind == "loss" and e.loss is not None:
                 self.loss = e.loss
 
@@ -237,10 +244,19 @@ class Progress:
 
     @property
     def measured_steps(self) -> int:
+        """Steps seen since this attempt's first step (the rate's window is shorter: the recent pace)."""
         with self._lock:
-            if len(self._samples) < 2:
+            if self._first is None or not self._samples:
                 return 0
-            return self._samples[-1][1] - self._samples[0][1]
+            return max(0, self._samples[-1][1] - self._first[1])
+
+    @property
+    def measured_seconds(self) -> float:
+        """Seconds since this attempt's first step (0 until two distinct steps were seen)."""
+        with self._lock:
+            if self._first is None or not self._samples:
+                return 0.0
+            return max(0.0, self._samples[-1][0] - self._first[0])
 
     @property
     def eta(self) -> float | None:
@@ -851,7 +867,12 @@ class Job:
                        "(pass --total-steps N or set train.total_steps)")
             return
         remaining_at_start = p.total_steps - (self.attempts[0].first_step or 0)
-        if p.rate is None or p.measured_steps < max(2, 0.05 * remaining_at_start):
+        # a pace read off a fraction of a second of steps says nothing about hours: compare only once it was
+        # measured over 5% of the estimate (at least ESTIMATE_MIN_WINDOW, at most ESTIMATE_MAX_WINDOW) and 5% of
+        # the steps; a toy run that ends before then is not warned about
+        window = min(max(0.05 * (self.estimate or 0.0), ESTIMATE_MIN_WINDOW), ESTIMATE_MAX_WINDOW)
+        if (p.rate is None or p.measured_steps < max(2, 0.05 * remaining_at_start)
+                or p.measured_seconds < window):
             return
         self._estimate_checked = True
         from .config import format_duration
@@ -1040,9 +1061,13 @@ class Job:
         if record:
             with self._lock:
                 self.warnings.append(text)
-        log.warning("%s", text)
         if self.on_warning is not None and not self.background:
+            # the user reads it here; a warning-level record too would print it a second time (the CLI's stderr
+            # handler, or logging's last-resort handler in a kernel)
+            log.info("%s", text)
             self.on_warning(text)
+        else:
+            log.warning("%s", text)
 
     def _tail_text(self, att: Attempt) -> str:
         lines = [x for x in list(self._tail)[-TAIL_LINES:]]

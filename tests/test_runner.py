@@ -313,16 +313,26 @@ def test_sync_runs_with_the_run_and_is_flushed_at_its_end(tmp_path):
 
 
 # -- estimate ------------------------------------------------------------------------------------------------
-def test_estimate_far_off_is_warned(project):
-    make_project(project, "slow_steps.py")
+def test_estimate_far_off_is_warned_once_the_pace_was_measured_long_enough(project):
+    make_project(project, "slow_steps.py")  # 20 ms a step: 150 steps take 3 s, against an estimate of 1 s
     warnings: list[str] = []
-    res = runner.train("v01", config=cfg_of(project), estimate="1000h", args=["--steps", "40"],
+    res = runner.train("v01", config=cfg_of(project), estimate="1s", args=["--steps", "150"],
                        on_warning=warnings.append, resume="none")
-    assert res.total_steps == 40 and res.ok
+    assert res.total_steps == 150 and res.ok
     assert len(warnings) == 1
     assert warnings[0].startswith("v01: at the measured pace (")
-    assert warnings[0].endswith(", against an estimate of 1000h (off by more than 50%); update the estimate and "
+    assert warnings[0].endswith(", against an estimate of 1s (off by more than 50%); update the estimate and "
                                 "tell whoever is waiting for it")
+
+
+def test_a_toy_run_is_not_warned_about_a_pace_measured_over_a_fraction_of_a_second(project):
+    """--estimate 10m on a run of under a second: its pace, read off a few hundred ms, says nothing."""
+    make_project(project, "slow_steps.py")
+    warnings: list[str] = []
+    res = runner.train("v01", config=cfg_of(project), estimate="10m", args=["--steps", "40"],
+                       on_warning=warnings.append, resume="none")
+    assert res.ok and res.step == 40
+    assert warnings == [] and res.as_dict()["warnings"] == []
 
 
 def test_estimate_without_total_steps_says_so(project):

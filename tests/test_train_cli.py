@@ -159,6 +159,18 @@ def test_cli_background_is_refused_in_a_terminal(project):
                                   "'%train vXX --background'")
 
 
+def test_cli_prints_a_warning_once(project):
+    """A warning the run gives reaches the terminal once, not once more through the logging handler."""
+    use(project, "slow_steps.py")  # 150 steps of 20 ms: 3 s against an estimate of 1 s
+    out = cli("train", "v01", "--estimate", "1s", "--no-sync", "--resume", "none", "--", "--steps", "150", cwd=project)
+    assert out.returncode == 0, out.stderr
+    both = out.stdout + out.stderr
+    assert both.count("(off by more than 50%)") == 1
+    assert "colabkit: WARNING:" not in out.stderr
+    (line,) = [x for x in out.stderr.splitlines() if "off by more than 50%" in x]
+    assert line.startswith("v01: at the measured pace (")
+
+
 def test_cli_json_result(project):
     out = cli("train", "v01", "--json", "--resume", "none", cwd=project)
     assert out.returncode == 0, out.stderr
