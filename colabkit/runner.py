@@ -737,6 +737,9 @@ class Job:
             with self._lock:
                 self._proc = proc
             att.pid = proc.pid
+            # recorded as it starts, not only as it ends: a preemption kills this process too, and the journal
+            # must still know where the attempt ran and what it resumed from
+            self._write_run_json()
             self._set_state("stopping" if self._stop.is_set() else "running")
             if self._stop.is_set():
                 self._signal(signal.SIGTERM)

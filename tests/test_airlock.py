@@ -531,9 +531,9 @@ def test_import_from_remote_keeps_both_and_writes_the_journal(project: Path, cap
         "- **Attempts**: 2",
         "- **Final checkpoint**: local: —; drive: experiments/v01/checkpoints/v01_step_00000300.pt",
     ]
-    assert entry[8] == ("- **Logs**: experiments/v01/logs/run.json, "
-                        f"experiments/v01/logs/train.imported-{sha[:8]}.log (imported from drive "
-                        f"(local folder {remote}))")
+    assert entry[8:] == [f"- **Logs** (imported from drive (local folder {remote})):",
+                         "  - experiments/v01/logs/run.json",
+                         f"  - experiments/v01/logs/train.imported-{sha[:8]}.log"]
     # importing again changes nothing and keeps one copy
     rc, out, _ = run_cli(["airlock", "import", "v01", "--no-journal"], capsys)
     assert rc == 0 and "  unchanged: train.log" in out.splitlines()

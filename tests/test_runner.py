@@ -93,6 +93,47 @@ def test_airlock_import_reads_run_json(project):
     assert s["attempts"] == 1 and s["host"] and s["steps"] == 3
 
 
+def test_journal_entry_counts_the_preempted_run_and_its_resume_and_lists_logs_one_per_line(project):
+    """A run preempted on one machine and resumed by another %train is one run: both attempts, and where each ran."""
+    import socket
+    import subprocess
+    import sys
+
+    from colabkit import journal
+    from colabkit.airlock import summarize_run
+    make_project(project, "preempted_then_resumed.py")
+    cfg = cfg_of(project)
+    proc = subprocess.Popen([sys.executable, "-m", "colabkit.cli", "train", "v01", "--resume", "none"], cwd=project,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:  # the machine goes away once the run has saved step 5 and trained on
+            if line.startswith("step 7"):
+                break
+        os.killpg(proc.pid, signal.SIGKILL)  # the runner, train.py and all: nothing records the end
+    finally:
+        proc.wait(30)
+        proc.stdout.close()
+    res = runner.train("v01", config=cfg, resume="auto")
+    assert res.ok and res.step == 10
+    logs = cfg.log_dir("v01")
+    paths = sorted(p for p in logs.rglob("*") if p.is_file())
+    summary = summarize_run(cfg, "v01", paths)
+    text = journal.add_run("v01", config=cfg, **summary)
+    lines = text.splitlines()
+    host = socket.gethostname()
+    first, second = sorted(p.name for p in logs.iterdir() if p.is_dir())
+    assert second == res.run_id
+    i = lines.index("- **Attempts**: 2")
+    assert lines[i + 1:i + 3] == [
+        f"  1. {host}: run {first} attempt 1, fresh start; no end recorded (the machine was preempted or the run "
+        "killed); reached step 7",
+        f"  2. {host}: run {second} attempt 1, resumed from v01_step_00000005.pt; finished (exit code 0); reached "
+        "step 10"]
+    j = lines.index("- **Logs**:")
+    assert lines[j + 1:] == [f"  - {p.relative_to(project.resolve()).as_posix()}" for p in paths]
+    assert all(not x[4:].startswith("/") for x in lines[j + 1:])
+
+
 # -- bad inputs ----------------------------------------------------------------------------------------------
 def test_unknown_experiment(project):
     with pytest.raises(UnknownExperimentError) as e:
