@@ -1128,6 +1128,35 @@ def status(*, config: "Config | None" = None) -> dict[str, Any]:
     return out
 
 
+def persisted_status(*, config: "Config", pid: int | None = None) -> list[dict[str, Any]]:
+    """The snapshots sync wrote to ``<root>/.colabkit/sync/``, those of processes that are gone included: what a
+    syncer was doing when its machine was preempted (each tier's ``next_due``, ``last_upload``, pending files).
+
+    Args:
+        pid: only the snapshots of this process.
+    Returns:
+        Snapshots, each with ``live`` (its process still runs), oldest first.
+    """
+    out = []
+    d = config.state_dir / "sync"
+    for p in sorted(d.glob("status-*.json")) if d.is_dir() else []:
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+            spid = int(data.get("pid", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+        if pid is not None and spid != pid:
+            continue
+        try:
+            os.kill(spid, 0)
+            data["live"] = True
+        except OSError:
+            data["live"] = False
+        out.append(data)
+    out.sort(key=lambda d: d.get("time") or 0)
+    return out
+
+
 def once(paths: Sequence[str | os.PathLike] | None = None, *, config: "Config | None" = None,
          tiers: Sequence[str] | None = None, timeout: float | None = None,
          remotes: Mapping[str, "Remote"] | None = None) -> dict[str, Any]:
