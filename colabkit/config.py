@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownExperimentError
 
 CONFIG_NAME = "colabkit.yaml"
 STATE_DIR = ".colabkit"
@@ -92,6 +92,31 @@ def format_duration(seconds: float | None) -> str:
         return f"{m}m {s:02d}s" if s else f"{m}m"
     h, m = divmod(m, 60)
     return f"{h}h {m:02d}m" if m else f"{h}h"
+
+
+def duration_setting(seconds: float) -> str:
+    """Seconds as a user writes them in colabkit.yaml, and :func:`parse_duration` reads back: 5400 -> ``90m``."""
+    if seconds == 0:
+        return "0s"
+    for unit in ("d", "h", "m", "s"):
+        n = seconds / _DUR_FACTOR[unit]
+        if n == int(n):
+            return f"{int(n)}{unit}"
+    ms = seconds * 1000
+    return f"{int(ms)}ms" if ms == int(ms) else f"{seconds!r}s"
+
+
+_SIZE_UNITS = (("PB", 10**15), ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+               ("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def size_setting(n: int) -> str | int:
+    """Bytes as a user writes them in colabkit.yaml, and :func:`parse_size` reads back: 10**8 -> ``100MB``,
+    16 MiB -> ``16MiB``; a number no unit divides stays a number of bytes."""
+    for unit, factor in _SIZE_UNITS:
+        if n and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return int(n)
 
 
 # -- dataclasses ---------------------------------------------------------------------------------
@@ -239,6 +264,80 @@ class Config:
         except OSError:
             return []
 
+    def require_experiment(self, experiment: str) -> Path:
+        """The folder of `experiment`, which must exist: the one check every command that takes an experiment
+        makes (train, resume, status, airlock export/import/status, journal).
+
+        Raises:
+            ConfigError: not a folder name (``'../x' is not an experiment name; ...``).
+            UnknownExperimentError: ``unknown experiment 'v99': .../experiments/v99 does not exist (experiments
+                here: v01); create it with 'colabkit init --experiment v99' or pull it with 'colabkit airlock
+                pull v99'`` (the commands written as the user types them there: ``%airlock pull v99`` in IPython).
+        """
+        check_experiment_name(experiment)
+        d = self.experiment_dir(experiment)
+        if not d.is_dir():
+            from .runtime import command
+            known = self.experiment_names()
+            raise UnknownExperimentError(
+                f"unknown experiment {experiment!r}: {d} does not exist "
+                f"({'experiments here: ' + ', '.join(known) if known else 'no experiments yet'}); "
+                f"create it with '{command('init --experiment ' + experiment)}' or pull it with "
+                f"'{command('airlock pull ' + experiment)}'", value=experiment, known=tuple(known))
+        return d
+
+    def select_experiment(self, experiment: str | None = None, *, env: bool = True) -> "ExperimentChoice":
+        """Which experiment a command means: the one named, else ``$COLABKIT_EXPERIMENT``, else the only one
+        here, else the one with the newest checkpoint or run (said so in `reason`).
+
+        A project without an ``experiments/`` folder keeps its checkpoints at the root: the choice is then
+        ``name=None`` (``<root>/checkpoints``). A folder that no experiment uses is never chosen while
+        experiments exist.
+
+        Raises:
+            UnknownExperimentError: the named experiment is not here; or several are and none has a checkpoint
+                or a run yet (the message lists them and says how to name one).
+        """
+        if experiment is None and env:
+            experiment = os.environ.get("COLABKIT_EXPERIMENT") or None
+            if experiment is not None:
+                self.require_experiment(experiment)
+                return ExperimentChoice(experiment, "from $COLABKIT_EXPERIMENT")
+        if experiment is not None:
+            self.require_experiment(experiment)
+            return ExperimentChoice(experiment, None)
+        names = self.experiment_names()
+        if not names:
+            return ExperimentChoice(None, "no experiments here: the project's own checkpoints folder")
+        if len(names) == 1:
+            return ExperimentChoice(names[0], "the only experiment here")
+        activity = {n: self._last_activity(n) for n in names}
+        newest = max(names, key=lambda n: (activity[n], n))
+        if activity[newest] <= 0:
+            raise UnknownExperimentError(
+                f"{len(names)} experiments here ({', '.join(names)}) and none has a checkpoint or a run yet; "
+                f"name one with --experiment (-e), e.g. -e {names[-1]}", known=tuple(names))
+        others = [n for n in names if n != newest]
+        return ExperimentChoice(newest, f"the newest checkpoint or run of {len(names)} experiments; the others: "
+                                        f"{', '.join(others)} (name one with -e)")
+
+    def _last_activity(self, experiment: str) -> float:
+        """The newest mtime among the experiment's checkpoints and run folders (0: none)."""
+        newest = 0.0
+        for d in (self.checkpoint_dir(experiment), self.log_dir(experiment)):
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    newest = max(newest, e.stat().st_mtime)
+                except OSError:
+                    continue
+        return newest
+
     def checkpoint_dir(self, experiment: str | None = None) -> Path:
         """Where a run's checkpoints live: ``experiments/vXX/checkpoints``, or ``<root>/checkpoints``."""
         base = self.experiment_dir(experiment) if experiment else self.root
@@ -271,11 +370,82 @@ class Config:
     def with_changes(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
+    def as_yaml_data(self) -> dict[str, Any]:
+        """The configuration as the keys and values of a colabkit.yaml: durations as ``90m``, sizes as ``100MB``.
+
+        Loading it back (``load_config(data=...)`` at the same root) gives an equal :class:`Config`; ``root`` and
+        ``source`` are where the file is, not keys in it.
+        """
+        out = _settings(self)
+        out.pop("root", None)
+        out.pop("source", None)
+        return out
+
     def as_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """Plain data for ``colabkit config show``; secrets (credential values, tokens) are redacted."""
         from .secrets import redact_config
         d = _plain(self)
         return redact_config(d) if redact else d
+
+
+@dataclass(frozen=True)
+class ExperimentChoice:
+    """The answer of :meth:`Config.select_experiment`.
+
+    Attributes:
+        name: the experiment, or None for a project without experiments (``<root>/checkpoints``).
+        reason: why it was chosen when the user did not name it (None: named), for the output.
+    """
+
+    name: str | None
+    reason: str | None
+
+
+def check_experiment_name(experiment: Any) -> str:
+    """`experiment` if it can be a folder name under ``experiments/``.
+
+    Raises:
+        ConfigError: ``'../x' is not an experiment name; use the folder name under experiments/, e.g. v01``.
+    """
+    if (not isinstance(experiment, str) or not experiment or "/" in experiment or "\\" in experiment
+            or experiment in (".", "..") or experiment.startswith("-")):
+        raise ConfigError(f"{experiment!r} is not an experiment name; use the folder name under experiments/, "
+                          "e.g. v01", key="experiment", value=experiment)
+    return experiment
+
+
+#: fields written with a unit in colabkit.yaml, by dataclass
+_UNITS: dict[str, dict[str, str]] = {
+    "TierConfig": {"every": "duration", "max_file_size": "size"},
+    "DriveConfig": {"chunk_size": "size", "timeout": "duration"},
+    "RetentionConfig": {"min_free": "size"},
+    "SyncConfig": {"settle": "duration", "poll_interval": "duration", "retry_initial": "duration",
+                   "retry_max": "duration", "flush_timeout": "duration"},
+    "AirlockConfig": {"max_unpacked": "size"},
+    "TrainConfig": {"restart_backoff": "duration", "stall_after": "duration", "grace": "duration",
+                    "max_vram": "size", "min_free_disk": "size"},
+}
+
+
+def _settings(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        units = _UNITS.get(type(obj).__name__, {})
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            unit = units.get(f.name)
+            if v is not None and unit == "duration":
+                out[f.name] = duration_setting(v)
+            elif v is not None and unit == "size":
+                out[f.name] = size_setting(v)
+            else:
+                out[f.name] = _settings(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_settings(x) for x in obj]
+    if isinstance(obj, Mapping):
+        return {k: _settings(v) for k, v in obj.items()}
+    return _plain(obj)
 
 
 def _plain(obj: Any) -> Any:
@@ -345,7 +515,8 @@ def load_config(path: str | os.PathLike | None = None, *, start: str | os.PathLi
         source = Path(path).expanduser() if path is not None else find_config(start)
         if source is not None:
             if not source.is_file():
-                raise ConfigError(f"{source}: no such file; create it with 'colabkit init' or pass another path",
+                from .runtime import command
+                raise ConfigError(f"{source}: no such file; create it with '{command('init')}' or pass another path",
                                   key=None, value=str(source))
             data = _read_yaml(source)
         else:
@@ -444,11 +615,15 @@ class _Reader:
         return _Reader(self.raw(name, None), self.key(name))
 
     def done(self, allowed_extra: tuple[str, ...] = ()) -> None:
-        unknown = sorted(set(self.data) - self.used - set(allowed_extra))
+        unknown = sorted(set(self.data) - self.used - set(allowed_extra), key=str)
         if unknown:
+            import difflib
             k = self.key(unknown[0])
-            allowed = ", ".join(sorted(self.used))
-            raise ConfigError(f"{k}: unknown key; allowed here: {allowed}", key=k, value=self.data[unknown[0]])
+            names = sorted(self.used | set(allowed_extra))
+            close = difflib.get_close_matches(str(unknown[0]), names, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{k}: unknown key{hint}; allowed here: {', '.join(names)}", key=k,
+                              value=self.data[unknown[0]])
 
 
 _REMOTES = ("local", "drive", "hub")

@@ -31,6 +31,17 @@ class ConfigError(ColabkitError, ValueError):
         super().__init__(message)
 
 
+class UnknownExperimentError(ConfigError, LookupError):
+    """An experiment that is not here (no ``experiments/<name>/`` folder), or none could be chosen.
+
+    `key` is ``experiment``, `value` the name asked for; `known` lists the experiments there are.
+    """
+
+    def __init__(self, message: str, *, value: Any = None, known: tuple[str, ...] = ()) -> None:
+        self.known = tuple(known)
+        super().__init__(message, key="experiment", value=value)
+
+
 class CredentialsError(ColabkitError):
     """Credentials are missing, unreadable or rejected. The message never contains the secret."""
 

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from .errors import ColabkitError, ConfigError, OutOfMemoryError, PreflightError, TrainError
 from .events import LineParser
 from .fsutil import atomic_write_json, atomic_write_text, free_bytes
+from .runtime import cli_form, command
 
 if TYPE_CHECKING:
     from .config import Config
@@ -68,6 +69,9 @@ TAIL_LINES = 15
 MAX_BACKOFF = 600.0
 #: the job file of a running job is refreshed at most this often (seconds) while lines stream
 JOB_FILE_INTERVAL = 2.0
+#: --estimate compares the pace once it was measured this long: 5% of the estimate, within these bounds (seconds)
+ESTIMATE_MIN_WINDOW = 2.0
+ESTIMATE_MAX_WINDOW = 60.0
 
 # what a run that ran out of memory prints (PyTorch, the CUDA caching allocator, cuBLAS, Python)
 _OOM_TEXT = [re.compile(p, re.MULTILINE) for p in (
@@ -193,12 +197,14 @@ class Progress:
         self.checkpoint_path: str | None = None
         self.updated: float | None = None
         self._samples: deque[tuple[float, int]] = deque(maxlen=window)
+        self._first: tuple[float, int] | None = None  # the attempt's first step: how long the pace was measured
         self._lock = threading.Lock()  # the pump thread writes while status() reads
 
     def new_attempt(self) -> None:
         """A restart re-measures the pace (start-up time is not training time)."""
         with self._lock:
             self._samples.clear()
+            self._first = None
 
     def observe(self, events: Iterable[Any], *, base: Path | None = None) -> None:
         with self._lock:
@@ -220,6 +226,8 @@ class Progress:
                     self.total_steps = total
                 if not self._samples or self._samples[-1][1] != e.step:
                     self._samples.append((e.time, e.step))
+                    if self._first is None:
+                        self._first = (e.time, e.step)
             elif e.kind == "loss" and e.loss is not None:
                 self.loss = e.loss
 
@@ -236,10 +244,19 @@ class Progress:
 
     @property
     def measured_steps(self) -> int:
+        """Steps seen since this attempt's first step (the rate's window is shorter: the recent pace)."""
         with self._lock:
-            if len(self._samples) < 2:
+            if self._first is None or not self._samples:
                 return 0
-            return self._samples[-1][1] - self._samples[0][1]
+            return max(0, self._samples[-1][1] - self._first[1])
+
+    @property
+    def measured_seconds(self) -> float:
+        """Seconds since this attempt's first step (0 until two distinct steps were seen)."""
+        with self._lock:
+            if self._first is None or not self._samples:
+                return 0.0
+            return max(0.0, self._samples[-1][0] - self._first[0])
 
     @property
     def eta(self) -> float | None:
@@ -302,21 +319,14 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
     from . import runtime
     from .config import format_size, load_config, parse_size
     cfg = config if config is not None else load_config()
-    _check_name(experiment)
-    exp_dir = cfg.experiment_dir(experiment)
-    if not exp_dir.is_dir():
-        known = cfg.experiment_names()
-        raise PreflightError(
-            f"unknown experiment {experiment!r}: {exp_dir} does not exist "
-            f"({'experiments here: ' + ', '.join(known) if known else 'no experiments yet'}); "
-            f"create it with 'colabkit init --experiment {experiment}' or pull it with '%airlock pull {experiment}'")
+    exp_dir = cfg.require_experiment(experiment)  # the one check of every command that takes an experiment
     path = Path(script).expanduser() if script is not None else exp_dir / SCRIPT
     if not path.is_absolute():
         path = exp_dir / path
     if not path.is_file():
         raise PreflightError(f"{experiment}: no {path.name} in {path.parent}; put the training script there "
-                             f"(colabkit init writes a template) or pull the experiment's bundle with "
-                             f"'%airlock pull {experiment}'")
+                             f"('{command('init')}' writes a template) or pull the experiment's bundle with "
+                             f"'{command('airlock pull ' + experiment)}'")
 
     warnings: list[str] = []
     gpus = runtime.gpus()
@@ -329,7 +339,7 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
                 raise PreflightError(
                     f"{experiment}: --max-vram {format_size(cap)} is more than a Tier 1 job may use "
                     f"({gpu.name}, {format_size(gpu.memory_total)}: jobs are capped at {format_size(limit)}); "
-                    f"move this run to Tier 2 (an A100 80 GB: '%airlock export {experiment}', then pull and "
+                    f"move this run to Tier 2 (an A100 80 GB: '{command('airlock export ' + experiment)}', then pull and "
                     "train it on the cluster), or lower --max-vram")
             cap = cap if cap is not None else limit
         if cap is not None and cap > gpu.memory_total:
@@ -346,7 +356,7 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
         raise PreflightError(
             f"{experiment}: only {format_size(free)} free on the disk of {ck_dir} (train.min_free_disk is "
             f"{format_size(cfg.train.min_free_disk)}); free space first (old checkpoints are pruned once a "
-            "remote holds them: 'colabkit sync flush'), or lower train.min_free_disk in colabkit.yaml")
+            f"remote holds them: '{command('sync flush')}'), or lower train.min_free_disk in colabkit.yaml")
 
     for d in cfg.train.data_paths:
         p = Path(d).expanduser()
@@ -369,7 +379,7 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
             except (ColabkitError, OSError) as e:
                 raise PreflightError(
                     f"{experiment}: cannot write to sync tier {t.name!r}: {redact(str(e))}; fix its access "
-                    "('colabkit config show' shows what is configured) or run with --no-sync") from None
+                    f"('{command('config show')}' shows what is configured) or run with --no-sync") from None
             checked.append(t.name)
     return Preflight(experiment=experiment, experiment_dir=exp_dir, script=path, gpu=gpu.name if gpu else None,
                      gpu_memory=gpu.memory_total if gpu else None, tier=gpu.tier if gpu else None, max_vram=cap,
@@ -377,17 +387,15 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
 
 
 def _check_name(experiment: str) -> None:
-    if (not isinstance(experiment, str) or not experiment or "/" in experiment or "\\" in experiment
-            or experiment in (".", "..") or experiment.startswith("-")):
-        raise PreflightError(f"{experiment!r} is not an experiment name; use the folder name under "
-                             "experiments/, e.g. v01")
+    from .config import check_experiment_name
+    check_experiment_name(experiment)
 
 
 def oom_advice(tier: int | None, gpu: str | None, experiment: str) -> str:
     """What to do after running out of memory, by hardware tier."""
     if tier == 1:
         return (f"this is a Tier 1 GPU ({gpu}, jobs capped at 20 GB): reduce the batch size or the model, or "
-                f"move the run to Tier 2 (an A100 80 GB: '%airlock export {experiment}', then pull and train it "
+                f"move the run to Tier 2 (an A100 80 GB: '{command('airlock export ' + experiment)}', then pull and train it "
                 "on the cluster)")
     if tier == 2:
         return ("reduce the batch size (gradient accumulation keeps the effective batch), use mixed precision or "
@@ -748,6 +756,9 @@ class Job:
             with self._lock:
                 self._proc = proc
             att.pid = proc.pid
+            # recorded as it starts, not only as it ends: a preemption kills this process too, and the journal
+            # must still know where the attempt ran and what it resumed from
+            self._write_run_json()
             self._set_state("stopping" if self._stop.is_set() else "running")
             if self._stop.is_set():
                 self._signal(signal.SIGTERM)
@@ -900,7 +911,12 @@ class Job:
                        "(pass --total-steps N or set train.total_steps)")
             return
         remaining_at_start = p.total_steps - (self.attempts[0].first_step or 0)
-        if p.rate is None or p.measured_steps < max(2, 0.05 * remaining_at_start):
+        # a pace read off a fraction of a second of steps says nothing about hours: compare only once it was
+        # measured over 5% of the estimate (at least ESTIMATE_MIN_WINDOW, at most ESTIMATE_MAX_WINDOW) and 5% of
+        # the steps; a toy run that ends before then is not warned about
+        window = min(max(0.05 * (self.estimate or 0.0), ESTIMATE_MIN_WINDOW), ESTIMATE_MAX_WINDOW)
+        if (p.rate is None or p.measured_steps < max(2, 0.05 * remaining_at_start)
+                or p.measured_seconds < window):
             return
         self._estimate_checked = True
         from .config import format_duration
@@ -1076,7 +1092,7 @@ class Job:
                 return
             if not res.get("ok", True):
                 self._warn(f"{self.experiment}: sync did not upload everything at the end of the run; "
-                           "see '%sync status'", record=True)
+                           f"see '{command('sync status')}'", record=True)
         except ColabkitError as e:
             self._warn(f"{self.experiment}: flushing sync at the end of the run failed: {e}")
 
@@ -1089,9 +1105,13 @@ class Job:
         if record:
             with self._lock:
                 self.warnings.append(text)
-        log.warning("%s", text)
         if self.on_warning is not None and not self.background:
+            # the user reads it here; a warning-level record too would print it a second time (the CLI's stderr
+            # handler, or logging's last-resort handler in a kernel)
+            log.info("%s", text)
             self.on_warning(text)
+        else:
+            log.warning("%s", text)
 
     def _tail_text(self, att: Attempt) -> str:
         lines = [x for x in list(self._tail)[-TAIL_LINES:]]
@@ -1273,11 +1293,11 @@ def _refuse_if_running(cfg: "Config", experiment: str) -> None:
         job = _jobs.get(experiment)
     if job is not None and job.running:
         raise TrainError(f"{experiment} is already running in this kernel (run {job.run_id}, state {job.state}); "
-                         f"stop it with '%train stop {experiment}' or wait for it")
+                         f"stop it with '{command('train stop ' + experiment)}' or wait for it")
     other = _read_job_file(cfg.state_dir / "jobs" / f"{experiment}.json")
     if other and other.get("live") and other.get("pid") != os.getpid():
         raise TrainError(f"{experiment} is already running in process {other.get('pid')} on this machine "
-                         f"(run {other.get('run_id')}); stop it with 'colabkit train stop {experiment}'")
+                         f"(run {other.get('run_id')}); stop it with '{command('train stop ' + experiment)}'")
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -1322,8 +1342,12 @@ def status(*, config: "Config | None" = None, experiment: str | None = None) -> 
     Returns:
         ``{"jobs": [job status, ...]}``, newest first; each has experiment, state, attempt, step, total_steps,
         loss, rate, eta, log, pid.
+    Raises:
+        UnknownExperimentError: `experiment` is not here.
     """
     cfg = _cfg(config)
+    if cfg is not None and experiment is not None:
+        cfg.require_experiment(experiment)
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     for j in _jobs_here(cfg, experiment):
@@ -1382,7 +1406,8 @@ def logs(n: int = 50, *, experiment: str | None = None, config: "Config | None" 
 
 def _no_job(experiment: str | None) -> str:
     what = f"experiment {experiment!r}" if experiment else "this project"
-    return f"no training job found for {what}; start one with '%train vXX' (or '%train vXX --background')"
+    return (f"no training job found for {what}; start one with '{command('train vXX')}'"
+            + (f" (or '{command('train vXX --background')}')" if command("train") != cli_form("train") else ""))
 
 
 def stop(*, experiment: str | None = None, config: "Config | None" = None, grace: float | None = None,
@@ -1396,6 +1421,8 @@ def stop(*, experiment: str | None = None, config: "Config | None" = None, grace
         ``{"stopped": [status after stopping, ...]}`` (empty when nothing was running).
     """
     cfg = _cfg(config)
+    if cfg is not None and experiment is not None:
+        cfg.require_experiment(experiment)
     stopped: list[dict[str, Any]] = []
     for j in _jobs_here(cfg, experiment):
         j.stop(grace=grace, timeout=timeout)
