@@ -45,6 +45,7 @@ from .checkpoints import (LATEST, CheckpointInfo, discover, is_manifest, manifes
 from .errors import ColabkitError, ConfigError, IntegrityError, ResumeError, error_kind
 from .fsutil import (TMP_PREFIX, atomic_write_bytes, atomic_write_json, hash_file, record_verified, replace_copy,
                      verified_sha256)
+from .runtime import command
 
 if TYPE_CHECKING:
     from .config import Config
@@ -194,6 +195,7 @@ class ResumePlan:
     choice: Candidate | None
     reason: str
     experiment: str | None = None
+    selected: str | None = None      # why `experiment` was chosen when none was named (None: named)
     config: Any = field(default=None, repr=False)
     remotes: dict[str, Any] = field(default_factory=dict, repr=False)  # Remote objects passed in by the caller
     fetched: Path | None = None
@@ -220,7 +222,8 @@ class ResumePlan:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for ``colabkit resume --json``."""
-        return {"policy": self.policy, "experiment": self.experiment, "directory": str(self.directory),
+        return {"policy": self.policy, "experiment": self.experiment, "selected": self.selected,
+                "directory": str(self.directory),
                 "remote_prefix": self.prefix, "sources": [s.as_dict() for s in self.sources],
                 "choice": self.choice.as_dict() if self.choice else None, "reason": self.reason,
                 "fetched": str(self.fetched) if self.fetched else None, "on_unreachable": self.on_unreachable,
@@ -228,7 +231,8 @@ class ResumePlan:
 
     def lines(self) -> list[str]:
         """A text rendering: one line per source, then the choice."""
-        out = [f"Resume sources ({self.policy} policy), checkpoint folder {self.directory}:"]
+        out = [f"Experiment: {self.experiment or '(none)'} ({self.selected})"] if self.selected else []
+        out.append(f"Resume sources ({self.policy} policy), checkpoint folder {self.directory}:")
         width = max([len(s.name) for s in self.sources] + [5])
         for s in self.sources:
             if s.state == "ok":
@@ -257,7 +261,9 @@ def locate(*, config: "Config | None" = None, experiment: str | None = None,
 
     Args:
         config: the configuration (default: :func:`colabkit.config.load_config`).
-        experiment: ``vXX``; default ``$COLABKIT_EXPERIMENT``; None: ``<root>/checkpoints``.
+        experiment: ``vXX``; default ``$COLABKIT_EXPERIMENT``, else the only experiment, else the one with the
+            newest checkpoint or run (:meth:`~colabkit.config.Config.select_experiment`; named in
+            ``plan.selected``); ``<root>/checkpoints`` only in a project without experiments.
         directory: the local checkpoint folder (default: ``config.checkpoint_dir(experiment)``).
         policy: ``newest`` or ``first`` (default: ``config.resume.policy``).
         sources: names (``local`` and tier names) or Remote objects, in priority order
@@ -271,13 +277,20 @@ def locate(*, config: "Config | None" = None, experiment: str | None = None,
         ResumeError: nothing was found and at least one source could not be asked (each answer is listed); or
             a source that may hold a newer checkpoint stayed unreachable (unless `on_unreachable` is ``older``).
         ConfigError: an unknown policy, source name or `on_unreachable`.
+        UnknownExperimentError: `experiment` is not here, or several are and none has a checkpoint or run.
 
     Example:
         >>> plan = locate(experiment="v01", on_unreachable="older", deadline=120)
     """
     from .config import load_config
     cfg = config if config is not None else load_config()
-    experiment = experiment if experiment is not None else (os.environ.get("COLABKIT_EXPERIMENT") or None)
+    selected: str | None = None
+    if directory is None:
+        # the one shared choice (train, status and the airlock use it too): never a folder no experiment uses
+        picked = cfg.select_experiment(experiment)
+        experiment, selected = picked.name, picked.reason
+    elif experiment is not None:
+        cfg.require_experiment(experiment)
     policy = policy or cfg.resume.policy
     mode = _check_mode(on_unreachable or cfg.resume.on_unreachable)
     deadline = float(cfg.resume.deadline if deadline is None else deadline)
@@ -335,7 +348,7 @@ def locate(*, config: "Config | None" = None, experiment: str | None = None,
                     "(resume.on_unreachable: older)", names, choice.source, choice.step)
     plan = ResumePlan(policy=policy, directory=local_dir, prefix=prefix, sources=reports, choice=choice,
                       reason=reason, experiment=experiment, config=cfg, remotes=given, on_unreachable=mode,
-                      deadline=deadline, unreachable=noted)
+                      deadline=deadline, unreachable=noted, selected=selected)
     for r in reports:
         log.info("resume source %s: %s", r.name,
                  f"step {r.newest_step}" if r.state == "ok" else (r.error or r.state))
@@ -548,7 +561,7 @@ def fetch(plan: ResumePlan | None = None, *, config: "Config | None" = None, exp
             with contextlib.suppress(Exception):
                 r.close()
     raise ResumeError("no candidate checkpoint could be fetched and verified: " + "; ".join(attempts + missed)
-                      + "; check the sources with 'colabkit resume --no-fetch'")
+                      + f"; check the sources with '{command('resume --no-fetch')}'")
 
 
 def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[str, Any], *,

@@ -17,7 +17,7 @@ from .hub_server import HubServer, hub_server  # noqa: F401  (fixture)
 
 def project(tmp_path: Path, srv: HubServer):
     root = tmp_path / "proj"
-    root.mkdir(exist_ok=True)
+    (root / "experiments" / "v01").mkdir(parents=True, exist_ok=True)   # an experiment resume can name
     (root / "colabkit.yaml").write_text(
         "project: demo\n"
         f"hub:\n  repo_id: alice/ckpt\n  endpoint: {srv.endpoint}\n"
