@@ -9,9 +9,11 @@ stable for ``sync.settle``; temporary names never) and that it does not already 
 :class:`colabkit.ledger.Ledger`), and uploads them one at a time (a Hub tier: all in one commit through
 ``put_many``). The training process never waits: uploads run on these threads, at a lowered CPU priority.
 
-Errors: transient ones (TransientRemoteError, any other RemoteError/OSError not known to be fatal) retry
-with exponential back-off and jitter, honouring ``retry_after``; RemoteQuotaError, RemoteAuthError and
-RemotePermissionError stop that tier. Either way the error stays in :func:`status` and the log
+Errors are classified once, where a remote wraps them (``RemoteError.kind``, see
+:func:`colabkit.errors.error_kind`): ``transient`` ones (5xx, 429, dropped connections, a token endpoint that is
+briefly down) and any other RemoteError/OSError not known to be fatal retry with exponential back-off and jitter,
+honouring ``retry_after``, for as long as the tier runs (each attempt is bounded by the remote's own retries);
+``auth``, ``permission`` and ``quota`` stop that tier (:data:`FATAL_KINDS`). Either way the error stays in :func:`status` and the log
 (``<root>/.colabkit/logs/sync.log``) until a later upload succeeds. Threads never print.
 
 Example:
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import (ColabkitError, IntegrityError, RemoteAuthError, RemoteError, RemotePermissionError,
-                     RemoteQuotaError, RemoteUploadCapError, SyncError)
+                     RemoteQuotaError, RemoteUploadCapError, SyncError, error_kind)
 from .fsutil import FileDigest, atomic_write_json, hash_file, is_temporary, sweep_temporaries
 
 if TYPE_CHECKING:
@@ -55,7 +57,9 @@ _activity = logging.getLogger(__name__ + ".activity")
 _activity.propagate = False
 _activity.setLevel(logging.INFO)
 
-FATAL = (RemoteQuotaError, RemoteAuthError, RemotePermissionError)
+#: error kinds that stop a tier: retrying cannot help until someone fixes the key, the sharing or the quota
+FATAL_KINDS = frozenset({"auth", "permission", "quota"})
+FATAL = (RemoteQuotaError, RemoteAuthError, RemotePermissionError)   # the classes of FATAL_KINDS
 _CAP_PROBE = 3600.0         # after Drive's daily-cap answer (no Retry-After), ask again this much later
 _HUB_HINT = ("weights belong on the Hub: keep checkpoints out of this tier (exclude: ['*.pt', '*.pt.json', ...]) "
              "and let a hub tier take them")
@@ -325,7 +329,8 @@ class TierSyncer(threading.Thread):
         self.snap: dict[str, Any] = {
             "tier": tier.name, "remote": remote.describe() if remote else None, "state": "starting",
             "every": self.every, "last_upload": None, "last_tick": None, "next_due": None, "pending_files": 0,
-            "pending_bytes": 0, "last_error": None, "last_error_at": None, "uploaded": 0, "uploaded_bytes": 0,
+            "pending_bytes": 0, "last_error": None, "last_error_at": None, "last_error_kind": None,
+            "uploaded": 0, "uploaded_bytes": 0,
             "skipped": 0, "errors": 0, "retry_at": None, "current": None}
         if open_error is not None:
             self._set_fatal(open_error)
@@ -678,6 +683,7 @@ class TierSyncer(threading.Thread):
                 self._attempts = 0
                 self._next_attempt = 0.0
                 self.snap["last_error"] = None
+                self.snap["last_error_kind"] = None
                 self.snap["retry_at"] = None
             if self.fatal is None:
                 self.snap["state"] = "retrying" if self._next_attempt > time.monotonic() else "idle"
@@ -814,25 +820,32 @@ class TierSyncer(threading.Thread):
             led.touch(f.rel, local_size=f.size, local_mtime_ns=f.mtime_ns)
             led.save()
             return True
-        inf = led.inflight.get(f.rel)
-        if inf and inf.get("sha256") == sha and self.remote is not None:
-            rec = self.remote.stat(remote_path)
-            if rec is not None and rec.size == f.size and (rec.sha256 == sha or (rec.sha256 is None and rec.md5)):
-                if rec.sha256 is None:  # only an md5 to compare: check it against the local file
-                    d = hash_file(f.path)
-                    if d.md5 != rec.md5 or d.sha256 != sha:
-                        return False
-                    # and finish what the interrupted upload left undone (Drive: the sha256 beside the file)
-                    rec = self.remote.adopt(remote_path, rec, d)
-                led.count_upload(f.rel, rec.size)   # sent by the interrupted process, today most likely
-                led.record(f.rel, remote_path=remote_path, size=rec.size, sha256=sha, md5=rec.md5,
-                           remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns)
-                _activity.info("%s: %s was uploaded before an interruption; verified and recorded",
-                               self.tier.name, f.rel)
-                if _step_of(os.path.basename(f.path)) is not None:
-                    self._ckpt_recorded = True
-                return True
+        if self._was_inflight(f, sha) and self.remote is not None:
+            return self._held_by(f, sha, remote_path, self.remote.stat(remote_path))
         return False
+
+    def _was_inflight(self, f: LocalFile, sha: str) -> bool:
+        inf = self.ledger.inflight.get(f.rel)
+        return bool(inf and inf.get("sha256") == sha)
+
+    def _held_by(self, f: LocalFile, sha: str, remote_path: str, rec: Any) -> bool:
+        """Record `f` as held when the remote's record `rec` (of an upload in flight when a process or an
+        attempt was interrupted) is exactly its content."""
+        if rec is None or rec.size != f.size or not (rec.sha256 == sha or (rec.sha256 is None and rec.md5)):
+            return False
+        if rec.sha256 is None:  # only an md5 to compare: check it against the local file
+            d = hash_file(f.path)
+            if d.md5 != rec.md5 or d.sha256 != sha:
+                return False
+            # and finish what the interrupted upload left undone (Drive: the sha256 beside the file)
+            rec = self.remote.adopt(remote_path, rec, d)
+        self.ledger.count_upload(f.rel, rec.size)   # sent by the interrupted process, today most likely
+        self.ledger.record(f.rel, remote_path=remote_path, size=rec.size, sha256=sha, md5=rec.md5,
+                           remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns)
+        _activity.info("%s: %s was uploaded before an interruption; verified and recorded", self.tier.name, f.rel)
+        if _step_of(os.path.basename(f.path)) is not None:
+            self._ckpt_recorded = True
+        return True
 
     def _upload_one(self, f: LocalFile, sha_hint: str | None) -> None:
         remote_path = self.group.config.remote_path(f.path)
@@ -871,10 +884,22 @@ class TierSyncer(threading.Thread):
         """Hub: every file due in this tick in one commit."""
         items, digests, meta = [], {}, []
         try:
+            hashed = []
             for f, sha in due:
                 remote_path = self.group.config.remote_path(f.path)
                 d = hash_file(f.path)
-                if self._already_held(f, d.sha256, remote_path):
+                if self.ledger.verified_copy(f.rel, d.sha256):
+                    self.ledger.touch(f.rel, local_size=f.size, local_mtime_ns=f.mtime_ns)
+                    with self._lock:
+                        self._pending.pop(f.rel, None)
+                    continue
+                hashed.append((f, d, remote_path))
+            # after a failed attempt every file is in flight: look them all up in one call (retried by the
+            # remote), and keep what an earlier attempt did get up
+            inflight = [rp for f, d, rp in hashed if self._was_inflight(f, d.sha256)]
+            held = self.remote.stat_many(inflight) if inflight else {}
+            for f, d, remote_path in hashed:
+                if remote_path in held and self._held_by(f, d.sha256, remote_path, held[remote_path]):
                     with self._lock:
                         self._pending.pop(f.rel, None)
                     continue
@@ -882,9 +907,9 @@ class TierSyncer(threading.Thread):
                 digests[remote_path] = d
                 meta.append((f, d))
                 self.ledger.begin(f.rel, remote_path=remote_path, size=f.size, sha256=d.sha256, save=False)
+            self.ledger.save()
             if not items:
                 return True
-            self.ledger.save()
             with self._lock:
                 self.snap["current"] = f"{len(items)} files in one commit"
             recs = self.remote.put_many(items, digests=digests)
@@ -915,6 +940,7 @@ class TierSyncer(threading.Thread):
         with self._lock:
             self.snap["last_error"] = msg
             self.snap["last_error_at"] = time.time()
+            self.snap["last_error_kind"] = error_kind(e)
             self.snap["errors"] += 1
         log.warning("%s: upload failed (will retry): %s", self.tier.name, msg)
 
@@ -937,6 +963,7 @@ class TierSyncer(threading.Thread):
             self.snap["state"] = "stopped"
             self.snap["last_error"] = msg
             self.snap["last_error_at"] = time.time()
+            self.snap["last_error_kind"] = error_kind(e)
             self.snap["errors"] += 1
         log.error("%s: tier stopped: %s", self.tier.name, msg)
 

@@ -153,6 +153,83 @@ def test_hub_tier_gets_a_ticks_files_in_one_commit(hub_server: HubServer, tmp_pa
     assert len(repo.commits) == n  # nothing new: no commit at all
 
 
+def test_drive_token_endpoint_outage_does_not_stop_the_tier(drive_server, tmp_path):
+    """Three failed refreshes in a row (503 at the token endpoint) used to stop the Drive tier for the rest
+    of the run with "the credentials were rejected". It is transient: the tier backs off and uploads."""
+    from colabkit.remotes import open_remote
+    folder = drive_server.create_folder("colabkit", share_with={DriveServer.SA_EMAIL: "writer"}, shared_drive=True)
+    key = drive_server.write_service_account(tmp_path / "keys" / "sa.json")
+    root = tmp_path / "proj"
+    (root / "logs").mkdir(parents=True)
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "drive": {"folder_id": folder, "credentials": str(key), "endpoint": drive_server.endpoint},
+        "tiers": [{"name": "drive", "remote": "drive", "every": 3600, "include": ["*.txt"], "exclude": []}],
+        "sync": {"settle": 0, "retry_initial": 0.01, "retry_max": 0.05}}))
+    (root / "logs" / "notes.txt").write_text("hello\n")
+    cfg = load_config(start=root)
+    remote = open_remote(cfg, "drive")
+    remote.retry_initial, remote.retry_max, remote.max_attempts = 0.001, 0.01, 2
+    drive_server.faults.token(9, 503)      # google-auth tries 3 times per refresh: 3 refreshes fail in a row
+    res = sync.once(config=cfg, remotes={"drive": remote}, timeout=120)
+    remote.close()
+    assert res["ok"], res
+    t = res["tiers"]["drive"]
+    assert t["state"] != "stopped" and t["uploaded"] == 1, t
+    assert drive_server.token_faults == 9
+    assert drive_server.find("logs/notes.txt", root=folder) is not None
+
+
+def _added_per_path(repo) -> dict[str, int]:
+    """How many commits added or changed each path (a file uploaded twice shows up twice)."""
+    out: dict[str, int] = {}
+    for parent, _msg, tree in repo.commits.values():
+        before = repo.commits[parent][2] if parent else {}
+        for p, e in tree.items():
+            if p not in before or before[p].oid != e.oid:
+                out[p] = out.get(p, 0) + 1
+    return out
+
+
+def test_hub_tier_under_30_percent_faults_on_every_call_uploads_everything_once(hub_server: HubServer, tmp_path,
+                                                                                monkeypatch):
+    """A failed first attempt leaves every file in flight; the retry looks them up in one retried paths-info
+    call and keeps what got up. 14 attempts over 469 s used to upload 0 of 20 files at 30 % faults."""
+    from colabkit.remotes.hub import HubRemote
+    monkeypatch.setenv("HF_TOKEN", hub_server.WRITE_TOKEN)
+    root = tmp_path / "proj"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "hub": {"repo_id": "alice/weights", "endpoint": hub_server.endpoint},
+        "tiers": [{"name": "hub", "remote": "hub", "every": 3600, "latest_only": False}],
+        "sync": {"settle": 0.1, "retry_initial": 0.01, "retry_max": 0.05}}))
+    files = [ckpt(root, s, size=20_000 + s) for s in range(1, 11)]       # 20 files with the manifests
+    hub_server.create_repo("alice/weights")
+    cfg = load_config(start=root)
+    # hashed now: once verified copies are up, retention deletes the older local checkpoints
+    want = {cfg.remote_path(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for f in files for p in (f, f.with_name(f.name + ".json"))}
+    remote = HubRemote("hub", "alice/weights", endpoint=hub_server.endpoint, max_attempts=3, retry_initial=0.01,
+                       retry_max=0.05, project="proj")
+    hub_server.inject(method="POST", path=r"/commit/", status=503, times=3)   # the first attempt fails
+    hub_server.inject(method="POST", path=r"/paths-info/", drop=True)          # and its retry's lookups too
+    hub_server.inject(method="POST", path=r"/paths-info/", status=429, headers={"Retry-After": "0"})
+    hub_server.ratio(0.3, seed=3)
+    res = sync.once(config=cfg, remotes={"hub": remote}, timeout=300)
+    hub_server.ratio(0)
+    assert res["ok"], res
+    assert res["tiers"]["hub"]["state"] != "stopped"
+    assert len(hub_server.injected) >= 10, hub_server.injected
+    repo = hub_server.repos[("model", "alice/weights")]
+    tree = repo.commits[repo.branches["main"]][2]
+    added = _added_per_path(repo)
+    led = Ledger.load(cfg.state_dir, "hub")
+    for rp, digest in want.items():
+        assert rp in tree, f"{rp} was lost"
+        assert added[rp] == 1, f"{rp} was committed {added[rp]} times"
+        assert led.verified_copy(rp, digest), f"{rp} is not recorded"
+    assert led.inflight == {}
+
+
 def test_classic_lfs_upload_killed_mid_way_restarts_from_byte_0(hub_server: HubServer, tmp_path, monkeypatch):
     """The Hub's classic LFS path (what the test Hub speaks; it has no Xet) cannot resume a cut upload: after a
     kill -9 mid-way, the restart sends the whole file again (bytes sent / needed = 1 + the part cut). Nothing is lost

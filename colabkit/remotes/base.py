@@ -161,6 +161,11 @@ class Remote(abc.ABC):
                 return f
         return None
 
+    def stat_many(self, paths: Iterable[str]) -> dict[str, RemoteFile | None]:
+        """Records for many exact paths ({normalized path: record or None}); remotes that can look many paths up
+        in one request (the Hub's paths-info) do so."""
+        return {normalize_path(p): self.stat(p) for p in paths}
+
     def put_many(self, items: Iterable[tuple[Path, str]], *, message: str | None = None,
                  digests: dict[str, FileDigest] | None = None) -> list[RemoteFile]:
         """Upload several files; remotes with commits (the Hub) do it in one commit."""

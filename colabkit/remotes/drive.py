@@ -150,7 +150,13 @@ def _classify(e: BaseException) -> _Failure:
     try:
         import google.auth.exceptions as gae
         if isinstance(e, gae.RefreshError):
-            return _Failure(401, "refreshError", redact(str(e.args[0]) if e.args else "token refresh failed"), None, e)
+            msg = redact(str(e.args[0]) if e.args else "token refresh failed")
+            if getattr(e, "retryable", False):
+                # google-auth marks 500/503/504/408/429 and "temporarily_unavailable" answers of the token
+                # endpoint retryable (after its own 3 tries): Google is briefly down, the key is fine
+                return _Failure(None, "tokenEndpointUnavailable", f"the token endpoint did not answer: {msg}", None,
+                                e)
+            return _Failure(401, "refreshError", msg, None, e)
         if isinstance(e, gae.TransportError):
             return _Failure(None, "transport", redact(str(e)), None, e)
     except ImportError:  # pragma: no cover
