@@ -40,10 +40,10 @@ Fault knobs (see :class:`Faults`): ``fail(n, status, reason=..., retry_after=...
 connection mid-body), ``truncate(n)`` (cut a media download short), ``ratio(p)`` (fault that fraction of
 Drive requests at random; ``token=True`` includes the token endpoint), ``token(n, status)`` (503/500/429 in the
 OAuth error shape, or a dropped connection, at the token endpoint); ``upload_cap`` bytes per principal (then 403
-userRateLimitExceeded "User rate limit exceeded.", Drive's answer at the 750 GB daily cap; ``daily_cap(n)``
-gives that answer to the next `n` uploads); ``storage_full`` (403 storageQuotaExceeded for every upload);
-``pause_at`` (hold an upload mid-way) and ``hold_metadata`` (hold the next metadata update, then drop it
-unapplied) with ``paused``/``held`` and ``gate``.
+userRateLimitExceeded "User rate limit exceeded.", Drive's answer at the 750 GB daily cap; ``daily_cap(n)`` gives
+that answer to the next `n` uploads); ``storage_full`` (403 storageQuotaExceeded for every upload); ``pause_at``
+(hold an upload mid-way) and ``hold_metadata`` (hold the next metadata update, then drop it unapplied) with
+``paused``/``held`` and ``gate``.
 Blobs are stored on disk under the server's folder, never held in memory whole.
 """
 from __future__ import annotations
