@@ -250,6 +250,8 @@ class Config:
     airlock: AirlockConfig = field(default_factory=AirlockConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     triggers: tuple["TriggerRule", ...] = ()
+    #: the ``triggers:`` rules as written in colabkit.yaml, for ``config show`` (not part of equality)
+    triggers_written: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def state_dir(self) -> Path:
@@ -383,12 +385,16 @@ class Config:
         out = _settings(self)
         out.pop("root", None)
         out.pop("source", None)
+        written = out.pop("triggers_written", None)
+        if "triggers" in out and written is not None and len(written) == len(self.triggers):
+            out["triggers"] = written  # a rule's parsed form is not what colabkit.yaml accepts: show it as written
         return out
 
     def as_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """Plain data for ``colabkit config show``; secrets (credential values, tokens) are redacted."""
         from .secrets import redact_config
         d = _plain(self)
+        d.pop("triggers_written", None)
         return redact_config(d) if redact else d
 
 
@@ -758,7 +764,7 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         root=root, source=source, project=top.str("project", None) or root.name, home=home,
         experiments=top.str("experiments", "experiments"), checkpoints=top.str("checkpoints", "checkpoints"), logs=top.str("logs", "logs"), tiers=tiers,
         drive=drive, hub=hub, retention=retention, resume=resume, sync=sync, airlock=airlock, train=train,
-        triggers=triggers)
+        triggers=triggers, triggers_written=tuple(top.raw("triggers", None) or ()))
     top.done()
     return cfg
 

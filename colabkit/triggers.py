@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 from .config import TRIGGER_STATES, TriggerRule, format_duration, parse_triggers
 from .errors import ColabkitError, ConfigError, TriggerError
 from .fsutil import TMP_PREFIX, atomic_write_json, fsync_dir
+from .runtime import command
 
 if TYPE_CHECKING:
     from .config import Config
@@ -867,7 +868,7 @@ class Worker:
                 q.transition(e, "pending", note=note + "; retried (retry: true)")
             else:
                 q.transition(e, "interrupted", note=note, error=note + "; run it again with "
-                             f"'colabkit triggers retry {e['id']}' if that is safe")
+                             f"'{command('triggers retry ' + e['id'])}' if that is safe")
 
     def _check_waiting(self, q: Queue, e: dict[str, Any]) -> None:
         w = e.get("wait")
@@ -1077,7 +1078,7 @@ def watch(logfile: str | os.PathLike, *, config: "Config | None" = None, experim
     rs = rules(cfg, experiment=exp)
     if not rs:
         raise TriggerError(f"{exp}: no trigger rules (triggers: in colabkit.yaml or experiments/{exp}/{FILE_NAME}); "
-                           "add a rule first ('colabkit triggers check' validates them)")
+                           f"add a rule first ('{command('triggers check')}' validates them)")
     # the worker may only call it a day once the reading is done (until then more entries may come)
     wk = Worker(cfg, experiment=exp, until_idle=False, poll=poll) if worker else None
     exp_dir = cfg.experiment_dir(exp)
@@ -1249,7 +1250,7 @@ def _find(cfg: "Config", eid: str) -> tuple[Queue, dict[str, Any]]:
     if len(matches) > 1:
         raise TriggerError(f"{eid!r} matches {len(matches)} entries ({', '.join(i for _, i in matches[:5])}); "
                            "give more of the id")
-    raise TriggerError(f"no queue entry {eid!r}; 'colabkit triggers list' shows the entries")
+    raise TriggerError(f"no queue entry {eid!r}; '{command('triggers list')}' shows the entries")
 
 
 def _entry_view(q: Queue, e: dict[str, Any]) -> dict[str, Any]:
@@ -1309,7 +1310,7 @@ def retry(entry: str, *, config: "Config | None" = None) -> dict[str, Any]:
                                "it, or cancel it")
         if st == "done":
             raise TriggerError(f"{e['id']} is done; it ran once as it should. To run the action again, run its "
-                               "command by hand ('colabkit triggers show' prints it)")
+                               f"command by hand ('{command('triggers show ' + e['id'])}' prints it)")
         q.transition(e, "pending", note=f"retried by hand (was {st})", error=None)
     _wake_local(cfg, q.experiment)
     return _entry_view(q, e)

@@ -183,6 +183,19 @@ train:
   stall_after: 1d
   total_steps: 300
   step_regex: 'it (?P<step>\\d+)'
+triggers:
+  - name: cool
+    event: checkpoint
+    conditions:
+      at: [200]
+    action:
+      type: cooldown
+      args: [--lr, "1e-4"]
+  - name: quiet
+    inactivity: 30m
+    action:
+      type: log
+      message: no output for 30m
 """
 
 

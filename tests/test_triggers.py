@@ -371,7 +371,7 @@ def test_failed_entry_is_kept_retried_and_cancelled(tmp_path):
     with pytest.raises(TriggerError) as ei:
         triggers.retry(failed[0]["id"][:14], config=cfg)
     assert str(ei.value).endswith("is done; it ran once as it should. To run the action again, run its command by "
-                                  "hand ('colabkit triggers show' prints it)")
+                                  f"hand ('colabkit triggers show {failed[0]['id']}' prints it)")
 
 
 def test_retry_true_reruns_an_interrupted_idempotent_entry_up_to_max_attempts(tmp_path):
@@ -417,7 +417,7 @@ def test_cli_and_magic_check_test_list_show(tmp_path, ip, capsys, monkeypatch):
     from IPython.core.error import UsageError
     with pytest.raises(UsageError) as ei:
         ip.run_line_magic("triggers", "show abc")
-    assert str(ei.value) == "no queue entry 'abc'; 'colabkit triggers list' shows the entries"
+    assert str(ei.value) == "no queue entry 'abc'; '%triggers list' shows the entries"
     with pytest.raises(UsageError) as ei:
         ip.run_line_magic("triggers", "list --state lost")
     assert "argument --state: invalid choice: 'lost'" in str(ei.value)
