@@ -569,3 +569,16 @@ def test_sync_action_flushes_the_tiers_now(tmp_path):
     assert e["state"] == "done" and e["action"] == "sync"
     assert (tmp_path / "backup" / "experiments" / "v01" / "logs" / "run.log").read_text() == \
         "saved checkpoint at iteration 100 to ck.pt\n"
+
+
+def test_file_exists_without_wait_is_checked_when_the_event_comes(tmp_path):
+    rules = [{"name": "conv", "event": "checkpoint", "conditions": {"file_exists": "{path}.ok"},
+              "action": {"type": "log", "message": "{step}"}}]
+    root = make_project(tmp_path / "p", rules)
+    ck = root / "experiments" / "v01" / "ck"
+    ck.mkdir(parents=True)
+    (ck / "v01_step_00000200.pt.ok").write_text("")
+    log = tmp_path / "train.log"
+    log.write_text(ckpt_lines([100, 200]))
+    triggers.watch(log, config=cfg_of(root), experiment="v01", once=True, worker=False)
+    assert [(e["step"], e["state"]) for e in triggers.list_entries(config=cfg_of(root))] == [(200, "done")]
