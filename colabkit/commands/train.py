@@ -122,7 +122,7 @@ def _status_lines(jobs: list[dict[str, Any]]) -> Iterable[str]:
     if not jobs:
         yield f"no training job (start one with '{command('train vXX')}')"
     for j in jobs:
-        parts = [f"{j.get('experiment')}: {j.get('state')}"]
+        parts = [f"{j.get('key') or j.get('experiment')}: {j.get('state')}"]  # a cooldown: v01.cooldown_200
         if j.get("attempt"):
             parts.append(f"attempt {j['attempt']}")
         if j.get("step") is not None:
