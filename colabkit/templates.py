@@ -13,7 +13,7 @@ reads them from ``templates/`` itself. :func:`scaffold` copies them into a proje
     <dir>/experiments/<vXX>/requirements.txt
     <dir>/experiments/<vXX>/models/__init__.py
 
-``{{project}}``, ``{{experiment}}`` and ``{{date}}`` in the templates are filled in; any other ``{{name}}``
+``{{project}}``, ``{{experiment}}``, ``{{date}}`` and ``{{colabkit_git_url}}`` in the templates are filled in; any other ``{{name}}``
 left in a template is an error (:class:`InitError`), never written into a project.
 """
 from __future__ import annotations
@@ -107,7 +107,9 @@ def scaffold(directory: str | os.PathLike | None = None, *, experiment: str = "v
     name = project or root.name
     if not _NAME.match(name):
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "project"
-    values = {"project": name, "experiment": experiment, "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    from . import GIT_URL
+    values = {"project": name, "experiment": experiment, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+              "colabkit_git_url": GIT_URL}
     out = ScaffoldResult(root=root, experiment=experiment)
     for tpl, rel in FILES.items():
         dest = root / rel.format(experiment=experiment)
