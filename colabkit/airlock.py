@@ -67,6 +67,8 @@ _WEIGHT_PATTERNS = ("*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.pt.json")
 _PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 _SA_PRIVATE_KEY = re.compile(rb"[\"']private_key[\"']\s*:\s*[\"']")
 _HF_TOKEN = re.compile(rb"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}(?![A-Za-z0-9])")
+#: an authorized_user JSON (gcloud application-default credentials) or an OAuth client file
+_OAUTH_SECRET = re.compile(rb"[\"'](?:refresh_token|client_secret)[\"']\s*:\s*[\"'][^\"'\s]{8,}")
 _READ_WHOLE = 64 * 1024 * 1024
 
 
@@ -88,6 +90,8 @@ def _secret_in(data: bytes) -> str | None:
         return "holds a service-account private_key"
     if b"hf_" in data and _HF_TOKEN.search(data):
         return "holds a Hugging Face token"
+    if (b"refresh_token" in data or b"client_secret" in data) and _OAUTH_SECRET.search(data):
+        return "holds an OAuth refresh token or client secret"
     return None
 
 
