@@ -28,10 +28,10 @@ _LAZY = {
     "open_remote": ("colabkit.remotes", "open_remote"),
 }
 _SUBMODULES = {"sync", "resume", "airlock", "journal", "runner", "checkpoints", "config", "errors", "remotes",
-               "runtime", "secrets", "dashboard", "cooldown", "events", "fsutil"}
+               "runtime", "secrets", "dashboard", "cooldown", "events", "fsutil", "distributed"}
 
 if TYPE_CHECKING:  # a mirror for type checkers and IDEs
-    from . import airlock, checkpoints, config, errors, journal, remotes, resume, runner, runtime, sync
+    from . import airlock, checkpoints, config, distributed, errors, journal, remotes, resume, runner, runtime, sync
     from .checkpoints import Checkpointer
     from .config import Config, load_config
     from .errors import ColabkitError
