@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from .errors import CheckpointError, DiskFullError, IntegrityError, MissingDependencyError, NoCheckpointError
 from .fsutil import TMP_PREFIX, atomic_write_json, free_bytes, fsync_dir, is_temporary, linux_libc
+from .runtime import command
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ def load_latest(directory: str | os.PathLike, *, map_location: Any = "cpu", weig
                         info.name, info.step, len(rejected))
         return info, state
     raise NoCheckpointError(f"no valid checkpoint in {directory}: " + "; ".join(rejected)
-                            + "; fetch one from a remote with 'colabkit resume'")
+                            + f"; fetch one from a remote with '{command('resume')}'")
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -778,7 +779,7 @@ class Checkpointer:
         return DiskFullError(
             f"cannot save checkpoint step {step} to {self.directory}: {format_size(free)} free, about "
             f"{format_size(needed)} needed; the previous checkpoint is intact. Free space there "
-            "(old checkpoints are removed only once a remote holds a verified copy: run 'colabkit sync flush') "
+            f"(old checkpoints are removed only once a remote holds a verified copy: run '{command('sync flush')}') "
             "or point the Checkpointer at a larger disk", path=str(self.directory), free=free, needed=needed)
 
     def _write(self, step: int, state: Any) -> Path:

@@ -17,14 +17,19 @@ def snapshot(*, config: Config | None = None, experiment: str | None = None,
 
     Args:
         config: the configuration (default: loaded from the working directory).
-        experiment: limit the training and resume sections to this experiment.
+        experiment: limit the training and resume sections to this experiment (the resume section
+            otherwise asks about the experiment :meth:`~colabkit.config.Config.select_experiment` picks).
         include_resume: also ask every resume source what it holds (contacts the remotes).
+    Raises:
+        UnknownExperimentError: `experiment` is not here.
     Returns:
         {"runtime": ..., "train": ... | None, "sync": ..., "resume": ... | None, "time": epoch seconds}
     """
     from . import runtime
     from .config import load_config
     cfg = config or load_config()
+    if experiment is not None:
+        cfg.require_experiment(experiment)  # 'status -e v99' is an error, as for every command taking one
     snap: dict[str, Any] = {"time": time.time(), "project": cfg.project, "root": str(cfg.root),
                             "runtime": runtime.detect().as_dict(), "train": None, "sync": None, "resume": None}
     try:
@@ -87,7 +92,9 @@ def render_text(snap: dict[str, Any]) -> list[str]:
                          + (f" · error: {err}" if err else ""))
     res = snap.get("resume")
     if res is not None:
-        lines.append("resume sources (priority order):")
+        lines.append("resume sources (priority order)"
+                     + (f" for {res['experiment']}" if res.get("experiment") else "")
+                     + (f" — {res['selected']}" if res.get("selected") else "") + ":")
         if "error" in res:
             lines.append(f"  {res['error']}")
         for s in res.get("sources", []):

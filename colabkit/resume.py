@@ -32,6 +32,7 @@ from .checkpoints import (LATEST, CheckpointInfo, discover, is_manifest, manifes
                           verify, _verify_plain)
 from .errors import ColabkitError, ConfigError, IntegrityError, ResumeError
 from .fsutil import TMP_PREFIX, atomic_write_bytes, atomic_write_json, hash_file, replace_copy
+from .runtime import command
 
 if TYPE_CHECKING:
     from .config import Config
@@ -132,6 +133,7 @@ class ResumePlan:
     choice: Candidate | None
     reason: str
     experiment: str | None = None
+    selected: str | None = None      # why `experiment` was chosen when none was named (None: named)
     config: Any = field(default=None, repr=False)
     remotes: dict[str, Any] = field(default_factory=dict, repr=False)  # Remote objects passed in by the caller
     fetched: Path | None = None
@@ -154,14 +156,16 @@ class ResumePlan:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for ``colabkit resume --json``."""
-        return {"policy": self.policy, "experiment": self.experiment, "directory": str(self.directory),
+        return {"policy": self.policy, "experiment": self.experiment, "selected": self.selected,
+                "directory": str(self.directory),
                 "remote_prefix": self.prefix, "sources": [s.as_dict() for s in self.sources],
                 "choice": self.choice.as_dict() if self.choice else None, "reason": self.reason,
                 "fetched": str(self.fetched) if self.fetched else None}
 
     def lines(self) -> list[str]:
         """A text rendering: one line per source, then the choice."""
-        out = [f"Resume sources ({self.policy} policy), checkpoint folder {self.directory}:"]
+        out = [f"Experiment: {self.experiment or '(none)'} ({self.selected})"] if self.selected else []
+        out.append(f"Resume sources ({self.policy} policy), checkpoint folder {self.directory}:")
         width = max([len(s.name) for s in self.sources] + [5])
         for s in self.sources:
             if s.state == "ok":
@@ -189,7 +193,9 @@ def locate(*, config: "Config | None" = None, experiment: str | None = None,
 
     Args:
         config: the configuration (default: :func:`colabkit.config.load_config`).
-        experiment: ``vXX``; default ``$COLABKIT_EXPERIMENT``; None: ``<root>/checkpoints``.
+        experiment: ``vXX``; default ``$COLABKIT_EXPERIMENT``, else the only experiment, else the one with the
+            newest checkpoint or run (:meth:`~colabkit.config.Config.select_experiment`; named in
+            ``plan.selected``); ``<root>/checkpoints`` only in a project without experiments.
         directory: the local checkpoint folder (default: ``config.checkpoint_dir(experiment)``).
         policy: ``newest`` or ``first`` (default: ``config.resume.policy``).
         sources: names (``local`` and tier names) or Remote objects, in priority order
@@ -199,10 +205,17 @@ def locate(*, config: "Config | None" = None, experiment: str | None = None,
     Raises:
         ResumeError: nothing was found and at least one source could not be asked (each answer is listed).
         ConfigError: an unknown policy or source name.
+        UnknownExperimentError: `experiment` is not here, or several are and none has a checkpoint or run.
     """
     from .config import load_config
     cfg = config if config is not None else load_config()
-    experiment = experiment if experiment is not None else (os.environ.get("COLABKIT_EXPERIMENT") or None)
+    selected: str | None = None
+    if directory is None:
+        # the one shared choice (train, status and the airlock use it too): never a folder no experiment uses
+        picked = cfg.select_experiment(experiment)
+        experiment, selected = picked.name, picked.reason
+    elif experiment is not None:
+        cfg.require_experiment(experiment)
     policy = policy or cfg.resume.policy
     if policy not in POLICIES:
         raise ConfigError(f"resume policy {policy!r} is not allowed; use one of {', '.join(POLICIES)}",
@@ -240,7 +253,7 @@ def locate(*, config: "Config | None" = None, experiment: str | None = None,
         raise ResumeError(f"no checkpoint to resume from, and not every source could be asked ({answers}); "
                           "fix the failing source and retry, or pass --source local to start without it")
     plan = ResumePlan(policy=policy, directory=local_dir, prefix=prefix, sources=reports, choice=choice,
-                      reason=reason, experiment=experiment, config=cfg, remotes=given)
+                      reason=reason, experiment=experiment, config=cfg, remotes=given, selected=selected)
     for r in reports:
         log.info("resume source %s: %s", r.name,
                  f"step {r.newest_step}" if r.state == "ok" else (r.error or r.state))
@@ -423,7 +436,7 @@ def fetch(plan: ResumePlan | None = None, *, config: "Config | None" = None, exp
             with contextlib.suppress(Exception):
                 r.close()
     raise ResumeError("no candidate checkpoint could be fetched and verified: " + "; ".join(attempts)
-                      + "; check the sources with 'colabkit resume --no-fetch'")
+                      + f"; check the sources with '{command('resume --no-fetch')}'")
 
 
 def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[str, Any], *,

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Ask local, then each tier in resume.priority, for its newest verified "
                                    "checkpoint; choose one by the policy; download and verify it.")
     p.add_argument("--experiment", "-e", metavar="vXX", default=None,
-                   help="experiment whose checkpoints to look for (default: $COLABKIT_EXPERIMENT, else <root>/checkpoints)")
+                   help="experiment whose checkpoints to look for (default: $COLABKIT_EXPERIMENT, else the only "
+                        "experiment, else the one with the newest checkpoint or run; named in the output)")
     p.add_argument("--policy", choices=("newest", "first"), default=None,
                    help="newest: the highest step, ties to the earlier source; first: the first source holding one "
                         "(default: resume.policy)")

@@ -68,8 +68,9 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
         return {"status": status, "logs": logs, "stop": stop, "wait": wait}[args.target](args, ctx)
     if args.experiment is not None:
         from ..errors import TrainError
+        from ..runtime import command
         raise TrainError(f"unexpected argument {args.experiment!r}; arguments for train.py go after --: "
-                         f"%train {args.target} -- {args.experiment} ...")
+                         f"{command(f'train {args.target} -- {args.experiment} ...')}")
     return run(args, ctx)
 
 
@@ -102,10 +103,11 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                        on_warning=ctx.warn, total_steps=args.total_steps, sync=args.sync,
                        stall_after=args.stall_after)
     if args.background:
+        from ..runtime import command
         st = res.status()
         ctx.emit(st, [f"{st['experiment']}: started in the background (run {st['run_id']}, log folder "
-                      f"{st['log_dir']})", f"follow it with '%train status', '%train logs', stop it with "
-                      f"'%train stop {st['experiment']}'"])
+                      f"{st['log_dir']})", f"follow it with '{command('train status')}', '{command('train logs')}', "
+                      f"stop it with '{command('train stop ' + st['experiment'])}'"])
         return 0
     ctx.emit(res.as_dict(), lambda: _fmt_result(res))
     return 0 if res.ok else 1
@@ -113,8 +115,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
 def _status_lines(jobs: list[dict[str, Any]]) -> Iterable[str]:
     from ..config import format_duration
+    from ..runtime import command
     if not jobs:
-        yield "no training job (start one with '%train vXX')"
+        yield f"no training job (start one with '{command('train vXX')}')"
     for j in jobs:
         parts = [f"{j.get('experiment')}: {j.get('state')}"]
         if j.get("attempt"):
