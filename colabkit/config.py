@@ -259,7 +259,17 @@ class Config:
         return self.root / STATE_DIR
 
     def experiment_dir(self, experiment: str) -> Path:
-        """``<root>/experiments/<experiment>``."""
+        """``<root>/experiments/<experiment>``.
+
+        Raises:
+            ConfigError: `experiment` is a template placeholder nothing filled in (``{{experiment}}``; IPython
+                turns it into ``{experiment}`` in a magic's line): the raw template, never a folder name.
+        """
+        if isinstance(experiment, str) and ("{" in experiment or "}" in experiment):
+            raise ConfigError(f"{experiment!r} is a template placeholder left unrendered, not an experiment name: "
+                              "this comes from the raw template; run 'colabkit init' and use the notebook.ipynb "
+                              "it writes, or put the experiment's folder name (e.g. v01) in its place",
+                              key="experiment", value=experiment)
         return self.root / self.experiments / experiment
 
     def experiment_names(self) -> list[str]:

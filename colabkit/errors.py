@@ -176,6 +176,10 @@ class AirlockError(ColabkitError):
     """Exporting, pulling or importing an experiment failed."""
 
 
+class NoBundleError(AirlockError, LookupError):
+    """No bundle of the experiment was exported to the airlock remote yet (nothing to pull)."""
+
+
 class DirtyTreeError(AirlockError):
     """The experiment has uncommitted or untracked files."""
 

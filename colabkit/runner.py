@@ -1449,6 +1449,44 @@ def stop(*, experiment: str | None = None, config: "Config | None" = None, grace
     return {"stopped": stopped}
 
 
+def wait(*, experiment: str | None = None, config: "Config | None" = None,
+         timeout: float | None = None) -> dict[str, Any]:
+    """Wait for the background run(s) of this kernel to end (``%train wait``), e.g. before a notebook's last
+    cell flushes every tier; a run of another process on this machine is followed through its job file.
+
+    Args:
+        experiment: only this experiment's run (default: every run of this project).
+        timeout: give up after this many seconds (default: wait as long as it runs).
+    Returns:
+        ``{"jobs": [status, ...], "timed_out": bool}`` (each status as :func:`status` gives it: state, step,
+        loss, checkpoint, log).
+    Raises:
+        TrainError: no run has been started for this project (or `experiment`).
+    """
+    cfg = _cfg(config)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
+    jobs = _jobs_here(cfg, experiment)
+    timed_out = False
+    if jobs:
+        for j in jobs:
+            if j.wait(left(), raise_error=False) is None and j.running:
+                timed_out = True
+        return {"jobs": [j.status() for j in jobs], "timed_out": timed_out}
+    data = status(config=cfg, experiment=experiment)["jobs"] if cfg is not None else []
+    if not data:
+        raise TrainError(_no_job(experiment))
+    tick = threading.Event()  # never set: a bounded pause between reads of the other process's job file
+    while any(d.get("live") for d in data):
+        pause = 1.0 if deadline is None else min(1.0, left() or 0.0)
+        if pause <= 0:
+            timed_out = True
+            break
+        tick.wait(pause)
+        data = status(config=cfg, experiment=experiment)["jobs"]
+    return {"jobs": data, "timed_out": timed_out}
+
+
 def _stop_all_at_exit() -> None:
     with _jobs_lock:
         jobs = list(_jobs.values())

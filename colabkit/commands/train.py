@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 from . import ArgumentParser, Context, common, duration_arg, size_arg
 
-ACTIONS = ("status", "logs", "stop")
+ACTIONS = ("status", "logs", "stop", "wait")
 
 
 class _TrainParser(ArgumentParser):
@@ -31,13 +31,14 @@ class _TrainParser(ArgumentParser):
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="run an experiment's train.py: preflight, live log, restarts, progress (status|logs|stop)",
+        "train", help="run an experiment's train.py: preflight, live log, restarts, progress (status|logs|stop|wait)",
         description="Run experiments/vXX/train.py as a supervised child process, or act on the running job: "
-                    "'train status [vXX]', 'train logs [vXX] [-n N]', 'train stop [vXX]'. "
+                    "'train status [vXX]', 'train logs [vXX] [-n N]', 'train stop [vXX]', "
+                    "'train wait [vXX] [--timeout 2h]' (until a background run ends). "
                     "Arguments after -- go to train.py.")
     p.__class__ = _TrainParser
-    p.add_argument("target", metavar="vXX|status|logs|stop", help="the experiment to run, or an action")
-    p.add_argument("experiment", nargs="?", metavar="vXX", help="(with status/logs/stop) the experiment")
+    p.add_argument("target", metavar="vXX|status|logs|stop|wait", help="the experiment to run, or an action")
+    p.add_argument("experiment", nargs="?", metavar="vXX", help="(with status/logs/stop/wait) the experiment")
     p.add_argument("--background", action="store_true", help="return at once; the run continues in this kernel")
     p.add_argument("--max-restarts", type=int, default=None, metavar="N",
                    help="restarts after a crash or stall (default: train.max_restarts)")
@@ -61,14 +62,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-sync", dest="sync", action="store_false", help="do not start background sync")
     p.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="(logs) how many lines")
     p.add_argument("--timeout", type=duration_arg, default=None, metavar="DURATION",
-                   help="(stop) give up waiting after this long")
+                   help="(stop, wait) give up waiting after this long")
     common(p)
     p.set_defaults(func=handle, script_args=[])
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
     if args.target in ACTIONS:
-        return {"status": status, "logs": logs, "stop": stop}[args.target](args, ctx)
+        return {"status": status, "logs": logs, "stop": stop, "wait": wait}[args.target](args, ctx)
     if args.experiment is not None:
         from ..errors import TrainError
         from ..runtime import command
@@ -169,3 +170,17 @@ def stop(args: argparse.Namespace, ctx: Context) -> int:
         return 0
     ctx.emit(res, [f"{s.get('experiment')}: {s.get('state')} (run {s.get('run_id')})" for s in res["stopped"]])
     return 0
+
+
+def wait(args: argparse.Namespace, ctx: Context) -> int:
+    from .. import runner
+    res = runner.wait(experiment=args.experiment, config=ctx.config(), timeout=args.timeout)
+
+    def text():
+        yield from _status_lines(res["jobs"])
+        if res["timed_out"]:
+            yield "still running after --timeout; wait again, or '%train stop' it"
+    ctx.emit(res, text)
+    if res["timed_out"]:
+        return 1
+    return 0 if all(j.get("state") == "finished" for j in res["jobs"]) else 1
