@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 
 from .config import TRIGGER_STATES, TriggerRule, format_duration, parse_triggers
 from .errors import ColabkitError, ConfigError, TriggerError
-from .fsutil import TMP_PREFIX, atomic_write_json, fsync_dir
+from .fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, sweep_temporaries, temp_prefix
 from .runtime import command
 
 if TYPE_CHECKING:
@@ -274,7 +274,7 @@ class Queue:
         if os.path.exists(final):
             return False
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f"{TMP_PREFIX}{entry['id']}.{os.getpid()}.{threading.get_ident()}"
+        tmp = self.dir / f"{temp_prefix(entry['id'])}t{threading.get_ident()}"  # names its writer: swept once it is gone
         data = json.dumps(entry, indent=1, sort_keys=True, default=str).encode()
         with open(tmp, "wb") as f:
             f.write(data)
@@ -911,6 +911,8 @@ class Worker:
 
     def loop(self) -> None:
         """Run until stopped (or, with `until_idle`, until nothing is left to do)."""
+        for q in self._queues():  # what a writer killed mid-write left behind
+            sweep_temporaries(q.dir)
         while not self._stop.is_set():
             self._wake.clear()
             try:
