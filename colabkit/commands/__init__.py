@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterable
 from ..errors import ConfigError
 
 #: command modules, in the order `colabkit --help` lists them
-COMMANDS = ("init", "demo", "airlock", "train", "sync", "resume", "journal", "status", "config")
+COMMANDS = ("init", "demo", "airlock", "train", "sync", "resume", "data", "release", "journal", "status", "config")
 #: IPython line magics and the CLI command each maps to (None: the whole CLI, `%colabkit config show`)
 MAGICS = {"airlock": "airlock", "train": "train", "sync": "sync", "resume": "resume", "journal": "journal",
-          "colabkit": None}
+          "data": "data", "release": "release", "colabkit": None}
 
 
 class ArgumentError(Exception):

@@ -130,7 +130,8 @@ class _Token:
 
     def describe(self) -> str:
         return {"env": f"the {self.detail} environment variable", "stored_login": f"the stored login ({self.detail})",
-                "colab_secrets": f"Colab Secrets ({self.detail})", "explicit": "the token passed in"}[self.source]
+                "colab_secrets": f"Colab Secrets ({self.detail})", "explicit": "the token passed in",
+                "none": "no token (anonymous)"}[self.source]
 
 
 def _stored_token_path() -> str:
@@ -345,6 +346,8 @@ class HubRemote(Remote):
             commit; the repo history still holds them). None keeps all.
         token: a token to use instead of looking one up (tests, scripts).
         project: the project name, for commit messages.
+        require_token: without a token found, fail (the default: a tier writes); False reads anonymously
+            (a public data set).
 
     Raises:
         ConfigError: `repo_id` is not ``owner/name``.
@@ -359,7 +362,7 @@ class HubRemote(Remote):
 
     def __init__(self, name: str, repo_id: str, *, repo_type: str = "model", revision: str = "main",
                  private: bool = True, endpoint: str | None = None, path_prefix: str = "", keep: int | None = None,
-                 token: str | None = None, project: str = "") -> None:
+                 token: str | None = None, project: str = "", require_token: bool = True) -> None:
         super().__init__(name)
         if not isinstance(repo_id, str) or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo_id or ""):
             raise ConfigError(f"hub.repo_id: {repo_id!r} must be owner/name, e.g. alice/v68-checkpoints",
@@ -379,6 +382,7 @@ class HubRemote(Remote):
         self.keep = keep
         self.project = project
         self._explicit_token = token
+        self._require_token = require_token
         self._token: _Token | None = None
         self._api: Any = None
         self._lock = threading.Lock()
@@ -404,6 +408,8 @@ class HubRemote(Remote):
                 self._token = _Token(self._explicit_token, "explicit", "")
             else:
                 self._token = _find_token()
+            if self._token is None and not self._require_token:
+                self._token = _Token("", "none", "")
             if self._token is None:
                 raise self.error(RemoteAuthError, f"{self.name}: no Hugging Face token found; create one with write "
                                  f"access at {self.endpoint}/settings/tokens and set it as HF_TOKEN (or run "
@@ -416,7 +422,7 @@ class HubRemote(Remote):
             if self._api is None:
                 hf = _hf()
                 from .. import __version__
-                self._api = hf.HfApi(endpoint=self.endpoint, token=self._token_info().value,
+                self._api = hf.HfApi(endpoint=self.endpoint, token=self._token_info().value or False,
                                      library_name="colabkit", library_version=__version__)
             return self._api
 
@@ -802,7 +808,7 @@ class HubRemote(Remote):
                   progress: Progress | None) -> tuple[Path, str, str | None, str | None]:
         """Stream the resolve URL into `tmpdir`, hashing on the way: (file, sha256, md5, git oid)."""
         hf = _hf()
-        token = self._token_info().value
+        token = self._token_info().value or False
         target = tmpdir / "download"
         action = f"downloading {rel} from {self._where()}"
         try:
@@ -843,7 +849,7 @@ class HubRemote(Remote):
         hf = _hf()
         p = self._call(hf.hf_hub_download, self.repo_id, full, repo_type=self.repo_type, revision=self.revision,
                        local_dir=str(tmpdir / "dl"), cache_dir=str(tmpdir / "cache"), endpoint=self.endpoint,
-                       token=self._token_info().value, action=action, path=rel)
+                       token=self._token_info().value or False, action=action, path=rel)
         return self._hash_file(Path(os.path.realpath(p)), small=True)
 
     @staticmethod
