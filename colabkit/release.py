@@ -320,6 +320,86 @@ def idle_seconds(cfg: "Config", *, now: float | None = None) -> float | None:
     return None if last is None else max(0.0, now - last)
 
 
+LAST = "release.json"
+
+
+def _remember(cfg: "Config", d: Decision, lines: list[str]) -> None:
+    """``.colabkit/release.json``: the last decision, for ``status`` and the dashboard."""
+    from .fsutil import atomic_write_json
+    try:
+        atomic_write_json(cfg.state_dir / LAST, {"format": 1, "time": time.time(), **d.as_dict(), "lines": lines})
+    except OSError as e:
+        log.warning("cannot write %s: %s", cfg.state_dir / LAST, e)
+
+
+def status(*, config: "Config | None" = None) -> dict[str, Any]:
+    """For ``status`` and the dashboard: how long the project has been idle, the idle guard's setting, and the
+    last release decision (a refusal stays visible here until the next decision).
+
+    Returns:
+        ``{"idle": seconds | None, "idle_after": seconds | None, "last": {decision, time, lines, ...} | None}``.
+    """
+    from .config import load_config
+    cfg = config if config is not None else load_config()
+    last = None
+    try:
+        last = json.loads((cfg.state_dir / LAST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    return {"idle": idle_seconds(cfg), "idle_after": cfg.release.idle_after,
+            "last": last if isinstance(last, dict) else None}
+
+
+def status_lines(st: dict[str, Any], *, now: float | None = None) -> list[str]:
+    """``status``'s release lines: idle time, the guard, the last decision (loud when it was a refusal)."""
+    from .config import format_duration
+    now = time.time() if now is None else now
+    idle = st.get("idle")
+    guard = (f"release.idle_after {format_duration(st['idle_after'])}" if st.get("idle_after")
+             else "idle guard off (release.idle_after)")
+    out = [f"idle: {'no activity yet' if idle is None else format_duration(idle)} · {guard}"]
+    last = st.get("last")
+    if last:
+        when = format_duration(max(0.0, now - float(last.get("time") or now)))
+        tail = (last.get("lines") or [""])[-1]
+        if last.get("decision") == "refuse":
+            failing = [c for c in last.get("checks", []) if not c.get("ok")]
+            out.append(f"last release: REFUSED {when} ago: {tail}")
+            out += [f"  {c['name']}: {c['detail']}" for c in failing]
+        else:
+            out.append(f"last release: {last.get('decision')} {when} ago: {tail}")
+    return out
+
+
+def watch_idle(*, config: "Config | None" = None, interval: float = 60.0, stop: "Any" = None,
+               releaser: Callable[[Action], None] | None = None,
+               on_message: Callable[[str], None] | None = None) -> Decision:
+    """The idle guard in the foreground (``colabkit release --watch-idle``, e.g. under tmux or systemd on the
+    VM): every `interval` seconds, once the project has been idle for ``release.idle_after``, try a release
+    under the same checks; a refusal is logged and the guard keeps watching. Returns the releasing decision
+    (or the last one when `stop`, a threading.Event, is set).
+
+    Raises:
+        ReleaseError: ``release.idle_after`` is not set.
+    """
+    import threading
+    from .config import load_config
+    cfg = config if config is not None else load_config()
+    if cfg.release.idle_after is None:
+        raise ReleaseError("release.idle_after is not set: the idle guard is off. Set it in colabkit.yaml, e.g. "
+                           "release: {idle_after: 30m}")
+    ev = stop if stop is not None else threading.Event()
+    last: Decision | None = None
+    while True:
+        idle = idle_seconds(cfg)
+        if idle is not None and idle >= cfg.release.idle_after:
+            last = release(config=cfg, if_idle=True, releaser=releaser, on_message=on_message)
+            if last.released:
+                return last
+        if ev.wait(interval):
+            return last or Decision([], plan_action(cfg), "refuse", idle=idle)
+
+
 def _append_log(cfg: "Config", lines: list[str]) -> None:
     """``.colabkit/logs/release.log``: every decision, so a refusal nobody saw can be read afterwards."""
     p = cfg.state_dir / "logs" / "release.log"
@@ -397,6 +477,7 @@ def release(experiment: str | None = None, *, config: "Config | None" = None, dr
             on_message(line)
     if not dry_run:
         _append_log(cfg, lines)
+        _remember(cfg, d, lines)
     if d.decision == "release":
         try:
             (releaser or real_releaser)(action)  # type: ignore[arg-type]

@@ -178,3 +178,36 @@ def test_idle_guard(tmp_path, monkeypatch):
     monkeypatch.setattr(release.time, "time", lambda: later)
     d = release.release("v01", config=cfg(root), releaser=r, if_idle=True)
     assert d.released and d.checks[1].detail.startswith("idle for 1h")
+
+
+def test_status_shows_idle_time_and_a_refusal_loudly(tmp_path, capsys, monkeypatch):
+    root = make(tmp_path)
+    q = root / ".colabkit" / "actions" / "v01"
+    q.mkdir(parents=True)
+    (q / "a.json").write_text(json.dumps({"id": "a", "state": "running"}))
+    release.release("v01", config=cfg(root), releaser=Releaser())
+    monkeypatch.chdir(root)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    i = out.index("release:")
+    assert out[i + 1].startswith("  idle: ") and out[i + 1].endswith(" · idle guard off (release.idle_after)")
+    assert out[i + 2].startswith("  last release: REFUSED ") and out[i + 2].endswith(
+        "ago: NOT RELEASED (triggers failed): did not run the release command 'shutdown -h +2'. Fix the above, or "
+        "pass --release-when-done=force / colabkit release --force to release anyway")
+    assert out[i + 3] == "    triggers: 1 trigger action(s) still queued or running: a (running); see '%triggers list'"
+
+
+def test_watch_idle_releases_once_idle(tmp_path, monkeypatch):
+    import threading
+    import time
+    root = make(tmp_path, extra={"release": {"command": "true", "idle_after": "10m"}})
+    sync.once(config=cfg(root))
+    later = time.time() + 3600
+    monkeypatch.setattr(release.time, "time", lambda: later)
+    r = Releaser()
+    d = release.watch_idle(config=cfg(root), interval=0.01, releaser=r, stop=threading.Event())
+    assert d.released and len(r.calls) == 1
+    with pytest.raises(ReleaseError) as ei:
+        release.watch_idle(config=load_config(data={}))
+    assert str(ei.value) == ("release.idle_after is not set: the idle guard is off. Set it in colabkit.yaml, e.g. "
+                             "release: {idle_after: 30m}")

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="release even when checks fail (says what may be lost)")
     p.add_argument("--if-idle", action="store_true",
                    help="only when the project has been idle for release.idle_after (for a cron job on the VM)")
+    p.add_argument("--watch-idle", action="store_true",
+                   help="stay in the foreground and release once idle for release.idle_after (the idle guard)")
     p.add_argument("--timeout", type=duration_arg, default=None, metavar="DURATION",
                    help="how long the flush may take (default: sync.flush_timeout)")
     common(p)
@@ -27,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
     from .. import release
+    if args.watch_idle:
+        d = release.watch_idle(config=ctx.config(), on_message=None if ctx.json else ctx.out)
+        ctx.emit(d.as_dict(), [])
+        return 0 if d.released else 1
     d = release.release(args.experiment, config=ctx.config(), dry_run=args.dry_run, force=args.force,
                         flush_timeout=args.timeout, if_idle=args.if_idle,
                         on_message=None if ctx.json else ctx.out)
