@@ -447,6 +447,12 @@ def _record_path(cache: Path, name: str, version: str) -> Path:
     return cache / RECORDS / name / f"{_slug(version)}.json"
 
 
+def _write_record(p: Path, rec: Mapping[str, Any]) -> None:
+    """Compact JSON (a record of 100,000 files is read on every repeated fetch), fsynced and renamed."""
+    from .fsutil import atomic_write_text
+    atomic_write_text(p, json.dumps(rec, separators=(",", ":")) + "\n")
+
+
 def _read_json(p: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
@@ -485,14 +491,16 @@ def _list_digest(files: Iterable[Mapping[str, Any]]) -> str:
 def quick_check(rec: Mapping[str, Any], *, rehash_changed: bool = True) -> list[str]:
     """What is wrong with a fetched version, by size and modification time (files whose stat changed are
     re-hashed): a list of problems, empty when it is intact."""
-    base = Path(rec["path"])
+    base = str(rec["path"])
     problems = []
-    if not base.is_dir():
+    if not os.path.isdir(base):
         return [f"{base} does not exist"]
+    base += os.sep
+    stat_ = os.stat
     for f in rec.get("files", []):
-        p = base / f["path"]
+        p = base + f["path"]     # strings, not pathlib: this loop is the whole cost of a repeated fetch
         try:
-            st = os.stat(p)
+            st = stat_(p)
         except OSError:
             problems.append(f"{f['path']} is missing")
             continue
@@ -825,10 +833,12 @@ def _download(name: str, ver: str, decl: dict[str, Any], src: Source, items: lis
     rec = {"format": FORMAT, "name": name, "version": ver, "source": decl["source"], "kind": src.kind,
            "path": str(final), "fetched_at": time.time(), "commit": src.commit, "unpack": decl["unpack"],
            "preprocessing": decl["preprocessing"], "verified": verified, "verified_by": by,
-           "source_files": {r: {"size": done[r]["size"], "sha256": done[r]["sha256"]} for r in sorted(rels)},
+           # what was downloaded, when it differs from the files (an archive): the files themselves otherwise
+           "source_files": ({r: {"size": done[r]["size"], "sha256": done[r]["sha256"]} for r in sorted(rels)}
+                            if decl["unpack"] != "none" else None),
            "files": files, "bytes": sum(f["size"] for f in files), "list_digest": _list_digest(files),
            "journaled": False}
-    atomic_write_json(_record_path(root, name, ver), rec)
+    _write_record(_record_path(root, name, ver), rec)
     log.info("%s %s: %d files, %s fetched to %s", name, ver, len(files), format_size(rec["bytes"]), final)
     return _result(rec, cfg, downloaded=downloaded[0], up_to_date=False, journal=journal, warnings=warnings)
 
@@ -1020,7 +1030,7 @@ def verify(name: str, *, version: str | None = None, config: "Config | None" = N
             rec.pop("_record", None)
             for f in rec["files"]:
                 f["mtime_ns"] = None
-            atomic_write_json(_record_path(cache_dir(cfg, cache), name, rec["version"]), rec)
+            _write_record(_record_path(cache_dir(cfg, cache), name, rec["version"]), rec)
     return {"ok": all(v["ok"] for v in out), "name": name, "versions": out}
 
 
