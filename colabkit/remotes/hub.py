@@ -784,7 +784,8 @@ class HubRemote(Remote):
         local.parent.mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "hub-", dir=local.parent))
         try:
-            tmp, sha, md5, git = self._download(full, rel, tmpdir, small=rec.sha256 is None or rec.size <= _SMALL,
+            # an LFS file is verified by its sha256: no git oid or md5 to compute (they cost more than the sha256)
+            tmp, sha, md5, git = self._download(full, rel, tmpdir, small=rec.sha256 is None,
                                                 progress=progress)
             size = tmp.stat().st_size
             if rec.sha256 is not None:
