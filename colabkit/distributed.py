@@ -804,6 +804,10 @@ class DistributedSaver:
         listed = {f["path"] for f in files}
         if DCP_METADATA not in listed:
             raise CheckpointError(f"DCP wrote no {DCP_METADATA} into {tmp}")
+        absent = sorted(f["path"] for f in files if not (tmp / f["path"]).is_file())
+        if absent:  # ranks on other nodes wrote into their own disks' folders
+            raise CheckpointError(f"{', '.join(absent)} written by other ranks are not in rank 0's {tmp}: a sharded "
+                                  "checkpoint needs a folder every rank shares (one node, or a shared file system)")
         stray = sorted(n for n in os.listdir(tmp) if n not in listed and n != _LOCK_NAME)
         if stray:
             log.debug("files in %s no rank claimed (left out of the manifest): %s", tmp.name, stray)

@@ -119,6 +119,20 @@ def test_a_sharded_save_that_fails_leaves_nothing_and_says_why(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_shards_that_other_ranks_wrote_elsewhere_are_a_clear_error(tmp_path):
+    from colabkit.distributed import DistributedSaver
+    saver = DistributedSaver(Checkpointer(tmp_path, prefix="v01"))
+    tmp = tmp_path / f"{TMP_PREFIX}v01_step_00000001.x-1"
+    tmp.mkdir()
+    (tmp / ".metadata").write_bytes(b"m")
+    files = [{"path": ".metadata", "size": 1, "sha256": "0"}, {"path": "__1_0.distcp", "size": 9, "sha256": "0"}]
+    with pytest.raises(CheckpointError) as e:
+        saver._commit(1, tmp, tmp_path / "v01_step_00000001", files)  # rank 1 wrote its shard on another node
+    assert str(e.value) == (f"__1_0.distcp written by other ranks are not in rank 0's {tmp}: a sharded checkpoint "
+                            "needs a folder every rank shares (one node, or a shared file system)")
+    assert not (tmp_path / "v01_step_00000001").exists()
+
+
 def test_corrupt_shard_falls_back_to_the_previous_folder_and_says_why(tmp_path, caplog):
     ck = Checkpointer(tmp_path, prefix="v01", sharded=True)
     ck.save(1, _state(1.0))
