@@ -149,6 +149,23 @@ def test_corrupt_shard_falls_back_to_the_previous_folder_and_says_why(tmp_path, 
     assert "resumed from v01_step_00000001 (step 1) after skipping 1 corrupt or partial checkpoint(s)" in caplog.text
 
 
+def test_ranks_verify_disjoint_shares_that_cover_the_folder(tmp_path):
+    from colabkit.distributed import _verify_manifest_folder
+    Checkpointer(tmp_path, prefix="v01", sharded=True).save(1, _state(1.0))
+    [unit] = discover_units(tmp_path)
+    for name in [f["path"] for f in unit.manifest["files"]]:
+        original = (unit.path / name).read_bytes()
+        _flip_byte(unit.path / name, offset=len(original) // 2)
+        failing = []
+        for rank in range(3):  # three ranks, two files: one rank has nothing to hash
+            try:
+                _verify_manifest_folder(unit, share=(rank, 3))
+            except IntegrityError as e:
+                failing.append((rank, name in str(e)))
+        assert len(failing) == 1 and failing[0][1], (name, failing)
+        (unit.path / name).write_bytes(original)
+
+
 def test_missing_or_truncated_shard_is_refused_and_none_valid_says_each_reason(tmp_path):
     ck = Checkpointer(tmp_path, prefix="v01", sharded=True)
     ck.save(1, _state(1.0))
