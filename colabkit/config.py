@@ -109,6 +109,9 @@ class DriveConfig:
     scopes: tuple[str, ...] = (DRIVE_SCOPE,)
     chunk_size: int = 16 * 1024 * 1024      # resumable-upload chunk, a multiple of 256 KiB
     timeout: float = 60.0
+    #: bytes a Drive tier uploads per rolling 24 h before it pauses (Drive refuses more than ~750 GB a day per
+    #: account); 0 turns the count off (Drive's own answer still pauses the tier)
+    daily_upload_cap: int = 700 * 10**9
 
     @property
     def configured(self) -> bool:
@@ -496,7 +499,8 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
     drive = DriveConfig(
         folder_id=d.str("folder_id", None), credentials=d.str("credentials", None),
         endpoint=d.str("endpoint", None), scopes=d.strings("scopes", DriveConfig.scopes),
-        chunk_size=d.size("chunk_size", DriveConfig.chunk_size), timeout=d.duration("timeout", DriveConfig.timeout))
+        chunk_size=d.size("chunk_size", DriveConfig.chunk_size), timeout=d.duration("timeout", DriveConfig.timeout),
+        daily_upload_cap=d.size("daily_upload_cap", DriveConfig.daily_upload_cap))
     if drive.chunk_size % (256 * 1024):
         raise ConfigError(f"drive.chunk_size: {drive.chunk_size} is not a multiple of 256 KiB; use e.g. 8MiB",
                           key="drive.chunk_size", value=drive.chunk_size)

@@ -72,6 +72,7 @@ def render_text(snap: dict[str, Any]) -> list[str]:
         for line in _train_lines(train):
             lines.append("  " + line)
     lines.append("sync:")
+    from .sync import tier_notes
     sync = snap.get("sync") or {}
     tiers = sync.get("tiers") if isinstance(sync, dict) else None
     if not tiers:
@@ -82,6 +83,7 @@ def render_text(snap: dict[str, Any]) -> list[str]:
             lines.append(f"  {name}: {t.get('state', '?')} · last upload {_ago(t.get('last_upload'), now)}"
                          f" · next due {_ago(t.get('next_due'), now)}"
                          f" · pending {t.get('pending_files', 0)} files / {format_size(t.get('pending_bytes', 0))}"
+                         + "".join(f" · {n}" for n in tier_notes(t))
                          + (f" · error: {err}" if err else ""))
     res = snap.get("resume")
     if res is not None:

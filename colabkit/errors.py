@@ -126,6 +126,11 @@ def error_kind(e: BaseException) -> str:
     return "error"
 
 
+class RemoteUploadCapError(RemoteQuotaError):
+    """A daily upload cap is reached (Drive: about 750 GB per account per rolling day). Unlike a full quota it
+    frees itself: the sync tier pauses and tries again later (``retry_after`` seconds, when known)."""
+
+
 class CheckpointError(ColabkitError):
     """A checkpoint could not be written or read."""
 

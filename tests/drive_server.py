@@ -39,8 +39,11 @@ A service account creating a file outside a Shared Drive gets ``403 storageQuota
 Fault knobs (see :class:`Faults`): ``fail(n, status, reason=..., retry_after=...)``, ``drop(n)`` (close the
 connection mid-body), ``truncate(n)`` (cut a media download short), ``ratio(p)`` (fault that fraction of
 Drive requests at random; ``token=True`` includes the token endpoint), ``token(n, status)`` (503/500/429 in the
-OAuth error shape, or a dropped connection, at the token endpoint); ``upload_cap`` bytes per principal (then 403 userRateLimitExceeded, Drive's answer
-at the 750 GB daily cap); ``storage_full`` (403 storageQuotaExceeded for every upload).
+OAuth error shape, or a dropped connection, at the token endpoint); ``upload_cap`` bytes per principal (then 403
+userRateLimitExceeded "User rate limit exceeded.", Drive's answer at the 750 GB daily cap; ``daily_cap(n)`` gives
+that answer to the next `n` uploads); ``storage_full`` (403 storageQuotaExceeded for every upload); ``pause_at``
+(hold an upload mid-way) and ``hold_metadata`` (hold the next metadata update, then drop it unapplied) with
+``paused``/``held`` and ``gate``.
 Blobs are stored on disk under the server's folder, never held in memory whole.
 """
 from __future__ import annotations
@@ -70,6 +73,11 @@ from typing import Any
 import pytest
 
 FOLDER_MIME = "application/vnd.google-apps.folder"
+#: Drive's message at the daily upload cap, and for the per-minute user rate limit (same reason, userRateLimitExceeded)
+DAILY_CAP_MESSAGE = "User rate limit exceeded."
+USER_RATE_MESSAGE = ("User Rate Limit Exceeded. Rate of requests for user exceed configured project quota. You may "
+                     "consider re-evaluating expected per-user traffic to the API and adjust project quota limits "
+                     "accordingly.")
 UNIT = 256 * 1024
 GOOGLE_TOKEN_AUD = "https://oauth2.googleapis.com/token"
 
@@ -196,11 +204,19 @@ class Faults:
         self.injected: list[tuple[str, str, str]] = []
 
     def fail(self, n: int = 1, status: int = 503, *, reason: str | None = None, retry_after: float | None = None,
-             method: str | None = None, path: str | None = None) -> None:
-        """Answer the next `n` matching requests with `status` (and a Drive error body with `reason`)."""
+             method: str | None = None, path: str | None = None, message: str | None = None) -> None:
+        """Answer the next `n` matching requests with `status` (and a Drive error body with `reason`).
+
+        ``reason="userRateLimitExceeded"`` answers with Drive's per-minute rate-limit message (transient);
+        :meth:`daily_cap` gives the daily-cap answer, which carries the same reason with another message."""
         with self._lock:
             self._queue.append(dict(kind="status", n=n, status=status, reason=reason, retry_after=retry_after,
-                                    method=method, path=path))
+                                    method=method, path=path, message=message))
+
+    def daily_cap(self, n: int = 1) -> None:
+        """Answer the next `n` uploads as Drive does once the account's daily upload cap (~750 GB per rolling
+        24 h) is reached: ``403 userRateLimitExceeded "User rate limit exceeded."`` (usageLimits)."""
+        self.fail(n, 403, reason="userRateLimitExceeded", message=DAILY_CAP_MESSAGE, path="/upload/")
 
     def drop(self, n: int = 1, *, method: str | None = "PUT", path: str | None = None) -> None:
         """Close the connection half-way through the body of the next `n` matching requests."""
@@ -382,6 +398,10 @@ class DriveServer:
         self.pause_at: int | None = None
         self.paused = threading.Event()
         self.gate = threading.Event()
+        #: when set, a metadata update (PATCH /drive/v3/files/<id>) sets `held` and waits on `gate`, then is
+        #: dropped unapplied: the client died between an upload's last chunk and its metadata update
+        self.hold_metadata = False
+        self.held = threading.Event()
         self.issued_tokens: list[str] = []                      # every access token handed out (leak scans)
         self._lock = threading.RLock()
         self._conns: set[socket.socket] = set()
@@ -581,7 +601,7 @@ class DriveServer:
             raise HTTPFail(403, "The user's Drive storage quota has been exceeded.", "storageQuotaExceeded",
                            domain="usageLimits")
         if self.upload_cap is not None and self.uploaded.get(who, 0) + more > self.upload_cap:
-            raise HTTPFail(403, "User rate limit exceeded.", "userRateLimitExceeded", domain="usageLimits")
+            raise HTTPFail(403, DAILY_CAP_MESSAGE, "userRateLimitExceeded", domain="usageLimits")
 
     # -- HTTP plumbing --------------------------------------------------------------------------
     def _dispatch(self, h: _Handler, method: str) -> None:
@@ -616,9 +636,10 @@ class DriveServer:
                 headers = {}
                 if fault.get("retry_after") is not None:
                     headers["Retry-After"] = str(int(fault["retry_after"]))
-                raise HTTPFail(st, {503: "Service Unavailable", 500: "Internal Error",
-                                    429: "Rate Limit Exceeded"}.get(st, "Injected error"), reason,
-                               headers=headers)
+                message = fault.get("message") or (USER_RATE_MESSAGE if reason == "userRateLimitExceeded" else None)
+                raise HTTPFail(st, message or {503: "Service Unavailable", 500: "Internal Error",
+                                               429: "Rate Limit Exceeded"}.get(st, "Injected error"), reason,
+                               headers=headers, domain="usageLimits" if st in (403, 429) else "global")
             if fault and fault["kind"] == "lose":
                 h._lose = True
             who = self._auth(h)
@@ -651,7 +672,14 @@ class DriveServer:
                 if method == "GET":
                     return self._get(h, query, who, fid, fault)
                 if method == "PATCH":
-                    return self._update_meta(h, query, h.rfile.read(length), who, fid)
+                    body = h.rfile.read(length)
+                    if self.hold_metadata:
+                        self.hold_metadata = False
+                        self.held.set()
+                        while not self.gate.wait(0.05) and self._httpd is not None:
+                            pass
+                        raise _Drop()
+                    return self._update_meta(h, query, body, who, fid)
                 if method == "DELETE":
                     _drain(h, length)
                     return self._delete(h, query, who, fid)

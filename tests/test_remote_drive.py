@@ -16,7 +16,7 @@ import pytest
 
 from colabkit.config import load_config
 from colabkit.errors import (IntegrityError, RemoteNotFoundError, RemotePermissionError, RemoteQuotaError,
-                             TransientRemoteError)
+                             RemoteUploadCapError, TransientRemoteError)
 from colabkit.fsutil import atomic_write_json, hash_file
 from colabkit.remotes import open_remote
 from colabkit.remotes.drive import DriveRemote
@@ -357,16 +357,20 @@ def test_read_only_folder_fails_preflight_with_the_fix(drive_server, tmp_path, r
     remote.close()
 
 
-def test_daily_upload_cap_stops_the_tier(drive_server, tmp_path, request):
+def test_daily_upload_cap_answer_pauses_not_stops(drive_server, tmp_path, request):
+    """Drive's answer at the daily cap is asked once (no retries) and is an upload-cap error: sync pauses the
+    tier (see tests/test_sync_daily_cap.py) instead of stopping it."""
     remote = make_remote(drive_server, tmp_path, max_attempts=3)
     src = big_file(tmp_path / "cap.bin", 2 * MiB)
     drive_server.upload_cap = 1 * MiB
-    with pytest.raises(RemoteQuotaError) as ei:
+    with pytest.raises(RemoteUploadCapError) as ei:
         remote.put(src, "cap.bin")
     seen(request, ei.value)
     assert str(ei.value) == (
-        "drive: upload of cap.bin refused with userRateLimitExceeded after 3 tries: Drive's daily upload cap "
-        "(750 GB per user per day) is probably reached. The tier stops until it resets; nothing local was deleted")
+        "drive: upload cap.bin failed: Drive's daily upload cap is reached (403 userRateLimitExceeded: User rate "
+        "limit exceeded.); about 750 GB per account per day can be uploaded. The tier pauses and tries again later; "
+        "nothing local was deleted")
+    assert isinstance(ei.value, RemoteQuotaError)
     assert src.exists() and drive_server.find("cap.bin", root=remote.folder_id) is None
     remote.close()
 

@@ -172,6 +172,12 @@ class Remote(abc.ABC):
         digests = digests or {}
         return [self.put(local, path, digest=digests.get(path)) for local, path in items]
 
+    def adopt(self, path: str, record: RemoteFile, digest: FileDigest) -> RemoteFile:
+        """Finish what an interrupted upload of `path` left undone, once `record` (what the remote holds) was
+        verified against the local file's `digest` (e.g. Drive: record the sha256 that the upload's final
+        metadata update would have set). Returns the completed record; the default has nothing to finish."""
+        return record
+
     def describe(self) -> str:
         """A one-line description that is safe to print (no secret)."""
         return f"{self.kind} remote {self.name!r}"
