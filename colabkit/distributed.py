@@ -53,6 +53,8 @@ FOLDER_MANIFEST = "colabkit-manifest.json"
 DCP_METADATA = ".metadata"
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 _LOCK_NAME = ".colabkit-writing"
+#: a temporary folder without its lock file is left alone this long (its writer may be about to take the lock)
+_UNLOCKED_STALE_AFTER = 60.0
 _CHUNK = 8 * 1024 * 1024
 # HF Trainer's checkpoint-1200; every other step-carrying name goes through checkpoints.step_of
 _HF_STEP = re.compile(r"^checkpoint-(\d+)$")
@@ -625,7 +627,14 @@ def remove_stale_folders(directory: str | os.PathLike) -> list[Path]:
         try:
             fd = os.open(lock, os.O_RDONLY)
         except FileNotFoundError:
-            fd = -1  # the writer died before it took its lock, or after it let go before the rename
+            # the writer died before it took its lock or after it let go before the rename, or it has just
+            # made the folder and is about to lock it: only an old one is abandoned
+            try:
+                if time.time() - e.stat(follow_symlinks=False).st_mtime < _UNLOCKED_STALE_AFTER:
+                    continue
+            except OSError:
+                continue
+            fd = -1
         except OSError:
             continue
         try:

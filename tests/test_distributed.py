@@ -191,11 +191,17 @@ def test_a_folder_without_its_manifest_or_under_a_temporary_name_is_not_a_checkp
     dead = tmp_path / f"{TMP_PREFIX}v01_step_00000003.0123456789ab-1"
     dead.mkdir()
     (dead / "__0_0.distcp").write_bytes(b"x" * 10)
-    (dead / ".colabkit-writing").write_bytes(b"")
+    (dead / ".colabkit-writing").write_bytes(b"")  # its lock file, no longer locked by anyone
+    young = tmp_path / f"{TMP_PREFIX}v01_step_00000004.0123456789ab-2"
+    young.mkdir()  # just made by a writer about to take its lock: left alone
+    old = tmp_path / f"{TMP_PREFIX}v01_step_00000005.0123456789ab-3"
+    old.mkdir()  # the writer died before it took its lock, a while ago
+    os.utime(old, (1_000_000_000, 1_000_000_000))
     # v01_step_00000002 still has DCP's .metadata: discovered as a foreign DCP folder, verified by loading it
     assert [(u.name, u.kind) for u in discover_units(tmp_path)] == [("v01_step_00000001", "folder"),
                                                                       ("v01_step_00000002", "dcp")]
-    assert remove_stale_folders(tmp_path) == [dead] and not dead.exists()
+    assert sorted(remove_stale_folders(tmp_path)) == [dead, old] and young.is_dir()
+    young.rmdir()
     (tmp_path / "v01_step_00000002" / ".metadata").unlink()
     assert [u.name for u in discover_units(tmp_path)] == ["v01_step_00000001"]
 
@@ -223,6 +229,15 @@ def test_a_prefix_with_dots_still_names_discoverable_folders(tmp_path):
     ck.save(3, _state(3.0))
     assert [(u.name, u.step) for u in ck.units()] == [("v0.1_step_00000003", 3)]
     assert ck.load_latest()["step"] == 3
+
+
+def test_a_new_checkpointer_removes_what_a_killed_sharded_save_left(tmp_path):
+    dead = tmp_path / f"{TMP_PREFIX}v01_step_00000003.0123456789ab-1"
+    dead.mkdir(parents=True)
+    (dead / "__0_0.distcp").write_bytes(b"x" * 10)
+    (dead / ".colabkit-writing").write_bytes(b"")
+    Checkpointer(tmp_path, prefix="v01")
+    assert os.listdir(tmp_path) == []
 
 
 def test_resaving_a_step_replaces_the_folder(tmp_path):
