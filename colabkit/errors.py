@@ -31,6 +31,17 @@ class ConfigError(ColabkitError, ValueError):
         super().__init__(message)
 
 
+class UnknownExperimentError(ConfigError, LookupError):
+    """An experiment that is not here (no ``experiments/<name>/`` folder), or none could be chosen.
+
+    `key` is ``experiment``, `value` the name asked for; `known` lists the experiments there are.
+    """
+
+    def __init__(self, message: str, *, value: Any = None, known: tuple[str, ...] = ()) -> None:
+        self.known = tuple(known)
+        super().__init__(message, key="experiment", value=value)
+
+
 class CredentialsError(ColabkitError):
     """Credentials are missing, unreadable or rejected. The message never contains the secret."""
 
@@ -165,6 +176,10 @@ class AirlockError(ColabkitError):
     """Exporting, pulling or importing an experiment failed."""
 
 
+class NoBundleError(AirlockError, LookupError):
+    """No bundle of the experiment was exported to the airlock remote yet (nothing to pull)."""
+
+
 class DirtyTreeError(AirlockError):
     """The experiment has uncommitted or untracked files."""
 
@@ -189,8 +204,9 @@ class OutOfMemoryError(TrainError, MemoryError):
     """The run ran out of memory; it is not restarted."""
 
 
-class CooldownError(ColabkitError):
-    """A cooldown trigger or action is invalid or failed."""
+class TriggerError(ColabkitError):
+    """A trigger's queue entry cannot be acted on as asked (unknown id, retry of a running entry), or the
+    queue cannot be read or written. Bad rules are :class:`ConfigError`."""
 
 
 class JournalError(ColabkitError, ValueError):
