@@ -584,8 +584,12 @@ def _read_latest(remote: "Remote", rdir: str, cfg: "Config") -> dict[str, Any] |
 
 
 # -- safe extraction ------------------------------------------------------------------------------------
-def _unsafe_reason(zi: zipfile.ZipInfo) -> str | None:
-    name = zi.filename
+def unsafe_name(name: str) -> str | None:
+    """Why an archive entry named `name` could land outside its target (None when it cannot).
+
+    The one rule for every archive colabkit unpacks (airlock bundles, data sets): no NUL byte, no absolute
+    path or drive letter, no ``..`` component.
+    """
     if "\0" in name:
         return "a NUL byte in its name"
     n = name.replace("\\", "/")
@@ -593,6 +597,13 @@ def _unsafe_reason(zi: zipfile.ZipInfo) -> str | None:
         return "an absolute path"
     if any(p == ".." for p in n.split("/")):
         return "a '..' component"
+    return None
+
+
+def _unsafe_reason(zi: zipfile.ZipInfo) -> str | None:
+    why = unsafe_name(zi.filename)
+    if why:
+        return why
     mode = zi.external_attr >> 16
     kind = stat.S_IFMT(mode)
     if zi.create_system == 3 and kind:  # no type bits (0o600 from many writers): a plain file

@@ -215,3 +215,11 @@ class JournalError(ColabkitError, ValueError):
 
 class InitError(ColabkitError, ValueError):
     """``colabkit init`` cannot scaffold here (a file in the way, a bad experiment name)."""
+
+
+class DataError(ColabkitError):
+    """A data set cannot be fetched, found or evicted as asked (the message names the fix)."""
+
+
+class ReleaseError(ColabkitError):
+    """The runtime was not released: a check failed (the message says which and what may be lost)."""

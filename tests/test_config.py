@@ -104,8 +104,9 @@ resume: {priority: [local, hub, drive], policy: first, on_unreachable: older, de
     ("train:\n  step_regex: 'step (\\d+'\n",
      "train.step_regex: 'step (\\\\d+' is not a valid regular expression (missing ), unterminated subpattern at position 5)"),
     ("tiers: drive\n", "tiers: 'drive' must be a list of tiers"),
-    ("colour: blue\n", "colour: unknown key; allowed here: airlock, checkpoints, credentials, drive, "
-                       "experiments, home, hub, logs, project, resume, retention, sync, tiers, train, triggers"),
+    ("colour: blue\n", "colour: unknown key; allowed here: airlock, checkpoints, credentials, data, drive, "
+                       "experiments, home, hub, logs, project, release, resume, retention, sync, tiers, train, "
+                       "triggers"),
     ("cooldown: []\n", "cooldown: rules on the training log are written as triggers: now (a list of rules with "
                        "action: {type: cooldown, ...}); see docs/triggers.md"),
 ])
@@ -230,4 +231,5 @@ def test_an_unknown_key_suggests_the_close_one(tmp_path):
     assert str(ei.value).startswith("teirs: unknown key (did you mean 'tiers'?); allowed here: airlock, ")
     with pytest.raises(ConfigError) as ei:
         load_config(write(tmp_path, "resume:\n  polcy: first\n"))
-    assert str(ei.value) == "resume.polcy: unknown key (did you mean 'policy'?); allowed here: policy, priority"
+    assert str(ei.value) == ("resume.polcy: unknown key (did you mean 'policy'?); allowed here: deadline, "
+                             "on_unreachable, policy, priority")

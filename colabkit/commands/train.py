@@ -60,11 +60,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sync", dest="sync", action="store_true", default=None,
                    help="sync checkpoints and logs while it runs (default when tiers are configured)")
     p.add_argument("--no-sync", dest="sync", action="store_false", help="do not start background sync")
+    p.add_argument("--allow-network-data", action="store_true",
+                   help="train from train.data_paths on a network/FUSE mount (refused by default: %%data fetch)")
+    p.add_argument("--release-when-done", nargs="?", const=True, default=False, type=_release_mode,
+                   metavar="force",
+                   help="release the Colab runtime / halt the VM once the run has ended and every tier holds "
+                        "the final checkpoint and logs (=force: even when a check fails)")
     p.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="(logs) how many lines")
     p.add_argument("--timeout", type=duration_arg, default=None, metavar="DURATION",
                    help="(stop, wait) give up waiting after this long")
     common(p)
     p.set_defaults(func=handle, script_args=[])
+
+
+def _release_mode(value: str) -> str:
+    if value != "force":
+        raise argparse.ArgumentTypeError(f"{value!r}: use --release-when-done, or --release-when-done=force")
+    return value
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
@@ -105,7 +117,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                        max_restarts=args.max_restarts, resume=args.resume, max_vram=args.max_vram,
                        estimate=args.estimate, args=args.script_args, on_line=on_line,
                        on_warning=ctx.warn, total_steps=args.total_steps, sync=args.sync,
-                       stall_after=args.stall_after, on_unreachable=args.on_unreachable)
+                       stall_after=args.stall_after, on_unreachable=args.on_unreachable,
+                       allow_network_data=args.allow_network_data, release_when_done=args.release_when_done)
     if args.background:
         from ..runtime import command
         st = res.status()
