@@ -1240,8 +1240,10 @@ def test(logfile: str | os.PathLike, *, config: "Config | None" = None, experime
         for line in f:
             eng.feed(line, parser)
             n += 1
+    from .secrets import redact_config
     q = Queue(cfg, exp)
-    fired = [{"id": e["id"], "rule": e["rule"], "step": e["step"], "state": e["state"], "action": e["action"],
+    fired = [{"id": e["id"], "rule": e["rule"], "step": e["step"], "state": e["state"],
+              "action": redact_config(e["action"]),
               "error": e.get("error"), "queued": q.exists(e["id"])} for e in eng.fired]
     return {"log": str(path), "experiment": exp, "lines": n, "rules": len(rs), "fired": fired}
 
@@ -1298,10 +1300,11 @@ def show(entry: str, *, config: "Config | None" = None, lines: int = 20) -> dict
     """One entry: the whole record, its effective state, and the tail of its output log."""
     cfg = _config(config)
     q, e = _find(cfg, entry)
-    out = dict(e)
+    from .secrets import redact, redact_config
+    out = redact_config(dict(e))  # an env: TOKEN of a command is never shown
     out["state"] = _effective_state(q, e)
     out["path"] = str(q.path(e["id"]))
-    out["output_tail"] = _tail(e.get("output"), lines)
+    out["output_tail"] = [redact(x) for x in _tail(e.get("output"), lines)]
     return out
 
 

@@ -637,3 +637,20 @@ def test_a_worker_sweeps_temporaries_a_killed_writer_left_in_the_queue(tmp_path)
     mine.write_text("{}")
     triggers.worker(config=cfg, experiment="v01", once=True, poll=0.05)
     assert not stale.exists() and mine.exists()
+
+
+def test_show_and_test_never_print_a_secret_of_a_commands_env(tmp_path):
+    rules = [{"name": "up", "event": "checkpoint",
+              "action": {"type": "command", "command": ["sh", "-c", "echo token is $HF_TOKEN"],
+                         "env": {"HF_TOKEN": "hf_abcdefghijklmnopqrstuvwxyz0123456789"}}}]
+    root = make_project(tmp_path / "p", rules)
+    cfg = cfg_of(root)
+    log = tmp_path / "train.log"
+    log.write_text(ckpt_lines([100]))
+    dry = triggers.test(log, config=cfg, experiment="v01")
+    assert dry["fired"][0]["action"]["env"] == {"HF_TOKEN": "***"}
+    triggers.watch(log, config=cfg, experiment="v01", once=True, poll=0.05)
+    [e] = triggers.list_entries(config=cfg)
+    shown = triggers.show(e["id"], config=cfg)
+    assert "hf_abcdefghijklmnopqrstuvwxyz0123456789" not in json.dumps(shown)
+    assert shown["action"]["env"] == {"HF_TOKEN": "***"} and shown["output_tail"][-1].startswith("token is ")
