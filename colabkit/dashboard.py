@@ -42,11 +42,19 @@ def snapshot(*, config: Config | None = None, experiment: str | None = None,
         snap["sync"] = sync.status()
     except (ImportError, AttributeError):
         pass
+    try:
+        from . import release
+        snap["release"] = release.status(config=cfg)
+    except (ImportError, AttributeError):
+        snap["release"] = None
     if include_resume:
         from . import resume
         from .errors import ColabkitError
         try:
-            snap["resume"] = resume.locate(config=cfg, experiment=experiment).as_dict()
+            # a view of what each source answers now: it neither waits for nor refuses an unreachable tier
+            # (the plan lists it as unreachable); resuming itself follows resume.on_unreachable
+            snap["resume"] = resume.locate(config=cfg, experiment=experiment, on_unreachable="older",
+                                           deadline=0).as_dict()
         except ColabkitError as e:
             snap["resume"] = {"error": str(e)}
     return snap
@@ -90,6 +98,11 @@ def render_text(snap: dict[str, Any]) -> list[str]:
                          f" · pending {t.get('pending_files', 0)} files / {format_size(t.get('pending_bytes', 0))}"
                          + "".join(f" · {n}" for n in tier_notes(t))
                          + (f" · error: {err}" if err else ""))
+    rel = snap.get("release")
+    if rel:
+        from .release import status_lines
+        lines.append("release:")
+        lines += ["  " + x for x in status_lines(rel, now=now)]
     res = snap.get("resume")
     if res is not None:
         lines.append("resume sources (priority order)"

@@ -583,6 +583,8 @@ class Engine:
         except TriggerError as e:
             entry["action"] = {"type": rule.action.type}
             entry["state"], entry["error"] = "failed", f"rule {rule.name}: {e}"
+        if entry.get("wait") and rule.wait is None and not os.path.exists(entry["wait"]["file"]):
+            return  # file_exists without wait: a condition checked now, like the others
         if entry["state"] == "pending":
             if entry.get("wait") and rule.wait is not None:
                 entry["state"] = "waiting"
@@ -603,8 +605,6 @@ class Engine:
     def _run_inline(self, rule: TriggerRule, entry: dict[str, Any]) -> None:
         if entry.get("condition") and not _condition_passes(entry["condition"], self.config, self.experiment):
             return
-        if entry.get("wait") and not os.path.exists(entry["wait"]["file"]):
-            return  # file_exists without wait: checked once, now
         with self.queue.lock(entry["id"]) as got:
             if not got:
                 return
@@ -817,6 +817,7 @@ class Worker:
         self.until_idle = until_idle
         self.poll = poll
         self.engines: list[Engine] = []
+        self.jobs: list[Any] = []   # this kernel's main runs: running until their final sync flush is done
         self.ran: list[str] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -880,7 +881,7 @@ class Worker:
                 if w.get("until") is not None and time.time() > w["until"]:
                     fail = f"{w['file']} did not appear within the wait ({e['rule']}: conditions.wait)"
         if ready and a.get("type") == "cooldown" and a.get("when") == "after_main" and e.get("run") == _RUN_MAIN:
-            ready = not _main_active(self.config, q.experiment)
+            ready = not self._main_running(q.experiment)
         if not ready and fail is None:
             return
         with q.lock(e["id"]) as got:
@@ -914,7 +915,8 @@ class Worker:
             self._wake.clear()
             try:
                 ran, left = self.run_once()
-                for eng in list(self.engines):
+                self.engines = [eng for eng in self.engines if not eng.ended]
+                for eng in self.engines:
                     eng.tick()
             except (OSError, ColabkitError) as e:
                 log.warning("triggers worker: %s", e)
@@ -926,10 +928,14 @@ class Worker:
                 return
             self._wake.wait(self.poll)
 
-    def _main_running(self) -> bool:
-        if self.experiment is None:
+    def _main_running(self, experiment: str | None = None) -> bool:
+        exp = experiment or self.experiment
+        if exp is None:
             return False
-        return _main_active(self.config, self.experiment)
+        self.jobs = [j for j in self.jobs if j.running]
+        if any(j.experiment == exp for j in self.jobs):
+            return True  # ended, perhaps, but still flushing its sync: a cooldown would miss its own sync
+        return _main_active(self.config, exp)
 
     def start(self) -> "Worker":
         t = threading.Thread(target=self._loop_safely, name=f"colabkit-triggers-{self.experiment or 'all'}",
@@ -976,7 +982,7 @@ _workers_lock = threading.Lock()
 _atexit_installed = False
 
 
-def _ensure_worker(config: "Config", experiment: str, engine: Engine | None = None) -> Worker:
+def _ensure_worker(config: "Config", experiment: str, engine: Engine | None = None, job: Any = None) -> Worker:
     """The kernel's worker for this experiment: started when missing or finished, woken otherwise."""
     global _atexit_installed
     key = (str(config.root), experiment)
@@ -986,10 +992,15 @@ def _ensure_worker(config: "Config", experiment: str, engine: Engine | None = No
             w = Worker(config, experiment=experiment, until_idle=True)
             if engine is not None:
                 w.engines.append(engine)
+            if job is not None:
+                w.jobs.append(job)
             _workers[key] = w
             w.start()
-        elif engine is not None and engine not in w.engines:
-            w.engines.append(engine)
+        else:
+            if engine is not None and engine not in w.engines:
+                w.engines.append(engine)
+            if job is not None and job not in w.jobs:
+                w.jobs.append(job)
         if not _atexit_installed:
             atexit.register(stop_workers, timeout=10.0)
             _atexit_installed = True
@@ -1036,9 +1047,10 @@ def attach(job: Any) -> Engine | None:
     eng = Engine(job.config, job.experiment, rs, run=run, run_id=job.run_id,
                  output_dir=getattr(job, "output_dir", None) or job.config.experiment_dir(job.experiment),
                  base=job.cwd, args=job.args)
-    eng.on_enqueue = lambda: _ensure_worker(job.config, job.experiment, eng)
+    main = job if run == _RUN_MAIN else None  # after_main waits for the experiment's main run only
+    eng.on_enqueue = lambda: _ensure_worker(job.config, job.experiment, eng, main)
     job.listeners.append(eng.listener)
-    _ensure_worker(job.config, job.experiment, eng)
+    _ensure_worker(job.config, job.experiment, eng, main)
     return eng
 
 

@@ -69,7 +69,7 @@ tiers:
     path: /mnt/backup
     every: 1.5h
 retention: {keep_local: 2, require_remote: [hub], min_free: 5GB}
-resume: {priority: [local, hub, drive], policy: first}
+resume: {priority: [local, hub, drive], policy: first, on_unreachable: older, deadline: 2m}
 """))
     drive, hub, backup = cfg.tiers
     assert (drive.remote, drive.every, drive.include, drive.max_file_size) == ("drive", 5400.0, ("logs/**", "*.md"), 50 * 10**6)
@@ -78,6 +78,7 @@ resume: {priority: [local, hub, drive], policy: first}
     assert cfg.retention.keep_local == 2 and cfg.retention.require_remote == ("hub",)
     assert cfg.retention.min_free == 5 * 10**9
     assert cfg.resume.priority == ("local", "hub", "drive") and cfg.resume.policy == "first"
+    assert (cfg.resume.on_unreachable, cfg.resume.deadline) == ("older", 120.0)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -92,6 +93,8 @@ resume: {priority: [local, hub, drive], policy: first}
     ("tiers:\n  - name: drive\n    evry: 2h\n",
      "tiers[0].evry: unknown key (did you mean 'every'?); allowed here: every, exclude, include, keep, latest_only, max_file_size, name, path, remote"),
     ("resume:\n  policy: oldest\n", "resume.policy: 'oldest' is not allowed; use one of newest, first"),
+    ("resume:\n  on_unreachable: skip\n",
+     "resume.on_unreachable: 'skip' is not allowed; use one of wait, older, fail"),
     ("resume:\n  priority: [local, gdrive]\n",
      "resume.priority: 'gdrive' is not a source; use local or a tier name (drive, hub)"),
     ("retention:\n  keep_local: 0\n", "retention.keep_local: 0 must be a whole number >= 1"),
@@ -101,8 +104,9 @@ resume: {priority: [local, hub, drive], policy: first}
     ("train:\n  step_regex: 'step (\\d+'\n",
      "train.step_regex: 'step (\\\\d+' is not a valid regular expression (missing ), unterminated subpattern at position 5)"),
     ("tiers: drive\n", "tiers: 'drive' must be a list of tiers"),
-    ("colour: blue\n", "colour: unknown key; allowed here: airlock, checkpoints, credentials, drive, "
-                       "experiments, home, hub, logs, project, resume, retention, sync, tiers, train, triggers"),
+    ("colour: blue\n", "colour: unknown key; allowed here: airlock, checkpoints, credentials, data, drive, "
+                       "experiments, home, hub, logs, project, release, resume, retention, sync, tiers, train, "
+                       "triggers"),
     ("cooldown: []\n", "cooldown: rules on the training log are written as triggers: now (a list of rules with "
                        "action: {type: cooldown, ...}); see docs/triggers.md"),
 ])
@@ -227,4 +231,5 @@ def test_an_unknown_key_suggests_the_close_one(tmp_path):
     assert str(ei.value).startswith("teirs: unknown key (did you mean 'tiers'?); allowed here: airlock, ")
     with pytest.raises(ConfigError) as ei:
         load_config(write(tmp_path, "resume:\n  polcy: first\n"))
-    assert str(ei.value) == "resume.polcy: unknown key (did you mean 'policy'?); allowed here: policy, priority"
+    assert str(ei.value) == ("resume.polcy: unknown key (did you mean 'policy'?); allowed here: deadline, "
+                             "on_unreachable, policy, priority")
