@@ -70,8 +70,8 @@ def test_data_path_on_a_network_mount_is_refused_unless_allowed(tmp_path, monkey
         runner.train("v01", config=cfg(root), resume="none")
     assert str(ei.value) == (
         "v01: data path /content/drive/MyDrive/data is on a network/FUSE mount: training from it is slow and stalls "
-        "when the mount hiccups. Pre-fetch it to the local SSD ('%data fetch NAME --source PATH', and list NAME in "
-        "train.data), or pass --allow-network-data to train from the mount anyway")
+        "when the mount hiccups. Pre-fetch it to the local SSD ('colabkit data fetch NAME --source PATH', and list "
+        "NAME in train.data), or pass --allow-network-data to train from the mount anyway")
     assert parse(["train", "v01", "--allow-network-data"]).allow_network_data is True
 
 
