@@ -217,4 +217,5 @@ def test_an_unknown_key_suggests_the_close_one(tmp_path):
     assert str(ei.value).startswith("teirs: unknown key (did you mean 'tiers'?); allowed here: airlock, ")
     with pytest.raises(ConfigError) as ei:
         load_config(write(tmp_path, "resume:\n  polcy: first\n"))
-    assert str(ei.value) == "resume.polcy: unknown key (did you mean 'policy'?); allowed here: policy, priority"
+    assert str(ei.value) == ("resume.polcy: unknown key (did you mean 'policy'?); allowed here: deadline, "
+                             "on_unreachable, policy, priority")
