@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 #: Where colabkit is installed from: its git URL, until the distribution has a name of its own (the name
-#: `colabkit` on PyPI is an unrelated project: never `pip install colabkit`). PLACEHOLDER: the repository's
-#: real address was not known when this was written; replace OWNER here, and tests/test_notebooks.py checks
-#: that every notebook (notebooks/*.ipynb, templates/notebook.ipynb through {{colabkit_git_url}}) agrees.
+#: `colabkit` on PyPI is an unrelated project, never to be installed by that bare name). PLACEHOLDER: the
+#: repository's real address was not known when this was written; replace OWNER here, and
+#: tests/test_notebooks.py checks that every notebook (notebooks/*.ipynb, templates/notebook.ipynb through {{colabkit_git_url}}) agrees.
 GIT_URL = "https://github.com/OWNER/colabkit"
 
 from .secrets import install_log_redaction as _install_log_redaction
