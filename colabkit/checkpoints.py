@@ -182,14 +182,27 @@ def verify(info: CheckpointInfo) -> None:
     With a manifest: size and sha256 must match it. Without one: a zip-format ``torch.save`` file must pass
     its CRC check (every record read back), an older pickle-format file must load with ``weights_only``.
 
+    A file verified before (a resume fetch hashes while it copies; an earlier verify) carries a record of
+    that (:func:`colabkit.fsutil.record_verified`): while the file's size, mtime, inode and device are those
+    recorded, its recorded sha256 is compared instead of reading the file again. A successful hash here
+    leaves such a record, so each byte is hashed once.
+
     Raises:
         IntegrityError: the file is truncated or corrupt; the message says how.
     """
     path = Path(info.path)
     if info.manifest is not None:
-        from .fsutil import hash_file
+        from .fsutil import _identity, hash_file, record_verified, verified_sha256
+        try:
+            before = os.stat(path)
+        except OSError as e:
+            raise IntegrityError(f"{path}: cannot be read ({e.strerror or e})", path=str(path)) from e
+        known = verified_sha256(path, before)
+        if known is not None and known == info.sha256 and before.st_size == info.manifest.get("size"):
+            return   # hashed when it was written here or last verified, and not changed since
         try:
             digest = hash_file(path)
+            after = os.stat(path)
         except OSError as e:
             raise IntegrityError(f"{path}: cannot be read ({e.strerror or e})", path=str(path)) from e
         want_size = info.manifest.get("size")
@@ -200,6 +213,8 @@ def verify(info: CheckpointInfo) -> None:
             raise IntegrityError(f"{path}: sha256 {digest.sha256[:12]}... does not match its manifest's "
                                  f"{str(info.sha256)[:12]}... (corrupt)", path=str(path),
                                  expected=info.sha256, actual=digest.sha256)
+        if _identity(before) == _identity(after):   # not written to while it was read: remember the hash
+            record_verified(path, digest.sha256)
         return
     _verify_plain(path)
 

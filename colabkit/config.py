@@ -191,6 +191,10 @@ class RetentionConfig:
 class ResumeConfig:
     priority: tuple[str, ...] = ("local", "drive", "hub")
     policy: str = "newest"                  # newest | first
+    # a source that may hold a newer checkpoint but cannot be reached (transient errors past the deadline):
+    # wait (retry until `deadline`, then fail), older (say so loudly and resume from the best reachable one), fail
+    on_unreachable: str = "wait"
+    deadline: float = 600.0                 # seconds resume retries transient errors (locate, then fetch)
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,8 @@ class Config:
     airlock: AirlockConfig = field(default_factory=AirlockConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     triggers: tuple["TriggerRule", ...] = ()
+    #: the ``triggers:`` rules as written in colabkit.yaml, for ``config show`` (not part of equality)
+    triggers_written: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def state_dir(self) -> Path:
@@ -389,12 +395,16 @@ class Config:
         out = _settings(self)
         out.pop("root", None)
         out.pop("source", None)
+        written = out.pop("triggers_written", None)
+        if "triggers" in out and written is not None and len(written) == len(self.triggers):
+            out["triggers"] = written  # a rule's parsed form is not what colabkit.yaml accepts: show it as written
         return out
 
     def as_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """Plain data for ``colabkit config show``; secrets (credential values, tokens) are redacted."""
         from .secrets import redact_config
         d = _plain(self)
+        d.pop("triggers_written", None)
         return redact_config(d) if redact else d
 
 
@@ -715,7 +725,10 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
 
     rs = top.section("resume")
     resume = ResumeConfig(priority=rs.strings("priority", ("local", *[t.name for t in tiers])),
-                          policy=rs.str("policy", "newest", choices=("newest", "first")))
+                          policy=rs.str("policy", "newest", choices=("newest", "first")),
+                          on_unreachable=rs.str("on_unreachable", ResumeConfig.on_unreachable,
+                                                choices=("wait", "older", "fail")),
+                          deadline=rs.duration("deadline", ResumeConfig.deadline))
     rs.done()
     for n in resume.priority:
         if n != "local" and n not in tier_names:
@@ -761,7 +774,7 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         root=root, source=source, project=top.str("project", None) or root.name, home=home,
         experiments=top.str("experiments", "experiments"), checkpoints=top.str("checkpoints", "checkpoints"), logs=top.str("logs", "logs"), tiers=tiers,
         drive=drive, hub=hub, retention=retention, resume=resume, sync=sync, airlock=airlock, train=train,
-        triggers=triggers)
+        triggers=triggers, triggers_written=tuple(top.raw("triggers", None) or ()))
     top.done()
     return cfg
 

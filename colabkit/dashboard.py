@@ -46,7 +46,10 @@ def snapshot(*, config: Config | None = None, experiment: str | None = None,
         from . import resume
         from .errors import ColabkitError
         try:
-            snap["resume"] = resume.locate(config=cfg, experiment=experiment).as_dict()
+            # a view of what each source answers now: it neither waits for nor refuses an unreachable tier
+            # (the plan lists it as unreachable); resuming itself follows resume.on_unreachable
+            snap["resume"] = resume.locate(config=cfg, experiment=experiment, on_unreachable="older",
+                                           deadline=0).as_dict()
         except ColabkitError as e:
             snap["resume"] = {"error": str(e)}
     return snap

@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping
 
 from .errors import CheckpointError, IntegrityError, NoCheckpointError
 from .fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, is_temporary
+from .runtime import command
 
 log = logging.getLogger(__name__)
 
@@ -868,7 +869,7 @@ class DistributedSaver:
             return None
         if what == "none":
             raise NoCheckpointError(f"no valid checkpoint in {self.ckpt.directory}: " + "; ".join(value)
-                                    + "; fetch one from a remote with 'colabkit resume'")
+                                    + f"; fetch one from a remote with '{command('resume')}'")
         if what == "error":
             raise CheckpointError(f"choosing a checkpoint in {self.ckpt.directory} failed on rank 0: {value}")
         unit = value
@@ -905,7 +906,7 @@ def load_latest_unit(directory: str | os.PathLike, *, state: Any = None, map_loc
                         unit.name, unit.step, len(rejected))
         return unit, loaded
     raise NoCheckpointError(f"no valid checkpoint in {directory}: " + "; ".join(rejected)
-                            + "; fetch one from a remote with 'colabkit resume'")
+                            + f"; fetch one from a remote with '{command('resume')}'")
 
 
 def load_folder(path: str | os.PathLike, *, state: Any = None, map_location: Any = "cpu", weights_only: bool = True,

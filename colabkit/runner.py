@@ -1183,7 +1183,7 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
           restart_backoff: float | None = None, grace: float | None = None, script: str | os.PathLike | None = None,
           python: str | None = None, listeners: Sequence["Listener"] = (), triggers: bool = True,
           output_dir: str | os.PathLike | None = None, name: str | None = None,
-          run: str | None = None) -> "TrainResult | Job":
+          run: str | None = None, on_unreachable: str | None = None) -> "TrainResult | Job":
     """Run ``experiments/<experiment>/train.py`` under supervision (see the module docstring).
 
     Args:
@@ -1210,6 +1210,8 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
         triggers: run the experiment's trigger rules (:mod:`colabkit.triggers`) on this run's log.
         output_dir: a folder of its own for the run's checkpoints and logs (a cooldown run); `name` is then
             the job's name (``v01.cooldown_200``), `run` its identity in trigger entries.
+        on_unreachable: with ``resume="auto"``: ``wait``, ``older`` or ``fail`` when a source that may hold a
+            newer checkpoint cannot be reached (default ``resume.on_unreachable``; see :mod:`colabkit.resume`).
     Returns:
         A :class:`TrainResult` (foreground) or a :class:`Job` (background).
     Raises:
@@ -1244,7 +1246,7 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
     key = name or experiment
     _refuse_if_running(cfg, key)
     pre = preflight(experiment, config=cfg, max_vram=max_vram, check_tiers=want_sync, script=script)
-    resume_from = _resume_source(cfg, experiment, resume)
+    resume_from = _resume_source(cfg, experiment, resume, on_unreachable=on_unreachable, warn=on_warning)
     job = Job(experiment, config=cfg, pre=pre, args=args, max_restarts=max_restarts, resume_from=resume_from,
               restart_backoff=tr.restart_backoff if restart_backoff is None else restart_backoff,
               stall_after=tr.stall_after if stall_after is None else stall_after,
@@ -1269,14 +1271,20 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
                 del _jobs[key]
 
 
-def _resume_source(cfg: "Config", experiment: str, resume: str | os.PathLike | None) -> str | None:
+def _resume_source(cfg: "Config", experiment: str, resume: str | os.PathLike | None, *,
+                   on_unreachable: str | None = None, warn: Callable[[str], None] | None = None) -> str | None:
     if resume is None or str(resume) == "none":
         return None
     if str(resume) == "auto":
         from . import resume as rs
-        plan = rs.locate(config=cfg, experiment=experiment)
+        plan = rs.locate(config=cfg, experiment=experiment, on_unreachable=on_unreachable)
         path = rs.fetch(plan, progress=False)
-        if path is not None:
+        if path is not None and plan.unreachable:   # resume.on_unreachable: older: never quietly
+            msg = f"{experiment}: resuming from an older checkpoint, {path}: {plan.reason}"
+            log.warning("%s", msg)
+            if warn is not None:
+                warn(msg)
+        elif path is not None:
             log.info("%s: resuming from %s (%s)", experiment, path, plan.reason)
         return str(path) if path is not None else None
     p = Path(resume).expanduser()

@@ -69,7 +69,7 @@ tiers:
     path: /mnt/backup
     every: 1.5h
 retention: {keep_local: 2, require_remote: [hub], min_free: 5GB}
-resume: {priority: [local, hub, drive], policy: first}
+resume: {priority: [local, hub, drive], policy: first, on_unreachable: older, deadline: 2m}
 """))
     drive, hub, backup = cfg.tiers
     assert (drive.remote, drive.every, drive.include, drive.max_file_size) == ("drive", 5400.0, ("logs/**", "*.md"), 50 * 10**6)
@@ -78,6 +78,7 @@ resume: {priority: [local, hub, drive], policy: first}
     assert cfg.retention.keep_local == 2 and cfg.retention.require_remote == ("hub",)
     assert cfg.retention.min_free == 5 * 10**9
     assert cfg.resume.priority == ("local", "hub", "drive") and cfg.resume.policy == "first"
+    assert (cfg.resume.on_unreachable, cfg.resume.deadline) == ("older", 120.0)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -92,6 +93,8 @@ resume: {priority: [local, hub, drive], policy: first}
     ("tiers:\n  - name: drive\n    evry: 2h\n",
      "tiers[0].evry: unknown key (did you mean 'every'?); allowed here: every, exclude, include, keep, latest_only, max_file_size, name, path, remote"),
     ("resume:\n  policy: oldest\n", "resume.policy: 'oldest' is not allowed; use one of newest, first"),
+    ("resume:\n  on_unreachable: skip\n",
+     "resume.on_unreachable: 'skip' is not allowed; use one of wait, older, fail"),
     ("resume:\n  priority: [local, gdrive]\n",
      "resume.priority: 'gdrive' is not a source; use local or a tier name (drive, hub)"),
     ("retention:\n  keep_local: 0\n", "retention.keep_local: 0 must be a whole number >= 1"),
@@ -180,6 +183,19 @@ train:
   stall_after: 1d
   total_steps: 300
   step_regex: 'it (?P<step>\\d+)'
+triggers:
+  - name: cool
+    event: checkpoint
+    conditions:
+      at: [200]
+    action:
+      type: cooldown
+      args: [--lr, "1e-4"]
+  - name: quiet
+    inactivity: 30m
+    action:
+      type: log
+      message: no output for 30m
 """
 
 

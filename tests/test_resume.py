@@ -319,6 +319,64 @@ def test_only_corrupt_checkpoints_say_so(project):
     assert plan.as_dict()["sources"][0]["rejected"][0]["step"] == 100
 
 
+# -- each byte hashed once -------------------------------------------------------------------------------
+def test_a_fetched_checkpoint_is_not_hashed_again_by_the_loader(project, monkeypatch):
+    """The fetch hashes while it copies and records that with the file's identity; load_latest trusts the
+    record while the file is unchanged."""
+    import colabkit.fsutil as fsutil
+    from colabkit.checkpoints import load_latest
+    save_remote(project, "drive", 200)
+    path = fetch(locate(config=project, experiment="v01"), progress=False)
+    assert fsutil.verified_sha256(path) == json.loads(manifest_path(path).read_text())["sha256"]
+    hashed = []
+    real = fsutil.hash_file
+    monkeypatch.setattr(fsutil, "hash_file", lambda p, **kw: hashed.append(Path(p).name) or real(p, **kw))
+    info, state = load_latest(ckdir(project))
+    assert info.step == 200 and state["step"] == 200
+    assert hashed == [], "load_latest hashed a checkpoint the fetch had just verified"
+    assert Checkpointer(ckdir(project), prefix="v01").load(path)["step"] == 200
+    assert hashed == []
+
+
+def test_a_checkpoint_changed_after_its_verification_is_verified_again(project):
+    from colabkit.checkpoints import load_latest
+    from colabkit.errors import NoCheckpointError
+    save_remote(project, "drive", 200)
+    path = fetch(locate(config=project, experiment="v01"), progress=False)
+    with open(path, "r+b") as f:      # same size, new bytes: the mtime moves on, the record no longer applies
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    from colabkit.fsutil import verified_sha256
+    assert verified_sha256(path) is None
+    with pytest.raises(NoCheckpointError) as ei:
+        load_latest(ckdir(project))
+    assert "does not match its manifest's" in str(ei.value) and "(corrupt)" in str(ei.value)
+
+
+def test_a_copy_of_a_verified_file_does_not_inherit_its_record(project, tmp_path):
+    import shutil
+    from colabkit.fsutil import verified_sha256
+    save_remote(project, "drive", 200)
+    path = fetch(locate(config=project, experiment="v01"), progress=False)
+    twin = tmp_path / "twin.pt"
+    shutil.copy2(path, twin)          # copies the extended attributes and the mtime, not the inode
+    assert verified_sha256(path) is not None and verified_sha256(twin) is None
+
+
+def test_a_verify_that_hashed_leaves_a_record(project, monkeypatch):
+    import colabkit.fsutil as fsutil
+    p = save_local(project, 100)
+    (info,) = discover(p.parent)
+    verify(info)
+    calls = []
+    real = fsutil.hash_file
+    monkeypatch.setattr(fsutil, "hash_file", lambda q, **kw: calls.append(q) or real(q, **kw))
+    verify(info)
+    assert calls == [], "the second verify read the file again"
+
+
 # -- which experiment, when none is named ------------------------------------------------------------
 def test_without_experiment_the_only_one_is_used_and_named(project, capsys, monkeypatch):
     """First contact: v01 holds step 300 locally and on the hub; 'colabkit resume' must not say 'start fresh'."""

@@ -93,6 +93,10 @@ def test_the_tier_resumes_by_itself_once_the_window_moves_on(drive_server, tmp_p
         g = sync.start(config=cfg)
         st = wait_for(lambda: (t := g.status()["tiers"]["drive"])["state"] == "paused" and t, what="the pause")
         assert st["paused_until"] is not None and st["pending_files"] == 2
+        # the dashboard (text, and the widget built from it) shows it
+        from colabkit.dashboard import render_text
+        (line,) = [x for x in render_text({"sync": sync.status()}) if x.startswith("  drive: ")]
+        assert f" · paused until {_hhmm(st['paused_until'])}: " in line and "weights belong on the Hub" in line
         wait_for(lambda: g.status()["tiers"]["drive"]["uploaded"] == 2, timeout=30, what="the upload after the pause")
         st = g.status()["tiers"]["drive"]
         assert st["state"] == "idle" and st["paused_until"] is None and st["pending_files"] == 0

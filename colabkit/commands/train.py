@@ -45,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
                    help="auto: the newest verified checkpoint from any source (default); none: fresh start; "
                         "or a checkpoint file")
+    p.add_argument("--on-unreachable", dest="on_unreachable", choices=("wait", "older", "fail"), default=None,
+                   help="(--resume auto) when a source that may hold a newer checkpoint cannot be reached: wait "
+                        "(retry until resume.deadline, then fail), older (start from the best one that can be "
+                        "fetched, with a warning) or fail (default: resume.on_unreachable, wait)")
     p.add_argument("--max-vram", type=size_arg, default=None, metavar="SIZE",
                    help="GPU memory cap, e.g. 20GB (default: train.max_vram; 20 GB on a Tier 1 GPU)")
     p.add_argument("--estimate", type=duration_arg, default=None, metavar="DURATION",
@@ -101,7 +105,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                        max_restarts=args.max_restarts, resume=args.resume, max_vram=args.max_vram,
                        estimate=args.estimate, args=args.script_args, on_line=on_line,
                        on_warning=ctx.warn, total_steps=args.total_steps, sync=args.sync,
-                       stall_after=args.stall_after)
+                       stall_after=args.stall_after, on_unreachable=args.on_unreachable)
     if args.background:
         from ..runtime import command
         st = res.status()
@@ -119,7 +123,7 @@ def _status_lines(jobs: list[dict[str, Any]]) -> Iterable[str]:
     if not jobs:
         yield f"no training job (start one with '{command('train vXX')}')"
     for j in jobs:
-        parts = [f"{j.get('experiment')}: {j.get('state')}"]
+        parts = [f"{j.get('key') or j.get('experiment')}: {j.get('state')}"]  # a cooldown: v01.cooldown_200
         if j.get("attempt"):
             parts.append(f"attempt {j['attempt']}")
         if j.get("step") is not None:

@@ -505,14 +505,16 @@ class HubRemote(Remote):
             raise self._wrap(e, action=action, path=path) from e
 
     def close(self) -> None:
-        """Stop waiting between retries (a call in flight ends at its next try)."""
-        self._stop.set()
+        """Stop waiting between retries (a call in flight gives up at its next try). The remote stays usable:
+        calls made after close() retry as before."""
+        stop, self._stop = self._stop, threading.Event()
+        stop.set()
 
-    def _wait(self, seconds: float) -> None:
+    def _wait(self, seconds: float, stop: threading.Event) -> None:
         if self._sleep is not None:
             self._sleep(seconds)
         else:
-            self._stop.wait(seconds)
+            stop.wait(seconds)
 
     def _delay(self, attempt: int, err: RemoteError) -> float:
         import random
@@ -525,6 +527,7 @@ class HubRemote(Remote):
         """Run the idempotent `fn` (a lookup, a listing, a download), retrying transient failures with
         back-off (``Retry-After`` honoured) up to `max_attempts` tries; other failures are raised at once."""
         attempt = 0
+        stop = self._stop
         while True:
             try:
                 with _quiet():
@@ -536,14 +539,14 @@ class HubRemote(Remote):
                         raise
                     raise err from e
                 attempt += 1
-                if attempt >= self.max_attempts or self._stop.is_set():
+                if attempt >= self.max_attempts or stop.is_set():
                     if err is e:
                         raise
                     raise err from e
                 delay = self._delay(attempt, err)
                 log.info("%s: %s (try %d of %d); retrying in %.1fs", self.name, err, attempt, self.max_attempts,
                          delay)
-                self._wait(delay)
+                self._wait(delay, stop)
 
     def _record(self, f: Any) -> RemoteFile | None:
         rel = self._rel(f.path)
@@ -711,18 +714,19 @@ class HubRemote(Remote):
         Hub (the next try does not send them again). Files found verified go into `results`; returns what the
         successful commit was asked to add and delete."""
         attempt = 0
+        stop = self._stop
         while True:
             try:
                 self._commit(to_add, deletions, message)
                 return to_add, deletions
             except TransientRemoteError as err:
                 attempt += 1
-                if attempt >= self.max_attempts or self._stop.is_set():
+                if attempt >= self.max_attempts or stop.is_set():
                     raise
                 delay = self._delay(attempt, err)
                 log.info("%s: %s (try %d of %d); checking what the Hub holds, then retrying in %.1fs", self.name,
                          err, attempt, self.max_attempts, delay)
-                self._wait(delay)
+                self._wait(delay, stop)
                 now = self._paths_info([it.full for it in to_add] + list(deletions))
                 still = []
                 for it in to_add:
