@@ -460,3 +460,30 @@ def test_data_magic_and_json(ip, tmp_path, capsys, monkeypatch):
     with pytest.raises(UsageError) as ei:
         ip.run_line_magic("data", "fetch other")
     assert "data set 'other' is not declared in colabkit.yaml" in str(ei.value)
+
+
+def test_gdown_public_link_with_declared_sha256(drive_server, tmp_path):
+    payload = os.urandom(200_000)
+    fid = drive_server.add_public_file("pg19.bin", payload)
+    root = project(tmp_path, extra={"drive": {"endpoint": drive_server.endpoint}},
+                   sets=[{"name": "pg19", "source": f"gdown:{fid}", "version": "v1", "sha256": sha(payload)}])
+    res = data.fetch("pg19", config=cfg_of(root), progress=False)
+    assert res.verified == "declared" and (res.path / "pg19.bin").read_bytes() == payload
+    n = len(drive_server.requests)
+    assert data.fetch("pg19", config=cfg_of(root), progress=False).up_to_date and len(drive_server.requests) == n
+
+
+def test_zip_is_unpacked_with_every_file_recorded(files_srv, tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("c4/en/a.json", b'{"a": 1}\n')
+        zf.writestr("c4/en/b.json", b'{"b": 2}\n')
+    (files_srv.root / "c4.zip").write_bytes(buf.getvalue())
+    root = project(tmp_path)
+    res = data.fetch("c4", source=files_srv.url("c4.zip"), unpack="zip", sha256=sha(buf.getvalue()),
+                     config=cfg_of(root), progress=False)
+    rec = data.read_record("c4", res.version, config=cfg_of(root))
+    assert [(f["path"], f["size"], f["sha256"]) for f in rec["files"]] == [
+        ("c4/en/a.json", 9, sha(b'{"a": 1}\n')), ("c4/en/b.json", 9, sha(b'{"b": 2}\n'))]
+    assert rec["source_files"] == {"c4.zip": {"size": len(buf.getvalue()), "sha256": sha(buf.getvalue())}}
+    assert data.verify("c4", config=cfg_of(root))["ok"]
