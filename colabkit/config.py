@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownExperimentError
 
 CONFIG_NAME = "colabkit.yaml"
 STATE_DIR = ".colabkit"
@@ -94,6 +94,31 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}h {m:02d}m" if m else f"{h}h"
 
 
+def duration_setting(seconds: float) -> str:
+    """Seconds as a user writes them in colabkit.yaml, and :func:`parse_duration` reads back: 5400 -> ``90m``."""
+    if seconds == 0:
+        return "0s"
+    for unit in ("d", "h", "m", "s"):
+        n = seconds / _DUR_FACTOR[unit]
+        if n == int(n):
+            return f"{int(n)}{unit}"
+    ms = seconds * 1000
+    return f"{int(ms)}ms" if ms == int(ms) else f"{seconds!r}s"
+
+
+_SIZE_UNITS = (("PB", 10**15), ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+               ("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def size_setting(n: int) -> str | int:
+    """Bytes as a user writes them in colabkit.yaml, and :func:`parse_size` reads back: 10**8 -> ``100MB``,
+    16 MiB -> ``16MiB``; a number no unit divides stays a number of bytes."""
+    for unit, factor in _SIZE_UNITS:
+        if n and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return int(n)
+
+
 # -- dataclasses ---------------------------------------------------------------------------------
 CHECKPOINT_PATTERNS = ("*.pt", "*.pth", "*.bin", "*.safetensors", "*.ckpt", "*.pt.json")
 DRIVE_SCOPE = "https://www.googleapis.com/auth/drive.file"
@@ -109,6 +134,9 @@ class DriveConfig:
     scopes: tuple[str, ...] = (DRIVE_SCOPE,)
     chunk_size: int = 16 * 1024 * 1024      # resumable-upload chunk, a multiple of 256 KiB
     timeout: float = 60.0
+    #: bytes a Drive tier uploads per rolling 24 h before it pauses (Drive refuses more than ~750 GB a day per
+    #: account); 0 turns the count off (Drive's own answer still pauses the tier)
+    daily_upload_cap: int = 700 * 10**9
 
     @property
     def configured(self) -> bool:
@@ -163,6 +191,10 @@ class RetentionConfig:
 class ResumeConfig:
     priority: tuple[str, ...] = ("local", "drive", "hub")
     policy: str = "newest"                  # newest | first
+    # a source that may hold a newer checkpoint but cannot be reached (transient errors past the deadline):
+    # wait (retry until `deadline`, then fail), older (say so loudly and resume from the best reachable one), fail
+    on_unreachable: str = "wait"
+    deadline: float = 600.0                 # seconds resume retries transient errors (locate, then fetch)
 
 
 @dataclass(frozen=True)
@@ -248,9 +280,11 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     airlock: AirlockConfig = field(default_factory=AirlockConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    triggers: tuple["TriggerRule", ...] = ()
+    #: the ``triggers:`` rules as written in colabkit.yaml, for ``config show`` (not part of equality)
+    triggers_written: tuple[Any, ...] = field(default=(), compare=False, repr=False)
     data: DataConfig = field(default_factory=DataConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
-    cooldown: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def state_dir(self) -> Path:
@@ -258,7 +292,17 @@ class Config:
         return self.root / STATE_DIR
 
     def experiment_dir(self, experiment: str) -> Path:
-        """``<root>/experiments/<experiment>``."""
+        """``<root>/experiments/<experiment>``.
+
+        Raises:
+            ConfigError: `experiment` is a template placeholder nothing filled in (``{{experiment}}``; IPython
+                turns it into ``{experiment}`` in a magic's line): the raw template, never a folder name.
+        """
+        if isinstance(experiment, str) and ("{" in experiment or "}" in experiment):
+            raise ConfigError(f"{experiment!r} is a template placeholder left unrendered, not an experiment name: "
+                              "this comes from the raw template; run 'colabkit init' and use the notebook.ipynb "
+                              "it writes, or put the experiment's folder name (e.g. v01) in its place",
+                              key="experiment", value=experiment)
         return self.root / self.experiments / experiment
 
     def experiment_names(self) -> list[str]:
@@ -268,6 +312,80 @@ class Config:
                           if p.is_dir() and not p.name.startswith("."))
         except OSError:
             return []
+
+    def require_experiment(self, experiment: str) -> Path:
+        """The folder of `experiment`, which must exist: the one check every command that takes an experiment
+        makes (train, resume, status, airlock export/import/status, journal).
+
+        Raises:
+            ConfigError: not a folder name (``'../x' is not an experiment name; ...``).
+            UnknownExperimentError: ``unknown experiment 'v99': .../experiments/v99 does not exist (experiments
+                here: v01); create it with 'colabkit init --experiment v99' or pull it with 'colabkit airlock
+                pull v99'`` (the commands written as the user types them there: ``%airlock pull v99`` in IPython).
+        """
+        check_experiment_name(experiment)
+        d = self.experiment_dir(experiment)
+        if not d.is_dir():
+            from .runtime import command
+            known = self.experiment_names()
+            raise UnknownExperimentError(
+                f"unknown experiment {experiment!r}: {d} does not exist "
+                f"({'experiments here: ' + ', '.join(known) if known else 'no experiments yet'}); "
+                f"create it with '{command('init --experiment ' + experiment)}' or pull it with "
+                f"'{command('airlock pull ' + experiment)}'", value=experiment, known=tuple(known))
+        return d
+
+    def select_experiment(self, experiment: str | None = None, *, env: bool = True) -> "ExperimentChoice":
+        """Which experiment a command means: the one named, else ``$COLABKIT_EXPERIMENT``, else the only one
+        here, else the one with the newest checkpoint or run (said so in `reason`).
+
+        A project without an ``experiments/`` folder keeps its checkpoints at the root: the choice is then
+        ``name=None`` (``<root>/checkpoints``). A folder that no experiment uses is never chosen while
+        experiments exist.
+
+        Raises:
+            UnknownExperimentError: the named experiment is not here; or several are and none has a checkpoint
+                or a run yet (the message lists them and says how to name one).
+        """
+        if experiment is None and env:
+            experiment = os.environ.get("COLABKIT_EXPERIMENT") or None
+            if experiment is not None:
+                self.require_experiment(experiment)
+                return ExperimentChoice(experiment, "from $COLABKIT_EXPERIMENT")
+        if experiment is not None:
+            self.require_experiment(experiment)
+            return ExperimentChoice(experiment, None)
+        names = self.experiment_names()
+        if not names:
+            return ExperimentChoice(None, "no experiments here: the project's own checkpoints folder")
+        if len(names) == 1:
+            return ExperimentChoice(names[0], "the only experiment here")
+        activity = {n: self._last_activity(n) for n in names}
+        newest = max(names, key=lambda n: (activity[n], n))
+        if activity[newest] <= 0:
+            raise UnknownExperimentError(
+                f"{len(names)} experiments here ({', '.join(names)}) and none has a checkpoint or a run yet; "
+                f"name one with --experiment (-e), e.g. -e {names[-1]}", known=tuple(names))
+        others = [n for n in names if n != newest]
+        return ExperimentChoice(newest, f"the newest checkpoint or run of {len(names)} experiments; the others: "
+                                        f"{', '.join(others)} (name one with -e)")
+
+    def _last_activity(self, experiment: str) -> float:
+        """The newest mtime among the experiment's checkpoints and run folders (0: none)."""
+        newest = 0.0
+        for d in (self.checkpoint_dir(experiment), self.log_dir(experiment)):
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    newest = max(newest, e.stat().st_mtime)
+                except OSError:
+                    continue
+        return newest
 
     def checkpoint_dir(self, experiment: str | None = None) -> Path:
         """Where a run's checkpoints live: ``experiments/vXX/checkpoints``, or ``<root>/checkpoints``."""
@@ -301,11 +419,86 @@ class Config:
     def with_changes(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
+    def as_yaml_data(self) -> dict[str, Any]:
+        """The configuration as the keys and values of a colabkit.yaml: durations as ``90m``, sizes as ``100MB``.
+
+        Loading it back (``load_config(data=...)`` at the same root) gives an equal :class:`Config`; ``root`` and
+        ``source`` are where the file is, not keys in it.
+        """
+        out = _settings(self)
+        out.pop("root", None)
+        out.pop("source", None)
+        written = out.pop("triggers_written", None)
+        if "triggers" in out and written is not None and len(written) == len(self.triggers):
+            out["triggers"] = written  # a rule's parsed form is not what colabkit.yaml accepts: show it as written
+        return out
+
     def as_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """Plain data for ``colabkit config show``; secrets (credential values, tokens) are redacted."""
         from .secrets import redact_config
         d = _plain(self)
+        d.pop("triggers_written", None)
         return redact_config(d) if redact else d
+
+
+@dataclass(frozen=True)
+class ExperimentChoice:
+    """The answer of :meth:`Config.select_experiment`.
+
+    Attributes:
+        name: the experiment, or None for a project without experiments (``<root>/checkpoints``).
+        reason: why it was chosen when the user did not name it (None: named), for the output.
+    """
+
+    name: str | None
+    reason: str | None
+
+
+def check_experiment_name(experiment: Any) -> str:
+    """`experiment` if it can be a folder name under ``experiments/``.
+
+    Raises:
+        ConfigError: ``'../x' is not an experiment name; use the folder name under experiments/, e.g. v01``.
+    """
+    if (not isinstance(experiment, str) or not experiment or "/" in experiment or "\\" in experiment
+            or experiment in (".", "..") or experiment.startswith("-")):
+        raise ConfigError(f"{experiment!r} is not an experiment name; use the folder name under experiments/, "
+                          "e.g. v01", key="experiment", value=experiment)
+    return experiment
+
+
+#: fields written with a unit in colabkit.yaml, by dataclass
+_UNITS: dict[str, dict[str, str]] = {
+    "TierConfig": {"every": "duration", "max_file_size": "size"},
+    "DriveConfig": {"chunk_size": "size", "timeout": "duration"},
+    "RetentionConfig": {"min_free": "size"},
+    "SyncConfig": {"settle": "duration", "poll_interval": "duration", "retry_initial": "duration",
+                   "retry_max": "duration", "flush_timeout": "duration"},
+    "AirlockConfig": {"max_unpacked": "size"},
+    "TrainConfig": {"restart_backoff": "duration", "stall_after": "duration", "grace": "duration",
+                    "max_vram": "size", "min_free_disk": "size"},
+}
+
+
+def _settings(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        units = _UNITS.get(type(obj).__name__, {})
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            unit = units.get(f.name)
+            if v is not None and unit == "duration":
+                out[f.name] = duration_setting(v)
+            elif v is not None and unit == "size":
+                out[f.name] = size_setting(v)
+            else:
+                out[f.name] = _settings(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_settings(x) for x in obj]
+    if isinstance(obj, Mapping):
+        return {k: _settings(v) for k, v in obj.items()}
+    return _plain(obj)
 
 
 def _plain(obj: Any) -> Any:
@@ -375,7 +568,8 @@ def load_config(path: str | os.PathLike | None = None, *, start: str | os.PathLi
         source = Path(path).expanduser() if path is not None else find_config(start)
         if source is not None:
             if not source.is_file():
-                raise ConfigError(f"{source}: no such file; create it with 'colabkit init' or pass another path",
+                from .runtime import command
+                raise ConfigError(f"{source}: no such file; create it with '{command('init')}' or pass another path",
                                   key=None, value=str(source))
             data = _read_yaml(source)
         else:
@@ -474,11 +668,15 @@ class _Reader:
         return _Reader(self.raw(name, None), self.key(name))
 
     def done(self, allowed_extra: tuple[str, ...] = ()) -> None:
-        unknown = sorted(set(self.data) - self.used - set(allowed_extra))
+        unknown = sorted(set(self.data) - self.used - set(allowed_extra), key=str)
         if unknown:
+            import difflib
             k = self.key(unknown[0])
-            allowed = ", ".join(sorted(self.used))
-            raise ConfigError(f"{k}: unknown key; allowed here: {allowed}", key=k, value=self.data[unknown[0]])
+            names = sorted(self.used | set(allowed_extra))
+            close = difflib.get_close_matches(str(unknown[0]), names, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{k}: unknown key{hint}; allowed here: {', '.join(names)}", key=k,
+                              value=self.data[unknown[0]])
 
 
 _REMOTES = ("local", "drive", "hub")
@@ -529,7 +727,8 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
     drive = DriveConfig(
         folder_id=d.str("folder_id", None), credentials=d.str("credentials", None),
         endpoint=d.str("endpoint", None), scopes=d.strings("scopes", DriveConfig.scopes),
-        chunk_size=d.size("chunk_size", DriveConfig.chunk_size), timeout=d.duration("timeout", DriveConfig.timeout))
+        chunk_size=d.size("chunk_size", DriveConfig.chunk_size), timeout=d.duration("timeout", DriveConfig.timeout),
+        daily_upload_cap=d.size("daily_upload_cap", DriveConfig.daily_upload_cap))
     if drive.chunk_size % (256 * 1024):
         raise ConfigError(f"drive.chunk_size: {drive.chunk_size} is not a multiple of 256 KiB; use e.g. 8MiB",
                           key="drive.chunk_size", value=drive.chunk_size)
@@ -559,7 +758,10 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
 
     rs = top.section("resume")
     resume = ResumeConfig(priority=rs.strings("priority", ("local", *[t.name for t in tiers])),
-                          policy=rs.str("policy", "newest", choices=("newest", "first")))
+                          policy=rs.str("policy", "newest", choices=("newest", "first")),
+                          on_unreachable=rs.str("on_unreachable", ResumeConfig.on_unreachable,
+                                                choices=("wait", "older", "fail")),
+                          deadline=rs.duration("deadline", ResumeConfig.deadline))
     rs.done()
     for n in resume.priority:
         if n != "local" and n not in tier_names:
@@ -595,6 +797,12 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         total_steps=tr.int("total_steps", None, minimum=1), data=tr.strings("data", ()))
     tr.done()
 
+    if "cooldown" in top.data:
+        raise ConfigError("cooldown: rules on the training log are written as triggers: now (a list of rules with "
+                          "action: {type: cooldown, ...}); see docs/triggers.md", key="cooldown",
+                          value=top.data["cooldown"])
+    triggers = parse_triggers(top.raw("triggers", None), tiers=tier_names)
+
     data = _data(top.raw("data", None))
     for i, n in enumerate(train.data):
         if data.get(n) is None:
@@ -611,15 +819,11 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
             raise ConfigError(f"release.tiers: {n!r} is not a tier; configured tiers: "
                               f"{', '.join(sorted(tier_names)) or 'none'}", key="release.tiers", value=n)
 
-    cooldown = top.raw("cooldown", None) or ()
-    if not isinstance(cooldown, (list, tuple)) or not all(isinstance(c, Mapping) for c in cooldown):
-        raise ConfigError(f"cooldown: {cooldown!r} must be a list of trigger mappings", key="cooldown", value=cooldown)
-
     cfg = Config(
         root=root, source=source, project=top.str("project", None) or root.name, home=home,
         experiments=top.str("experiments", "experiments"), checkpoints=top.str("checkpoints", "checkpoints"), logs=top.str("logs", "logs"), tiers=tiers,
         drive=drive, hub=hub, retention=retention, resume=resume, sync=sync, airlock=airlock, train=train,
-        data=data, release=release, cooldown=tuple(cooldown))
+        triggers=triggers, triggers_written=tuple(top.raw("triggers", None) or ()), data=data, release=release)
     top.done()
     return cfg
 
@@ -680,3 +884,342 @@ def _regex(r: _Reader, name: str) -> str | None:
             raise ConfigError(f"{r.key(name)}: {v!r} is not a valid regular expression ({e})",
                               key=r.key(name), value=v) from None
     return v
+
+
+# -- triggers (rules on the training log; colabkit.triggers runs them) ---------------------------------------
+#: built-in events the runner already parses, and the run states it reports
+TRIGGER_EVENTS = ("checkpoint", "step", "loss")
+TRIGGER_STATES = ("finished", "failed", "oom", "stalled", "restarted", "stopped")
+TRIGGER_ACTIONS = ("cooldown", "command", "log", "sync")
+TRIGGER_CONDITIONS = ("at", "every", "file_exists", "wait", "max_attempts", "command", "metadata")
+TRIGGER_COMPARE = ("equals", "not_equals", "gte", "lte")
+#: what every template may use besides the event's own values
+TRIGGER_CONTEXT = ("experiment", "step", "path", "output_dir", "run_id", "run", "rule", "attempt")
+#: the values each detector provides
+_DETECTOR_VALUES = {"checkpoint": ("step", "path"), "step": ("step", "total"), "loss": ("loss",),
+                    "inactivity": ("idle", "since")}
+_STATE_VALUES = ("state", "exit_code", "attempt", "detail", "step", "path")
+_RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class TriggerAction:
+    """What a rule does. ``type`` is ``cooldown``, ``command``, ``log`` or ``sync``; the other fields are the
+    templates (``{name}`` from the event and the run's context) that type uses."""
+
+    type: str
+    args: tuple[str, ...] = ()              # cooldown: train.py argument overrides
+    when: str = "after_main"                # cooldown: after_main | now
+    folder: str = "cooldown_{step}"         # cooldown: its folder inside the experiment
+    triggers: bool = False                  # cooldown: run the experiment's rules in the cooldown run too
+    command: tuple[str, ...] = ()           # command: argv
+    cwd: str | None = None                  # command: working directory (default: the experiment's folder)
+    env: tuple[tuple[str, str], ...] = ()   # command: extra environment variables
+    timeout: float | None = None            # command: seconds
+    message: str = ""                       # log
+    level: str = "info"                     # log: info | warning
+    tier: str | None = None                 # sync: flush only this tier (default: every tier)
+
+
+@dataclass(frozen=True)
+class TriggerRule:
+    """One rule: a detector, conditions that must all pass, and an action.
+
+    ``detector`` is ``pattern`` (a regex with named groups, or a substring with ``pattern_type: substring``),
+    one of :data:`TRIGGER_EVENTS`, one of :data:`TRIGGER_STATES`, or ``inactivity``. ``key`` is where the
+    rule was written (``triggers[2]``), for messages.
+    """
+
+    name: str
+    detector: str
+    action: TriggerAction
+    key: str = ""
+    pattern: str | None = None
+    pattern_type: str = "regex"
+    inactivity: float | None = None
+    extract: tuple[tuple[str, str], ...] = ()
+    metadata: tuple[tuple[str, Any], ...] = ()
+    at: tuple[int, ...] | None = None
+    every: int | None = None
+    file_exists: str | None = None
+    wait: float | None = None
+    max_attempts: int = 1
+    command: tuple[str, ...] | None = None
+    compare: tuple[tuple[str, str, Any], ...] = ()
+    mode: str = "queue"
+    retry: bool = False
+    source: str | None = None               # the file it came from (None: colabkit.yaml)
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        """The names an event of this rule carries (groups, extracted and metadata keys, detector values)."""
+        names: list[str] = []
+        if self.detector == "pattern" and self.pattern_type == "regex" and self.pattern is not None:
+            names += list(re.compile(self.pattern).groupindex)
+        names += _DETECTOR_VALUES.get(self.detector, ())
+        if self.detector in TRIGGER_STATES:
+            names += _STATE_VALUES
+        names += [k for k, _ in self.extract] + [k for k, _ in self.metadata]
+        return tuple(dict.fromkeys(names))
+
+
+def _strings_or_words(r: _Reader, name: str) -> tuple[str, ...]:
+    """A list of strings, or one string split like a shell command line."""
+    import shlex
+    v = r.raw(name, None)
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        return tuple(shlex.split(v))
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool)
+                                                   for x in v):
+        raise ConfigError(f"{r.key(name)}: {v!r} must be a list of strings (an argv) or one command line",
+                          key=r.key(name), value=v)
+    return tuple(str(x) for x in v)
+
+
+def _check_template(text: str, key: str, allowed: set[str], groups: tuple[str, ...]) -> None:
+    import string
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
+        raise ConfigError(f"{key}: {text!r} is not a valid template ({e}); write literal braces as {{{{ and }}}}",
+                          key=key, value=text) from None
+    for f in fields:
+        name = re.split(r"[.\[]", f, maxsplit=1)[0]
+        if not name or name.isdigit():
+            raise ConfigError(f"{key}: {text!r} has an unnamed field {{{f}}}; name what it takes, e.g. {{step}}",
+                              key=key, value=text)
+        if name not in allowed:
+            what = f"a group of the pattern ({', '.join(groups) or 'it has none'})" if groups is not None else \
+                "a value of the event"
+            raise ConfigError(
+                f"{key}: {text!r} uses {{{name}}}, which is neither {what}, an extract or metadata key, nor part "
+                f"of the run's context ({', '.join(sorted(TRIGGER_CONTEXT))}); name the group in the pattern "
+                f"(?P<{name}>...) or map it with extract: {{{name}: GROUP}}", key=key, value=text)
+
+
+def _trigger_action(data: Any, key: str, tiers: set[str] | None) -> TriggerAction:
+    if isinstance(data, str):
+        data = {"type": data}
+    r = _Reader(data, key)
+    typ = r.raw("type", None)
+    if typ is None:
+        raise ConfigError(f"{key}.type: missing; use one of {', '.join(TRIGGER_ACTIONS)}", key=f"{key}.type")
+    if typ not in TRIGGER_ACTIONS:
+        raise ConfigError(f"{key}.type: {typ!r} is not an action; use one of {', '.join(TRIGGER_ACTIONS)}",
+                          key=f"{key}.type", value=typ)
+    if typ == "cooldown":
+        a = TriggerAction(type=typ, args=_strings_or_words(r, "args"),
+                          when=r.str("when", "after_main", choices=("after_main", "now")) or "after_main",
+                          folder=r.str("folder", "cooldown_{step}") or "cooldown_{step}",
+                          triggers=r.bool("triggers", False))
+        if "/" in a.folder or a.folder in (".", "..") or a.folder.startswith("."):
+            raise ConfigError(f"{key}.folder: {a.folder!r} must be one folder name inside the experiment, "
+                              "e.g. cooldown_{{step}}", key=f"{key}.folder", value=a.folder)
+    elif typ == "command":
+        cmd = _strings_or_words(r, "command")
+        if not cmd:
+            raise ConfigError(f"{key}.command: missing; give the argv to run, e.g. [python, convert.py, '{{path}}']",
+                              key=f"{key}.command")
+        env = r.raw("env", None) or {}
+        if not isinstance(env, Mapping) or not all(isinstance(k, str) and isinstance(v, (str, int, float))
+                                                   and not isinstance(v, bool) for k, v in env.items()):
+            raise ConfigError(f"{key}.env: {env!r} must map variable names to strings", key=f"{key}.env", value=env)
+        a = TriggerAction(type=typ, command=cmd, cwd=r.str("cwd", None),
+                          env=tuple((k, str(v)) for k, v in env.items()), timeout=r.duration("timeout", None))
+    elif typ == "log":
+        msg = r.str("message", None)
+        if not msg:
+            raise ConfigError(f"{key}.message: missing; give the text to log, e.g. 'checkpoint {{step}} saved'",
+                              key=f"{key}.message")
+        a = TriggerAction(type=typ, message=msg, level=r.str("level", "info", choices=("info", "warning")) or "info")
+    else:
+        tier = r.str("tier", None)
+        if tier is not None and tiers is not None and tier not in tiers:
+            raise ConfigError(f"{key}.tier: {tier!r} is not a tier; configured tiers: "
+                              f"{', '.join(sorted(tiers)) or 'none'}", key=f"{key}.tier", value=tier)
+        a = TriggerAction(type=typ, tier=tier)
+    r.done()
+    return a
+
+
+def _trigger_rule(data: Any, key: str, tiers: set[str] | None, source: str | None) -> TriggerRule:
+    if isinstance(data, Mapping) and any(isinstance(k, bool) for k in data):
+        k = next(k for k in data if isinstance(k, bool))
+        raise ConfigError(f"{key}: a key was read as {k} (YAML reads an unquoted on:, yes: or off: as true/false); "
+                          "quote it ('on':), or name the detector with event:, state:, pattern: or inactivity:",
+                          key=key, value=data[k])
+    r = _Reader(data, key)
+    name = r.str("name", None)
+    if not name:
+        raise ConfigError(f"{key}.name: missing; give each rule a name such as cooldown_50k", key=f"{key}.name")
+    if not _RULE_NAME.match(name):
+        raise ConfigError(f"{key}.name: {name!r} must be letters, digits, '_', '-' or '.'", key=f"{key}.name",
+                          value=name)
+    given = [d for d in ("pattern", "event", "state", "inactivity") if r.raw(d, None) is not None]
+    if not given:
+        raise ConfigError(f"{key}: no detector; give one of pattern: (a regex with named groups), event: "
+                          f"({', '.join(TRIGGER_EVENTS)}), state: ({', '.join(TRIGGER_STATES)}) or inactivity: "
+                          "(a duration such as 30m)", key=key)
+    if len(given) > 1:
+        raise ConfigError(f"{key}: {' and '.join(given)} are both given; a rule has one detector", key=key)
+    kind = given[0]
+    pattern = None
+    pattern_type = r.str("pattern_type", "regex", choices=("regex", "substring")) or "regex"
+    inactivity = None
+    groups: tuple[str, ...] | None = None
+    if kind == "pattern":
+        pattern = r.str("pattern", None)
+        if pattern_type == "regex":
+            try:
+                groups = tuple(re.compile(pattern or "").groupindex)
+            except re.error as e:
+                raise ConfigError(f"{key}.pattern: {pattern!r} is not a valid regular expression ({e})",
+                                  key=f"{key}.pattern", value=pattern) from None
+        else:
+            groups = ()
+        detector = "pattern"
+    elif kind == "event":
+        detector = r.str("event", None, choices=TRIGGER_EVENTS) or ""
+    elif kind == "state":
+        detector = r.str("state", None, choices=TRIGGER_STATES) or ""
+    else:
+        detector = "inactivity"
+        inactivity = r.duration("inactivity", None)
+        if not inactivity:
+            raise ConfigError(f"{key}.inactivity: must be a positive duration, e.g. 30m", key=f"{key}.inactivity",
+                              value=r.raw("inactivity", None))
+    ex = r.raw("extract", None) or {}
+    if not isinstance(ex, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ex.items()):
+        raise ConfigError(f"{key}.extract: {ex!r} must map metadata keys to group names, e.g. {{step: iteration}}",
+                          key=f"{key}.extract", value=ex)
+    for k, g in ex.items():
+        if groups is not None and g not in groups:
+            raise ConfigError(f"{key}.extract.{k}: {g!r} is not a group of the pattern (its groups: "
+                              f"{', '.join(groups) or 'none'}); name it in the pattern as (?P<{g}>...)",
+                              key=f"{key}.extract.{k}", value=g)
+    meta = r.raw("metadata", None) or {}
+    if not isinstance(meta, Mapping) or not all(isinstance(k, str) for k in meta):
+        raise ConfigError(f"{key}.metadata: {meta!r} must be a mapping of names to values", key=f"{key}.metadata",
+                          value=meta)
+
+    action = _trigger_action(r.raw("action", None), f"{key}.action", tiers)
+    # a log line costs nothing; anything that may take a while (a run, a command, an upload) is queued, never
+    # run in the watcher, where it would hold up the log stream (and a %train child writing to a full pipe)
+    default_mode = "inline" if action.type == "log" else "queue"
+    mode = r.str("mode", default_mode, choices=("inline", "queue")) or default_mode
+    retry = r.bool("retry", False)
+
+    c = _Reader(r.raw("conditions", None), f"{key}.conditions")
+    unknown = sorted(str(k) for k in c.data if k not in TRIGGER_CONDITIONS)
+    if unknown:
+        ck = c.key(unknown[0])
+        raise ConfigError(f"{ck}: unknown condition; allowed: {', '.join(sorted(TRIGGER_CONDITIONS))}", key=ck,
+                          value=c.data.get(unknown[0]))
+    at = c.raw("at", None)
+    if at is not None:
+        if isinstance(at, int) and not isinstance(at, bool):
+            at = [at]
+        if not isinstance(at, list) or not at or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                         for x in at):
+            raise ConfigError(f"{c.key('at')}: {at!r} must be a list of whole numbers (steps), e.g. [10000, 50000]",
+                              key=c.key("at"), value=at)
+        at = tuple(sorted(set(at)))
+    every = c.int("every", None, minimum=1)
+    file_exists = c.str("file_exists", None)
+    wait = c.duration("wait", None)
+    max_attempts = c.int("max_attempts", 3 if retry else 1, minimum=1) or 1
+    command = _strings_or_words(c, "command") or None
+    compare: list[tuple[str, str, Any]] = []
+    cm = c.raw("metadata", None) or {}
+    if not isinstance(cm, Mapping):
+        raise ConfigError(f"{c.key('metadata')}: {cm!r} must map keys to a test such as {{gte: 1000}}",
+                          key=c.key("metadata"), value=cm)
+    for mk, test in cm.items():
+        tk = f"{c.key('metadata')}.{mk}"
+        if not isinstance(test, Mapping) or not test or any(op not in TRIGGER_COMPARE for op in test):
+            raise ConfigError(f"{tk}: {test!r} must be a mapping of {', '.join(TRIGGER_COMPARE)} to a value, "
+                              "e.g. {gte: 1000}", key=tk, value=test)
+        compare += [(str(mk), str(op), v) for op, v in test.items()]
+    c.done()
+
+    # what templates may name
+    values = set(TRIGGER_CONTEXT) | set(_DETECTOR_VALUES.get(detector, ())) | set(ex) | set(meta)
+    if detector in TRIGGER_STATES:
+        values |= set(_STATE_VALUES)
+    if groups:
+        values |= set(groups)
+    if (at is not None or every is not None) and detector in ("pattern",):
+        if not ({"step", "iteration", "iter"} & (set(groups or ()) | set(ex))):
+            k = c.key("at") if at is not None else c.key("every")
+            raise ConfigError(f"{k}: needs the event's step, and the pattern captures none; name a group "
+                              "(?P<step>...) or (?P<iteration>...), or map one with extract: {step: GROUP}", key=k)
+    if (at is not None or every is not None) and detector in ("loss", "inactivity"):
+        k = c.key("at") if at is not None else c.key("every")
+        raise ConfigError(f"{k}: a {detector} event carries no step; use event: step or event: checkpoint", key=k)
+    if mode == "inline" and action.type == "cooldown":
+        raise ConfigError(f"{key}.mode: 'inline' runs in the log watcher; a cooldown run must be queued "
+                          "(mode: queue)", key=f"{key}.mode", value=mode)
+    if wait is not None and file_exists is None:
+        raise ConfigError(f"{c.key('wait')}: waits for file_exists, which is not given; add file_exists: PATH",
+                          key=c.key("wait"), value=wait)
+    if wait and mode == "inline":
+        raise ConfigError(f"{key}.mode: 'inline' cannot wait for a file (conditions.wait); use mode: queue",
+                          key=f"{key}.mode", value=mode)
+    templates: list[tuple[str, str]] = []
+    if file_exists:
+        templates.append((c.key("file_exists"), file_exists))
+    templates += [(f"{c.key('command')}[{i}]", x) for i, x in enumerate(command or ())]
+    templates += [(f"{key}.action.args[{i}]", x) for i, x in enumerate(action.args)]
+    templates += [(f"{key}.action.command[{i}]", x) for i, x in enumerate(action.command)]
+    templates += [(f"{key}.action.env.{k}", v) for k, v in action.env]
+    if action.type == "cooldown":
+        templates.append((f"{key}.action.folder", action.folder))
+    if action.cwd:
+        templates.append((f"{key}.action.cwd", action.cwd))
+    if action.message:
+        templates.append((f"{key}.action.message", action.message))
+    for k, text in templates:
+        _check_template(text, k, values, groups if detector == "pattern" else None)  # type: ignore[arg-type]
+    r.done()
+    return TriggerRule(name=name, detector=detector, action=action, key=key, pattern=pattern,
+                       pattern_type=pattern_type, inactivity=inactivity, extract=tuple(ex.items()),
+                       metadata=tuple(meta.items()), at=at, every=every, file_exists=file_exists, wait=wait,
+                       max_attempts=max_attempts, command=command, compare=tuple(compare), mode=mode, retry=retry,
+                       source=source)
+
+
+def parse_triggers(data: Any, *, key: str = "triggers", tiers: set[str] | None = None,
+                   source: str | None = None, taken: tuple[str, ...] = ()) -> tuple[TriggerRule, ...]:
+    """Validate a ``triggers:`` list (colabkit.yaml, or an experiment's triggers.yaml) into rules.
+
+    Args:
+        data: the list of rule mappings (None: no rules).
+        key: the key path messages start with.
+        tiers: the configured tier names (a ``sync`` action's ``tier`` must be one).
+        source: the file the rules came from, named in messages (None: colabkit.yaml).
+        taken: rule names already used (a rule name is unique across colabkit.yaml and triggers.yaml).
+    Raises:
+        ConfigError: naming the key path, the bad value and what is allowed.
+    """
+    if data is None:
+        return ()
+    prefix = f"{source}: " if source else ""
+    if not isinstance(data, (list, tuple)):
+        raise ConfigError(f"{prefix}{key}: {data!r} must be a list of rules", key=key, value=data)
+    rules: list[TriggerRule] = []
+    names = set(taken)
+    for i, item in enumerate(data):
+        try:
+            rule = _trigger_rule(item, f"{key}[{i}]", tiers, source)
+        except ConfigError as e:
+            if not prefix:
+                raise
+            raise ConfigError(f"{prefix}{e}", key=e.key, value=e.value, source=source) from None
+        if rule.name in names:
+            raise ConfigError(f"{prefix}{key}[{i}].name: {rule.name!r} is used twice; rule names must be unique",
+                              key=f"{key}[{i}].name", value=rule.name, source=source)
+        names.add(rule.name)
+        rules.append(rule)
+    return tuple(rules)

@@ -17,14 +17,19 @@ def snapshot(*, config: Config | None = None, experiment: str | None = None,
 
     Args:
         config: the configuration (default: loaded from the working directory).
-        experiment: limit the training and resume sections to this experiment.
+        experiment: limit the training and resume sections to this experiment (the resume section
+            otherwise asks about the experiment :meth:`~colabkit.config.Config.select_experiment` picks).
         include_resume: also ask every resume source what it holds (contacts the remotes).
+    Raises:
+        UnknownExperimentError: `experiment` is not here.
     Returns:
         {"runtime": ..., "train": ... | None, "sync": ..., "resume": ... | None, "time": epoch seconds}
     """
     from . import runtime
     from .config import load_config
     cfg = config or load_config()
+    if experiment is not None:
+        cfg.require_experiment(experiment)  # 'status -e v99' is an error, as for every command taking one
     snap: dict[str, Any] = {"time": time.time(), "project": cfg.project, "root": str(cfg.root),
                             "runtime": runtime.detect().as_dict(), "train": None, "sync": None, "resume": None}
     try:
@@ -46,7 +51,10 @@ def snapshot(*, config: Config | None = None, experiment: str | None = None,
         from . import resume
         from .errors import ColabkitError
         try:
-            snap["resume"] = resume.locate(config=cfg, experiment=experiment).as_dict()
+            # a view of what each source answers now: it neither waits for nor refuses an unreachable tier
+            # (the plan lists it as unreachable); resuming itself follows resume.on_unreachable
+            snap["resume"] = resume.locate(config=cfg, experiment=experiment, on_unreachable="older",
+                                           deadline=0).as_dict()
         except ColabkitError as e:
             snap["resume"] = {"error": str(e)}
     return snap
@@ -77,6 +85,7 @@ def render_text(snap: dict[str, Any]) -> list[str]:
         for line in _train_lines(train):
             lines.append("  " + line)
     lines.append("sync:")
+    from .sync import tier_notes
     sync = snap.get("sync") or {}
     tiers = sync.get("tiers") if isinstance(sync, dict) else None
     if not tiers:
@@ -87,6 +96,7 @@ def render_text(snap: dict[str, Any]) -> list[str]:
             lines.append(f"  {name}: {t.get('state', '?')} · last upload {_ago(t.get('last_upload'), now)}"
                          f" · next due {_ago(t.get('next_due'), now)}"
                          f" · pending {t.get('pending_files', 0)} files / {format_size(t.get('pending_bytes', 0))}"
+                         + "".join(f" · {n}" for n in tier_notes(t))
                          + (f" · error: {err}" if err else ""))
     rel = snap.get("release")
     if rel:
@@ -95,7 +105,9 @@ def render_text(snap: dict[str, Any]) -> list[str]:
         lines += ["  " + x for x in status_lines(rel, now=now)]
     res = snap.get("resume")
     if res is not None:
-        lines.append("resume sources (priority order):")
+        lines.append("resume sources (priority order)"
+                     + (f" for {res['experiment']}" if res.get("experiment") else "")
+                     + (f" — {res['selected']}" if res.get("selected") else "") + ":")
         if "error" in res:
             lines.append(f"  {res['error']}")
         for s in res.get("sources", []):

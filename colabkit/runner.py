@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from .errors import ColabkitError, ConfigError, OutOfMemoryError, PreflightError, TrainError
 from .events import LineParser
 from .fsutil import atomic_write_json, atomic_write_text, free_bytes
+from .runtime import cli_form, command
 
 if TYPE_CHECKING:
     from .config import Config
@@ -68,6 +69,9 @@ TAIL_LINES = 15
 MAX_BACKOFF = 600.0
 #: the job file of a running job is refreshed at most this often (seconds) while lines stream
 JOB_FILE_INTERVAL = 2.0
+#: --estimate compares the pace once it was measured this long: 5% of the estimate, within these bounds (seconds)
+ESTIMATE_MIN_WINDOW = 2.0
+ESTIMATE_MAX_WINDOW = 60.0
 
 # what a run that ran out of memory prints (PyTorch, the CUDA caching allocator, cuBLAS, Python)
 _OOM_TEXT = [re.compile(p, re.MULTILINE) for p in (
@@ -193,12 +197,14 @@ class Progress:
         self.checkpoint_path: str | None = None
         self.updated: float | None = None
         self._samples: deque[tuple[float, int]] = deque(maxlen=window)
+        self._first: tuple[float, int] | None = None  # the attempt's first step: how long the pace was measured
         self._lock = threading.Lock()  # the pump thread writes while status() reads
 
     def new_attempt(self) -> None:
         """A restart re-measures the pace (start-up time is not training time)."""
         with self._lock:
             self._samples.clear()
+            self._first = None
 
     def observe(self, events: Iterable[Any], *, base: Path | None = None) -> None:
         with self._lock:
@@ -220,6 +226,8 @@ class Progress:
                     self.total_steps = total
                 if not self._samples or self._samples[-1][1] != e.step:
                     self._samples.append((e.time, e.step))
+                    if self._first is None:
+                        self._first = (e.time, e.step)
             elif e.kind == "loss" and e.loss is not None:
                 self.loss = e.loss
 
@@ -236,10 +244,19 @@ class Progress:
 
     @property
     def measured_steps(self) -> int:
+        """Steps seen since this attempt's first step (the rate's window is shorter: the recent pace)."""
         with self._lock:
-            if len(self._samples) < 2:
+            if self._first is None or not self._samples:
                 return 0
-            return self._samples[-1][1] - self._samples[0][1]
+            return max(0, self._samples[-1][1] - self._first[1])
+
+    @property
+    def measured_seconds(self) -> float:
+        """Seconds since this attempt's first step (0 until two distinct steps were seen)."""
+        with self._lock:
+            if self._first is None or not self._samples:
+                return 0.0
+            return max(0.0, self._samples[-1][0] - self._first[0])
 
     @property
     def eta(self) -> float | None:
@@ -310,21 +327,14 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
     from . import runtime
     from .config import format_size, load_config, parse_size
     cfg = config if config is not None else load_config()
-    _check_name(experiment)
-    exp_dir = cfg.experiment_dir(experiment)
-    if not exp_dir.is_dir():
-        known = cfg.experiment_names()
-        raise PreflightError(
-            f"unknown experiment {experiment!r}: {exp_dir} does not exist "
-            f"({'experiments here: ' + ', '.join(known) if known else 'no experiments yet'}); "
-            f"create it with 'colabkit init --experiment {experiment}' or pull it with '%airlock pull {experiment}'")
+    exp_dir = cfg.require_experiment(experiment)  # the one check of every command that takes an experiment
     path = Path(script).expanduser() if script is not None else exp_dir / SCRIPT
     if not path.is_absolute():
         path = exp_dir / path
     if not path.is_file():
         raise PreflightError(f"{experiment}: no {path.name} in {path.parent}; put the training script there "
-                             f"(colabkit init writes a template) or pull the experiment's bundle with "
-                             f"'%airlock pull {experiment}'")
+                             f"('{command('init')}' writes a template) or pull the experiment's bundle with "
+                             f"'{command('airlock pull ' + experiment)}'")
 
     warnings: list[str] = []
     gpus = runtime.gpus()
@@ -337,7 +347,7 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
                 raise PreflightError(
                     f"{experiment}: --max-vram {format_size(cap)} is more than a Tier 1 job may use "
                     f"({gpu.name}, {format_size(gpu.memory_total)}: jobs are capped at {format_size(limit)}); "
-                    f"move this run to Tier 2 (an A100 80 GB: '%airlock export {experiment}', then pull and "
+                    f"move this run to Tier 2 (an A100 80 GB: '{command('airlock export ' + experiment)}', then pull and "
                     "train it on the cluster), or lower --max-vram")
             cap = cap if cap is not None else limit
         if cap is not None and cap > gpu.memory_total:
@@ -354,7 +364,7 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
         raise PreflightError(
             f"{experiment}: only {format_size(free)} free on the disk of {ck_dir} (train.min_free_disk is "
             f"{format_size(cfg.train.min_free_disk)}); free space first (old checkpoints are pruned once a "
-            "remote holds them: 'colabkit sync flush'), or lower train.min_free_disk in colabkit.yaml")
+            f"remote holds them: '{command('sync flush')}'), or lower train.min_free_disk in colabkit.yaml")
 
     for d in cfg.train.data_paths:
         p = Path(d).expanduser()
@@ -396,7 +406,7 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
             except (ColabkitError, OSError) as e:
                 raise PreflightError(
                     f"{experiment}: cannot write to sync tier {t.name!r}: {redact(str(e))}; fix its access "
-                    "('colabkit config show' shows what is configured) or run with --no-sync") from None
+                    f"('{command('config show')}' shows what is configured) or run with --no-sync") from None
             checked.append(t.name)
     return Preflight(experiment=experiment, experiment_dir=exp_dir, script=path, gpu=gpu.name if gpu else None,
                      gpu_memory=gpu.memory_total if gpu else None, tier=gpu.tier if gpu else None, max_vram=cap,
@@ -404,17 +414,15 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
 
 
 def _check_name(experiment: str) -> None:
-    if (not isinstance(experiment, str) or not experiment or "/" in experiment or "\\" in experiment
-            or experiment in (".", "..") or experiment.startswith("-")):
-        raise PreflightError(f"{experiment!r} is not an experiment name; use the folder name under "
-                             "experiments/, e.g. v01")
+    from .config import check_experiment_name
+    check_experiment_name(experiment)
 
 
 def oom_advice(tier: int | None, gpu: str | None, experiment: str) -> str:
     """What to do after running out of memory, by hardware tier."""
     if tier == 1:
         return (f"this is a Tier 1 GPU ({gpu}, jobs capped at 20 GB): reduce the batch size or the model, or "
-                f"move the run to Tier 2 (an A100 80 GB: '%airlock export {experiment}', then pull and train it "
+                f"move the run to Tier 2 (an A100 80 GB: '{command('airlock export ' + experiment)}', then pull and train it "
                 "on the cluster)")
     if tier == 2:
         return ("reduce the batch size (gradient accumulation keeps the effective batch), use mixed precision or "
@@ -494,6 +502,8 @@ def _sigterm_as_interrupt() -> Callable[[], None] | None:
 
 
 # -- the job ---------------------------------------------------------------------------------------------
+#: a line listener: called with (events, line, attempt)
+Listener = Callable[[Sequence[Any], str, Any], None]
 _jobs: dict[str, "Job"] = {}
 _jobs_lock = threading.Lock()
 _atexit_installed = False
@@ -517,8 +527,17 @@ class Job:
                  max_restarts: int, resume_from: str | None, restart_backoff: float, stall_after: float,
                  grace: float, estimate: float | None, total_steps: int | None, sync: bool,
                  on_line: Callable[[str], None] | None, on_warning: Callable[[str], None] | None,
-                 python: str | None = None, resume_policy: str = "auto") -> None:
+                 python: str | None = None, resume_policy: str = "auto",
+                 listeners: Sequence[Listener] = (), output_dir: str | os.PathLike | None = None,
+                 name: str | None = None, run: str | None = None) -> None:
         self.experiment = experiment
+        #: the job's name in the registry and its job file: the experiment, or e.g. ``v01.cooldown_200``
+        self.key = name or experiment
+        #: the run's stable identity for triggers: ``main``, or a cooldown's folder name
+        self.run_name = run or "main"
+        #: called with (events, line, attempt) for every line the child prints, and with a ``state`` event
+        #: (finished, failed, oom, stalled, restarted, stopped) when the run changes state
+        self.listeners: list[Listener] = list(listeners)
         self.config = config
         self.pre = pre
         self.args = [str(a) for a in args]
@@ -535,8 +554,13 @@ class Job:
         self.python = python or sys.executable
         self.started = time.time()
         self.run_id = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(self.started))}-{uuid.uuid4().hex[:4]}"
-        self.log_dir = config.log_dir(experiment) / self.run_id
-        self.checkpoint_dir = config.checkpoint_dir(experiment)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        if self.output_dir is not None:  # a run of its own folder (a cooldown): never the main run's folders
+            self.log_dir = self.output_dir / config.logs / self.run_id
+            self.checkpoint_dir = self.output_dir / config.checkpoints
+        else:
+            self.log_dir = config.log_dir(experiment) / self.run_id
+            self.checkpoint_dir = config.checkpoint_dir(experiment)
         self.cwd = pre.experiment_dir
         self.progress = Progress(total_steps=total_steps or _total_from_args(self.args) or config.train.total_steps)
         self.parser = LineParser(config)
@@ -559,7 +583,7 @@ class Job:
         self._job_file_written = 0.0
         self._sync_started = False
         self._freeze: tuple[subprocess.Popen, Any, Path, Path] | None = None
-        self._stop_file = config.state_dir / "jobs" / f"{experiment}.stop"
+        self._stop_file = config.state_dir / "jobs" / f"{self.key}.stop"
 
     # -- public ----------------------------------------------------------------------------------------
     @property
@@ -568,13 +592,13 @@ class Job:
 
     @property
     def job_file(self) -> Path:
-        return self.config.state_dir / "jobs" / f"{self.experiment}.json"
+        return self.config.state_dir / "jobs" / f"{self.key}.json"
 
     def status(self) -> dict[str, Any]:
         """A snapshot: state, attempt, step, total, loss, rate (steps/s), ETA (s), log, checkpoint."""
         with self._lock:
             att = self.attempts[-1] if self.attempts else None
-            d = {"experiment": self.experiment, "run_id": self.run_id, "state": self.state,
+            d = {"experiment": self.experiment, "key": self.key, "run_id": self.run_id, "state": self.state,
                  "attempt": att.number if att else None, "restarts": max(0, len(self.attempts) - 1),
                  "max_restarts": self.max_restarts, "pid": os.getpid(),
                  "child_pid": self._proc.pid if self._proc is not None and self._proc.poll() is None else None,
@@ -628,7 +652,7 @@ class Job:
     # -- running -----------------------------------------------------------------------------------------
     def start_background(self) -> "Job":
         self.background = True
-        t = threading.Thread(target=self._run_safely, name=f"colabkit-train-{self.experiment}", daemon=True)
+        t = threading.Thread(target=self._run_safely, name=f"colabkit-train-{self.key}", daemon=True)
         self._thread = t
         t.start()
         return self
@@ -707,6 +731,9 @@ class Job:
                 return
             delay = min(self.restart_backoff * 2 ** (n - 1), max(self.restart_backoff, MAX_BACKOFF))
             resume_from = self._newest_checkpoint() or resume_from
+            if att.outcome == "stalled":
+                self._emit_state("stalled", att)
+            self._emit_state("restarted", att, resume_from=resume_from)
             self._set_state("waiting")
             self._warn(f"{self.experiment}: attempt {n} {att.detail}; restarting in {delay:g}s "
                        f"({n}/{self.max_restarts} restarts) from "
@@ -757,6 +784,9 @@ class Job:
             with self._lock:
                 self._proc = proc
             att.pid = proc.pid
+            # recorded as it starts, not only as it ends: a preemption kills this process too, and the journal
+            # must still know where the attempt ran and what it resumed from
+            self._write_run_json()
             self._set_state("stopping" if self._stop.is_set() else "running")
             if self._stop.is_set():
                 self._signal(signal.SIGTERM)
@@ -864,6 +894,8 @@ class Job:
                 events = self.parser.parse(seg)
                 if events:
                     self.progress.observe(events, base=base)
+                for fn in self.listeners:
+                    self._call(fn, events, seg, att)
         shown = next((s for s in reversed(segs) if s), "")
         with self._lock:
             self._tail.append(shown)
@@ -879,6 +911,26 @@ class Job:
         if time.time() - self._job_file_written > JOB_FILE_INTERVAL:
             self._write_job_file()
 
+    def _call(self, fn: Listener, events: Sequence[Any], line: str, att: Attempt | None) -> None:
+        try:
+            fn(events, line, att)
+        except Exception:  # a listener never stops the log stream
+            log.exception("%s: a line listener failed", self.experiment)
+
+    def _emit_state(self, state: str, att: Attempt | None, **values: Any) -> None:
+        """Tell the listeners the run's state changed (an event of kind ``state``; its line is empty)."""
+        if not self.listeners:
+            return
+        from .events import Event
+        vals = {"state": state, "attempt": att.number if att else None, "step": self.progress.step,
+                "path": self.progress.checkpoint_path, **values}
+        if att is not None:
+            vals.setdefault("exit_code", att.exit_code)
+            vals.setdefault("detail", att.detail)
+        ev = Event("state", vals, "")
+        for fn in list(self.listeners):
+            self._call(fn, [ev], "", att)
+
     def _check_estimate(self) -> None:
         p = self.progress
         if not p.total_steps:
@@ -887,7 +939,12 @@ class Job:
                        "(pass --total-steps N or set train.total_steps)")
             return
         remaining_at_start = p.total_steps - (self.attempts[0].first_step or 0)
-        if p.rate is None or p.measured_steps < max(2, 0.05 * remaining_at_start):
+        # a pace read off a fraction of a second of steps says nothing about hours: compare only once it was
+        # measured over 5% of the estimate (at least ESTIMATE_MIN_WINDOW, at most ESTIMATE_MAX_WINDOW) and 5% of
+        # the steps; a toy run that ends before then is not warned about
+        window = min(max(0.05 * (self.estimate or 0.0), ESTIMATE_MIN_WINDOW), ESTIMATE_MAX_WINDOW)
+        if (p.rate is None or p.measured_steps < max(2, 0.05 * remaining_at_start)
+                or p.measured_seconds < window):
             return
         self._estimate_checked = True
         from .config import format_duration
@@ -1044,7 +1101,7 @@ class Job:
         running = sync.status(config=self.config).get("groups") or []
         if running:  # %sync start already watches this project: flush it at the end instead
             return
-        sync.start([self.checkpoint_dir, self.config.log_dir(self.experiment)], config=self.config)
+        sync.start([self.checkpoint_dir, self.log_dir.parent], config=self.config)
         self._sync_started = True
 
     def _end_sync(self) -> None:
@@ -1063,7 +1120,7 @@ class Job:
                 return
             if not res.get("ok", True):
                 self._warn(f"{self.experiment}: sync did not upload everything at the end of the run; "
-                           "see '%sync status'", record=True)
+                           f"see '{command('sync status')}'", record=True)
         except ColabkitError as e:
             self._warn(f"{self.experiment}: flushing sync at the end of the run failed: {e}")
 
@@ -1076,9 +1133,13 @@ class Job:
         if record:
             with self._lock:
                 self.warnings.append(text)
-        log.warning("%s", text)
         if self.on_warning is not None and not self.background:
+            # the user reads it here; a warning-level record too would print it a second time (the CLI's stderr
+            # handler, or logging's last-resort handler in a kernel)
+            log.info("%s", text)
             self.on_warning(text)
+        else:
+            log.warning("%s", text)
 
     def _tail_text(self, att: Attempt) -> str:
         lines = [x for x in list(self._tail)[-TAIL_LINES:]]
@@ -1101,8 +1162,9 @@ class Job:
         self._write_run_json()
         self._write_job_file(force=True)
         with _jobs_lock:
-            if _jobs.get(self.experiment) is self:
-                del _jobs[self.experiment]
+            if _jobs.get(self.key) is self:
+                del _jobs[self.key]
+        self._emit_state(state, last, error=str(self.error) if self.error is not None else None)
 
     def _write_run_json(self) -> None:
         bundle = None
@@ -1147,8 +1209,11 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
           on_line: Callable[[str], None] | None = None, on_warning: Callable[[str], None] | None = None,
           total_steps: int | None = None, sync: bool | None = None, stall_after: float | None = None,
           restart_backoff: float | None = None, grace: float | None = None, script: str | os.PathLike | None = None,
-          python: str | None = None, allow_network_data: bool = False,
-          release_when_done: bool | str = False, releaser: Callable[[Any], None] | None = None) -> "TrainResult | Job":
+          python: str | None = None, listeners: Sequence["Listener"] = (), triggers: bool = True,
+          output_dir: str | os.PathLike | None = None, name: str | None = None,
+          run: str | None = None, on_unreachable: str | None = None, allow_network_data: bool = False,
+          release_when_done: bool | str = False, releaser: Callable[[Any], None] | None = None
+          ) -> "TrainResult | Job":
     """Run ``experiments/<experiment>/train.py`` under supervision (see the module docstring).
 
     Args:
@@ -1170,6 +1235,13 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
         stall_after, restart_backoff, grace: seconds (default: ``train.*``).
         script: a file to run instead of the experiment's train.py.
         python: the interpreter for the child (default: this one).
+        listeners: callables given ``(events, line, attempt)`` for every line the child prints (parsed once),
+            and a ``state`` event when the run is restarted, stalls or ends.
+        triggers: run the experiment's trigger rules (:mod:`colabkit.triggers`) on this run's log.
+        output_dir: a folder of its own for the run's checkpoints and logs (a cooldown run); `name` is then
+            the job's name (``v01.cooldown_200``), `run` its identity in trigger entries.
+        on_unreachable: with ``resume="auto"``: ``wait``, ``older`` or ``fail`` when a source that may hold a
+            newer checkpoint cannot be reached (default ``resume.on_unreachable``; see :mod:`colabkit.resume`).
         allow_network_data: train from ``train.data_paths`` on a network/FUSE mount (refused by default).
         release_when_done: once the run has ended (finished, or failed after its restarts), release the Colab
             runtime or the VM through :func:`colabkit.release.release` if every tier verifiably holds the final
@@ -1209,18 +1281,23 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
         raise ConfigError(f"--release-when-done: {release_when_done!r} is not allowed; use --release-when-done or "
                           "--release-when-done=force", key="release_when_done", value=release_when_done)
     _check_name(experiment)
-    _refuse_if_running(cfg, experiment)
+    key = name or experiment
+    _refuse_if_running(cfg, key)
     pre = preflight(experiment, config=cfg, max_vram=max_vram, check_tiers=want_sync, script=script,
                     allow_network_data=allow_network_data)
-    resume_from = _resume_source(cfg, experiment, resume)
+    resume_from = _resume_source(cfg, experiment, resume, on_unreachable=on_unreachable, warn=on_warning)
     job = Job(experiment, config=cfg, pre=pre, args=args, max_restarts=max_restarts, resume_from=resume_from,
               restart_backoff=tr.restart_backoff if restart_backoff is None else restart_backoff,
               stall_after=tr.stall_after if stall_after is None else stall_after,
               grace=tr.grace if grace is None else grace, estimate=est, total_steps=total_steps, sync=want_sync,
               on_line=on_line, on_warning=on_warning, python=python,
-              resume_policy=str(resume) if resume is not None else "none")
+              resume_policy=str(resume) if resume is not None else "none", listeners=listeners,
+              output_dir=output_dir, name=name, run=run)
+    if triggers:
+        from . import triggers as _triggers
+        _triggers.attach(job)
     with _jobs_lock:
-        _jobs[experiment] = job
+        _jobs[key] = job
     _install_atexit()
     if background:
         job._write_job_file(force=True)
@@ -1235,8 +1312,8 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
         return job.run()
     finally:
         with _jobs_lock:
-            if _jobs.get(experiment) is job:
-                del _jobs[experiment]
+            if _jobs.get(key) is job:
+                del _jobs[key]
         if release_when_done:
             _release_after(job, release_when_done, releaser)
 
@@ -1259,14 +1336,20 @@ def _release_after(job: "Job", mode: bool | str, releaser: Callable[[Any], None]
         job._warn(f"{job.experiment}: releasing the runtime failed: {e}")
 
 
-def _resume_source(cfg: "Config", experiment: str, resume: str | os.PathLike | None) -> str | None:
+def _resume_source(cfg: "Config", experiment: str, resume: str | os.PathLike | None, *,
+                   on_unreachable: str | None = None, warn: Callable[[str], None] | None = None) -> str | None:
     if resume is None or str(resume) == "none":
         return None
     if str(resume) == "auto":
         from . import resume as rs
-        plan = rs.locate(config=cfg, experiment=experiment)
+        plan = rs.locate(config=cfg, experiment=experiment, on_unreachable=on_unreachable)
         path = rs.fetch(plan, progress=False)
-        if path is not None:
+        if path is not None and plan.unreachable:   # resume.on_unreachable: older: never quietly
+            msg = f"{experiment}: resuming from an older checkpoint, {path}: {plan.reason}"
+            log.warning("%s", msg)
+            if warn is not None:
+                warn(msg)
+        elif path is not None:
             log.info("%s: resuming from %s (%s)", experiment, path, plan.reason)
         return str(path) if path is not None else None
     p = Path(resume).expanduser()
@@ -1283,11 +1366,11 @@ def _refuse_if_running(cfg: "Config", experiment: str) -> None:
         job = _jobs.get(experiment)
     if job is not None and job.running:
         raise TrainError(f"{experiment} is already running in this kernel (run {job.run_id}, state {job.state}); "
-                         f"stop it with '%train stop {experiment}' or wait for it")
+                         f"stop it with '{command('train stop ' + experiment)}' or wait for it")
     other = _read_job_file(cfg.state_dir / "jobs" / f"{experiment}.json")
     if other and other.get("live") and other.get("pid") != os.getpid():
         raise TrainError(f"{experiment} is already running in process {other.get('pid')} on this machine "
-                         f"(run {other.get('run_id')}); stop it with 'colabkit train stop {experiment}'")
+                         f"(run {other.get('run_id')}); stop it with '{command('train stop ' + experiment)}'")
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -1332,8 +1415,12 @@ def status(*, config: "Config | None" = None, experiment: str | None = None) -> 
     Returns:
         ``{"jobs": [job status, ...]}``, newest first; each has experiment, state, attempt, step, total_steps,
         loss, rate, eta, log, pid.
+    Raises:
+        UnknownExperimentError: `experiment` is not here.
     """
     cfg = _cfg(config)
+    if cfg is not None and experiment is not None:
+        cfg.require_experiment(experiment)
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     for j in _jobs_here(cfg, experiment):
@@ -1392,7 +1479,8 @@ def logs(n: int = 50, *, experiment: str | None = None, config: "Config | None" 
 
 def _no_job(experiment: str | None) -> str:
     what = f"experiment {experiment!r}" if experiment else "this project"
-    return f"no training job found for {what}; start one with '%train vXX' (or '%train vXX --background')"
+    return (f"no training job found for {what}; start one with '{command('train vXX')}'"
+            + (f" (or '{command('train vXX --background')}')" if command("train") != cli_form("train") else ""))
 
 
 def stop(*, experiment: str | None = None, config: "Config | None" = None, grace: float | None = None,
@@ -1406,6 +1494,8 @@ def stop(*, experiment: str | None = None, config: "Config | None" = None, grace
         ``{"stopped": [status after stopping, ...]}`` (empty when nothing was running).
     """
     cfg = _cfg(config)
+    if cfg is not None and experiment is not None:
+        cfg.require_experiment(experiment)
     stopped: list[dict[str, Any]] = []
     for j in _jobs_here(cfg, experiment):
         j.stop(grace=grace, timeout=timeout)
@@ -1422,6 +1512,44 @@ def stop(*, experiment: str | None = None, config: "Config | None" = None, grace
             data["state"] = "stopping"
             stopped.append(data)
     return {"stopped": stopped}
+
+
+def wait(*, experiment: str | None = None, config: "Config | None" = None,
+         timeout: float | None = None) -> dict[str, Any]:
+    """Wait for the background run(s) of this kernel to end (``%train wait``), e.g. before a notebook's last
+    cell flushes every tier; a run of another process on this machine is followed through its job file.
+
+    Args:
+        experiment: only this experiment's run (default: every run of this project).
+        timeout: give up after this many seconds (default: wait as long as it runs).
+    Returns:
+        ``{"jobs": [status, ...], "timed_out": bool}`` (each status as :func:`status` gives it: state, step,
+        loss, checkpoint, log).
+    Raises:
+        TrainError: no run has been started for this project (or `experiment`).
+    """
+    cfg = _cfg(config)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
+    jobs = _jobs_here(cfg, experiment)
+    timed_out = False
+    if jobs:
+        for j in jobs:
+            if j.wait(left(), raise_error=False) is None and j.running:
+                timed_out = True
+        return {"jobs": [j.status() for j in jobs], "timed_out": timed_out}
+    data = status(config=cfg, experiment=experiment)["jobs"] if cfg is not None else []
+    if not data:
+        raise TrainError(_no_job(experiment))
+    tick = threading.Event()  # never set: a bounded pause between reads of the other process's job file
+    while any(d.get("live") for d in data):
+        pause = 1.0 if deadline is None else min(1.0, left() or 0.0)
+        if pause <= 0:
+            timed_out = True
+            break
+        tick.wait(pause)
+        data = status(config=cfg, experiment=experiment)["jobs"]
+    return {"jobs": data, "timed_out": timed_out}
 
 
 def _stop_all_at_exit() -> None:

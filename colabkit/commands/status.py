@@ -8,7 +8,9 @@ from . import Context, common
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = common(sub.add_parser("status", help="the dashboard: runtime, training, sync tiers, resume sources"))
-    p.add_argument("--experiment", metavar="vXX", help="limit to one experiment")
+    p.add_argument("--experiment", "-e", metavar="vXX",
+                   help="limit to one experiment (default for --resume: the only experiment, else the one with "
+                        "the newest checkpoint or run)")
     p.add_argument("--resume", dest="include_resume", action="store_true",
                    help="also ask every resume source what it holds (contacts the remotes)")
     p.set_defaults(func=status)
