@@ -22,6 +22,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -268,18 +269,24 @@ def check_flush(cfg: "Config", *, timeout: float | None) -> Check:
 
 
 def check_triggers(cfg: "Config") -> Check:
-    """No trigger action queued or running (``.colabkit/actions/**/*.json`` by state)."""
-    d = cfg.state_dir / "actions"
+    """No trigger action queued or running (colabkit.triggers' queue, by effective state: a ``running`` entry
+    whose worker died reads as ``interrupted`` and waits for ``%triggers retry``, so it does not hold the
+    machine)."""
     busy = []
-    for p in sorted(d.rglob("*.json")) if d.is_dir() else []:
-        if is_temporary(p.name):
-            continue
-        try:
-            entry = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(entry, dict) and entry.get("state") in _ACTIVE_ACTIONS:
-            busy.append(f"{entry.get('id') or p.stem} ({entry.get('state')})")
+    try:
+        from . import triggers
+        entries = triggers.list_entries(config=cfg)
+    except ImportError:  # pragma: no cover - triggers always ships; read the files as they are
+        entries = []
+        d = cfg.state_dir / "actions"
+        for p in sorted(d.rglob("*.json")) if d.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError):
+                e = json.loads(p.read_text(encoding="utf-8"))
+                if isinstance(e, dict) and not is_temporary(p.name):
+                    entries.append({"id": e.get("id") or p.stem, "state": e.get("state")})
+    for entry in sorted(entries, key=lambda e: str(e.get("id"))):
+        if entry.get("state") in _ACTIVE_ACTIONS:
+            busy.append(f"{entry.get('id')} ({entry.get('state')})")
     if busy:
         return Check("triggers", False, f"{len(busy)} trigger action(s) still queued or running: "
                      + ", ".join(busy[:5]) + "; see '%triggers list'")

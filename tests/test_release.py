@@ -184,7 +184,7 @@ def test_status_shows_idle_time_and_a_refusal_loudly(tmp_path, capsys, monkeypat
     root = make(tmp_path)
     q = root / ".colabkit" / "actions" / "v01"
     q.mkdir(parents=True)
-    (q / "a.json").write_text(json.dumps({"id": "a", "state": "running"}))
+    (q / "a.json").write_text(json.dumps({"id": "a", "state": "pending"}))
     release.release("v01", config=cfg(root), releaser=Releaser())
     monkeypatch.chdir(root)
     assert main(["status"]) == 0
@@ -194,7 +194,7 @@ def test_status_shows_idle_time_and_a_refusal_loudly(tmp_path, capsys, monkeypat
     assert out[i + 2].startswith("  last release: REFUSED ") and out[i + 2].endswith(
         "ago: NOT RELEASED (triggers failed): did not run the release command 'shutdown -h +2'. Fix the above, or "
         "pass --release-when-done=force / colabkit release --force to release anyway")
-    assert out[i + 3] == "    triggers: 1 trigger action(s) still queued or running: a (running); see '%triggers list'"
+    assert out[i + 3] == "    triggers: 1 trigger action(s) still queued or running: a (pending); see '%triggers list'"
 
 
 def test_watch_idle_releases_once_idle(tmp_path, monkeypatch):
@@ -211,3 +211,19 @@ def test_watch_idle_releases_once_idle(tmp_path, monkeypatch):
         release.watch_idle(config=load_config(data={}))
     assert str(ei.value) == ("release.idle_after is not set: the idle guard is off. Set it in colabkit.yaml, e.g. "
                              "release: {idle_after: 30m}")
+
+
+def test_a_running_action_holds_the_machine_but_one_whose_worker_died_does_not(tmp_path):
+    from colabkit import triggers
+    root = make(tmp_path)
+    q = triggers.Queue(cfg(root), "v01")
+    assert q.create({"id": "eval-200", "state": "running", "created": 1.0, "rule": "eval"})
+    r = Releaser()
+    with q.lock("eval-200") as held:
+        assert held
+        d = release.release("v01", config=cfg(root), releaser=r)
+    assert failed(d) == ["triggers"] and r.calls == []
+    assert d.checks[3].detail == ("1 trigger action(s) still queued or running: eval-200 (running); see "
+                                  "'%triggers list'")
+    d = release.release("v01", config=cfg(root), releaser=r)   # nobody holds its claim: interrupted
+    assert d.released and d.checks[3].detail == "no trigger action queued or running"

@@ -101,7 +101,7 @@ def test_release_when_done_refuses_while_an_action_is_queued_and_force_releases(
                 extra={"release": {"command": "shutdown -h +2"}})
     q = root / ".colabkit" / "actions" / "v01"
     q.mkdir(parents=True)
-    (q / "eval-10.json").write_text(json.dumps({"id": "eval-10", "state": "running"}))
+    (q / "cooldown-10.json").write_text(json.dumps({"id": "cooldown-10", "state": "waiting", "created": 1.0}))
     said: list[str] = []
     r = Releaser()
     runner.train("v01", config=cfg(root), resume="none", on_warning=said.append, release_when_done=True, releaser=r)
