@@ -2,7 +2,7 @@
 
 An idle A100 or L4 burns credits; a released machine loses its local disk. So :func:`release` first
 flushes every sync tier, then checks from the ledgers that each tier verifiably holds the final checkpoint
-and the logs it should hold, that no trigger action is queued or running and that no other job of the project
+and the logs it should hold, that no trigger action is queued, running or interrupted and that no other job of the project
 is active. Only when every check passes does it release:
 
 * on Colab: ``google.colab.runtime.unassign()`` (the runtime and its disk are gone);
@@ -22,7 +22,6 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .errors import ColabkitError, ReleaseError, SyncError
 from .fsutil import is_temporary
+from .runtime import command
 
 if TYPE_CHECKING:
     from .config import Config
@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_VM_COMMAND = "shutdown -h +2"
-_ACTIVE_ACTIONS = ("pending", "waiting", "running")
+#: queue states of an action that has not run to its end: releasing would lose it (an interrupted one waits for
+#: '%triggers retry' or 'cancel')
+_UNFINISHED_ACTIONS = ("pending", "waiting", "running", "interrupted")
 _ACTIVE_JOBS = ("starting", "running", "waiting", "stopping")
 
 
@@ -269,28 +271,14 @@ def check_flush(cfg: "Config", *, timeout: float | None) -> Check:
 
 
 def check_triggers(cfg: "Config") -> Check:
-    """No trigger action queued or running (colabkit.triggers' queue, by effective state: a ``running`` entry
-    whose worker died reads as ``interrupted`` and waits for ``%triggers retry``, so it does not hold the
-    machine)."""
-    busy = []
-    try:
-        from . import triggers
-        entries = triggers.list_entries(config=cfg)
-    except ImportError:  # pragma: no cover - triggers always ships; read the files as they are
-        entries = []
-        d = cfg.state_dir / "actions"
-        for p in sorted(d.rglob("*.json")) if d.is_dir() else []:
-            with contextlib.suppress(OSError, ValueError):
-                e = json.loads(p.read_text(encoding="utf-8"))
-                if isinstance(e, dict) and not is_temporary(p.name):
-                    entries.append({"id": e.get("id") or p.stem, "state": e.get("state")})
-    for entry in sorted(entries, key=lambda e: str(e.get("id"))):
-        if entry.get("state") in _ACTIVE_ACTIONS:
-            busy.append(f"{entry.get('id')} ({entry.get('state')})")
+    """No trigger action queued, running or interrupted (read through :func:`colabkit.triggers.list_entries`,
+    which counts a ``running`` entry whose worker is gone as ``interrupted``)."""
+    from . import triggers
+    busy = [f"{e['id']} ({e['state']})" for e in triggers.list_entries(config=cfg) if e["state"] in _UNFINISHED_ACTIONS]
     if busy:
-        return Check("triggers", False, f"{len(busy)} trigger action(s) still queued or running: "
-                     + ", ".join(busy[:5]) + "; see '%triggers list'")
-    return Check("triggers", True, "no trigger action queued or running")
+        return Check("triggers", False, f"{len(busy)} trigger action(s) still queued, running or interrupted: "
+                     + ", ".join(busy[:5]) + f"; see '{command('triggers list')}'")
+    return Check("triggers", True, "no trigger action queued, running or interrupted")
 
 
 def check_jobs(cfg: "Config", *, exclude_run: str | None = None) -> Check:

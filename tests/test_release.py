@@ -83,7 +83,7 @@ def test_dry_run_decides_without_flushing_or_acting(tmp_path, capsys, monkeypatc
         "  FAIL  tiers     backup lacks 3 of 3 (experiments/v01/checkpoints/v01_step_00000200.pt, "
         "experiments/v01/checkpoints/v01_step_00000200.pt.json, experiments/v01/logs/run1/train.log): not verified "
         "on the tier yet (see '%sync status')",
-        "  ok    triggers  no trigger action queued or running",
+        "  ok    triggers  no trigger action queued, running or interrupted",
         "  ok    jobs      no other job of this project is active",
         "Dry run: would refuse: run the release command 'shutdown -h +2' (failing: tiers)"]
     assert not (tmp_path / "backup").exists()           # nothing was uploaded
@@ -124,12 +124,12 @@ def test_queued_trigger_action_refuses_and_force_releases_saying_what_may_be_los
     r = Releaser()
     d = release.release("v01", config=cfg(root), releaser=r)
     assert d.decision == "refuse" and r.calls == [] and failed(d) == ["triggers"]
-    assert d.checks[3].detail == ("1 trigger action(s) still queued or running: cooldown-v01-step200 (pending); see "
-                                  "'%triggers list'")
+    assert d.checks[3].detail == ("1 trigger action(s) still queued, running or interrupted: cooldown-v01-step200 "
+                                  "(pending); see 'colabkit triggers list'")
     d = release.release("v01", config=cfg(root), releaser=r, force=True)
     assert d.released and d.forced and len(r.calls) == 1
     assert d.lines()[-2] == ("FORCED although checks failed; what may be lost: triggers: 1 trigger action(s) still "
-                             "queued or running: cooldown-v01-step200 (pending); see '%triggers list'")
+                             "queued, running or interrupted: cooldown-v01-step200 (pending); see 'colabkit triggers list'")
 
 
 def test_another_active_job_refuses(tmp_path):
@@ -194,7 +194,8 @@ def test_status_shows_idle_time_and_a_refusal_loudly(tmp_path, capsys, monkeypat
     assert out[i + 2].startswith("  last release: REFUSED ") and out[i + 2].endswith(
         "ago: NOT RELEASED (triggers failed): did not run the release command 'shutdown -h +2'. Fix the above, or "
         "pass --release-when-done=force / colabkit release --force to release anyway")
-    assert out[i + 3] == "    triggers: 1 trigger action(s) still queued or running: a (pending); see '%triggers list'"
+    assert out[i + 3] == ("    triggers: 1 trigger action(s) still queued, running or interrupted: a (pending); "
+                          "see 'colabkit triggers list'")
 
 
 def test_watch_idle_releases_once_idle(tmp_path, monkeypatch):
@@ -213,7 +214,7 @@ def test_watch_idle_releases_once_idle(tmp_path, monkeypatch):
                              "release: {idle_after: 30m}")
 
 
-def test_a_running_action_holds_the_machine_but_one_whose_worker_died_does_not(tmp_path):
+def test_a_running_action_holds_the_machine_and_so_does_one_whose_worker_died(tmp_path):
     from colabkit import triggers
     root = make(tmp_path)
     q = triggers.Queue(cfg(root), "v01")
@@ -223,7 +224,8 @@ def test_a_running_action_holds_the_machine_but_one_whose_worker_died_does_not(t
         assert held
         d = release.release("v01", config=cfg(root), releaser=r)
     assert failed(d) == ["triggers"] and r.calls == []
-    assert d.checks[3].detail == ("1 trigger action(s) still queued or running: eval-200 (running); see "
-                                  "'%triggers list'")
-    d = release.release("v01", config=cfg(root), releaser=r)   # nobody holds its claim: interrupted
-    assert d.released and d.checks[3].detail == "no trigger action queued or running"
+    assert d.checks[3].detail == ("1 trigger action(s) still queued, running or interrupted: eval-200 (running); see "
+                                  "'colabkit triggers list'")
+    d = release.release("v01", config=cfg(root), releaser=r)   # nobody holds its claim: interrupted, not done
+    assert failed(d) == ["triggers"] and r.calls == []
+    assert d.checks[3].detail.endswith("eval-200 (interrupted); see 'colabkit triggers list'")

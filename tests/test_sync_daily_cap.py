@@ -80,6 +80,12 @@ def test_the_tier_pauses_before_its_daily_cap_and_says_until_when(drive_server, 
     assert first.startswith(f"drive: NOT done (paused) · uploaded 0 · pending 2 · paused until "
                             f"{_hhmm(earlier + DAY)}: 4.0 KB uploaded to this tier in the last 24 h")
     assert "weights belong on the Hub" in first
+    # with nothing running, `colabkit sync status` says what the ledger counted against the cap
+    r = subprocess.run([sys.executable, "-m", "colabkit", "sync", "status", "--config", str(root / "colabkit.yaml")],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("drive: holds ")]
+    assert line.startswith("drive: holds 1 files / 1.0 KB · last upload ") and \
+        line.endswith(" · uploaded 4.0 KB in the last 24 h")
 
 
 def test_the_tier_resumes_by_itself_once_the_window_moves_on(drive_server, tmp_path):
