@@ -240,6 +240,9 @@ def test_vm_notebook_checks_the_machine_exports_refuses_what_would_not_fit_impor
     assert "Added to journal.md:" in journal and "toy-regression" in journal
     assert re.search(r"(?i)Pinned pyyaml==\S+ in \S*experiments/v01/requirements\.txt", journal), journal
     assert "toy-regression" in (project / "journal.md").read_text()
+    # turning the VM off: on a laptop only the checks, and no release (nothing is configured to release it)
+    rel = out(nb, "%release --experiment").splitlines()
+    assert rel[0] == "Release checks:" and rel[-2].startswith("Dry run: would refuse: nothing to release here"), rel
 
 
 # -- notebooks/agent.ipynb -----------------------------------------------------------------------------------
