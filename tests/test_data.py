@@ -487,3 +487,35 @@ def test_zip_is_unpacked_with_every_file_recorded(files_srv, tmp_path):
         ("c4/en/a.json", 9, sha(b'{"a": 1}\n')), ("c4/en/b.json", 9, sha(b'{"b": 2}\n'))]
     assert rec["source_files"] == {"c4.zip": {"size": len(buf.getvalue()), "sha256": sha(buf.getvalue())}}
     assert data.verify("c4", config=cfg_of(root))["ok"]
+
+
+def test_a_fetch_that_gave_up_keeps_what_it_had_and_the_next_one_continues(files_srv, tmp_path, monkeypatch):
+    payload = os.urandom(2_000_000)
+    (files_srv.root / "c4.bin").write_bytes(payload)
+    root = project(tmp_path, sets=[{"name": "c4", "source": files_srv.url("c4.bin"), "version": "v1",
+                                    "sha256": sha(payload)}])
+    monkeypatch.setattr(data, "ATTEMPTS", 1)    # give up at the first drop, as a crash would
+    files_srv.drop_after = 1_500_000
+    with pytest.raises(DataError) as ei:
+        data.fetch("c4", config=cfg_of(root), progress=False)
+    assert str(ei.value).startswith("downloading c4.bin failed 1 times (")
+    assert str(ei.value).endswith("); what was downloaded is kept: run the same fetch again to continue")
+    assert not (tmp_path / "ssd" / "c4" / "v1").exists()
+    res = data.fetch("c4", config=cfg_of(root), progress=False)
+    assert (res.path / "c4.bin").read_bytes() == payload and res.downloaded == 500_000
+    assert [(g[2], g[3]) for g in files_srv.gets()] == [(200, None), (206, "bytes=1500000-")]
+
+
+def test_evict_never_removes_a_data_set_a_running_job_uses(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("one\n")
+    root = project(tmp_path, sets=[{"name": "toy", "source": str(src), "version": "v1"}])
+    res = data.fetch("toy", config=cfg_of(root), progress=False)
+    jobs = root / ".colabkit" / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "v01.json").write_text(json.dumps({"experiment": "v01", "run_id": "v01-run", "state": "running",
+                                               "pid": os.getpid(), "data": {"toy": str(res.path)}}))
+    out = data.evict("toy", config=cfg_of(root))
+    assert out["kept"] == [{"version": "v1", "path": str(res.path),
+                            "reason": "the running job v01-run (v01) uses it"}] and res.path.is_dir()
