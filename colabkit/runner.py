@@ -373,8 +373,8 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
             if not allow_network_data:
                 raise PreflightError(
                     f"{experiment}: data path {p} is on a network/FUSE mount: training from it is slow and stalls "
-                    "when the mount hiccups. Pre-fetch it to the local SSD ('%data fetch NAME --source PATH', and "
-                    "list NAME in train.data), or pass --allow-network-data to train from the mount anyway")
+                    f"when the mount hiccups. Pre-fetch it to the local SSD ('{command('data fetch NAME --source PATH')}', "
+                    "and list NAME in train.data), or pass --allow-network-data to train from the mount anyway")
             warnings.append(f"data path {p} is on a network/FUSE mount: training from it is slow and stalls "
                             "when the mount hiccups; pre-fetch it to local SSD (/content/ or /mnt/) before "
                             "train.py starts and point train.data_paths there")

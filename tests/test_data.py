@@ -380,7 +380,7 @@ def test_new_version_goes_beside_the_old_verify_and_evict(tmp_path, capsys, monk
     out = capsys.readouterr().out
     assert out.splitlines() == [f"toy {v1.version}: 1 damaged file(s) in {v1.path}:",
                                 "  a.txt does not match its recorded sha256 (size 4 vs 4)",
-                                "  fetch it again: '%data fetch toy' (colabkit data fetch toy)"]
+                                "  fetch it again: 'colabkit data fetch toy'"]
     assert main(["data", "evict", "toy", "--version", v1.version]) == 0
     assert capsys.readouterr().out.splitlines() == [f"Removed toy {v1.version} (4 B): {v1.path}", "Freed 4 B"]
     assert not v1.path.exists() and v2.path.is_dir()
@@ -406,8 +406,8 @@ def test_bad_input_gets_clear_errors(tmp_path):
     with pytest.raises(DataError) as ei:
         data.fetch("nope", config=cfg_of(root))
     assert str(ei.value) == ("data set 'nope' is not declared in colabkit.yaml (declared: none) and no --source was "
-                             "given; run '%data fetch nope --source hub:datasets/USER/REPO' or declare it under "
-                             "data.sets")
+                             "given; run 'colabkit data fetch nope --source hub:datasets/USER/REPO' or declare it "
+                             "under data.sets")
     with pytest.raises(DataError) as ei:
         data.fetch("x", source="s3://bucket/key", config=cfg_of(root))
     assert str(ei.value) == ("'s3://bucket/key': unknown kind of source; use hub:datasets/USER/REPO[@REV][:GLOB], "
@@ -425,7 +425,7 @@ def test_bad_input_gets_clear_errors(tmp_path):
     assert str(ei.value) == "sha256: 'abc' is not a sha256 hex digest (64 hex characters)"
     with pytest.raises(DataError) as ei:
         data.verify("x", config=cfg_of(root))
-    assert str(ei.value) == f"x has not been fetched to {tmp_path / 'ssd'}; run '%data fetch x'"
+    assert str(ei.value) == f"x has not been fetched to {tmp_path / 'ssd'}; run 'colabkit data fetch x'"
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -459,7 +459,9 @@ def test_data_magic_and_json(ip, tmp_path, capsys, monkeypatch):
     from IPython.core.error import UsageError
     with pytest.raises(UsageError) as ei:
         ip.run_line_magic("data", "fetch other")
-    assert "data set 'other' is not declared in colabkit.yaml" in str(ei.value)
+    assert str(ei.value) == ("data set 'other' is not declared in colabkit.yaml (declared: toy) and no --source was "
+                             "given; run '%data fetch other --source hub:datasets/USER/REPO' or declare it under "
+                             "data.sets")   # the next step in the form of where the user is
 
 
 def test_gdown_public_link_with_declared_sha256(drive_server, tmp_path):

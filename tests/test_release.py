@@ -82,7 +82,7 @@ def test_dry_run_decides_without_flushing_or_acting(tmp_path, capsys, monkeypatc
         "  ok    platform  run the release command 'shutdown -h +2'",
         "  FAIL  tiers     backup lacks 3 of 3 (experiments/v01/checkpoints/v01_step_00000200.pt, "
         "experiments/v01/checkpoints/v01_step_00000200.pt.json, experiments/v01/logs/run1/train.log): not verified "
-        "on the tier yet (see '%sync status')",
+        "on the tier yet (see 'colabkit sync status')",
         "  ok    triggers  no trigger action queued, running or interrupted",
         "  ok    jobs      no other job of this project is active",
         "Dry run: would refuse: run the release command 'shutdown -h +2' (failing: tiers)"]
