@@ -219,7 +219,8 @@ def _scan(targets: Sequence[tuple[str, str]], skip: set[str]) -> Iterable[LocalF
                 for e in it:
                     try:
                         if e.is_dir(follow_symlinks=False):
-                            if e.name not in _SKIP_DIRS and e.path not in skip:
+                            # a folder still being written (a sharded save) is one unit: never its loose files
+                            if e.name not in _SKIP_DIRS and not is_temporary(e.name) and e.path not in skip:
                                 stack.append((e.path, f"{rd}/{e.name}" if rd else e.name))
                             continue
                         if is_temporary(e.name):
@@ -1112,7 +1113,7 @@ class SyncGroup:
                 return rel_top
             if path.startswith(top + os.sep):
                 rest = path[len(top) + 1:].replace(os.sep, "/")
-                if any(part in _SKIP_DIRS for part in rest.split("/")[:-1]):
+                if any(part in _SKIP_DIRS or is_temporary(part) for part in rest.split("/")[:-1]):
                     return None
                 return f"{rel_top}/{rest}" if rel_top else rest
         return None
