@@ -561,7 +561,7 @@ class FetchResult:
             out.append("  recorded in journal.md")
         out += [f"  warning: {w}" for w in self.warnings]
         env = "COLABKIT_DATA_" + env_name(self.name)
-        out.append(f"  %train gives train.py this path as ${env} when train.data lists {self.name}")
+        out.append(f"  train.py gets this path as ${env} when train.data lists {self.name}")
         return out
 
 
@@ -583,8 +583,7 @@ def _declared(config: "Config", name: str, **given: Any) -> dict[str, Any]:
         declared = ", ".join(s.name for s in config.data.sets) or "none"
         raise DataError(f"data set {name!r} is not declared in colabkit.yaml (declared: {declared}) and no --source "
                         f"was given; run '{command(f'data fetch {name} --source hub:datasets/USER/REPO')}' or "
-                        "declare it "
-                        "under data.sets")
+                        "declare it under data.sets")
     if d["unpack"] not in ("tar", "zip", "none"):
         raise ConfigError(f"--unpack: {d['unpack']!r} is not allowed; use one of tar, zip, none", key="unpack",
                           value=d["unpack"])
@@ -1007,7 +1006,7 @@ def verify(name: str, *, version: str | None = None, config: "Config | None" = N
     recs = _pick(name, version, cfg, cache)
     if not recs:
         raise DataError(f"{name}{' ' + version if version else ''} has not been fetched to "
-                        f"{cache_dir(cfg, cache)}; run '{command('data fetch ' + name)}'")
+                        f"{cache_dir(cfg, cache)}; run '{command(f'data fetch {name}')}'")
     out = []
     for rec in recs:
         base = Path(rec["path"])
@@ -1122,7 +1121,7 @@ def ready(names: Iterable[str], *, config: "Config", cache: str | os.PathLike | 
         want = decl.version if decl is not None else None
         recs = [r for r in records(n, config=config, cache=cache)
                 if (want is None or r["version"] == want) and (decl is None or r["source"] == decl.source)]
-        fix = f"'%data fetch {n}' (colabkit data fetch {n})"
+        fix = f"'{command(f'data fetch {n}')}'"
         if not recs:
             bad.append(f"{n}{' ' + want if want else ''} is not on the local disk: run {fix}")
             continue
