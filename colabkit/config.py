@@ -199,6 +199,12 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    refresh: float = 2.0                    # the live view redraws this often while a run or sync is active
+    resume_max_age: float = 600.0           # the resume sources are asked again once their answer is this old
+
+
+@dataclass(frozen=True)
 class Config:
     """The effective configuration. ``root`` is the project folder (where colabkit.yaml is, else cwd)."""
 
@@ -217,6 +223,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     airlock: AirlockConfig = field(default_factory=AirlockConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     cooldown: tuple[Mapping[str, Any], ...] = ()
 
     @property
@@ -562,6 +569,14 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         total_steps=tr.int("total_steps", None, minimum=1))
     tr.done()
 
+    db = top.section("dashboard")
+    dashboard = DashboardConfig(refresh=db.duration("refresh", DashboardConfig.refresh),
+                                resume_max_age=db.duration("resume_max_age", DashboardConfig.resume_max_age))
+    db.done()
+    if dashboard.refresh <= 0:
+        raise ConfigError(f"dashboard.refresh: {dashboard.refresh:g} must be a positive duration, e.g. 2s",
+                          key="dashboard.refresh", value=dashboard.refresh)
+
     cooldown = top.raw("cooldown", None) or ()
     if not isinstance(cooldown, (list, tuple)) or not all(isinstance(c, Mapping) for c in cooldown):
         raise ConfigError(f"cooldown: {cooldown!r} must be a list of trigger mappings", key="cooldown", value=cooldown)
@@ -570,7 +585,7 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         root=root, source=source, project=top.str("project", None) or root.name, home=home,
         experiments=top.str("experiments", "experiments"), checkpoints=top.str("checkpoints", "checkpoints"), logs=top.str("logs", "logs"), tiers=tiers,
         drive=drive, hub=hub, retention=retention, resume=resume, sync=sync, airlock=airlock, train=train,
-        cooldown=tuple(cooldown))
+        dashboard=dashboard, cooldown=tuple(cooldown))
     top.done()
     return cfg
 
