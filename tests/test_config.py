@@ -101,7 +101,7 @@ resume: {priority: [local, hub, drive], policy: first}
     ("train:\n  step_regex: 'step (\\d+'\n",
      "train.step_regex: 'step (\\\\d+' is not a valid regular expression (missing ), unterminated subpattern at position 5)"),
     ("tiers: drive\n", "tiers: 'drive' must be a list of tiers"),
-    ("colour: blue\n", "colour: unknown key; allowed here: airlock, checkpoints, cooldown, credentials, drive, "
+    ("colour: blue\n", "colour: unknown key; allowed here: airlock, checkpoints, cooldown, credentials, dashboard, drive, "
                        "experiments, home, hub, logs, project, resume, retention, sync, tiers, train"),
 ])
 def test_bad_configuration_names_key_value_and_fix(tmp_path, text, message):
