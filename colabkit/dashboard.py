@@ -821,6 +821,7 @@ class Dashboard:
         self._thread: threading.Thread | None = None
         self._published: str | None = None
         self._closed = False
+        self._rendered = threading.Condition()
 
     # -- data ------------------------------------------------------------------------------------
     def take(self) -> dict[str, Any]:
@@ -880,8 +881,15 @@ class Dashboard:
                 bar.layout.display = None
             else:
                 bar.layout.display = "none"
+        with self._rendered:
             self.renders += 1
+            self._rendered.notify_all()
         return snap
+
+    def wait_render(self, count: int, timeout: float | None = None) -> bool:
+        """Wait until the view was drawn at least `count` times in all; True when it was."""
+        with self._rendered:
+            return self._rendered.wait_for(lambda: self.renders >= count, timeout)
 
     def bundle(self) -> dict[str, Any]:
         """The display bundle: the widget view beside text/plain and text/html of the same facts."""
