@@ -22,10 +22,11 @@ _LAZY = {
     "open_remote": ("colabkit.remotes", "open_remote"),
 }
 _SUBMODULES = {"sync", "resume", "airlock", "journal", "runner", "checkpoints", "config", "errors", "remotes",
-               "runtime", "secrets", "dashboard", "cooldown", "events", "fsutil"}
+               "runtime", "secrets", "dashboard", "triggers", "events", "fsutil", "distributed"}
 
 if TYPE_CHECKING:  # a mirror for type checkers and IDEs
-    from . import airlock, checkpoints, config, errors, journal, remotes, resume, runner, runtime, sync
+    from . import (airlock, checkpoints, config, distributed, errors, journal, remotes, resume, runner, runtime,
+                   sync, triggers)
     from .checkpoints import Checkpointer
     from .config import Config, load_config
     from .errors import ColabkitError
@@ -50,7 +51,7 @@ def __dir__() -> list[str]:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext colabkit``: registers %airlock, %train, %sync, %resume, %journal and %colabkit."""
+    """``%load_ext colabkit``: registers %airlock, %train, %sync, %resume, %journal, %triggers and %colabkit."""
     from .magics import load
     load(ipython)
 

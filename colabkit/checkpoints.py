@@ -586,6 +586,9 @@ class Checkpointer:
             ``colabkit.retention.prune``, which never deletes one without a verified remote copy.
         async_save: ``save`` copies the state to CPU memory and returns; a background thread writes it.
         run_id: recorded in each manifest (default: ``$COLABKIT_RUN_ID``, else a new id).
+        sharded: save through torch.distributed.checkpoint into a folder of shards on every rank (see
+            :mod:`colabkit.distributed`); None (the default) does so when the state holds a DTensor / FSDP2
+            shard. Under torch.distributed a replicated state (DDP) is saved by global rank 0 only.
 
     Example:
         >>> with Checkpointer("ckpt", prefix="v01", async_save=True) as ck:
@@ -593,7 +596,8 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, *, prefix: str | None = None,
-                 keep: int | None = None, async_save: bool = False, run_id: str | None = None) -> None:
+                 keep: int | None = None, async_save: bool = False, run_id: str | None = None,
+                 sharded: bool | None = None) -> None:
         if directory is None:
             directory = os.environ.get("COLABKIT_CHECKPOINT_DIR") or "checkpoints"
         prefix = prefix if prefix is not None else (os.environ.get("COLABKIT_EXPERIMENT") or "ckpt")
@@ -605,6 +609,11 @@ class Checkpointer:
         self.prefix = prefix
         self.keep = keep
         self.async_save = bool(async_save)
+        if sharded is not None and not isinstance(sharded, bool):
+            raise CheckpointError(f"sharded={sharded!r} must be True, False or None (None: when the state holds "
+                                  "DTensor shards)")
+        self.sharded = sharded
+        self._distributed: Any = None  # colabkit.distributed.DistributedSaver, made on the first sharded call
         self.run_id = run_id or os.environ.get("COLABKIT_RUN_ID") or uuid.uuid4().hex[:12]
         self.last_saved: CheckpointInfo | None = None
         self.loaded: CheckpointInfo | None = None
@@ -623,6 +632,11 @@ class Checkpointer:
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every checkpoint in the folder (see :func:`discover`)."""
         return discover(self.directory)
+
+    def units(self) -> list[Any]:
+        """Every checkpoint unit in the folder, files and folders (see :func:`colabkit.distributed.discover_units`)."""
+        from .distributed import discover_units
+        return discover_units(self.directory)
 
     # -- saving ------------------------------------------------------------------------------------
     def save(self, step: int, state: Any) -> Path:
@@ -643,6 +657,15 @@ class Checkpointer:
         if self._closed:
             raise CheckpointError(f"this Checkpointer for {self.directory} is closed; create a new one")
         self.wait()
+        from .distributed import is_sharded_state, rank_and_world
+        rank, world = rank_and_world()
+        if self.sharded or (self.sharded is None and is_sharded_state(state)):
+            final = self._sharded().save(step, state, async_save=self.async_save)
+            if self.async_save:
+                _live.add(self)  # the exit hook waits for the write in flight
+            return final
+        if world > 1 and rank != 0:
+            return self.path_for(step)  # replicated (DDP): rank 0 writes it; no barrier a dead rank could hang
         if not self.async_save:
             return self._write(step, state)
         snap, storages = _snapshot(state, self._pool)
@@ -654,6 +677,12 @@ class Checkpointer:
         _live.add(self)
         t.start()
         return path
+
+    def _sharded(self):
+        if self._distributed is None:
+            from .distributed import DistributedSaver
+            self._distributed = DistributedSaver(self)
+        return self._distributed
 
     def _background(self, step: int, snap: Any, storages: list[Any]) -> None:
         try:
@@ -685,6 +714,11 @@ class Checkpointer:
                     self._thread = None
         with self._lock:
             err, self._error = self._error, None
+        if self._distributed is not None:
+            try:
+                self._distributed.wait(timeout)
+            except BaseException as e:
+                err = err or e
         _live.discard(self)
         if err is not None:
             raise err
@@ -693,7 +727,7 @@ class Checkpointer:
     def busy(self) -> bool:
         """True while a background write is in flight."""
         t = self._thread
-        return t is not None and t.is_alive()
+        return (t is not None and t.is_alive()) or (self._distributed is not None and self._distributed.busy)
 
     def close(self) -> None:
         """Wait for the last background write; raise its error. Safe to call twice."""
@@ -823,17 +857,38 @@ class Checkpointer:
             log.warning("pruning old checkpoints in %s failed: %s", self.directory, e)
 
     # -- loading -----------------------------------------------------------------------------------
-    def load_latest(self, *, map_location: Any = "cpu", weights_only: bool = True, default: Any = None) -> Any:
+    def load_latest(self, *, map_location: Any = "cpu", weights_only: bool = True, default: Any = None,
+                    state: Any = None) -> Any:
         """The newest valid checkpoint's state, falling back to older ones when it is corrupt or partial.
 
-        Waits for a background write first. The chosen file's info is left in :attr:`loaded`.
+        Waits for a background write first. The chosen file's info is left in :attr:`loaded`. Under
+        torch.distributed every rank calls it: rank 0 picks the newest verified checkpoint and every rank loads
+        that one. A checkpoint folder (sharded, DCP) is loaded through DCP into `state`, in place.
 
+        Args:
+            state: the state dict a sharded folder is loaded into (e.g. ``{"model": model.state_dict()}``; DCP
+                reshards to this world size). Without it a folder's whole state is read into CPU memory.
         Returns:
             The loaded state, or `default` when the folder holds no checkpoint.
         Raises:
             NoCheckpointError: checkpoints exist but none is valid.
         """
         self.wait()
+        from .distributed import has_folders, rank_and_world
+        if rank_and_world()[1] > 1 or self._distributed is not None or has_folders(self.directory):
+            from .distributed import load_latest_unit
+            if rank_and_world()[1] > 1:
+                unit_found = self._sharded().load_latest(state=state, map_location=map_location,
+                                                         weights_only=weights_only)
+            else:
+                unit_found = load_latest_unit(self.directory, state=state, map_location=map_location,
+                                              weights_only=weights_only)
+            if unit_found is None:
+                self.loaded = None
+                return default
+            unit, loaded = unit_found
+            self.loaded = unit.info()
+            return loaded
         found = load_latest(self.directory, map_location=map_location, weights_only=weights_only)
         if found is None:
             self.loaded = None
@@ -841,8 +896,17 @@ class Checkpointer:
         self.loaded, state = found
         return state
 
-    def load(self, path: str | os.PathLike, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
-        """Load one checkpoint (e.g. ``--resume-from PATH``), verified against its manifest if it has one."""
+    def load(self, path: str | os.PathLike, *, map_location: Any = "cpu", weights_only: bool = True,
+             state: Any = None) -> Any:
+        """Load one checkpoint (e.g. ``--resume-from PATH``), verified against its manifest if it has one.
+
+        A checkpoint folder (sharded, DCP, safetensors, Megatron) is verified and loaded as
+        :meth:`load_latest` does, into `state` for DCP folders; under torch.distributed every rank calls it.
+        """
+        if Path(path).is_dir():
+            from .distributed import load_folder
+            return load_folder(path, state=state, map_location=map_location, weights_only=weights_only,
+                               saver=self._sharded())
         return load(path, map_location=map_location, weights_only=weights_only)
 
     def __repr__(self) -> str:

@@ -109,6 +109,9 @@ class DriveConfig:
     scopes: tuple[str, ...] = (DRIVE_SCOPE,)
     chunk_size: int = 16 * 1024 * 1024      # resumable-upload chunk, a multiple of 256 KiB
     timeout: float = 60.0
+    #: bytes a Drive tier uploads per rolling 24 h before it pauses (Drive refuses more than ~750 GB a day per
+    #: account); 0 turns the count off (Drive's own answer still pauses the tier)
+    daily_upload_cap: int = 700 * 10**9
 
     @property
     def configured(self) -> bool:
@@ -224,7 +227,7 @@ class Config:
     airlock: AirlockConfig = field(default_factory=AirlockConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
-    cooldown: tuple[Mapping[str, Any], ...] = ()
+    triggers: tuple["TriggerRule", ...] = ()
 
     @property
     def state_dir(self) -> Path:
@@ -503,7 +506,8 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
     drive = DriveConfig(
         folder_id=d.str("folder_id", None), credentials=d.str("credentials", None),
         endpoint=d.str("endpoint", None), scopes=d.strings("scopes", DriveConfig.scopes),
-        chunk_size=d.size("chunk_size", DriveConfig.chunk_size), timeout=d.duration("timeout", DriveConfig.timeout))
+        chunk_size=d.size("chunk_size", DriveConfig.chunk_size), timeout=d.duration("timeout", DriveConfig.timeout),
+        daily_upload_cap=d.size("daily_upload_cap", DriveConfig.daily_upload_cap))
     if drive.chunk_size % (256 * 1024):
         raise ConfigError(f"drive.chunk_size: {drive.chunk_size} is not a multiple of 256 KiB; use e.g. 8MiB",
                           key="drive.chunk_size", value=drive.chunk_size)
@@ -577,15 +581,17 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         raise ConfigError(f"dashboard.refresh: {dashboard.refresh:g} must be a positive duration, e.g. 2s",
                           key="dashboard.refresh", value=dashboard.refresh)
 
-    cooldown = top.raw("cooldown", None) or ()
-    if not isinstance(cooldown, (list, tuple)) or not all(isinstance(c, Mapping) for c in cooldown):
-        raise ConfigError(f"cooldown: {cooldown!r} must be a list of trigger mappings", key="cooldown", value=cooldown)
+    if "cooldown" in top.data:
+        raise ConfigError("cooldown: rules on the training log are written as triggers: now (a list of rules with "
+                          "action: {type: cooldown, ...}); see docs/triggers.md", key="cooldown",
+                          value=top.data["cooldown"])
+    triggers = parse_triggers(top.raw("triggers", None), tiers=tier_names)
 
     cfg = Config(
         root=root, source=source, project=top.str("project", None) or root.name, home=home,
         experiments=top.str("experiments", "experiments"), checkpoints=top.str("checkpoints", "checkpoints"), logs=top.str("logs", "logs"), tiers=tiers,
         drive=drive, hub=hub, retention=retention, resume=resume, sync=sync, airlock=airlock, train=train,
-        dashboard=dashboard, cooldown=tuple(cooldown))
+        dashboard=dashboard, triggers=triggers)
     top.done()
     return cfg
 
@@ -599,3 +605,342 @@ def _regex(r: _Reader, name: str) -> str | None:
             raise ConfigError(f"{r.key(name)}: {v!r} is not a valid regular expression ({e})",
                               key=r.key(name), value=v) from None
     return v
+
+
+# -- triggers (rules on the training log; colabkit.triggers runs them) ---------------------------------------
+#: built-in events the runner already parses, and the run states it reports
+TRIGGER_EVENTS = ("checkpoint", "step", "loss")
+TRIGGER_STATES = ("finished", "failed", "oom", "stalled", "restarted", "stopped")
+TRIGGER_ACTIONS = ("cooldown", "command", "log", "sync")
+TRIGGER_CONDITIONS = ("at", "every", "file_exists", "wait", "max_attempts", "command", "metadata")
+TRIGGER_COMPARE = ("equals", "not_equals", "gte", "lte")
+#: what every template may use besides the event's own values
+TRIGGER_CONTEXT = ("experiment", "step", "path", "output_dir", "run_id", "run", "rule", "attempt")
+#: the values each detector provides
+_DETECTOR_VALUES = {"checkpoint": ("step", "path"), "step": ("step", "total"), "loss": ("loss",),
+                    "inactivity": ("idle", "since")}
+_STATE_VALUES = ("state", "exit_code", "attempt", "detail", "step", "path")
+_RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class TriggerAction:
+    """What a rule does. ``type`` is ``cooldown``, ``command``, ``log`` or ``sync``; the other fields are the
+    templates (``{name}`` from the event and the run's context) that type uses."""
+
+    type: str
+    args: tuple[str, ...] = ()              # cooldown: train.py argument overrides
+    when: str = "after_main"                # cooldown: after_main | now
+    folder: str = "cooldown_{step}"         # cooldown: its folder inside the experiment
+    triggers: bool = False                  # cooldown: run the experiment's rules in the cooldown run too
+    command: tuple[str, ...] = ()           # command: argv
+    cwd: str | None = None                  # command: working directory (default: the experiment's folder)
+    env: tuple[tuple[str, str], ...] = ()   # command: extra environment variables
+    timeout: float | None = None            # command: seconds
+    message: str = ""                       # log
+    level: str = "info"                     # log: info | warning
+    tier: str | None = None                 # sync: flush only this tier (default: every tier)
+
+
+@dataclass(frozen=True)
+class TriggerRule:
+    """One rule: a detector, conditions that must all pass, and an action.
+
+    ``detector`` is ``pattern`` (a regex with named groups, or a substring with ``pattern_type: substring``),
+    one of :data:`TRIGGER_EVENTS`, one of :data:`TRIGGER_STATES`, or ``inactivity``. ``key`` is where the
+    rule was written (``triggers[2]``), for messages.
+    """
+
+    name: str
+    detector: str
+    action: TriggerAction
+    key: str = ""
+    pattern: str | None = None
+    pattern_type: str = "regex"
+    inactivity: float | None = None
+    extract: tuple[tuple[str, str], ...] = ()
+    metadata: tuple[tuple[str, Any], ...] = ()
+    at: tuple[int, ...] | None = None
+    every: int | None = None
+    file_exists: str | None = None
+    wait: float | None = None
+    max_attempts: int = 1
+    command: tuple[str, ...] | None = None
+    compare: tuple[tuple[str, str, Any], ...] = ()
+    mode: str = "queue"
+    retry: bool = False
+    source: str | None = None               # the file it came from (None: colabkit.yaml)
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        """The names an event of this rule carries (groups, extracted and metadata keys, detector values)."""
+        names: list[str] = []
+        if self.detector == "pattern" and self.pattern_type == "regex" and self.pattern is not None:
+            names += list(re.compile(self.pattern).groupindex)
+        names += _DETECTOR_VALUES.get(self.detector, ())
+        if self.detector in TRIGGER_STATES:
+            names += _STATE_VALUES
+        names += [k for k, _ in self.extract] + [k for k, _ in self.metadata]
+        return tuple(dict.fromkeys(names))
+
+
+def _strings_or_words(r: _Reader, name: str) -> tuple[str, ...]:
+    """A list of strings, or one string split like a shell command line."""
+    import shlex
+    v = r.raw(name, None)
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        return tuple(shlex.split(v))
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool)
+                                                   for x in v):
+        raise ConfigError(f"{r.key(name)}: {v!r} must be a list of strings (an argv) or one command line",
+                          key=r.key(name), value=v)
+    return tuple(str(x) for x in v)
+
+
+def _check_template(text: str, key: str, allowed: set[str], groups: tuple[str, ...]) -> None:
+    import string
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
+        raise ConfigError(f"{key}: {text!r} is not a valid template ({e}); write literal braces as {{{{ and }}}}",
+                          key=key, value=text) from None
+    for f in fields:
+        name = re.split(r"[.\[]", f, maxsplit=1)[0]
+        if not name or name.isdigit():
+            raise ConfigError(f"{key}: {text!r} has an unnamed field {{{f}}}; name what it takes, e.g. {{step}}",
+                              key=key, value=text)
+        if name not in allowed:
+            what = f"a group of the pattern ({', '.join(groups) or 'it has none'})" if groups is not None else \
+                "a value of the event"
+            raise ConfigError(
+                f"{key}: {text!r} uses {{{name}}}, which is neither {what}, an extract or metadata key, nor part "
+                f"of the run's context ({', '.join(sorted(TRIGGER_CONTEXT))}); name the group in the pattern "
+                f"(?P<{name}>...) or map it with extract: {{{name}: GROUP}}", key=key, value=text)
+
+
+def _trigger_action(data: Any, key: str, tiers: set[str] | None) -> TriggerAction:
+    if isinstance(data, str):
+        data = {"type": data}
+    r = _Reader(data, key)
+    typ = r.raw("type", None)
+    if typ is None:
+        raise ConfigError(f"{key}.type: missing; use one of {', '.join(TRIGGER_ACTIONS)}", key=f"{key}.type")
+    if typ not in TRIGGER_ACTIONS:
+        raise ConfigError(f"{key}.type: {typ!r} is not an action; use one of {', '.join(TRIGGER_ACTIONS)}",
+                          key=f"{key}.type", value=typ)
+    if typ == "cooldown":
+        a = TriggerAction(type=typ, args=_strings_or_words(r, "args"),
+                          when=r.str("when", "after_main", choices=("after_main", "now")) or "after_main",
+                          folder=r.str("folder", "cooldown_{step}") or "cooldown_{step}",
+                          triggers=r.bool("triggers", False))
+        if "/" in a.folder or a.folder in (".", "..") or a.folder.startswith("."):
+            raise ConfigError(f"{key}.folder: {a.folder!r} must be one folder name inside the experiment, "
+                              "e.g. cooldown_{{step}}", key=f"{key}.folder", value=a.folder)
+    elif typ == "command":
+        cmd = _strings_or_words(r, "command")
+        if not cmd:
+            raise ConfigError(f"{key}.command: missing; give the argv to run, e.g. [python, convert.py, '{{path}}']",
+                              key=f"{key}.command")
+        env = r.raw("env", None) or {}
+        if not isinstance(env, Mapping) or not all(isinstance(k, str) and isinstance(v, (str, int, float))
+                                                   and not isinstance(v, bool) for k, v in env.items()):
+            raise ConfigError(f"{key}.env: {env!r} must map variable names to strings", key=f"{key}.env", value=env)
+        a = TriggerAction(type=typ, command=cmd, cwd=r.str("cwd", None),
+                          env=tuple((k, str(v)) for k, v in env.items()), timeout=r.duration("timeout", None))
+    elif typ == "log":
+        msg = r.str("message", None)
+        if not msg:
+            raise ConfigError(f"{key}.message: missing; give the text to log, e.g. 'checkpoint {{step}} saved'",
+                              key=f"{key}.message")
+        a = TriggerAction(type=typ, message=msg, level=r.str("level", "info", choices=("info", "warning")) or "info")
+    else:
+        tier = r.str("tier", None)
+        if tier is not None and tiers is not None and tier not in tiers:
+            raise ConfigError(f"{key}.tier: {tier!r} is not a tier; configured tiers: "
+                              f"{', '.join(sorted(tiers)) or 'none'}", key=f"{key}.tier", value=tier)
+        a = TriggerAction(type=typ, tier=tier)
+    r.done()
+    return a
+
+
+def _trigger_rule(data: Any, key: str, tiers: set[str] | None, source: str | None) -> TriggerRule:
+    if isinstance(data, Mapping) and any(isinstance(k, bool) for k in data):
+        k = next(k for k in data if isinstance(k, bool))
+        raise ConfigError(f"{key}: a key was read as {k} (YAML reads an unquoted on:, yes: or off: as true/false); "
+                          "quote it ('on':), or name the detector with event:, state:, pattern: or inactivity:",
+                          key=key, value=data[k])
+    r = _Reader(data, key)
+    name = r.str("name", None)
+    if not name:
+        raise ConfigError(f"{key}.name: missing; give each rule a name such as cooldown_50k", key=f"{key}.name")
+    if not _RULE_NAME.match(name):
+        raise ConfigError(f"{key}.name: {name!r} must be letters, digits, '_', '-' or '.'", key=f"{key}.name",
+                          value=name)
+    given = [d for d in ("pattern", "event", "state", "inactivity") if r.raw(d, None) is not None]
+    if not given:
+        raise ConfigError(f"{key}: no detector; give one of pattern: (a regex with named groups), event: "
+                          f"({', '.join(TRIGGER_EVENTS)}), state: ({', '.join(TRIGGER_STATES)}) or inactivity: "
+                          "(a duration such as 30m)", key=key)
+    if len(given) > 1:
+        raise ConfigError(f"{key}: {' and '.join(given)} are both given; a rule has one detector", key=key)
+    kind = given[0]
+    pattern = None
+    pattern_type = r.str("pattern_type", "regex", choices=("regex", "substring")) or "regex"
+    inactivity = None
+    groups: tuple[str, ...] | None = None
+    if kind == "pattern":
+        pattern = r.str("pattern", None)
+        if pattern_type == "regex":
+            try:
+                groups = tuple(re.compile(pattern or "").groupindex)
+            except re.error as e:
+                raise ConfigError(f"{key}.pattern: {pattern!r} is not a valid regular expression ({e})",
+                                  key=f"{key}.pattern", value=pattern) from None
+        else:
+            groups = ()
+        detector = "pattern"
+    elif kind == "event":
+        detector = r.str("event", None, choices=TRIGGER_EVENTS) or ""
+    elif kind == "state":
+        detector = r.str("state", None, choices=TRIGGER_STATES) or ""
+    else:
+        detector = "inactivity"
+        inactivity = r.duration("inactivity", None)
+        if not inactivity:
+            raise ConfigError(f"{key}.inactivity: must be a positive duration, e.g. 30m", key=f"{key}.inactivity",
+                              value=r.raw("inactivity", None))
+    ex = r.raw("extract", None) or {}
+    if not isinstance(ex, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ex.items()):
+        raise ConfigError(f"{key}.extract: {ex!r} must map metadata keys to group names, e.g. {{step: iteration}}",
+                          key=f"{key}.extract", value=ex)
+    for k, g in ex.items():
+        if groups is not None and g not in groups:
+            raise ConfigError(f"{key}.extract.{k}: {g!r} is not a group of the pattern (its groups: "
+                              f"{', '.join(groups) or 'none'}); name it in the pattern as (?P<{g}>...)",
+                              key=f"{key}.extract.{k}", value=g)
+    meta = r.raw("metadata", None) or {}
+    if not isinstance(meta, Mapping) or not all(isinstance(k, str) for k in meta):
+        raise ConfigError(f"{key}.metadata: {meta!r} must be a mapping of names to values", key=f"{key}.metadata",
+                          value=meta)
+
+    action = _trigger_action(r.raw("action", None), f"{key}.action", tiers)
+    # a log line costs nothing; anything that may take a while (a run, a command, an upload) is queued, never
+    # run in the watcher, where it would hold up the log stream (and a %train child writing to a full pipe)
+    default_mode = "inline" if action.type == "log" else "queue"
+    mode = r.str("mode", default_mode, choices=("inline", "queue")) or default_mode
+    retry = r.bool("retry", False)
+
+    c = _Reader(r.raw("conditions", None), f"{key}.conditions")
+    unknown = sorted(str(k) for k in c.data if k not in TRIGGER_CONDITIONS)
+    if unknown:
+        ck = c.key(unknown[0])
+        raise ConfigError(f"{ck}: unknown condition; allowed: {', '.join(sorted(TRIGGER_CONDITIONS))}", key=ck,
+                          value=c.data.get(unknown[0]))
+    at = c.raw("at", None)
+    if at is not None:
+        if isinstance(at, int) and not isinstance(at, bool):
+            at = [at]
+        if not isinstance(at, list) or not at or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                         for x in at):
+            raise ConfigError(f"{c.key('at')}: {at!r} must be a list of whole numbers (steps), e.g. [10000, 50000]",
+                              key=c.key("at"), value=at)
+        at = tuple(sorted(set(at)))
+    every = c.int("every", None, minimum=1)
+    file_exists = c.str("file_exists", None)
+    wait = c.duration("wait", None)
+    max_attempts = c.int("max_attempts", 3 if retry else 1, minimum=1) or 1
+    command = _strings_or_words(c, "command") or None
+    compare: list[tuple[str, str, Any]] = []
+    cm = c.raw("metadata", None) or {}
+    if not isinstance(cm, Mapping):
+        raise ConfigError(f"{c.key('metadata')}: {cm!r} must map keys to a test such as {{gte: 1000}}",
+                          key=c.key("metadata"), value=cm)
+    for mk, test in cm.items():
+        tk = f"{c.key('metadata')}.{mk}"
+        if not isinstance(test, Mapping) or not test or any(op not in TRIGGER_COMPARE for op in test):
+            raise ConfigError(f"{tk}: {test!r} must be a mapping of {', '.join(TRIGGER_COMPARE)} to a value, "
+                              "e.g. {gte: 1000}", key=tk, value=test)
+        compare += [(str(mk), str(op), v) for op, v in test.items()]
+    c.done()
+
+    # what templates may name
+    values = set(TRIGGER_CONTEXT) | set(_DETECTOR_VALUES.get(detector, ())) | set(ex) | set(meta)
+    if detector in TRIGGER_STATES:
+        values |= set(_STATE_VALUES)
+    if groups:
+        values |= set(groups)
+    if (at is not None or every is not None) and detector in ("pattern",):
+        if not ({"step", "iteration", "iter"} & (set(groups or ()) | set(ex))):
+            k = c.key("at") if at is not None else c.key("every")
+            raise ConfigError(f"{k}: needs the event's step, and the pattern captures none; name a group "
+                              "(?P<step>...) or (?P<iteration>...), or map one with extract: {step: GROUP}", key=k)
+    if (at is not None or every is not None) and detector in ("loss", "inactivity"):
+        k = c.key("at") if at is not None else c.key("every")
+        raise ConfigError(f"{k}: a {detector} event carries no step; use event: step or event: checkpoint", key=k)
+    if mode == "inline" and action.type == "cooldown":
+        raise ConfigError(f"{key}.mode: 'inline' runs in the log watcher; a cooldown run must be queued "
+                          "(mode: queue)", key=f"{key}.mode", value=mode)
+    if wait is not None and file_exists is None:
+        raise ConfigError(f"{c.key('wait')}: waits for file_exists, which is not given; add file_exists: PATH",
+                          key=c.key("wait"), value=wait)
+    if wait and mode == "inline":
+        raise ConfigError(f"{key}.mode: 'inline' cannot wait for a file (conditions.wait); use mode: queue",
+                          key=f"{key}.mode", value=mode)
+    templates: list[tuple[str, str]] = []
+    if file_exists:
+        templates.append((c.key("file_exists"), file_exists))
+    templates += [(f"{c.key('command')}[{i}]", x) for i, x in enumerate(command or ())]
+    templates += [(f"{key}.action.args[{i}]", x) for i, x in enumerate(action.args)]
+    templates += [(f"{key}.action.command[{i}]", x) for i, x in enumerate(action.command)]
+    templates += [(f"{key}.action.env.{k}", v) for k, v in action.env]
+    if action.type == "cooldown":
+        templates.append((f"{key}.action.folder", action.folder))
+    if action.cwd:
+        templates.append((f"{key}.action.cwd", action.cwd))
+    if action.message:
+        templates.append((f"{key}.action.message", action.message))
+    for k, text in templates:
+        _check_template(text, k, values, groups if detector == "pattern" else None)  # type: ignore[arg-type]
+    r.done()
+    return TriggerRule(name=name, detector=detector, action=action, key=key, pattern=pattern,
+                       pattern_type=pattern_type, inactivity=inactivity, extract=tuple(ex.items()),
+                       metadata=tuple(meta.items()), at=at, every=every, file_exists=file_exists, wait=wait,
+                       max_attempts=max_attempts, command=command, compare=tuple(compare), mode=mode, retry=retry,
+                       source=source)
+
+
+def parse_triggers(data: Any, *, key: str = "triggers", tiers: set[str] | None = None,
+                   source: str | None = None, taken: tuple[str, ...] = ()) -> tuple[TriggerRule, ...]:
+    """Validate a ``triggers:`` list (colabkit.yaml, or an experiment's triggers.yaml) into rules.
+
+    Args:
+        data: the list of rule mappings (None: no rules).
+        key: the key path messages start with.
+        tiers: the configured tier names (a ``sync`` action's ``tier`` must be one).
+        source: the file the rules came from, named in messages (None: colabkit.yaml).
+        taken: rule names already used (a rule name is unique across colabkit.yaml and triggers.yaml).
+    Raises:
+        ConfigError: naming the key path, the bad value and what is allowed.
+    """
+    if data is None:
+        return ()
+    prefix = f"{source}: " if source else ""
+    if not isinstance(data, (list, tuple)):
+        raise ConfigError(f"{prefix}{key}: {data!r} must be a list of rules", key=key, value=data)
+    rules: list[TriggerRule] = []
+    names = set(taken)
+    for i, item in enumerate(data):
+        try:
+            rule = _trigger_rule(item, f"{key}[{i}]", tiers, source)
+        except ConfigError as e:
+            if not prefix:
+                raise
+            raise ConfigError(f"{prefix}{e}", key=e.key, value=e.value, source=source) from None
+        if rule.name in names:
+            raise ConfigError(f"{prefix}{key}[{i}].name: {rule.name!r} is used twice; rule names must be unique",
+                              key=f"{key}[{i}].name", value=rule.name, source=source)
+        names.add(rule.name)
+        rules.append(rule)
+    return tuple(rules)

@@ -1,8 +1,7 @@
 """The dashboard: status snapshots, and their views (a live ipywidgets view in notebooks, text, JSON).
 
 A **snapshot** is plain data (documented field by field in docs/dashboard.md, ``version`` 1) gathered from
-the public APIs: where the code runs, the ``%train`` job (with its loss history), each sync tier, the cooldown
-triggers, and the resume sources. Taking one reads in-memory state and small status files only: no remote
+the public APIs: where the code runs, the ``%train`` job (with its loss history), each sync tier, the triggers, and the resume sources. Taking one reads in-memory state and small status files only: no remote
 call, no walk of the watched folders. Asking the resume sources takes seconds, so the snapshot reads a cache
 that a background refresh (a named daemon thread, one per project and experiment) fills; it shows its age.
 
@@ -425,13 +424,19 @@ def _tier_text(name: str, t: dict[str, Any], now: float) -> str:
         parts.append(f"pending {t.get('pending_files', 0)} files / {format_size(t.get('pending_bytes') or 0)}")
     if t.get("ledger_files") is not None:
         parts.append(f"holds {t['ledger_files']} files")
-    if t.get("paused_until"):
-        parts.append(f"paused until {_ago(t['paused_until'], now)}")
-    if t.get("skipped"):
-        parts.append(f"skipped {t['skipped']}")
+    parts.extend(_tier_notes(t))
     if t.get("last_error"):
         parts.append(f"error: {t['last_error']}")
     return " · ".join(parts)
+
+
+def _tier_notes(t: dict[str, Any]) -> list[str]:
+    """What sync says beyond the counts (a pause by the daily cap, skipped files), in sync's own words."""
+    try:
+        from .sync import tier_notes
+        return tier_notes(t)
+    except Exception:
+        return []
 
 
 def _rule_thresholds(rule: dict[str, Any], axis_max: int) -> list[int]:
@@ -527,7 +532,7 @@ def render_text(snap: dict[str, Any]) -> list[str]:
         q = trig.get("queue") or {}
         counts = [f"{q[s]} {s}" for s in _QUEUE_STATES if q.get(s)]
         lines.append("  queue: " + (", ".join(counts) if counts else "empty"))
-        for e in (trig.get("entries") or [])[-8:]:
+        for e in (trig.get("entries") or [])[:8]:  # newest first
             lines.append(f"    {e.get('id')}: {e.get('rule')} → {e.get('action')} · {e.get('state')}"
                          + (f" · step {e['step']}" if e.get("step") is not None else "")
                          + (f" · attempts {e['attempts']}" if e.get("attempts") else ""))
@@ -682,12 +687,9 @@ def html_sync(snap: dict[str, Any]) -> str:
             if isinstance(last, dict) and last.get("path") else ""
         pend = "—" if t.get("pending_files") is None else \
             f"{t.get('pending_files')} files · {format_size(t.get('pending_bytes') or 0)}"
-        state = str(t.get("state", "?"))
-        if t.get("paused_until"):
-            state += f" (paused until {_ago(t['paused_until'], now)})"
-        if t.get("skipped"):
-            state += f" · skipped {t['skipped']}"
-        rows.append(f"<tr class='ck-tier' data-tier='{_e(name)}'><td><b>{_e(name)}</b></td><td>{_e(state)}</td>"
+        state = _e(t.get("state", "?")) + "".join(f"<br><span class='ck-dim'>{_e(n)}</span>"
+                                                   for n in _tier_notes(t))
+        rows.append(f"<tr class='ck-tier' data-tier='{_e(name)}'><td><b>{_e(name)}</b></td><td>{state}</td>"
                     f"<td>{_e(_ago(t.get('last_upload'), now))}{what}</td>"
                     f"<td>{_e(_ago(t.get('next_due'), now) if t.get('next_due') else '—')}</td><td>{_e(pend)}</td>"
                     f"<td>{_e(t.get('ledger_files') if t.get('ledger_files') is not None else '—')} files</td>"
@@ -733,7 +735,7 @@ def html_triggers(snap: dict[str, Any]) -> str:
     q = trig.get("queue") or {}
     counts = " · ".join(f"{q[s]} {s}" for s in _QUEUE_STATES if q.get(s)) or "empty"
     out.append(f"<div class='ck-queue'><b>queue</b>: {_e(counts)}</div>")
-    entries = (trig.get("entries") or [])[-8:]
+    entries = (trig.get("entries") or [])[:8]  # newest first
     if entries:
         out.append("<table><tr><th>entry</th><th>rule</th><th>action</th><th>state</th><th>step</th>"
                    "<th>attempts</th></tr>" + "".join(

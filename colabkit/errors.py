@@ -38,6 +38,8 @@ class CredentialsError(ColabkitError):
 class IntegrityError(ColabkitError, ValueError):
     """A file's content does not match the hash or size it was recorded with."""
 
+    kind = "integrity"
+
     def __init__(self, message: str, *, path: str | None = None, expected: str | None = None,
                  actual: str | None = None) -> None:
         self.path = path
@@ -46,13 +48,22 @@ class IntegrityError(ColabkitError, ValueError):
         super().__init__(message)
 
 
+#: the one classification of remote failures (see :func:`error_kind`)
+ERROR_KINDS = ("transient", "auth", "permission", "quota", "not_found", "integrity", "error")
+
+
 class RemoteError(ColabkitError, OSError):
     """A storage tier failed. `remote` names the tier, `path` the remote path (if any).
 
-    `transient` is True when retrying later can succeed (5xx, 429, a dropped connection);
+    `kind` classifies the failure the same way for every remote, decided where the third-party error is
+    wrapped: ``transient`` (5xx, 429, a dropped connection, a token endpoint that is briefly down: retry
+    with back-off), ``auth`` (credentials rejected), ``permission`` (valid credentials that may not do
+    this), ``quota`` (storage or an upload cap is full), ``not_found``, ``error`` (anything else; retried
+    by the sync engine like a transient one). `transient` is ``kind == "transient"``;
     `retry_after` is the server's requested delay in seconds, when it sent one.
     """
 
+    kind = "error"
     transient = False
 
     def __init__(self, message: str, *, remote: str | None = None, path: str | None = None,
@@ -76,23 +87,48 @@ def _rebuild_remote_error(cls, message, remote, path, retry_after):
 class TransientRemoteError(RemoteError):
     """A remote failure worth retrying with back-off (5xx, 429, timeouts, dropped connections)."""
 
+    kind = "transient"
     transient = True
 
 
 class RemoteAuthError(RemoteError):
     """The credentials were rejected (invalid or expired token, bad key)."""
 
+    kind = "auth"
+
 
 class RemotePermissionError(RemoteError, PermissionError):
     """The credentials are valid but may not do this (folder not shared, read-only token)."""
+
+    kind = "permission"
 
 
 class RemoteNotFoundError(RemoteError, FileNotFoundError):
     """The remote path, folder or repository does not exist."""
 
+    kind = "not_found"
+
 
 class RemoteQuotaError(RemoteError):
     """Storage quota or a daily upload cap is exhausted: the tier stops instead of retrying."""
+
+    kind = "quota"
+
+
+def error_kind(e: BaseException) -> str:
+    """The classification of `e` (one of :data:`ERROR_KINDS`): a RemoteError's `kind`, ``integrity`` for
+    an IntegrityError, ``not_found`` for another FileNotFoundError, ``error`` for anything else."""
+    k = getattr(e, "kind", None)
+    if isinstance(e, (RemoteError, IntegrityError)) and k in ERROR_KINDS:
+        return k
+    if isinstance(e, FileNotFoundError):
+        return "not_found"
+    return "error"
+
+
+class RemoteUploadCapError(RemoteQuotaError):
+    """A daily upload cap is reached (Drive: about 750 GB per account per rolling day). Unlike a full quota it
+    frees itself: the sync tier pauses and tries again later (``retry_after`` seconds, when known)."""
 
 
 class CheckpointError(ColabkitError):
@@ -153,8 +189,9 @@ class OutOfMemoryError(TrainError, MemoryError):
     """The run ran out of memory; it is not restarted."""
 
 
-class CooldownError(ColabkitError):
-    """A cooldown trigger or action is invalid or failed."""
+class TriggerError(ColabkitError):
+    """A trigger's queue entry cannot be acted on as asked (unknown id, retry of a running entry), or the
+    queue cannot be read or written. Bad rules are :class:`ConfigError`."""
 
 
 class JournalError(ColabkitError, ValueError):

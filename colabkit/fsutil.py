@@ -5,7 +5,10 @@ the same folder, fsynced and renamed, so a crash never leaves a half-written fil
 Downloads (``durable=False``) are renamed into place without the fsync: they are copies of files a remote
 keeps, verified against their hash when written and again when loaded, so a copy torn by a power cut is
 refused and fetched again; waiting for the disk would cost ~0.6 s per 256 MB here for no protection.
-Temporary names all start with :data:`TMP_PREFIX`, which the sync engine and discovery ignore.
+Temporary names all start with :data:`TMP_PREFIX`, which the sync engine and discovery ignore. Those of
+:func:`atomic_open` also name their writer (:func:`temp_prefix`: boot, pid and process start time), so that a
+temporary left by a process that was killed can be told from one a live process is still writing, and
+:func:`sweep_temporaries` removes only the former.
 
 A download that replaces an older copy is swapped into place (:func:`replace_copy`) rather than renamed over it:
 ext4 treats a rename over an existing file as a request to allocate and start writing back the whole new file
@@ -19,10 +22,12 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -36,6 +41,102 @@ def is_temporary(path: str | os.PathLike) -> bool:
     name = os.path.basename(os.fspath(path))
     return (name.startswith(TMP_PREFIX) or name.endswith((".tmp", ".part", ".partial", ".incomplete"))
             or name.startswith(".~") or name.endswith("~"))
+
+
+# -- who owns a temporary ------------------------------------------------------------------------
+#: `<TMP_PREFIX><final name>.<boot>-<pid>-<start>.<random>`: boot = 8 hex digits of this boot's id, start = the
+#: process start time in clock ticks since boot (pid + start identify one process within one boot)
+_OWNER = re.compile(r"\.([0-9a-f]{8})-(\d+)-(\d+)\.[A-Za-z0-9_]+$")
+#: a temporary whose writer cannot be told (another machine sharing the folder, an earlier boot, an older
+#: naming) is removed only when it has not changed for this long: a live writer keeps writing
+UNKNOWN_OWNER_STALE_AFTER = 3600.0
+
+
+@functools.lru_cache(maxsize=1)
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip().replace("-", "")[:8].lower()
+    except OSError:   # not Linux: the host name stands in (the start time below is then 0)
+        import socket
+        return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of process `pid` in clock ticks since boot (Linux /proc), None when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        return int(data[data.rindex(b")") + 2:].split()[19])   # field 22, counted after "pid (comm)"
+    except (ValueError, IndexError):
+        return None
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """``<boot>-<pid>-<start>`` for `pid` (default: this process), as temporary names carry it."""
+    pid = os.getpid() if pid is None else pid
+    start = process_start(pid)
+    return f"{_boot_id()}-{pid}-{start if start is not None else 0}"
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary for the final name `name`, naming this process as its writer."""
+    return f"{TMP_PREFIX}{name}.{owner_tag()}."
+
+
+def temp_owner_alive(name: str) -> bool | None:
+    """Whether the writer a temporary's name carries is alive: True / False, None when it cannot be told
+    (no owner in the name, or another machine or boot)."""
+    m = _OWNER.search(name)
+    if not m:
+        return None
+    boot, pid, start = m.group(1), int(m.group(2)), int(m.group(3))
+    if boot != _boot_id():
+        return None
+    now = process_start(pid)
+    return now is not None and now == start
+
+
+def sweep_temporaries(folder: str | os.PathLike, *, recursive: bool = True,
+                      stale_after: float = UNKNOWN_OWNER_STALE_AFTER) -> list[tuple[Path, int]]:
+    """Remove temporaries of ours (:data:`TMP_PREFIX`) left in `folder` by writers that are gone.
+
+    A temporary whose writer is alive is kept; one whose writer cannot be told is removed only when it has
+    not changed for `stale_after` seconds. Never raises for a file that vanishes or cannot be removed.
+
+    Returns:
+        (path, size) of every file removed.
+    """
+    removed: list[tuple[Path, int]] = []
+    now = time.time()
+    stack = [os.fspath(folder)]
+    while stack:
+        d = stack.pop()
+        try:
+            it = os.scandir(d)
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        if recursive:
+                            stack.append(e.path)
+                        continue
+                    if not e.name.startswith(TMP_PREFIX) or not e.is_file(follow_symlinks=False):
+                        continue
+                    alive = temp_owner_alive(e.name)
+                    st = e.stat(follow_symlinks=False)
+                    if alive or (alive is None and now - st.st_mtime < stale_after):
+                        continue
+                    os.unlink(e.path)
+                    removed.append((Path(e.path), st.st_size))
+                except OSError:
+                    continue
+    return removed
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -64,7 +165,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, durable: bool = Tr
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f

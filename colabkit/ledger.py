@@ -3,10 +3,15 @@
 One JSON file per tier under ``<root>/.colabkit/ledger/<tier>.json`` (written through
 :func:`colabkit.fsutil.atomic_write_json`, so a crash leaves the previous version intact)::
 
-    {"format": 1, "tier": "hub",
+    {"format": 2, "tier": "hub",
      "entries":  {relpath: {"remote_path", "size", "sha256", "md5", "remote_id", "uploaded_at",
                             "local_size", "local_mtime_ns"}},
-     "inflight": {relpath: {"remote_path", "size", "sha256", "started_at", "upload": {...} | null}}}
+     "inflight": {relpath: {"remote_path", "size", "sha256", "started_at", "upload": {...} | null}},
+     "uploads":  [[time, bytes, relpath], ...]}
+
+``uploads`` (format 2) lists the uploads of the last 24 hours, so a tier with a daily cap (Drive's ~750 GB
+per account per rolling day, ``drive.daily_upload_cap``) knows how much it may still send and when the
+oldest bytes leave the window; format 1 ledgers (no ``uploads``) are read as having uploaded nothing yet.
 
 ``entries`` are verified copies the tier holds; ``local_size``/``local_mtime_ns`` are the local file's stat
 when it was hashed, so an unchanged file is recognised without reading it again. ``inflight`` records an
@@ -32,13 +37,23 @@ from .fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 LEDGER_DIR = "ledger"
+DAY = 86400.0       # the window of ``uploads``
 
 
 def ledger_path(state_dir: str | os.PathLike, tier: str) -> Path:
     """``<state_dir>/ledger/<tier>.json``."""
     return Path(state_dir) / LEDGER_DIR / f"{tier}.json"
+
+
+def _uploads(data: dict[str, Any]) -> list[list[Any]]:
+    """The well-formed ``uploads`` rows of a ledger's data (none in format 1)."""
+    out = []
+    for u in data.get("uploads") or []:
+        if isinstance(u, list) and len(u) >= 2 and isinstance(u[0], (int, float)) and isinstance(u[1], int):
+            out.append([float(u[0]), int(u[1]), str(u[2]) if len(u) > 2 else ""])
+    return out
 
 
 class LedgerUploadState:
@@ -82,6 +97,7 @@ class Ledger:
         self.tier = tier
         self.entries: dict[str, dict[str, Any]] = {}
         self.inflight: dict[str, dict[str, Any]] = {}
+        self.uploads: list[list[Any]] = []              # [time, bytes, relpath] of the last 24 h
         self._forgotten: set[str] = set()
         self.lock = threading.RLock()
 
@@ -97,6 +113,7 @@ class Ledger:
         data = led._read()
         led.entries = data.get("entries", {})
         led.inflight = data.get("inflight", {})
+        led.uploads = _uploads(data)
         return led
 
     def _read(self) -> dict[str, Any]:
@@ -147,8 +164,13 @@ class Ledger:
                     continue
                 if mine is None or float(e.get("uploaded_at") or 0) > float(mine.get("uploaded_at") or 0):
                     self.entries[rel] = e
+            # the uploads of every process writing this ledger count towards the same cap
+            seen = {tuple(u) for u in self.uploads}
+            self.uploads += [u for u in _uploads(disk) if tuple(u) not in seen]
+            since = time.time() - DAY
+            self.uploads = sorted(u for u in self.uploads if u[0] > since)
             atomic_write_json(self.path, {"format": FORMAT, "tier": self.tier, "entries": self.entries,
-                                          "inflight": self.inflight})
+                                          "inflight": self.inflight, "uploads": self.uploads})
 
     # -- queries ---------------------------------------------------------------------------------
     def get(self, relpath: str) -> dict[str, Any] | None:
@@ -174,9 +196,37 @@ class Ledger:
             return {"files": len(self.entries), "bytes": sum(int(e.get("size") or 0) for e in self.entries.values()),
                     "last_upload": max((float(e.get("uploaded_at") or 0) for e in self.entries.values()),
                                        default=None) or None,
-                    "inflight": len(self.inflight)}
+                    "inflight": len(self.inflight), "uploaded_24h": self.uploaded_within()}
+
+    def uploaded_within(self, seconds: float = DAY, *, now: float | None = None) -> int:
+        """Bytes uploaded to this tier in the last `seconds` (at most a day is kept), by every process."""
+        since = (time.time() if now is None else now) - seconds
+        with self.lock:
+            return sum(int(u[1]) for u in self.uploads if u[0] > since)
+
+    def fits_at(self, size: int, cap: int, *, now: float | None = None) -> float | None:
+        """When `size` more bytes fit under a `cap` of bytes per rolling 24 h: None for now, else the time
+        (seconds since the epoch) the oldest uploads have left the window; ``inf`` when `size` exceeds `cap`."""
+        if size > cap:
+            return float("inf")
+        now = time.time() if now is None else now
+        with self.lock:
+            ups = sorted(u for u in self.uploads if u[0] > now - DAY)
+        used = sum(int(u[1]) for u in ups)
+        if used + size <= cap:
+            return None
+        for t, n, *_ in ups:
+            used -= int(n)
+            if used + size <= cap:
+                return float(t) + DAY
+        return now  # pragma: no cover - size <= cap, so the loop always returns
 
     # -- changes ---------------------------------------------------------------------------------
+    def count_upload(self, relpath: str, nbytes: int, *, at: float | None = None) -> None:
+        """Count `nbytes` sent for `relpath` towards the rolling 24 h (saved with the next :meth:`save`)."""
+        with self.lock:
+            self.uploads.append([time.time() if at is None else float(at), int(nbytes), relpath])
+
     def begin(self, relpath: str, *, remote_path: str, size: int, sha256: str | None,
               save: bool = True) -> None:
         """Record that an upload of `relpath` starts (kept until :meth:`record` or :meth:`abandon`)."""

@@ -135,6 +135,31 @@ def _sha_of(c: Candidate, ledgers: dict[str, Any], st: os.stat_result) -> str | 
     return None  # no tier holds anything under this path: no need to read the file
 
 
+def _manifest_held(c: Candidate, cfg: "Config", tier: str, led: Any) -> bool:
+    """A checkpoint is a unit: a tier that takes manifests holds this one's too (else deleting the checkpoint
+    would take the only copy of its manifest with it, e.g. while the manifest's upload is being retried)."""
+    if c.manifest is None:
+        return True
+    from .sync import Patterns
+    mrel = c.relpath + ".json"
+    try:
+        t = cfg.tier(tier)
+    except Exception:
+        return True
+    if not Patterns(t.include, t.exclude)(mrel):
+        return True
+    e = led.entries.get(mrel)
+    if not e:
+        return False
+    try:
+        st = c.manifest.stat()
+    except OSError:
+        return True   # gone already: nothing of it to lose
+    if e.get("local_size") == st.st_size and e.get("local_mtime_ns") == st.st_mtime_ns:
+        return True
+    return e.get("sha256") == hash_file(c.manifest).sha256
+
+
 def assess(directory: str | os.PathLike, *, config: "Config | None" = None,
            keep: int | None = None) -> list[Candidate]:
     """Every checkpoint in `directory` with the tiers that hold a verified copy, oldest first.
@@ -164,7 +189,8 @@ def assess(directory: str | os.PathLike, *, config: "Config | None" = None,
         if rel:
             c.sha256 = _sha_of(c, ledgers, st)
             if c.sha256:
-                c.held_by = tuple(n for n, led in ledgers.items() if led.verified_copy(rel, c.sha256))
+                c.held_by = tuple(n for n, led in ledgers.items() if led.verified_copy(rel, c.sha256)
+                                  and _manifest_held(c, cfg, n, led))
         ok = bool(c.held_by) and (set(names) <= set(c.held_by) if all_required else True)
         c.eligible = ok and i < cut
         c._synced = ok  # type: ignore[attr-defined]

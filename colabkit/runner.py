@@ -505,6 +505,8 @@ def _sigterm_as_interrupt() -> Callable[[], None] | None:
 
 
 # -- the job ---------------------------------------------------------------------------------------------
+#: a line listener: called with (events, line, attempt)
+Listener = Callable[[Sequence[Any], str, Any], None]
 _jobs: dict[str, "Job"] = {}
 _jobs_lock = threading.Lock()
 _atexit_installed = False
@@ -528,8 +530,17 @@ class Job:
                  max_restarts: int, resume_from: str | None, restart_backoff: float, stall_after: float,
                  grace: float, estimate: float | None, total_steps: int | None, sync: bool,
                  on_line: Callable[[str], None] | None, on_warning: Callable[[str], None] | None,
-                 python: str | None = None, resume_policy: str = "auto") -> None:
+                 python: str | None = None, resume_policy: str = "auto",
+                 listeners: Sequence[Listener] = (), output_dir: str | os.PathLike | None = None,
+                 name: str | None = None, run: str | None = None) -> None:
         self.experiment = experiment
+        #: the job's name in the registry and its job file: the experiment, or e.g. ``v01.cooldown_200``
+        self.key = name or experiment
+        #: the run's stable identity for triggers: ``main``, or a cooldown's folder name
+        self.run_name = run or "main"
+        #: called with (events, line, attempt) for every line the child prints, and with a ``state`` event
+        #: (finished, failed, oom, stalled, restarted, stopped) when the run changes state
+        self.listeners: list[Listener] = list(listeners)
         self.config = config
         self.pre = pre
         self.args = [str(a) for a in args]
@@ -546,8 +557,13 @@ class Job:
         self.python = python or sys.executable
         self.started = time.time()
         self.run_id = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(self.started))}-{uuid.uuid4().hex[:4]}"
-        self.log_dir = config.log_dir(experiment) / self.run_id
-        self.checkpoint_dir = config.checkpoint_dir(experiment)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        if self.output_dir is not None:  # a run of its own folder (a cooldown): never the main run's folders
+            self.log_dir = self.output_dir / config.logs / self.run_id
+            self.checkpoint_dir = self.output_dir / config.checkpoints
+        else:
+            self.log_dir = config.log_dir(experiment) / self.run_id
+            self.checkpoint_dir = config.checkpoint_dir(experiment)
         self.cwd = pre.experiment_dir
         self.progress = Progress(total_steps=total_steps or _total_from_args(self.args) or config.train.total_steps,
                                  history=_prior_history(self.job_file, resume_from))
@@ -571,7 +587,7 @@ class Job:
         self._job_file_written = 0.0
         self._sync_started = False
         self._freeze: tuple[subprocess.Popen, Any, Path, Path] | None = None
-        self._stop_file = config.state_dir / "jobs" / f"{experiment}.stop"
+        self._stop_file = config.state_dir / "jobs" / f"{self.key}.stop"
 
     # -- public ----------------------------------------------------------------------------------------
     @property
@@ -580,13 +596,13 @@ class Job:
 
     @property
     def job_file(self) -> Path:
-        return self.config.state_dir / "jobs" / f"{self.experiment}.json"
+        return self.config.state_dir / "jobs" / f"{self.key}.json"
 
     def status(self) -> dict[str, Any]:
         """A snapshot: state, attempt, step, total, loss, rate (steps/s), ETA (s), log, checkpoint."""
         with self._lock:
             att = self.attempts[-1] if self.attempts else None
-            d = {"experiment": self.experiment, "run_id": self.run_id, "state": self.state,
+            d = {"experiment": self.experiment, "key": self.key, "run_id": self.run_id, "state": self.state,
                  "attempt": att.number if att else None, "restarts": max(0, len(self.attempts) - 1),
                  "max_restarts": self.max_restarts, "pid": os.getpid(),
                  "child_pid": self._proc.pid if self._proc is not None and self._proc.poll() is None else None,
@@ -640,7 +656,7 @@ class Job:
     # -- running -----------------------------------------------------------------------------------------
     def start_background(self) -> "Job":
         self.background = True
-        t = threading.Thread(target=self._run_safely, name=f"colabkit-train-{self.experiment}", daemon=True)
+        t = threading.Thread(target=self._run_safely, name=f"colabkit-train-{self.key}", daemon=True)
         self._thread = t
         t.start()
         return self
@@ -719,6 +735,9 @@ class Job:
                 return
             delay = min(self.restart_backoff * 2 ** (n - 1), max(self.restart_backoff, MAX_BACKOFF))
             resume_from = self._newest_checkpoint() or resume_from
+            if att.outcome == "stalled":
+                self._emit_state("stalled", att)
+            self._emit_state("restarted", att, resume_from=resume_from)
             self._set_state("waiting")
             self._warn(f"{self.experiment}: attempt {n} {att.detail}; restarting in {delay:g}s "
                        f"({n}/{self.max_restarts} restarts) from "
@@ -875,6 +894,8 @@ class Job:
                 events = self.parser.parse(seg)
                 if events:
                     self.progress.observe(events, base=base)
+                for fn in self.listeners:
+                    self._call(fn, events, seg, att)
         shown = next((s for s in reversed(segs) if s), "")
         with self._lock:
             self._tail.append(shown)
@@ -889,6 +910,26 @@ class Job:
             self._check_estimate()
         if time.time() - self._job_file_written > JOB_FILE_INTERVAL:
             self._write_job_file()
+
+    def _call(self, fn: Listener, events: Sequence[Any], line: str, att: Attempt | None) -> None:
+        try:
+            fn(events, line, att)
+        except Exception:  # a listener never stops the log stream
+            log.exception("%s: a line listener failed", self.experiment)
+
+    def _emit_state(self, state: str, att: Attempt | None, **values: Any) -> None:
+        """Tell the listeners the run's state changed (an event of kind ``state``; its line is empty)."""
+        if not self.listeners:
+            return
+        from .events import Event
+        vals = {"state": state, "attempt": att.number if att else None, "step": self.progress.step,
+                "path": self.progress.checkpoint_path, **values}
+        if att is not None:
+            vals.setdefault("exit_code", att.exit_code)
+            vals.setdefault("detail", att.detail)
+        ev = Event("state", vals, "")
+        for fn in list(self.listeners):
+            self._call(fn, [ev], "", att)
 
     def _check_estimate(self) -> None:
         p = self.progress
@@ -1055,7 +1096,7 @@ class Job:
         running = sync.status(config=self.config).get("groups") or []
         if running:  # %sync start already watches this project: flush it at the end instead
             return
-        sync.start([self.checkpoint_dir, self.config.log_dir(self.experiment)], config=self.config)
+        sync.start([self.checkpoint_dir, self.log_dir.parent], config=self.config)
         self._sync_started = True
 
     def _end_sync(self) -> None:
@@ -1112,8 +1153,9 @@ class Job:
         self._write_run_json()
         self._write_job_file(force=True)
         with _jobs_lock:
-            if _jobs.get(self.experiment) is self:
-                del _jobs[self.experiment]
+            if _jobs.get(self.key) is self:
+                del _jobs[self.key]
+        self._emit_state(state, last, error=str(self.error) if self.error is not None else None)
 
     def _write_run_json(self) -> None:
         bundle = None
@@ -1172,7 +1214,9 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
           on_line: Callable[[str], None] | None = None, on_warning: Callable[[str], None] | None = None,
           total_steps: int | None = None, sync: bool | None = None, stall_after: float | None = None,
           restart_backoff: float | None = None, grace: float | None = None, script: str | os.PathLike | None = None,
-          python: str | None = None) -> "TrainResult | Job":
+          python: str | None = None, listeners: Sequence["Listener"] = (), triggers: bool = True,
+          output_dir: str | os.PathLike | None = None, name: str | None = None,
+          run: str | None = None) -> "TrainResult | Job":
     """Run ``experiments/<experiment>/train.py`` under supervision (see the module docstring).
 
     Args:
@@ -1194,6 +1238,11 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
         stall_after, restart_backoff, grace: seconds (default: ``train.*``).
         script: a file to run instead of the experiment's train.py.
         python: the interpreter for the child (default: this one).
+        listeners: callables given ``(events, line, attempt)`` for every line the child prints (parsed once),
+            and a ``state`` event when the run is restarted, stalls or ends.
+        triggers: run the experiment's trigger rules (:mod:`colabkit.triggers`) on this run's log.
+        output_dir: a folder of its own for the run's checkpoints and logs (a cooldown run); `name` is then
+            the job's name (``v01.cooldown_200``), `run` its identity in trigger entries.
     Returns:
         A :class:`TrainResult` (foreground) or a :class:`Job` (background).
     Raises:
@@ -1225,7 +1274,8 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
         except ImportError:
             want_sync = False
     _check_name(experiment)
-    _refuse_if_running(cfg, experiment)
+    key = name or experiment
+    _refuse_if_running(cfg, key)
     pre = preflight(experiment, config=cfg, max_vram=max_vram, check_tiers=want_sync, script=script)
     resume_from = _resume_source(cfg, experiment, resume)
     job = Job(experiment, config=cfg, pre=pre, args=args, max_restarts=max_restarts, resume_from=resume_from,
@@ -1233,9 +1283,13 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
               stall_after=tr.stall_after if stall_after is None else stall_after,
               grace=tr.grace if grace is None else grace, estimate=est, total_steps=total_steps, sync=want_sync,
               on_line=on_line, on_warning=on_warning, python=python,
-              resume_policy=str(resume) if resume is not None else "none")
+              resume_policy=str(resume) if resume is not None else "none", listeners=listeners,
+              output_dir=output_dir, name=name, run=run)
+    if triggers:
+        from . import triggers as _triggers
+        _triggers.attach(job)
     with _jobs_lock:
-        _jobs[experiment] = job
+        _jobs[key] = job
     _install_atexit()
     if background:
         job._write_job_file(force=True)
@@ -1244,8 +1298,8 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
         return job.run()
     finally:
         with _jobs_lock:
-            if _jobs.get(experiment) is job:
-                del _jobs[experiment]
+            if _jobs.get(key) is job:
+                del _jobs[key]
 
 
 def _resume_source(cfg: "Config", experiment: str, resume: str | os.PathLike | None) -> str | None:

@@ -9,9 +9,11 @@ stable for ``sync.settle``; temporary names never) and that it does not already 
 :class:`colabkit.ledger.Ledger`), and uploads them one at a time (a Hub tier: all in one commit through
 ``put_many``). The training process never waits: uploads run on these threads, at a lowered CPU priority.
 
-Errors: transient ones (TransientRemoteError, any other RemoteError/OSError not known to be fatal) retry
-with exponential back-off and jitter, honouring ``retry_after``; RemoteQuotaError, RemoteAuthError and
-RemotePermissionError stop that tier. Either way the error stays in :func:`status` and the log
+Errors are classified once, where a remote wraps them (``RemoteError.kind``, see
+:func:`colabkit.errors.error_kind`): ``transient`` ones (5xx, 429, dropped connections, a token endpoint that is
+briefly down) and any other RemoteError/OSError not known to be fatal retry with exponential back-off and jitter,
+honouring ``retry_after``, for as long as the tier runs (each attempt is bounded by the remote's own retries);
+``auth``, ``permission`` and ``quota`` stop that tier (:data:`FATAL_KINDS`). Either way the error stays in :func:`status` and the log
 (``<root>/.colabkit/logs/sync.log``) until a later upload succeeds. Threads never print.
 
 Example:
@@ -29,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import random
 import re
 import signal
@@ -39,8 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import (ColabkitError, IntegrityError, RemoteAuthError, RemoteError, RemotePermissionError,
-                     RemoteQuotaError, SyncError)
-from .fsutil import FileDigest, atomic_write_json, hash_file, is_temporary
+                     RemoteQuotaError, RemoteUploadCapError, SyncError, error_kind)
+from .fsutil import FileDigest, atomic_write_json, hash_file, is_temporary, sweep_temporaries
 
 if TYPE_CHECKING:
     from .config import Config, TierConfig
@@ -54,7 +57,14 @@ _activity = logging.getLogger(__name__ + ".activity")
 _activity.propagate = False
 _activity.setLevel(logging.INFO)
 
-FATAL = (RemoteQuotaError, RemoteAuthError, RemotePermissionError)
+#: error kinds that stop a tier: retrying cannot help until someone fixes the key, the sharing or the quota
+FATAL_KINDS = frozenset({"auth", "permission", "quota"})
+FATAL = (RemoteQuotaError, RemoteAuthError, RemotePermissionError)   # the classes of FATAL_KINDS
+_CAP_PROBE = 3600.0         # after Drive's daily-cap answer (no Retry-After), ask again this much later
+_HUB_HINT = ("weights belong on the Hub: keep checkpoints out of this tier (exclude: ['*.pt', '*.pt.json', ...]) "
+             "and let a hub tier take them")
+_SHOW_SKIPPED = 50          # skipped files listed by name in a status snapshot (all are counted)
+_MANIFEST_OF_SKIPPED = "the manifest of a skipped checkpoint"
 _SKIP_DIRS = {".colabkit", ".git", "__pycache__", ".ipynb_checkpoints"}
 _GUARD_INTERVAL = 30.0      # the disk guard also runs between due ticks, at least this often
 _CKPT_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -122,6 +132,41 @@ class Patterns:
                 self._cache.clear()
             self._cache[rel] = r
         return r
+
+
+def _latest_reason(step: int) -> str:
+    return f"latest_only: step {step} is newer"
+
+
+def tier_notes(t: Mapping[str, Any]) -> list[str]:
+    """What a tier snapshot (or flush result) says beyond its counts: a pause by a daily upload cap, skipped files.
+
+    Example:
+        >>> tier_notes(sync.status()["tiers"]["drive"])
+        ['paused until 14:05: 699.9 GB uploaded to this tier in the last 24 h; ...']
+    """
+    out = []
+    if t.get("paused_until"):
+        out.append(f"{t.get('paused') or 'paused'}: {t.get('pause_reason') or ''}".rstrip(": "))
+    if t.get("skipped"):
+        out.append(f"skipped {t['skipped']} ({describe_skipped(t.get('skipped_files') or {})})")
+    return out
+
+
+def _hhmm(t: float) -> str:
+    return time.strftime("%H:%M", time.localtime(t))
+
+
+def describe_skipped(files: Mapping[str, str], *, limit: int = 3) -> str:
+    """``reason: a, b; other reason: c`` for a tier's skipped files (as in status and flush results)."""
+    by: dict[str, list[str]] = {}
+    for rel, why in sorted(files.items()):
+        by.setdefault(why, []).append(rel)
+    parts = []
+    for why, rels in by.items():
+        names = ", ".join(rels[:limit]) + (f", ... ({len(rels) - limit} more)" if len(rels) > limit else "")
+        parts.append(f"{why}: {names}")
+    return "; ".join(parts)
 
 
 def _step_of(name: str) -> int | None:
@@ -270,12 +315,22 @@ class TierSyncer(threading.Thread):
         self._attempts = 0
         self.fatal: str | None = None
         self._pending: dict[str, int] = {}          # rel -> size of files due or settling
-        self._skipped_big: set[str] = set()
+        self._skipped: dict[str, str] = {}          # rel -> why this tier will not upload it (as things are)
+        self._best: dict[str, tuple[int, str]] = {}  # latest_only: folder -> (step, path) of its newest checkpoint
+        self._logged_big: set[str] = set()
+        self._ckpt_recorded = False                 # a checkpoint was recorded since the last prune
+        # a daily upload cap (Drive): files deferred in the last tick, until when, why
+        self._deferred: dict[str, int] = {}
+        self._paused_until: float | None = None     # wall clock
+        self._pause_reason: str | None = None
+        self._cap_answer_until = 0.0                # Drive answered "cap reached": nothing is sent before this
+        self._pause_logged: tuple[int, str] | None = None
         self._data_of: dict[str, LocalFile] = {}
         self.snap: dict[str, Any] = {
             "tier": tier.name, "remote": remote.describe() if remote else None, "state": "starting",
             "every": self.every, "last_upload": None, "last_tick": None, "next_due": None, "pending_files": 0,
-            "pending_bytes": 0, "last_error": None, "last_error_at": None, "uploaded": 0, "uploaded_bytes": 0,
+            "pending_bytes": 0, "last_error": None, "last_error_at": None, "last_error_kind": None,
+            "uploaded": 0, "uploaded_bytes": 0,
             "skipped": 0, "errors": 0, "retry_at": None, "current": None, "last_uploaded": None}
         if open_error is not None:
             self._set_fatal(open_error)
@@ -287,6 +342,15 @@ class TierSyncer(threading.Thread):
             s["pending_files"] = len(self._pending)
             s["pending_bytes"] = sum(self._pending.values())
             s["ledger_files"] = len(self.ledger.entries)   # what the tier holds, verified (no lock: a len)
+            s["skipped"] = len(self._skipped)
+            s["skipped_files"] = dict(sorted(self._skipped.items())[:_SHOW_SKIPPED])
+            paused = self._paused_until if self._deferred and self._paused_until else None
+            s["paused_until"] = paused
+            s["paused"] = f"paused until {_hhmm(paused)}" if paused else None
+            s["pause_reason"] = self._pause_reason if paused else None
+            s["deferred_files"] = len(self._deferred) if paused else 0
+            if paused and s["state"] in ("idle", "scanning"):
+                s["state"] = "paused"
             now_m, now = time.monotonic(), time.time()
             if self.fatal is None and s["state"] != "stopped":
                 s["next_due"] = now + max(max(self._next_due, self._next_attempt) - now_m, 0.0)
@@ -308,7 +372,10 @@ class TierSyncer(threading.Thread):
         return req
 
     def note(self, path: str) -> None:
-        """A watchdog event for `path`: update pending counts (uploads still wait for the due tick)."""
+        """A watchdog event for `path`: update pending counts (uploads still wait for the due tick).
+
+        Pending counts only what this tier will upload: a file it will skip (max_file_size, the manifest of
+        such a checkpoint, an older checkpoint in a latest_only tier) is counted as skipped, with the reason."""
         rel = self.group.rel_of(path)
         if rel is None or not self.patterns(rel) or is_temporary(path):
             return
@@ -317,14 +384,59 @@ class TierSyncer(threading.Thread):
         except OSError:
             with self._lock:
                 self._pending.pop(rel, None)
+                self._skipped.pop(rel, None)
             return
         if not os.path.isfile(path):
             return
         with self._lock:
             if self.ledger.unchanged(rel, st.st_size, st.st_mtime_ns):
                 self._pending.pop(rel, None)
-            elif not self._too_big(st.st_size):
-                self._pending[rel] = st.st_size
+                self._skipped.pop(rel, None)
+                return
+            why = self._skip_reason(path, rel, st.st_size)
+            if why is not None:
+                self._pending.pop(rel, None)
+                self._skipped[rel] = why
+                return
+            self._skipped.pop(rel, None)
+            self._pending[rel] = st.st_size
+
+    def _skip_reason(self, path: str, rel: str, size: int) -> str | None:
+        """Why this tier will not upload `path` (judged from one event; the next tick judges every file)."""
+        if self._too_big(size):
+            return self._big_reason()
+        base = os.path.basename(path)
+        data = path[:-5] if path.endswith(".json") else None
+        step = _step_of(base[:-5]) if data is not None else _step_of(base)
+        if data is not None and step is not None:
+            drel = rel[:-5]
+            with contextlib.suppress(OSError):
+                if self.patterns(drel) and self._too_big(os.stat(data).st_size):
+                    return _MANIFEST_OF_SKIPPED
+        if not self.tier.latest_only or step is None:
+            return None
+        ckpt = rel[:-5] if data is not None else rel
+        folder = posixpath.dirname(rel)
+        best = self._best.get(folder)
+        if best is not None and (step, ckpt) < best:
+            return _latest_reason(best[0])
+        # a complete checkpoint (its manifest is there) newer than the folder's newest: the older ones waiting
+        # for the tick will not be uploaded now
+        if (data is not None or os.path.exists(path + ".json")) and (best is None or (step, ckpt) > best):
+            self._best[folder] = (step, ckpt)
+            for r in list(self._pending):
+                if posixpath.dirname(r) != folder:
+                    continue
+                c = r[:-5] if r.endswith(".json") else r
+                s = _step_of(posixpath.basename(c))
+                if s is not None and (s, c) < (step, ckpt):
+                    del self._pending[r]
+                    self._skipped[r] = _latest_reason(step)
+        return None
+
+    def _big_reason(self) -> str:
+        from .config import format_size
+        return f"larger than max_file_size ({format_size(self.tier.max_file_size)})"
 
     def stop_soon(self) -> None:
         self._stop_evt.set()
@@ -333,6 +445,7 @@ class TierSyncer(threading.Thread):
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> None:
         _lower_priority()
+        self._sweep()
         with self._lock:
             if self.fatal is None:
                 self.snap["state"] = "idle"
@@ -363,6 +476,25 @@ class TierSyncer(threading.Thread):
         with self._lock:
             self.snap["state"] = "stopped"
             self.snap["current"] = None
+
+    def _sweep(self) -> None:
+        """Remove temporaries of ours that killed processes left in this tier's folder and in the ledger folder
+        (a partial copy on a mounted Drive is synced and counts against its quota); never one whose writer
+        is alive (:func:`colabkit.fsutil.sweep_temporaries`)."""
+        from .config import format_size
+        where = [(str(self.ledger.path.parent), False)]
+        root = getattr(self.remote, "root", None) if getattr(self.remote, "kind", "") == "local" else None
+        if root is not None:
+            where.append((str(root), True))
+        for folder, recursive in where:
+            try:
+                gone = sweep_temporaries(folder, recursive=recursive)
+            except Exception as e:   # hygiene must never stop a tier
+                log.warning("%s: sweeping stale temporaries in %s failed: %s", self.tier.name, folder, _fmt_err(e))
+                continue
+            if gone:
+                _activity.info("%s: removed %d stale temporary file(s) (%s) left by interrupted writers in %s",
+                               self.tier.name, len(gone), format_size(sum(n for _, n in gone)), folder)
 
     def _step(self) -> None:
         with self._lock:
@@ -421,8 +553,11 @@ class TierSyncer(threading.Thread):
 
     def _flush_result(self, *, ok: bool, note: str | None = None) -> dict[str, Any]:
         s = self.snapshot()
+        if s["paused_until"]:   # what waits for the daily cap is not up: said at once, not waited for
+            ok = False
         out = {"ok": ok, "state": s["state"], "uploaded": s["uploaded"], "pending_files": s["pending_files"],
-               "last_error": s["last_error"]}
+               "skipped": s["skipped"], "skipped_files": s["skipped_files"], "paused_until": s["paused_until"],
+               "paused": s["paused"], "pause_reason": s["pause_reason"], "last_error": s["last_error"]}
         if note:
             out["note"] = note
         return out
@@ -446,20 +581,26 @@ class TierSyncer(threading.Thread):
             if e is None or e.get("local_mtime_ns") != f.mtime_ns or e.get("local_size") != f.size:
                 todo.append(f)
         self._data_of = {}
-        if not todo:
+        if not todo:   # an idle tick: everything is held (the newest per folder is unchanged too)
+            with self._lock:
+                self._skipped = {}
             return due, unsettled
+        skipped: dict[str, str] = {}
         by_path = {f.path: f for f in files}
         for f in todo:
             if self._too_big(f.size):
-                if f.rel not in self._skipped_big:
-                    self._skipped_big.add(f.rel)
-                    with self._lock:
-                        self.snap["skipped"] += 1
+                skipped[f.rel] = self._big_reason()
+                if f.rel not in self._logged_big:
+                    self._logged_big.add(f.rel)
                     _activity.info("%s: %s is larger than max_file_size (%d bytes); not uploaded",
-                             self.tier.name, f.rel, self.tier.max_file_size)
+                                   self.tier.name, f.rel, self.tier.max_file_size)
                 continue
             sha = None
-            is_manifest = f.path.endswith(".json") and f.path[:-5] in by_path
+            data = by_path.get(f.path[:-5]) if f.path.endswith(".json") else None
+            is_manifest = data is not None
+            if is_manifest and self._too_big(data.size) and _step_of(os.path.basename(data.path)) is not None:
+                skipped[f.rel] = _MANIFEST_OF_SKIPPED   # it would wait for its checkpoint forever
+                continue
             if not is_manifest and f.path + ".json" in by_path:
                 sha = _manifest_sha(f.path, f.size)
             if sha is not None or is_manifest or f.path.endswith(APPEND_ONLY) or now - f.mtime >= settle:
@@ -469,12 +610,13 @@ class TierSyncer(threading.Thread):
         # a manifest goes up only after its data file (when this tier takes the data file too)
         self._data_of = {f.path: by_path[f.path[:-5]] for f, _ in due
                          if f.path.endswith(".json") and f.path[:-5] in by_path}
+        best_rel: dict[str, tuple[int, str]] = {}
         if self.tier.latest_only:
             # per folder: only the newest checkpoint due, and never one older than a checkpoint already held
             best: dict[str, tuple[int, str]] = {}
             steps: dict[str, int] = {}
             due_paths = {f.path for f, _ in due}
-            held_paths = {f.path for f in files} - due_paths - {f.path for f in unsettled}
+            held_paths = {f.path for f in files} - {f.path for f in todo}
             for f in files:
                 if f.path.endswith(".json"):
                     continue
@@ -486,11 +628,19 @@ class TierSyncer(threading.Thread):
                     d = os.path.dirname(f.path)
                     if d not in best or (s, f.path) > best[d]:
                         best[d] = (s, f.path)
+                        best_rel[posixpath.dirname(f.rel)] = (s, f.rel)
             drop = {p for p in steps if p in due_paths and best[os.path.dirname(p)][1] != p}
             drop |= {p + ".json" for p in drop}
+            old = [f for f in unsettled if f.path in steps and os.path.dirname(f.path) in best
+                   and steps[f.path] <= best[os.path.dirname(f.path)][0]]
+            for f in [f for f, _ in due if f.path in drop] + old:
+                skipped[f.rel] = _latest_reason(best[os.path.dirname(f.path[:-5] if f.path.endswith(".json")
+                                                                    else f.path)][0])
             due = [(f, s) for f, s in due if f.path not in drop]
-            unsettled = [f for f in unsettled if f.path not in steps
-                         or os.path.dirname(f.path) not in best or steps[f.path] > best[os.path.dirname(f.path)][0]]
+            unsettled = [f for f in unsettled if f not in old]
+        with self._lock:
+            self._skipped = skipped
+            self._best = best_rel
         # data files before their manifests: a remote holding a manifest always holds its data
         due.sort(key=lambda x: (x[0].path.endswith(".json"), x[0].rel))
         return due, unsettled
@@ -525,11 +675,16 @@ class TierSyncer(threading.Thread):
             self._pending.update({f.rel: f.size for f in unsettled})
             self.snap["last_tick"] = time.time()
         ok = self._upload(due)
+        if self._ckpt_recorded:
+            # retention in the default flow: the verified copies just recorded may let older checkpoints go
+            self._ckpt_recorded = False
+            self.group.prune()
         with self._lock:
             if ok:
                 self._attempts = 0
                 self._next_attempt = 0.0
                 self.snap["last_error"] = None
+                self.snap["last_error_kind"] = None
                 self.snap["retry_at"] = None
             if self.fatal is None:
                 self.snap["state"] = "retrying" if self._next_attempt > time.monotonic() else "idle"
@@ -538,6 +693,12 @@ class TierSyncer(threading.Thread):
         return ok and not unsettled
 
     def _upload(self, due: list[tuple[LocalFile, str | None]]) -> bool:
+        """Upload `due` in order. Returns True when nothing is left but what a daily upload cap defers."""
+        now = time.time()
+        with self._lock:
+            self._deferred = {}
+            if self._cap_answer_until <= now:
+                self._paused_until = self._pause_reason = None
         if not due:
             return True
         with self._lock:
@@ -545,41 +706,106 @@ class TierSyncer(threading.Thread):
         if getattr(self.remote, "kind", "") == "hub" and len(due) > 1:
             return self._upload_batch(due)
         complete = True
-        for f, sha in due:
-            if self._stop_evt.is_set():
-                return False
-            data = self._data_of.get(f.path)
-            if data is not None and not self.ledger.unchanged(data.rel, data.size, data.mtime_ns):
-                complete = False
-                continue  # its checkpoint is not up (yet): a remote never holds a manifest without its data
-            try:
-                self._upload_one(f, sha)
-            except FATAL as e:
-                self._set_fatal(e)
-                return False
-            except IntegrityError as e:
-                # the file changed while it was read: it is picked up again once it settles
-                _activity.info("%s: %s", self.tier.name, e)
-                complete = False
-                continue
-            except RemoteError as e:
-                self._record_error(e)
-                self._backoff(e.retry_after)
-                return False
-            except FileNotFoundError:
-                with self._lock:
-                    self._pending.pop(f.rel, None)
-                continue  # deleted locally (pruned, rotated) before its turn
-            except OSError as e:
-                self._record_error(e)
-                self._backoff(None)
-                return False
-            except Exception as e:
-                log.exception("%s: uploading %s failed", self.tier.name, f.rel)
-                self._record_error(e)
-                self._backoff(None)
-                return False
-        return complete
+        deferred: dict[str, int] = {}
+        try:
+            for f, sha in due:
+                if self._stop_evt.is_set():
+                    return False
+                data = self._data_of.get(f.path)
+                if data is not None and data.rel in deferred:
+                    deferred[f.rel] = f.size   # goes up after its checkpoint, when the cap allows
+                    continue
+                if data is not None and not self.ledger.unchanged(data.rel, data.size, data.mtime_ns):
+                    complete = False
+                    continue  # its checkpoint is not up (yet): a remote never holds a manifest without its data
+                if self._defer(f):
+                    if f.rel not in self._skipped:
+                        deferred[f.rel] = f.size
+                    continue
+                try:
+                    self._upload_one(f, sha)
+                except RemoteUploadCapError as e:
+                    # Drive refuses more today: pause (not stop) and try again later
+                    self._cap_answered(e)
+                    deferred[f.rel] = f.size
+                    continue
+                except FATAL as e:
+                    self._set_fatal(e)
+                    return False
+                except IntegrityError as e:
+                    # the file changed while it was read: it is picked up again once it settles
+                    _activity.info("%s: %s", self.tier.name, e)
+                    complete = False
+                    continue
+                except RemoteError as e:
+                    self._record_error(e)
+                    self._backoff(e.retry_after)
+                    return False
+                except FileNotFoundError:
+                    with self._lock:
+                        self._pending.pop(f.rel, None)
+                    continue  # deleted locally (pruned, rotated) before its turn
+                except OSError as e:
+                    self._record_error(e)
+                    self._backoff(None)
+                    return False
+                except Exception as e:
+                    log.exception("%s: uploading %s failed", self.tier.name, f.rel)
+                    self._record_error(e)
+                    self._backoff(None)
+                    return False
+            return complete
+        finally:
+            with self._lock:
+                self._deferred = deferred
+
+    # -- a daily upload cap (Drive) ----------------------------------------------------------------
+    def _daily_cap(self) -> int | None:
+        if getattr(self.remote, "kind", "") != "drive":
+            return None
+        return self.group.config.drive.daily_upload_cap or None
+
+    def _defer(self, f: LocalFile) -> bool:
+        """True when `f` must wait for the daily upload cap (or can never pass it: then it is skipped)."""
+        from .config import format_size
+        now = time.time()
+        if self._cap_answer_until > now:
+            return True
+        cap = self._daily_cap()
+        if cap is None:
+            return False
+        at = self.ledger.fits_at(f.size, cap, now=now)
+        if at is None:
+            return False
+        if at == float("inf"):
+            with self._lock:
+                self._pending.pop(f.rel, None)
+                self._skipped[f.rel] = f"larger than drive.daily_upload_cap ({format_size(cap)})"
+            return True
+        used = self.ledger.uploaded_within(now=now)
+        self._pause(at, f"{format_size(used)} uploaded to this tier in the last 24 h, and {f.rel} "
+                        f"({format_size(f.size)}) would pass drive.daily_upload_cap ({format_size(cap)}; Drive "
+                        f"refuses more than about 750 GB a day); uploads go on by themselves then; {_HUB_HINT}")
+        return True
+
+    def _cap_answered(self, e: RemoteUploadCapError) -> None:
+        until = time.time() + (e.retry_after or _CAP_PROBE)
+        self._cap_answer_until = until
+        with self._lock:
+            self._paused_until = None   # Drive's answer rules over our own count
+        self._pause(until, f"Drive answered that this account's daily upload cap is reached ({e}); "
+                           f"trying again then; {_HUB_HINT}")
+
+    def _pause(self, until: float, reason: str) -> None:
+        with self._lock:
+            if self._paused_until is not None and self._paused_until <= until:
+                return   # an earlier resume time is already known
+            self._paused_until, self._pause_reason = until, reason
+        # wake up when the first deferred file may go (the tick would otherwise wait for `every`)
+        self._next_due = min(self._next_due, time.monotonic() + max(until - time.time(), 0.0) + 1.0)
+        if self._pause_logged != (round(until), reason):   # once per pause, not on every tick
+            self._pause_logged = (round(until), reason)
+            log.warning("%s: paused until %s: %s", self.tier.name, _hhmm(until), reason)
 
     def _digest_for(self, f: LocalFile, sha: str | None) -> tuple[FileDigest | None, str]:
         if sha is not None:
@@ -595,19 +821,32 @@ class TierSyncer(threading.Thread):
             led.touch(f.rel, local_size=f.size, local_mtime_ns=f.mtime_ns)
             led.save()
             return True
-        inf = led.inflight.get(f.rel)
-        if inf and inf.get("sha256") == sha and self.remote is not None:
-            rec = self.remote.stat(remote_path)
-            if rec is not None and rec.size == f.size and (rec.sha256 == sha or (rec.sha256 is None and rec.md5)):
-                if rec.sha256 is None:  # only an md5 to compare: check it against the local file
-                    if hash_file(f.path).md5 != rec.md5:
-                        return False
-                led.record(f.rel, remote_path=remote_path, size=rec.size, sha256=sha, md5=rec.md5,
-                           remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns)
-                _activity.info("%s: %s was uploaded before an interruption; verified and recorded",
-                               self.tier.name, f.rel)
-                return True
+        if self._was_inflight(f, sha) and self.remote is not None:
+            return self._held_by(f, sha, remote_path, self.remote.stat(remote_path))
         return False
+
+    def _was_inflight(self, f: LocalFile, sha: str) -> bool:
+        inf = self.ledger.inflight.get(f.rel)
+        return bool(inf and inf.get("sha256") == sha)
+
+    def _held_by(self, f: LocalFile, sha: str, remote_path: str, rec: Any) -> bool:
+        """Record `f` as held when the remote's record `rec` (of an upload in flight when a process or an
+        attempt was interrupted) is exactly its content."""
+        if rec is None or rec.size != f.size or not (rec.sha256 == sha or (rec.sha256 is None and rec.md5)):
+            return False
+        if rec.sha256 is None:  # only an md5 to compare: check it against the local file
+            d = hash_file(f.path)
+            if d.md5 != rec.md5 or d.sha256 != sha:
+                return False
+            # and finish what the interrupted upload left undone (Drive: the sha256 beside the file)
+            rec = self.remote.adopt(remote_path, rec, d)
+        self.ledger.count_upload(f.rel, rec.size)   # sent by the interrupted process, today most likely
+        self.ledger.record(f.rel, remote_path=remote_path, size=rec.size, sha256=sha, md5=rec.md5,
+                           remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns)
+        _activity.info("%s: %s was uploaded before an interruption; verified and recorded", self.tier.name, f.rel)
+        if _step_of(os.path.basename(f.path)) is not None:
+            self._ckpt_recorded = True
+        return True
 
     def _upload_one(self, f: LocalFile, sha_hint: str | None) -> None:
         remote_path = self.group.config.remote_path(f.path)
@@ -629,9 +868,12 @@ class TierSyncer(threading.Thread):
         self._recorded(f, rec, sha, digest)
 
     def _recorded(self, f: LocalFile, rec: Any, sha: str, digest: FileDigest | None) -> None:
+        self.ledger.count_upload(f.rel, rec.size)   # towards a daily cap (saved by record())
         self.ledger.record(f.rel, remote_path=rec.path, size=rec.size, sha256=rec.sha256 or sha,
                            md5=rec.md5 or (digest.md5 if digest else None), remote_id=rec.id,
                            local_size=f.size, local_mtime_ns=f.mtime_ns)
+        if _step_of(os.path.basename(f.path)) is not None:
+            self._ckpt_recorded = True
         with self._lock:
             self._pending.pop(f.rel, None)
             self.snap["uploaded"] += 1
@@ -644,10 +886,22 @@ class TierSyncer(threading.Thread):
         """Hub: every file due in this tick in one commit."""
         items, digests, meta = [], {}, []
         try:
+            hashed = []
             for f, sha in due:
                 remote_path = self.group.config.remote_path(f.path)
                 d = hash_file(f.path)
-                if self._already_held(f, d.sha256, remote_path):
+                if self.ledger.verified_copy(f.rel, d.sha256):
+                    self.ledger.touch(f.rel, local_size=f.size, local_mtime_ns=f.mtime_ns)
+                    with self._lock:
+                        self._pending.pop(f.rel, None)
+                    continue
+                hashed.append((f, d, remote_path))
+            # after a failed attempt every file is in flight: look them all up in one call (retried by the
+            # remote), and keep what an earlier attempt did get up
+            inflight = [rp for f, d, rp in hashed if self._was_inflight(f, d.sha256)]
+            held = self.remote.stat_many(inflight) if inflight else {}
+            for f, d, remote_path in hashed:
+                if remote_path in held and self._held_by(f, d.sha256, remote_path, held[remote_path]):
                     with self._lock:
                         self._pending.pop(f.rel, None)
                     continue
@@ -655,9 +909,9 @@ class TierSyncer(threading.Thread):
                 digests[remote_path] = d
                 meta.append((f, d))
                 self.ledger.begin(f.rel, remote_path=remote_path, size=f.size, sha256=d.sha256, save=False)
+            self.ledger.save()
             if not items:
                 return True
-            self.ledger.save()
             with self._lock:
                 self.snap["current"] = f"{len(items)} files in one commit"
             recs = self.remote.put_many(items, digests=digests)
@@ -688,6 +942,7 @@ class TierSyncer(threading.Thread):
         with self._lock:
             self.snap["last_error"] = msg
             self.snap["last_error_at"] = time.time()
+            self.snap["last_error_kind"] = error_kind(e)
             self.snap["errors"] += 1
         log.warning("%s: upload failed (will retry): %s", self.tier.name, msg)
 
@@ -710,6 +965,7 @@ class TierSyncer(threading.Thread):
             self.snap["state"] = "stopped"
             self.snap["last_error"] = msg
             self.snap["last_error_at"] = time.time()
+            self.snap["last_error_kind"] = error_kind(e)
             self.snap["errors"] += 1
         log.error("%s: tier stopped: %s", self.tier.name, msg)
 
@@ -832,6 +1088,7 @@ class SyncGroup:
         self.observer: Any = None
         self.poll = bool(config.sync.poll) if config.sync.poll is not None else None
         self._guard_lock = threading.Lock()
+        self._prune_lock = threading.Lock()
         self._ckpt_dirs: set[str] = set()
         self._scan_lock = threading.Lock()
         self._stopped = False
@@ -980,6 +1237,20 @@ class SyncGroup:
             log.warning("disk guard failed: %s", _fmt_err(e))
         finally:
             self._guard_lock.release()
+
+    def prune(self) -> None:
+        """Retention after verified uploads: in every folder holding checkpoints, delete those beyond
+        ``retention.keep_local`` that the tiers ``retention.require_remote`` names hold verified copies of
+        (:func:`colabkit.retention.prune`; the newest ``keep_local`` always stay)."""
+        with self._prune_lock:   # tiers finishing at the same moment take turns
+            try:
+                from . import retention
+                with self._scan_lock:
+                    dirs = sorted(self._ckpt_dirs)
+                for d in dirs:
+                    retention.prune(d, config=self.config)
+            except Exception as e:
+                log.warning("pruning local checkpoints failed: %s", _fmt_err(e))
 
     def status(self) -> dict[str, Any]:
         from . import retention

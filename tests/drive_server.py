@@ -38,8 +38,12 @@ A service account creating a file outside a Shared Drive gets ``403 storageQuota
 
 Fault knobs (see :class:`Faults`): ``fail(n, status, reason=..., retry_after=...)``, ``drop(n)`` (close the
 connection mid-body), ``truncate(n)`` (cut a media download short), ``ratio(p)`` (fault that fraction of
-Drive requests at random); ``upload_cap`` bytes per principal (then 403 userRateLimitExceeded, Drive's answer
-at the 750 GB daily cap); ``storage_full`` (403 storageQuotaExceeded for every upload).
+Drive requests at random; ``token=True`` includes the token endpoint), ``token(n, status)`` (503/500/429 in the
+OAuth error shape, or a dropped connection, at the token endpoint); ``upload_cap`` bytes per principal (then 403
+userRateLimitExceeded "User rate limit exceeded.", Drive's answer at the 750 GB daily cap; ``daily_cap(n)`` gives
+that answer to the next `n` uploads); ``storage_full`` (403 storageQuotaExceeded for every upload); ``pause_at``
+(hold an upload mid-way) and ``hold_metadata`` (hold the next metadata update, then drop it unapplied) with
+``paused``/``held`` and ``gate``.
 Blobs are stored on disk under the server's folder, never held in memory whole.
 """
 from __future__ import annotations
@@ -69,6 +73,11 @@ from typing import Any
 import pytest
 
 FOLDER_MIME = "application/vnd.google-apps.folder"
+#: Drive's message at the daily upload cap, and for the per-minute user rate limit (same reason, userRateLimitExceeded)
+DAILY_CAP_MESSAGE = "User rate limit exceeded."
+USER_RATE_MESSAGE = ("User Rate Limit Exceeded. Rate of requests for user exceed configured project quota. You may "
+                     "consider re-evaluating expected per-user traffic to the API and adjust project quota limits "
+                     "accordingly.")
 UNIT = 256 * 1024
 GOOGLE_TOKEN_AUD = "https://oauth2.googleapis.com/token"
 
@@ -189,16 +198,25 @@ class Faults:
         self._lock = threading.Lock()
         self._queue: list[dict[str, Any]] = []
         self._ratio = 0.0
+        self._ratio_token = False
         self._ratio_kinds: tuple[str, ...] = ()
         self._rng = random.Random(0)
         self.injected: list[tuple[str, str, str]] = []
 
     def fail(self, n: int = 1, status: int = 503, *, reason: str | None = None, retry_after: float | None = None,
-             method: str | None = None, path: str | None = None) -> None:
-        """Answer the next `n` matching requests with `status` (and a Drive error body with `reason`)."""
+             method: str | None = None, path: str | None = None, message: str | None = None) -> None:
+        """Answer the next `n` matching requests with `status` (and a Drive error body with `reason`).
+
+        ``reason="userRateLimitExceeded"`` answers with Drive's per-minute rate-limit message (transient);
+        :meth:`daily_cap` gives the daily-cap answer, which carries the same reason with another message."""
         with self._lock:
             self._queue.append(dict(kind="status", n=n, status=status, reason=reason, retry_after=retry_after,
-                                    method=method, path=path))
+                                    method=method, path=path, message=message))
+
+    def daily_cap(self, n: int = 1) -> None:
+        """Answer the next `n` uploads as Drive does once the account's daily upload cap (~750 GB per rolling
+        24 h) is reached: ``403 userRateLimitExceeded "User rate limit exceeded."`` (usageLimits)."""
+        self.fail(n, 403, reason="userRateLimitExceeded", message=DAILY_CAP_MESSAGE, path="/upload/")
 
     def drop(self, n: int = 1, *, method: str | None = "PUT", path: str | None = None) -> None:
         """Close the connection half-way through the body of the next `n` matching requests."""
@@ -216,17 +234,30 @@ class Faults:
             self._queue.append(dict(kind="truncate", n=n, method="GET", path=path, media=True))
 
     def ratio(self, p: float, *, seed: int = 0,
-              kinds: tuple[str, ...] = ("503", "500", "429", "drop", "truncate", "rate")) -> None:
-        """Fault a fraction `p` of Drive API requests (not the token endpoint) at random."""
+              kinds: tuple[str, ...] = ("503", "500", "429", "drop", "truncate", "rate"),
+              token: bool = False) -> None:
+        """Fault a fraction `p` of Drive API requests at random; with `token`, the OAuth token endpoint's too
+        (503/500/429 answers in the OAuth error shape, dropped connections)."""
         with self._lock:
             self._ratio, self._ratio_kinds, self._rng = p, kinds, random.Random(seed)
+            self._ratio_token = token
 
     def clear(self) -> None:
         with self._lock:
             self._queue.clear()
             self._ratio = 0.0
 
-    def pick(self, method: str, path: str, *, media_get: bool, has_body: bool) -> dict[str, Any] | None:
+    def token(self, n: int = 1, status: int | None = 503, *, retry_after: float | None = None,
+              drop: bool = False) -> None:
+        """Fault the next `n` requests to the OAuth token endpoint: `status` (503, 500 or 429 in the OAuth
+        error shape; with Retry-After when `retry_after` is given) or, with `drop`, a dropped connection."""
+        if drop:
+            self.drop(n, method="POST", path="/token")
+        else:
+            self.fail(n, status or 503, retry_after=retry_after, method="POST", path="/token")
+
+    def pick(self, method: str, path: str, *, media_get: bool, has_body: bool,
+             token: bool = False) -> dict[str, Any] | None:
         with self._lock:
             for f in self._queue:
                 if f["n"] <= 0:
@@ -235,6 +266,8 @@ class Faults:
                     continue
                 if f["path"] and f["path"] not in path:
                     continue
+                if token and not (f["path"] and "/token" in f["path"]):
+                    continue   # the token endpoint is faulted only when asked for by name
                 if f.get("media") and not media_get:
                     continue
                 if f["kind"] == "drop" and not has_body:
@@ -242,6 +275,8 @@ class Faults:
                 f["n"] -= 1
                 self.injected.append((f["kind"], method, path))
                 return f
+            if token and not self._ratio_token:
+                return None
             if self._ratio and self._rng.random() < self._ratio:
                 kinds = [k for k in self._ratio_kinds
                          if not (k == "truncate" and not media_get) and not (k == "drop" and not has_body)]
@@ -354,6 +389,7 @@ class DriveServer:
         self.gdown_confirm_over: int | None = None
         self.storage_full = False
         self.faults = Faults()
+        self.token_faults = 0                                   # token endpoint answers faulted
         self.requests: list[tuple[str, str]] = []
         self.content_ranges: list[str] = []                     # Content-Range of every upload PUT, in order
         self.assertions: list[str] = []                         # every JWT assertion received (leak scans)
@@ -362,6 +398,10 @@ class DriveServer:
         self.pause_at: int | None = None
         self.paused = threading.Event()
         self.gate = threading.Event()
+        #: when set, a metadata update (PATCH /drive/v3/files/<id>) sets `held` and waits on `gate`, then is
+        #: dropped unapplied: the client died between an upload's last chunk and its metadata update
+        self.hold_metadata = False
+        self.held = threading.Event()
         self.issued_tokens: list[str] = []                      # every access token handed out (leak scans)
         self._lock = threading.RLock()
         self._conns: set[socket.socket] = set()
@@ -561,7 +601,7 @@ class DriveServer:
             raise HTTPFail(403, "The user's Drive storage quota has been exceeded.", "storageQuotaExceeded",
                            domain="usageLimits")
         if self.upload_cap is not None and self.uploaded.get(who, 0) + more > self.upload_cap:
-            raise HTTPFail(403, "User rate limit exceeded.", "userRateLimitExceeded", domain="usageLimits")
+            raise HTTPFail(403, DAILY_CAP_MESSAGE, "userRateLimitExceeded", domain="usageLimits")
 
     # -- HTTP plumbing --------------------------------------------------------------------------
     def _dispatch(self, h: _Handler, method: str) -> None:
@@ -574,6 +614,14 @@ class DriveServer:
         length = int(h.headers.get("Content-Length") or 0)
         try:
             if path == "/token" and method == "POST":
+                fault = self.faults.pick(method, h.path, media_get=False, has_body=length > 0, token=True)
+                if fault and fault["kind"] == "drop":
+                    h.rfile.read(length // 2)
+                    raise _Drop()
+                if fault and fault["kind"] == "status":
+                    _drain(h, length)
+                    return self._token_fault(h, fault)
+                h._lose = bool(fault and fault["kind"] == "lose")
                 return self._token(h, h.rfile.read(length))
             if path == "/uc" or (host == "drive.usercontent.google.com" and path == "/download"):
                 _drain(h, length)
@@ -588,9 +636,10 @@ class DriveServer:
                 headers = {}
                 if fault.get("retry_after") is not None:
                     headers["Retry-After"] = str(int(fault["retry_after"]))
-                raise HTTPFail(st, {503: "Service Unavailable", 500: "Internal Error",
-                                    429: "Rate Limit Exceeded"}.get(st, "Injected error"), reason,
-                               headers=headers)
+                message = fault.get("message") or (USER_RATE_MESSAGE if reason == "userRateLimitExceeded" else None)
+                raise HTTPFail(st, message or {503: "Service Unavailable", 500: "Internal Error",
+                                               429: "Rate Limit Exceeded"}.get(st, "Injected error"), reason,
+                               headers=headers, domain="usageLimits" if st in (403, 429) else "global")
             if fault and fault["kind"] == "lose":
                 h._lose = True
             who = self._auth(h)
@@ -623,7 +672,14 @@ class DriveServer:
                 if method == "GET":
                     return self._get(h, query, who, fid, fault)
                 if method == "PATCH":
-                    return self._update_meta(h, query, h.rfile.read(length), who, fid)
+                    body = h.rfile.read(length)
+                    if self.hold_metadata:
+                        self.hold_metadata = False
+                        self.held.set()
+                        while not self.gate.wait(0.05) and self._httpd is not None:
+                            pass
+                        raise _Drop()
+                    return self._update_meta(h, query, body, who, fid)
                 if method == "DELETE":
                     _drain(h, length)
                     return self._delete(h, query, who, fid)
@@ -684,6 +740,21 @@ class DriveServer:
             self.tokens[token] = (who, time.time() + 3600)
             self.issued_tokens.append(token)
         self._json(h, 200, {"access_token": token, "expires_in": 3599, "token_type": "Bearer"})
+
+    def _token_fault(self, h: _Handler, fault: dict[str, Any]) -> None:
+        """What Google's token endpoint answers when it is briefly unavailable or rate-limiting (RFC 6749
+        error codes; google-auth marks these retryable)."""
+        st = int(fault["status"])
+        if st == 403:   # the "rate" kind of ratio(): Google's token endpoint has no 403 rate limit; use 429
+            st = 429
+        err = {503: "temporarily_unavailable", 500: "internal_failure", 429: "rate_limit_exceeded"}.get(st, "server_error")
+        headers = {}
+        if fault.get("retry_after") is not None:
+            headers["Retry-After"] = str(int(fault["retry_after"]))
+        with self._lock:
+            self.token_faults += 1
+        self._json(h, st, {"error": err, "error_description": f"injected token endpoint fault (HTTP {st})"},
+                   headers=headers)
 
     def _verify_jwt(self, assertion: str) -> str | None:
         from cryptography.exceptions import InvalidSignature

@@ -32,7 +32,9 @@ LFS transfers go to another origin as they do on huggingface.co):
   the baseline for benchmarks.
 
 Faults: :meth:`HubServer.inject` answers matching requests with a status (429 with ``Retry-After``, 5xx,
-401, 403 with a message such as the storage-quota refusal) or drops the connection, ``times`` times.
+401, 403 with a message such as the storage-quota refusal) or drops the connection, ``times`` times;
+:meth:`HubServer.ratio` faults a fraction of every request (lookups, listings, downloads included) at random.
+:attr:`HubServer.injected` lists every fault served.
 Blobs live on disk under the folder given to the constructor. Every request is recorded in
 :attr:`HubServer.requests` as ``(port, method, path, status)``.
 """
@@ -110,6 +112,7 @@ class Fault:
     times: int
     drop_after: int | None = None
     hits: int = 0
+    lose: bool = False            # carry the request out, then drop the connection instead of answering
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,8 @@ class HubServer:
         (self.root / "git").mkdir(parents=True, exist_ok=True)  # regular files by git blob oid
         self.requests: list[tuple[str, str, str, int]] = []
         self.faults: list[Fault] = []
+        self.injected: list[tuple[str, str, str, str]] = []   # (kind, port, method, path) of every fault served
+        self._ratio: tuple[float, tuple[str, ...], Any, re.Pattern | None, float] | None = None
         self.lock = threading.RLock()
         self._servers: list[_Server] = []
         self._threads: list[threading.Thread] = []
@@ -227,13 +232,25 @@ class HubServer:
     # -- test helpers ---------------------------------------------------------------------------
     def inject(self, *, path: str, status: int | None = None, method: str | None = None, port: str | None = None,
                headers: dict[str, str] | None = None, message: str | None = None, drop: bool = False,
-               drop_after: int | None = None, times: int = 1) -> Fault:
+               drop_after: int | None = None, times: int = 1, lose: bool = False) -> Fault:
         """Answer the next `times` requests whose path matches the regex `path` with `status`, or drop the
-        connection (`drop`), or, for downloads from the CDN, cut it after `drop_after` bytes of the body."""
-        f = Fault(method, re.compile(path), port, status, dict(headers or {}), message, drop, times, drop_after)
+        connection (`drop`), or, for downloads from the CDN, cut it after `drop_after` bytes of the body, or
+        (`lose`) do what was asked and drop the connection instead of answering (a reply lost on the way)."""
+        f = Fault(method, re.compile(path), port, status, dict(headers or {}), message, drop, times, drop_after,
+                  lose=lose)
         with self.lock:
             self.faults.append(f)
         return f
+
+    def ratio(self, p: float, *, seed: int = 0, kinds: tuple[str, ...] = ("503", "502", "500", "429", "drop"),
+              path: str | None = None, retry_after: float = 0) -> None:
+        """Fault a fraction `p` of all requests at random (both ports, every route: whoami, repo info,
+        preupload, LFS batch and transfers, commits, tree listings, paths-info, resolve HEAD/GET downloads),
+        with a status from `kinds` (429 carries ``Retry-After: retry_after``) or a dropped connection. `path`
+        (a regex) limits it to matching paths; ``ratio(0)`` stops it. Queued :meth:`inject` faults go first."""
+        import random
+        with self.lock:
+            self._ratio = (p, kinds, random.Random(seed), re.compile(path) if path else None, retry_after) if p else None
 
     def create_repo(self, repo_id: str, *, repo_type: str = "model", private: bool = True) -> Repo:
         with self.lock:
@@ -305,7 +322,19 @@ class HubServer:
                     continue
                 if f.path.search(path):
                     f.hits += 1
+                    self.injected.append(("lose" if f.lose else "drop" if f.drop else str(f.status), port, method,
+                                          path))
                     return f
+            if self._ratio is not None:
+                p, kinds, rng, only, ra = self._ratio
+                if (only is None or only.search(path)) and rng.random() < p:
+                    k = rng.choice(kinds)
+                    self.injected.append((k, port, method, path))
+                    if k == "drop":
+                        return Fault(method, re.compile(""), port, None, {}, None, True, 1)
+                    st = int(k)
+                    return Fault(method, re.compile(""), port, st, {"Retry-After": f"{ra:g}"} if st == 429 else {},
+                                 f"injected {st}", False, 1)
         return None
 
 
@@ -360,6 +389,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._drop_after = None
         if fault is not None and fault.drop_after is not None:
             self._drop_after, fault = fault.drop_after, None
+        self._lose = bool(fault is not None and fault.lose)
+        if self._lose:
+            fault = None
         try:
             if fault is not None:
                 if fault.drop:
@@ -408,6 +440,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes = b"", *, ctype: str = "application/json",
               headers: dict[str, str] | None = None) -> None:
+        if getattr(self, "_lose", False):   # the work is done; the answer never arrives
+            self._lose = False
+            self._record(-3)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            raise OSError("answer lost (injected)")
         self._status = status
         self.send_response(status)
         self.send_header("Content-Type", ctype)

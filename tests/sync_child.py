@@ -1,9 +1,10 @@
 """Helpers for the sync tests: fault-injecting wrappers at our own Remote interface, and a child-process
 entry point that runs the real sync engine against a local-folder tier.
 
-    python -m tests.sync_child ROOT MODE    MODE: block-before | block-after | once | watch
+    python -m tests.sync_child ROOT MODE    MODE: block-before | block-mid | block-after | once | watch
 
-``block-before`` blocks inside put() before any byte is copied (mid-upload); ``block-after`` blocks after
+``block-before`` blocks inside put() before any byte is copied; ``block-mid`` once the copy has begun (its
+temporary is in the tier folder); ``block-after`` blocks after
 the copy finished but before the ledger could record it. Both write ``<ROOT>/blocked`` when they block,
 so the parent knows when to kill -9. Every completed put appends "path sha256" to ``<ROOT>/puts.log``.
 """
@@ -47,6 +48,9 @@ class WrappedRemote(Remote):
     def delete(self, path: str) -> None:
         self.inner.delete(path)
 
+    def adopt(self, path, record, digest):
+        return self.inner.adopt(path, record, digest)
+
     def check_access(self) -> None:
         self.inner.check_access()
 
@@ -86,7 +90,7 @@ class CountingRemote(WrappedRemote):
 class BlockingRemote(CountingRemote):
     """Blocks forever in put() of a checkpoint (before or after copying), writing a marker first."""
 
-    def __init__(self, inner: Remote, log_path: Path, marker: Path, *, after: bool) -> None:
+    def __init__(self, inner: Remote, log_path: Path, marker: Path, *, after: bool | str) -> None:
         super().__init__(inner, log_path)
         self.marker = marker
         self.after = after
@@ -94,6 +98,12 @@ class BlockingRemote(CountingRemote):
 
     def put(self, local, path, **kw) -> RemoteFile:
         if not path.endswith(".pt"):
+            return super().put(local, path, **kw)
+        if self.after == "mid":
+            def progress(n):   # the first chunk is in the temporary: block there
+                self.marker.write_text(path)
+                self.never.wait()
+            kw["progress"] = progress
             return super().put(local, path, **kw)
         if self.after:
             super().put(local, path, **kw)
@@ -110,8 +120,9 @@ def main(argv: list[str]) -> int:
     cfg = load_config(start=root)
     inner = open_remote(cfg, "backup")
     puts = root / "puts.log"
-    if mode in ("block-before", "block-after"):
-        remote: Remote = BlockingRemote(inner, puts, root / "blocked", after=mode == "block-after")
+    if mode in ("block-before", "block-mid", "block-after"):
+        after = {"block-before": False, "block-mid": "mid", "block-after": True}[mode]
+        remote: Remote = BlockingRemote(inner, puts, root / "blocked", after=after)
         sync.start(config=cfg, remotes={"backup": remote})
         threading.Event().wait()  # until kill -9
         return 1

@@ -101,8 +101,10 @@ resume: {priority: [local, hub, drive], policy: first}
     ("train:\n  step_regex: 'step (\\d+'\n",
      "train.step_regex: 'step (\\\\d+' is not a valid regular expression (missing ), unterminated subpattern at position 5)"),
     ("tiers: drive\n", "tiers: 'drive' must be a list of tiers"),
-    ("colour: blue\n", "colour: unknown key; allowed here: airlock, checkpoints, cooldown, credentials, dashboard, drive, "
-                       "experiments, home, hub, logs, project, resume, retention, sync, tiers, train"),
+    ("colour: blue\n", "colour: unknown key; allowed here: airlock, checkpoints, credentials, dashboard, drive, "
+                       "experiments, home, hub, logs, project, resume, retention, sync, tiers, train, triggers"),
+    ("cooldown: []\n", "cooldown: rules on the training log are written as triggers: now (a list of rules with "
+                       "action: {type: cooldown, ...}); see docs/triggers.md"),
 ])
 def test_bad_configuration_names_key_value_and_fix(tmp_path, text, message):
     with pytest.raises(ConfigError) as ei:

@@ -110,11 +110,15 @@ def test_text_view_for_each_run_state(state, train, expect):
 
 def test_sync_fields_added_by_the_sync_helper_show_when_present():
     s = snap(sync={"tiers": {"drive": {"state": "paused", "last_upload": 9_000.0, "next_due": None,
-                                       "paused_until": 10_600.0, "skipped": 3, "pending_files": 0,
-                                       "pending_bytes": 0}}})
+                                       "paused_until": 10_600.0, "paused": "paused until 03:10",
+                                       "pause_reason": "700.0 GB uploaded to this tier in the last 24 h",
+                                       "skipped": 1, "skipped_files": {"big.bin": "over max_file_size"},
+                                       "pending_files": 0, "pending_bytes": 0}}})
     line = next(x for x in dashboard.render_text(s) if x.startswith("  drive:"))
     assert line == ("  drive: paused · last upload 16m 40s ago · next due — · pending 0 files / 0 B · "
-                    "paused until in 10m · skipped 3")
+                    "paused until 03:10: 700.0 GB uploaded to this tier in the last 24 h · "
+                    "skipped 1 (over max_file_size: big.bin)")
+    assert "paused until 03:10: 700.0 GB uploaded" in dashboard.html_sync(s)
 
 
 def test_triggers_text_lists_rules_queue_and_entries():

@@ -16,7 +16,7 @@ import pytest
 
 from colabkit.config import load_config
 from colabkit.errors import (IntegrityError, RemoteNotFoundError, RemotePermissionError, RemoteQuotaError,
-                             TransientRemoteError)
+                             RemoteUploadCapError, TransientRemoteError)
 from colabkit.fsutil import atomic_write_json, hash_file
 from colabkit.remotes import open_remote
 from colabkit.remotes.drive import DriveRemote
@@ -357,16 +357,20 @@ def test_read_only_folder_fails_preflight_with_the_fix(drive_server, tmp_path, r
     remote.close()
 
 
-def test_daily_upload_cap_stops_the_tier(drive_server, tmp_path, request):
+def test_daily_upload_cap_answer_pauses_not_stops(drive_server, tmp_path, request):
+    """Drive's answer at the daily cap is asked once (no retries) and is an upload-cap error: sync pauses the
+    tier (see tests/test_sync_daily_cap.py) instead of stopping it."""
     remote = make_remote(drive_server, tmp_path, max_attempts=3)
     src = big_file(tmp_path / "cap.bin", 2 * MiB)
     drive_server.upload_cap = 1 * MiB
-    with pytest.raises(RemoteQuotaError) as ei:
+    with pytest.raises(RemoteUploadCapError) as ei:
         remote.put(src, "cap.bin")
     seen(request, ei.value)
     assert str(ei.value) == (
-        "drive: upload of cap.bin refused with userRateLimitExceeded after 3 tries: Drive's daily upload cap "
-        "(750 GB per user per day) is probably reached. The tier stops until it resets; nothing local was deleted")
+        "drive: upload cap.bin failed: Drive's daily upload cap is reached (403 userRateLimitExceeded: User rate "
+        "limit exceeded.); about 750 GB per account per day can be uploaded. The tier pauses and tries again later; "
+        "nothing local was deleted")
+    assert isinstance(ei.value, RemoteQuotaError)
     assert src.exists() and drive_server.find("cap.bin", root=remote.folder_id) is None
     remote.close()
 
@@ -501,3 +505,66 @@ def test_kill_9_during_large_upload_then_restart_resumes_without_duplicate(drive
     copies = [f for f in drive_server.files.values() if f.name == "big.pt"]
     assert len(copies) == 1 and copies[0].md5 == md5
     assert not state.exists(), "the finished upload must clear its saved state"
+
+
+# -- the OAuth token endpoint under faults ----------------------------------------------------------------
+@pytest.mark.parametrize("status", [503, 500, 429])
+def test_token_endpoint_outage_is_transient_and_recovers(drive_server, tmp_path, request, status):
+    """google-auth tries the token endpoint 3 times, then raises RefreshError(retryable=True): that is Google
+    being briefly down, not a bad key. The call is retried and succeeds once the endpoint answers again."""
+    remote = make_remote(drive_server, tmp_path)
+    remote.put(write(tmp_path / "a", b"1"), "a.txt")
+    drive_server.expire_tokens()                         # the hourly refresh of a long run
+    drive_server.faults.token(3, status, retry_after=1 if status == 429 else None)   # all of google-auth's tries
+    rec = remote.put(write(tmp_path / "b", b"2"), "b.txt")
+    assert rec.path == "b.txt"
+    assert drive_server.token_faults == 3
+    assert [f.path for f in remote.list()] == ["a.txt", "b.txt"]
+    remote.close()
+
+
+def test_token_endpoint_dropped_connection_is_transient(drive_server, tmp_path):
+    remote = make_remote(drive_server, tmp_path)
+    drive_server.faults.token(2, drop=True)
+    remote.put(write(tmp_path / "a", b"1"), "a.txt")
+    assert [k for k, m, p in drive_server.faults.injected if p == "/token"] == ["drop", "drop"]
+    assert [f.path for f in remote.list()] == ["a.txt"]
+    remote.close()
+
+
+def test_token_endpoint_down_for_good_gives_a_transient_error_not_an_auth_error(drive_server, tmp_path, request):
+    remote = make_remote(drive_server, tmp_path, max_attempts=2)
+    drive_server.faults.token(100, 503)
+    with pytest.raises(TransientRemoteError) as ei:
+        remote.list()
+    seen(request, ei.value)
+    assert ei.value.kind == "transient"
+    assert str(ei.value).startswith("drive: list failed: tokenEndpointUnavailable: the token endpoint did not "
+                                    "answer: temporarily_unavailable: injected token endpoint fault (HTTP 503)")
+    assert str(ei.value).endswith("; it will be retried")
+    remote.close()
+
+
+def test_rejected_key_is_an_auth_error(drive_server, tmp_path, request):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from colabkit.errors import RemoteAuthError
+    remote = make_remote(drive_server, tmp_path)
+    key = tmp_path / "keys" / "sa.json"
+    info = json.loads(key.read_text())
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    info["private_key"] = other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()).decode()
+    key.write_text(json.dumps(info))
+    cfg = load_config(data={"drive": {"folder_id": remote.folder_id, "credentials": str(key),
+                                      "endpoint": drive_server.endpoint},
+                            "tiers": [{"name": "drive", "remote": "drive"}]}, start=tmp_path)
+    bad = open_remote(cfg, "drive")
+    with pytest.raises(RemoteAuthError) as ei:
+        bad.list()
+    seen(request, ei.value)
+    assert ei.value.kind == "auth"
+    assert str(ei.value) == ("drive: list failed: the credentials were rejected (invalid_grant: Invalid grant.); "
+                             f"check the key file ({bad.source}) and that the key is not revoked")
+    bad.close()
+    remote.close()

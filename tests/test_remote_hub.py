@@ -378,15 +378,29 @@ def test_get_missing_repo_is_not_found(hub_server: HubServer, token_env, tmp_pat
 
 
 # -- faults ----------------------------------------------------------------------------------------------
-def test_429_on_commit_is_transient_with_retry_after(hub_server: HubServer, token_env, tmp_path: Path):
+def test_429_on_commit_is_retried_after_retry_after(hub_server: HubServer, token_env, tmp_path: Path):
     hub_server.create_repo(REPO)
     hub_server.inject(method="POST", path=r"/commit/", status=429, headers={"Retry-After": "37"})
-    r = make_remote(hub_server)
+    waits: list[float] = []
+    r = make_remote(hub_server, sleep=waits.append)
+    assert r.put(_write(tmp_path / "a.pt", b"\0" * 10), "a.pt").size == 10
+    assert waits == [37.0], "the Hub's Retry-After was not honoured"
+    assert hub_server.count("POST", r"/commit/") == 2
+    assert len(hub_server.commit_messages(REPO)) == 2, "one commit, not two"
+
+
+def test_persistent_429_on_commit_is_transient_with_retry_after(hub_server: HubServer, token_env, tmp_path: Path):
+    hub_server.create_repo(REPO)
+    hub_server.inject(method="POST", path=r"/commit/", status=429, headers={"Retry-After": "37"}, times=100)
+    waits: list[float] = []
+    r = make_remote(hub_server, sleep=waits.append, max_attempts=3)
     with pytest.raises(TransientRemoteError) as ei:
         r.put(_write(tmp_path / "a.pt", b"\0" * 10), "a.pt")
-    assert ei.value.retry_after == 37.0
+    assert ei.value.retry_after == 37.0 and ei.value.kind == "transient"
     assert str(ei.value) == ("hub: uploading 1 file(s) to model repo 'alice/ckpt' failed: the Hub is rate-limiting "
                              "requests (HTTP 429) (injected 429); retrying after 37s")
+    assert waits == [37.0, 37.0] and hub_server.count("POST", r"/commit/") == 3
+    hub_server.faults.clear()
     assert r.put(tmp_path / "a.pt", "a.pt").size == 10  # the next tick succeeds
 
 
@@ -414,19 +428,48 @@ def test_5xx_on_lfs_put_is_retried(hub_server: HubServer, token_env, tmp_path: P
 
 def test_persistent_5xx_on_commit_is_transient(hub_server: HubServer, token_env, tmp_path: Path):
     hub_server.create_repo(REPO)
-    hub_server.inject(method="POST", path=r"/commit/", status=502, times=1)
+    hub_server.inject(method="POST", path=r"/commit/", status=502, times=100)
     with pytest.raises(TransientRemoteError) as ei:
-        make_remote(hub_server).put(_write(tmp_path / "a.txt", b"x"), "a.txt")
+        make_remote(hub_server, sleep=lambda s: None).put(_write(tmp_path / "a.txt", b"x"), "a.txt")
     assert "the Hub answered HTTP 502" in str(ei.value) and "it will be retried" in str(ei.value)
+    assert hub_server.count("POST", r"/commit/") == 6, "max_attempts tries"
 
 
 def test_dropped_connection_on_commit_is_transient(hub_server: HubServer, token_env, tmp_path: Path):
     hub_server.create_repo(REPO)
-    hub_server.inject(method="POST", path=r"/commit/", drop=True)
+    hub_server.inject(method="POST", path=r"/commit/", drop=True, times=100)
     with pytest.raises(TransientRemoteError) as ei:
-        make_remote(hub_server).put(_write(tmp_path / "a.txt", b"x"), "a.txt")
+        make_remote(hub_server, sleep=lambda s: None, max_attempts=2).put(_write(tmp_path / "a.txt", b"x"), "a.txt")
     assert str(ei.value).startswith(f"hub: uploading 1 file(s) to model repo 'alice/ckpt' failed: the connection "
                                     f"to {hub_server.endpoint} broke (")
+
+
+def test_commit_whose_answer_was_lost_is_not_made_twice(hub_server: HubServer, token_env, tmp_path: Path):
+    """A dropped connection after the Hub took the commit: the retry looks first and finds it done."""
+    hub_server.create_repo(REPO)
+    r = make_remote(hub_server, sleep=lambda s: None)
+    hub_server.inject(method="POST", path=r"/commit/", lose=True)
+    rec = r.put(_write(tmp_path / "a.pt", os.urandom(3000)), "a.pt")
+    assert rec.sha256 == hash_file(tmp_path / "a.pt").sha256
+    assert [k for k, *_ in hub_server.injected] == ["lose"]
+    assert hub_server.count("POST", r"/commit/") == 1, "the commit was sent again"
+    assert len(hub_server.commit_messages(REPO)) == 2
+
+
+@pytest.mark.parametrize("route", [r"/paths-info/", r"/tree/", r"/resolve/"])
+def test_lookups_and_downloads_are_retried(hub_server: HubServer, token_env, tmp_path: Path, route):
+    """Every Hub call is retried on 5xx, 429 and dropped connections: lookups and downloads too."""
+    r = make_remote(hub_server, sleep=lambda s: None)
+    data = os.urandom(30_000)
+    r.put(_write(tmp_path / "a.pt", data), "a.pt")
+    hub_server.inject(path=route, status=503)
+    hub_server.inject(path=route, status=429, headers={"Retry-After": "0"})
+    hub_server.inject(path=route, drop=True)
+    assert r.stat("a.pt").sha256 == hash_file(tmp_path / "a.pt").sha256
+    assert [f.path for f in r.list()] == ["a.pt"]
+    r.get("a.pt", tmp_path / "b.pt")
+    assert (tmp_path / "b.pt").read_bytes() == data
+    assert len([1 for k, *_ in hub_server.injected]) == 3
 
 
 def test_storage_quota_stops_the_tier(hub_server: HubServer, token_env, tmp_path: Path):
@@ -459,10 +502,12 @@ def test_no_token_in_anything_captured(hub_server: HubServer, token_env, tmp_pat
     r.get("a.pt", tmp_path / "b.pt")
     for fault in ({"status": 429, "headers": {"Retry-After": "5"}}, {"status": 401}, {"status": 403},
                   {"drop": True}):
-        hub_server.inject(method="POST", path=r"/commit/", **fault)
+        hub_server.inject(method="POST", path=r"/commit/", times=100, **fault)
+        r.max_attempts, r._sleep = 2, (lambda s: None)
         with pytest.raises(Exception) as ei:
             r.put(_write(tmp_path / "c.txt", os.urandom(8).hex().encode()), "c.txt")
         texts += [str(ei.value), repr(ei.value), str(ei.value.__cause__)]
+        hub_server.faults.clear()
     out, err = capfd.readouterr()
     texts += [out, err, caplog.text, repr(r), r.describe()]
     texts += [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()]

@@ -27,14 +27,20 @@ def project_with(tmp: Path, *, keep_local=3, require_remote=(), min_free=None) -
                                     for n in TIERS], retention=ret)
 
 
-def hold(root: Path, tier: str, path: Path, *, sha: str | None = None) -> None:
-    """Record in `tier`'s ledger that it holds `path` (with its own sha256 unless told otherwise)."""
+def hold(root: Path, tier: str, path: Path, *, sha: str | None = None, manifest: bool = True) -> None:
+    """Record in `tier`'s ledger that it holds `path` (with its own sha256 unless told otherwise) and its
+    manifest (unless `manifest` is False)."""
     cfg = load_config(start=root)
     led = Ledger.load(cfg.state_dir, tier)
     digest = sha or hashlib.sha256(path.read_bytes()).hexdigest()
     rel = cfg.remote_path(path)
     led.record(rel, remote_path=rel, size=path.stat().st_size, sha256=digest, md5=None, remote_id=rel,
                local_size=None, local_mtime_ns=None)
+    man = path.with_name(path.name + ".json")
+    if man.is_file() and manifest:   # sync uploads a checkpoint's manifest right after it
+        led.record(rel + ".json", remote_path=rel + ".json", size=man.stat().st_size,
+                   sha256=hashlib.sha256(man.read_bytes()).hexdigest(), md5=None, remote_id=rel + ".json",
+                   local_size=None, local_mtime_ns=None)
 
 
 def names(paths) -> list[str]:
@@ -56,6 +62,17 @@ def test_prune_deletes_only_old_synced_checkpoints_with_their_manifests(tmp_path
     assert left == ["v01_step_00000004.pt", "v01_step_00000004.pt.json", "v01_step_00000005.pt",
                     "v01_step_00000005.pt.json"]
     assert not plain.exists()
+
+
+def test_a_checkpoint_whose_manifest_the_tier_lacks_is_kept(tmp_path):
+    """A checkpoint is a unit: deleting it while its manifest's upload is still being retried would lose the
+    manifest (the only copy)."""
+    root = project_with(tmp_path, keep_local=1)
+    cks = [ckpt(root, s) for s in (1, 2, 3)]
+    hold(root, "mirror", cks[0], manifest=False)
+    hold(root, "mirror", cks[1])
+    assert names(retention.prune(root / "checkpoints")) == ["v01_step_00000002.pt"]
+    assert cks[0].exists() and cks[0].with_name(cks[0].name + ".json").exists()
 
 
 def test_require_remote_needs_every_named_tier(tmp_path):

@@ -227,12 +227,12 @@ def test_remote_failing_every_third_call_still_gets_everything(project, tmp_path
     cfg = load_config(start=project)
     flaky = FlakyRemote(open_remote(cfg, "backup"))
     files = [ckpt(project, s, size=1000 + s) for s in range(1, 6)]
+    expected = {f"checkpoints/{f.name}": sha(f) for f in files}   # (retention deletes the oldest once up)
+    expected.update({f"checkpoints/{f.name}.json": sha(f.with_name(f.name + ".json")) for f in files})
     g = sync.start(config=cfg, remotes={"backup": flaky}, every=0.1)
     seen_error = wait_for(lambda: g.status()["tiers"]["backup"]["last_error"], what="the injected error in status")
     assert "503 Service Unavailable (injected" in seen_error
     assert g.status()["tiers"]["backup"]["errors"] >= 1
-    expected = {f"checkpoints/{f.name}": sha(f) for f in files}
-    expected.update({f"checkpoints/{f.name}.json": sha(f.with_name(f.name + ".json")) for f in files})
     wait_for(lambda: remote_files(tmp_path / "remote_backup") == expected, timeout=30, what="every file")
     # once a tick succeeds the error is cleared from status; the count stays
     wait_for(lambda: g.status()["tiers"]["backup"]["last_error"] is None, what="the error to clear")

@@ -154,3 +154,47 @@ open({str(root / 'logs' / 'final.log')!r}, 'w').write('done\\n')
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "remote_backup" / "logs" / "final.log").read_text() == "done\n"
     assert r.stdout == "" and r.stderr == ""
+
+
+def test_stale_temporaries_of_killed_writers_are_swept_when_a_syncer_starts(tmp_path):
+    """issue 16 §5: a kill -9 mid-copy left partial `.colabkit-tmp-*` files in the tier folder (and ledger
+    temporaries) that nothing removed; on a mounted Drive they are synced and count against its quota."""
+    from colabkit.fsutil import TMP_PREFIX, owner_tag, temp_prefix
+    root = make_project(tmp_path)
+    files = [ckpt(root, s, size=50_000 + s) for s in (10, 20)]
+    tier = tmp_path / "remote_backup"
+    p = child(root, "block-mid")
+    try:
+        wait_for(lambda: (root / "blocked").exists() or p.poll() is not None, timeout=30, what="the child to block")
+        assert p.poll() is None, p.communicate()
+        dead_tag = owner_tag(p.pid)   # read while it is alive: pid + start time
+        os.kill(p.pid, signal.SIGKILL)
+        assert p.wait(10) == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+        p.stderr.close()
+    partial = [q for q in tier.rglob(TMP_PREFIX + "*")]
+    assert len(partial) == 1 and f".{dead_tag}." in partial[0].name   # the copy it was writing
+    ledger_dir = root / ".colabkit" / "ledger"
+    stale_ledger = ledger_dir / f"{TMP_PREFIX}backup.json.{dead_tag}.abc123"
+    stale_ledger.write_text("{")
+    live = tier / "checkpoints" / (temp_prefix("v01_step_00000099.pt") + "live01")   # this process: alive
+    live.write_bytes(b"being written")
+    unknown_new = tier / f"{TMP_PREFIX}notes.txt.x1y2z3"          # no owner in the name, just written
+    unknown_new.write_bytes(b"?")
+    unknown_old = tier / f"{TMP_PREFIX}old.bin.q9w8e7"            # no owner, untouched for two hours
+    unknown_old.write_bytes(b"old")
+    age(unknown_old, 7200)
+    p2 = child(root, "once")
+    out, err = p2.communicate(timeout=60)
+    assert p2.returncode == 0, err
+    assert not partial[0].exists() and not stale_ledger.exists() and not unknown_old.exists()
+    assert live.exists() and unknown_new.exists()
+    expected = {f"checkpoints/{f.name}" for f in files} | {f"checkpoints/{f.name}.json" for f in files}
+    assert set(remote_files(tier)) - {str(q.relative_to(tier)) for q in (live, unknown_new)} == expected
+    log = (root / ".colabkit" / "logs" / "sync.log").read_text()
+    assert f"backup: removed 2 stale temporary file(s) (" in log and f"left by interrupted writers in {tier}" in log
+    assert f"backup: removed 1 stale temporary file(s) (1 B) left by interrupted writers in {ledger_dir}" in log

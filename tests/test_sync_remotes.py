@@ -81,6 +81,51 @@ def test_kill_9_mid_drive_upload_resumes_the_session_from_the_ledger(drive_serve
     assert entry and entry["remote_id"] == copies[0].id
 
 
+def test_drive_upload_killed_before_its_metadata_update_is_finished_on_restart(drive_server, tmp_path):
+    """issue 16 §5: killed between the last chunk and the metadata update, the file stayed on Drive without the
+    recorded sha256; the restart verified it by md5 and never added it. Now the restart adds it (no new upload)."""
+    folder = drive_server.create_folder("colabkit", share_with={DriveServer.SA_EMAIL: "writer"}, shared_drive=True)
+    key = drive_server.write_service_account(tmp_path / "keys" / "sa.json")
+    root = tmp_path / "proj"
+    src = big_checkpoint(root, 2 * MiB)   # with a manifest: its sha256 is known, Drive's md5 comes with the upload
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "drive": {"folder_id": folder, "credentials": str(key), "endpoint": drive_server.endpoint,
+                  "chunk_size": "256KiB"},
+        "tiers": [{"name": "drive", "remote": "drive", "every": 3600, "include": ["*.pt", "*.pt.json"],
+                   "exclude": [], "max_file_size": "1GB"}],
+        "sync": {"settle": 0.1}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "colabkit", "sync", "once", "--config", str(root / "colabkit.yaml")]
+    drive_server.hold_metadata = True
+    child = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert drive_server.held.wait(60), "the upload never reached its metadata update"
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        child.stdout.close()
+        child.stderr.close()
+        drive_server.gate.set()
+    digest = hash_file(src)
+    (left,) = [f for f in drive_server.files.values() if f.name == src.name]
+    assert left.md5 == digest.md5 and "colabkitSha256" not in left.app_properties   # what the kill left
+    uploads_before = len(drive_server.content_ranges)
+    again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(drive_server.content_ranges) == uploads_before   # nothing sent twice
+    (done,) = [f for f in drive_server.files.values() if f.name == src.name]
+    assert done.id == left.id and done.app_properties == {"colabkitSha256": digest.sha256,
+                                                          "colabkitMd5": digest.md5}
+    led = Ledger.load(root / ".colabkit", "drive")
+    assert led.inflight == {}
+    assert led.verified_copy("checkpoints/v01_step_00000001.pt", digest.sha256)
+    assert "was uploaded before an interruption; verified and recorded" in \
+        (root / ".colabkit" / "logs" / "sync.log").read_text()
+
+
 def test_hub_tier_gets_a_ticks_files_in_one_commit(hub_server: HubServer, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", hub_server.WRITE_TOKEN)
     root = tmp_path / "proj"
@@ -106,3 +151,81 @@ def test_hub_tier_gets_a_ticks_files_in_one_commit(hub_server: HubServer, tmp_pa
     n = len(repo.commits)
     assert sync.once(config=cfg)["ok"]
     assert len(repo.commits) == n  # nothing new: no commit at all
+
+
+def test_drive_token_endpoint_outage_does_not_stop_the_tier(drive_server, tmp_path):
+    """Three failed refreshes in a row (503 at the token endpoint) used to stop the Drive tier for the rest
+    of the run with "the credentials were rejected". It is transient: the tier backs off and uploads."""
+    from colabkit.remotes import open_remote
+    folder = drive_server.create_folder("colabkit", share_with={DriveServer.SA_EMAIL: "writer"}, shared_drive=True)
+    key = drive_server.write_service_account(tmp_path / "keys" / "sa.json")
+    root = tmp_path / "proj"
+    (root / "logs").mkdir(parents=True)
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "drive": {"folder_id": folder, "credentials": str(key), "endpoint": drive_server.endpoint},
+        "tiers": [{"name": "drive", "remote": "drive", "every": 3600, "include": ["*.txt"], "exclude": []}],
+        "sync": {"settle": 0, "retry_initial": 0.01, "retry_max": 0.05}}))
+    (root / "logs" / "notes.txt").write_text("hello\n")
+    cfg = load_config(start=root)
+    remote = open_remote(cfg, "drive")
+    remote.retry_initial, remote.retry_max, remote.max_attempts = 0.001, 0.01, 2
+    drive_server.faults.token(9, 503)      # google-auth tries 3 times per refresh: 3 refreshes fail in a row
+    res = sync.once(config=cfg, remotes={"drive": remote}, timeout=120)
+    remote.close()
+    assert res["ok"], res
+    t = res["tiers"]["drive"]
+    assert t["state"] != "stopped" and t["uploaded"] == 1, t
+    assert drive_server.token_faults == 9
+    assert drive_server.find("logs/notes.txt", root=folder) is not None
+
+
+def _added_per_path(repo) -> dict[str, int]:
+    """How many commits added or changed each path (a file uploaded twice shows up twice)."""
+    out: dict[str, int] = {}
+    for parent, _msg, tree in repo.commits.values():
+        before = repo.commits[parent][2] if parent else {}
+        for p, e in tree.items():
+            if p not in before or before[p].oid != e.oid:
+                out[p] = out.get(p, 0) + 1
+    return out
+
+
+def test_hub_tier_under_30_percent_faults_on_every_call_uploads_everything_once(hub_server: HubServer, tmp_path,
+                                                                                monkeypatch):
+    """A failed first attempt leaves every file in flight; the retry looks them up in one retried paths-info
+    call and keeps what got up. 14 attempts over 469 s used to upload 0 of 20 files at 30 % faults."""
+    from colabkit.remotes.hub import HubRemote
+    monkeypatch.setenv("HF_TOKEN", hub_server.WRITE_TOKEN)
+    root = tmp_path / "proj"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "hub": {"repo_id": "alice/weights", "endpoint": hub_server.endpoint},
+        "tiers": [{"name": "hub", "remote": "hub", "every": 3600, "latest_only": False}],
+        "sync": {"settle": 0.1, "retry_initial": 0.01, "retry_max": 0.05}}))
+    files = [ckpt(root, s, size=20_000 + s) for s in range(1, 11)]       # 20 files with the manifests
+    # the sync tick prunes local checkpoints beyond retention.keep_local once the tier holds them
+    shas = {p: hashlib.sha256(p.read_bytes()).hexdigest() for f in files for p in (f, f.with_name(f.name + ".json"))}
+    hub_server.create_repo("alice/weights")
+    cfg = load_config(start=root)
+    remote = HubRemote("hub", "alice/weights", endpoint=hub_server.endpoint, max_attempts=3, retry_initial=0.01,
+                       retry_max=0.05, project="proj")
+    hub_server.inject(method="POST", path=r"/commit/", status=503, times=3)   # the first attempt fails
+    hub_server.inject(method="POST", path=r"/paths-info/", drop=True)          # and its retry's lookups too
+    hub_server.inject(method="POST", path=r"/paths-info/", status=429, headers={"Retry-After": "0"})
+    hub_server.ratio(0.3, seed=3)
+    res = sync.once(config=cfg, remotes={"hub": remote}, timeout=300)
+    hub_server.ratio(0)
+    assert res["ok"], res
+    assert res["tiers"]["hub"]["state"] != "stopped"
+    assert len(hub_server.injected) >= 10, hub_server.injected
+    repo = hub_server.repos[("model", "alice/weights")]
+    tree = repo.commits[repo.branches["main"]][2]
+    added = _added_per_path(repo)
+    led = Ledger.load(cfg.state_dir, "hub")
+    for f in files:
+        for p in (f, f.with_name(f.name + ".json")):
+            rp = cfg.remote_path(p)
+            assert rp in tree, f"{rp} was lost"
+            assert added[rp] == 1, f"{rp} was committed {added[rp]} times"
+            assert led.verified_copy(rp, shas[p]), f"{rp} is not recorded"
+    assert led.inflight == {}

@@ -18,10 +18,11 @@ from typing import Any, Callable, Iterable
 from ..errors import ConfigError
 
 #: command modules, in the order `colabkit --help` lists them
-COMMANDS = ("init", "demo", "airlock", "train", "sync", "resume", "journal", "status", "dashboard", "config")
+COMMANDS = ("init", "demo", "airlock", "train", "sync", "resume", "triggers", "journal", "status", "dashboard",
+            "config")
 #: IPython line magics and the CLI command each maps to (None: the whole CLI, `%colabkit config show`)
 MAGICS = {"airlock": "airlock", "train": "train", "sync": "sync", "resume": "resume", "journal": "journal",
-          "colabkit": None}
+          "triggers": "triggers", "colabkit": None}
 
 
 class ArgumentError(Exception):

@@ -61,11 +61,17 @@ def tier_lines(tiers: dict[str, Any]) -> Iterable[str]:
                 f" · next due {_ago(t.get('next_due')) if t.get('next_due') else '-'}"
                 f" · pending {t.get('pending_files', 0)} files / {format_size(t.get('pending_bytes', 0))}"
                 f" · uploaded {t.get('uploaded', 0)}")
+        line += _notes(t)
         if t.get("errors"):
             line += f" · errors {t['errors']}"
         if t.get("last_error"):
             line += f" · last error: {t['last_error']}"
         yield line
+
+
+def _notes(t: dict[str, Any]) -> str:
+    from ..sync import tier_notes
+    return "".join(f" · {n}" for n in tier_notes(t))
 
 
 def _status_lines(data: dict[str, Any]) -> Iterable[str]:
@@ -91,6 +97,7 @@ def _flush_lines(res: dict[str, Any], verb: str) -> Iterable[str]:
     for name, t in res.get("tiers", {}).items():
         state = "ok" if t.get("ok") else f"NOT done ({t.get('state')})"
         line = f"{name}: {state} · uploaded {t.get('uploaded', 0)} · pending {t.get('pending_files', 0)}"
+        line += _notes(t)
         if t.get("last_error"):
             line += f" · last error: {t['last_error']}"
         if t.get("note"):
@@ -98,7 +105,9 @@ def _flush_lines(res: dict[str, Any], verb: str) -> Iterable[str]:
         yield line
     if res.get("still_running"):
         yield f"still uploading: {', '.join(res['still_running'])}"
-    yield f"{verb}: {'everything due is uploaded' if res.get('ok') else 'some files are not uploaded (see above)'}"
+    skipped = sum(t.get("skipped") or 0 for t in res.get("tiers", {}).values())
+    yield (f"{verb}: {'everything due is uploaded' if res.get('ok') else 'some files are not uploaded (see above)'}"
+           + (f" ({skipped} skipped: see above)" if skipped else ""))
 
 
 def start(args: argparse.Namespace, ctx: Context) -> int:

@@ -161,11 +161,22 @@ class Remote(abc.ABC):
                 return f
         return None
 
+    def stat_many(self, paths: Iterable[str]) -> dict[str, RemoteFile | None]:
+        """Records for many exact paths ({normalized path: record or None}); remotes that can look many paths up
+        in one request (the Hub's paths-info) do so."""
+        return {normalize_path(p): self.stat(p) for p in paths}
+
     def put_many(self, items: Iterable[tuple[Path, str]], *, message: str | None = None,
                  digests: dict[str, FileDigest] | None = None) -> list[RemoteFile]:
         """Upload several files; remotes with commits (the Hub) do it in one commit."""
         digests = digests or {}
         return [self.put(local, path, digest=digests.get(path)) for local, path in items]
+
+    def adopt(self, path: str, record: RemoteFile, digest: FileDigest) -> RemoteFile:
+        """Finish what an interrupted upload of `path` left undone, once `record` (what the remote holds) was
+        verified against the local file's `digest` (e.g. Drive: record the sha256 that the upload's final
+        metadata update would have set). Returns the completed record; the default has nothing to finish."""
+        return record
 
     def describe(self) -> str:
         """A one-line description that is safe to print (no secret)."""

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import (CredentialsError, IntegrityError, MissingDependencyError, RemoteAuthError, RemoteError,
-                      RemoteNotFoundError, RemotePermissionError, RemoteQuotaError, TransientRemoteError)
+                      RemoteNotFoundError, RemotePermissionError, RemoteQuotaError, RemoteUploadCapError,
+                      TransientRemoteError)
 from ..fsutil import FileDigest, atomic_open, hash_file
 from ..secrets import redact
 from .base import ACCESS_MARKER, Progress, Remote, RemoteFile, UploadState, normalize_path
@@ -60,6 +61,11 @@ FILE_FIELDS = "id,name,mimeType,size,md5Checksum,parents,modifiedTime,createdTim
 APP_SHA256, APP_MD5 = "colabkitSha256", "colabkitMd5"
 _TRANSIENT_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "backendError", "internalError",
                       "transientError"}
+#: Drive's answer at the daily upload cap (~750 GB per account per rolling 24 h): 403 userRateLimitExceeded with
+#: exactly this message; the per-minute rate limit carries the same reason with a longer message
+#: ("User Rate Limit Exceeded. Rate of requests for user exceed configured project quota. ...") and is transient.
+#: (rclone's --drive-stop-on-upload-limit tells the two apart the same way.)
+UPLOAD_CAP_MESSAGE = "User rate limit exceeded."
 _QUOTA_REASONS = {"storageQuotaExceeded", "quotaExceeded", "dailyLimitExceeded", "uploadLimitExceeded",
                   "teamDriveFileLimitExceeded", "numChildrenInNonRootLimitExceeded",
                   "activeItemCreationLimitExceeded"}
@@ -96,7 +102,15 @@ class _Failure(Exception):
                                                                                  retry_after, cause)
 
     @property
+    def upload_cap(self) -> bool:
+        """Drive's answer at the daily upload cap (see :data:`UPLOAD_CAP_MESSAGE`)."""
+        return (self.status == 403 and self.reason in ("userRateLimitExceeded", "rateLimitExceeded")
+                and self.message.strip() == UPLOAD_CAP_MESSAGE)
+
+    @property
     def transient(self) -> bool:
+        if self.upload_cap:
+            return False   # retrying within minutes cannot help: the sync tier pauses instead
         if self.status is None:
             return True  # dropped connection, timeout
         if self.status in (408, 429) or self.status >= 500:
@@ -136,7 +150,13 @@ def _classify(e: BaseException) -> _Failure:
     try:
         import google.auth.exceptions as gae
         if isinstance(e, gae.RefreshError):
-            return _Failure(401, "refreshError", redact(str(e.args[0]) if e.args else "token refresh failed"), None, e)
+            msg = redact(str(e.args[0]) if e.args else "token refresh failed")
+            if getattr(e, "retryable", False):
+                # google-auth marks 500/503/504/408/429 and "temporarily_unavailable" answers of the token
+                # endpoint retryable (after its own 3 tries): Google is briefly down, the key is fine
+                return _Failure(None, "tokenEndpointUnavailable", f"the token endpoint did not answer: {msg}", None,
+                                e)
+            return _Failure(401, "refreshError", msg, None, e)
         if isinstance(e, gae.TransportError):
             return _Failure(None, "transport", redact(str(e)), None, e)
     except ImportError:  # pragma: no cover
@@ -532,6 +552,11 @@ class DriveRemote(Remote):
         """The colabkit error for a failure, with a message that names the fix."""
         where = f" {path}" if path else ""
         head = f"{self.name}: {action}{where} failed"
+        if f.upload_cap:
+            return self.error(RemoteUploadCapError,
+                              f"{head}: Drive's daily upload cap is reached (403 {f.reason}: {f.message}); about "
+                              "750 GB per account per day can be uploaded. The tier pauses and tries again later; "
+                              "nothing local was deleted", path=path)
         if f.reason == "storageQuotaExceeded" and "service account" in f.message.lower():
             return self.error(RemoteQuotaError,
                               f"{head}: storageQuotaExceeded: service accounts have no Drive storage of their own, "
@@ -582,10 +607,10 @@ class DriveRemote(Remote):
 
     def _give_up(self, f: _Failure, *, action: str, path: str | None) -> RemoteError:
         if f.reason == "userRateLimitExceeded" and action.startswith("upload"):
-            return self.error(RemoteQuotaError,
+            return self.error(RemoteUploadCapError,
                               f"{self.name}: upload of {path} refused with userRateLimitExceeded after "
                               f"{self.max_attempts} tries: Drive's daily upload cap (750 GB per user per day) is "
-                              "probably reached. The tier stops until it resets; nothing local was deleted",
+                              "probably reached. The tier pauses and tries again later; nothing local was deleted",
                               path=path)
         return self._error(f, action=action, path=path)
 
@@ -749,6 +774,15 @@ class DriveRemote(Remote):
                                 supportsAllDrives=True)
         return files.create(body={"name": name, "parents": [folder], **body}, media_body=media, fields=FILE_FIELDS,
                             supportsAllDrives=True)
+
+    def adopt(self, path: str, record: RemoteFile, digest: FileDigest) -> RemoteFile:
+        """A file an interrupted upload left without its sha256 (killed between the last chunk and the metadata
+        update) gets it now, once its md5 and size were verified against the local file."""
+        if record.sha256 is None and record.id and record.md5 == digest.md5 and record.size == digest.size:
+            self._set_digest(record.id, digest, normalize_path(path))
+            return RemoteFile(record.path, record.size, sha256=digest.sha256, md5=record.md5,
+                              modified=record.modified, id=record.id)
+        return record
 
     def _set_digest(self, file_id: str | None, digest: FileDigest, rel: str) -> None:
         """Record the sha256 beside Drive's md5 (see :data:`APP_SHA256`). The upload is verified already: if

@@ -57,6 +57,7 @@ _NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeou
                    "ChunkedEncodingError", "ProtocolError", "Timeout", "CloseError"}
 _SMALL = 50 * 1024 * 1024  # regular (non-LFS) files are at most 10 MB on the Hub; bound what we hash for a git oid
 _PARALLEL_HASH = 8 * 1024 * 1024  # downloads at least this big are hashed in a helper thread
+_PATHS_PER_CALL = 200  # paths per paths-info request (the Hub accepts many; keep each request small)
 
 # git blob oid -> (sha256, md5) of content this process hashed (see module docstring)
 _BLOB_DIGESTS: "OrderedDict[str, tuple[str, str | None]]" = OrderedDict()
@@ -345,6 +346,11 @@ class HubRemote(Remote):
             commit; the repo history still holds them). None keeps all.
         token: a token to use instead of looking one up (tests, scripts).
         project: the project name, for commit messages.
+        max_attempts: tries per call before a transient failure (5xx, 429, a dropped connection) is raised;
+            lookups, listings and downloads are retried, a commit is retried after checking what it already did.
+        retry_initial: first back-off delay in seconds (doubles, with jitter, up to `retry_max`; a
+            ``Retry-After`` the Hub sends is honoured).
+        sleep: how to wait between tries (tests inject one to observe the delays asked for).
 
     Raises:
         ConfigError: `repo_id` is not ``owner/name``.
@@ -359,7 +365,8 @@ class HubRemote(Remote):
 
     def __init__(self, name: str, repo_id: str, *, repo_type: str = "model", revision: str = "main",
                  private: bool = True, endpoint: str | None = None, path_prefix: str = "", keep: int | None = None,
-                 token: str | None = None, project: str = "") -> None:
+                 token: str | None = None, project: str = "", max_attempts: int = 6, retry_initial: float = 1.0,
+                 retry_max: float = 30.0, sleep: Any = None) -> None:
         super().__init__(name)
         if not isinstance(repo_id, str) or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo_id or ""):
             raise ConfigError(f"hub.repo_id: {repo_id!r} must be owner/name, e.g. alice/v68-checkpoints",
@@ -383,6 +390,11 @@ class HubRemote(Remote):
         self._api: Any = None
         self._lock = threading.Lock()
         self._branch_ok = self.revision == "main"
+        self.max_attempts = max(1, int(max_attempts))
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self._sleep = sleep
+        self._stop = threading.Event()
 
     @classmethod
     def from_config(cls, config: "Config", tier: "TierConfig") -> "HubRemote":
@@ -492,6 +504,47 @@ class HubRemote(Remote):
         except Exception as e:
             raise self._wrap(e, action=action, path=path) from e
 
+    def close(self) -> None:
+        """Stop waiting between retries (a call in flight ends at its next try)."""
+        self._stop.set()
+
+    def _wait(self, seconds: float) -> None:
+        if self._sleep is not None:
+            self._sleep(seconds)
+        else:
+            self._stop.wait(seconds)
+
+    def _delay(self, attempt: int, err: RemoteError) -> float:
+        import random
+        delay = min(self.retry_max, self.retry_initial * (2 ** (attempt - 1))) * random.uniform(0.5, 1.0)
+        if err.retry_after is not None:
+            delay = max(delay, err.retry_after)
+        return delay
+
+    def _retrying(self, fn: Any, *, action: str, path: str | None = None) -> Any:
+        """Run the idempotent `fn` (a lookup, a listing, a download), retrying transient failures with
+        back-off (``Retry-After`` honoured) up to `max_attempts` tries; other failures are raised at once."""
+        attempt = 0
+        while True:
+            try:
+                with _quiet():
+                    return fn()
+            except Exception as e:
+                err = e if isinstance(e, RemoteError) else self._wrap(e, action=action, path=path)
+                if not err.transient:
+                    if err is e:
+                        raise
+                    raise err from e
+                attempt += 1
+                if attempt >= self.max_attempts or self._stop.is_set():
+                    if err is e:
+                        raise
+                    raise err from e
+                delay = self._delay(attempt, err)
+                log.info("%s: %s (try %d of %d); retrying in %.1fs", self.name, err, attempt, self.max_attempts,
+                         delay)
+                self._wait(delay)
+
     def _record(self, f: Any) -> RemoteFile | None:
         rel = self._rel(f.path)
         if rel is None:
@@ -513,14 +566,17 @@ class HubRemote(Remote):
         """The tree entries (files only) for exact repo paths; {} when the repo or revision does not exist."""
         if not fulls:
             return {}
-        try:
-            with _quiet():
-                got = self.api.get_paths_info(self.repo_id, fulls, revision=self.revision, repo_type=self.repo_type)
-        except Exception as e:
-            status, code = self._code(e)
-            if code in ("RepoNotFound", "RevisionNotFound", "EntryNotFound") or status == 404:
-                return {}
-            raise self._wrap(e, action=f"looking up {len(fulls)} file(s) in {self._where()}") from e
+
+        def look() -> Any:
+            try:
+                return self.api.get_paths_info(self.repo_id, fulls, revision=self.revision, repo_type=self.repo_type)
+            except Exception as e:
+                status, code = self._code(e)
+                if code in ("RepoNotFound", "RevisionNotFound", "EntryNotFound") or status == 404:
+                    return []
+                raise
+        # one call for all of them (the Hub takes many paths per paths-info request), retried as a whole
+        got = self._retrying(look, action=f"looking up {len(fulls)} file(s) in {self._where()}")
         return {f.path: f for f in got if hasattr(f, "blob_id") or getattr(f, "lfs", None) is not None
                 or type(f).__name__ == "RepoFile"}
 
@@ -528,18 +584,19 @@ class HubRemote(Remote):
     def list(self, prefix: str = "") -> list[RemoteFile]:
         rel_prefix = normalize_path(prefix) if prefix else ""
         folder = self._full(rel_prefix) if rel_prefix else self.path_prefix
-        try:
-            with _quiet():
-                entries = list(self.api.list_repo_tree(self.repo_id, path_in_repo=folder or None, recursive=True,
-                                                       revision=self.revision, repo_type=self.repo_type))
-        except Exception as e:
-            status, code = self._code(e)
-            if code in ("EntryNotFound", "RevisionNotFound") or (status == 404 and code != "RepoNotFound"):
-                return []
-            if code == "RepoNotFound":
-                log.info("%s: %s does not exist yet; it holds nothing", self.name, self._where())
-                return []
-            raise self._wrap(e, action=f"listing {self._where()}") from e
+        def tree() -> list[Any] | None:
+            try:
+                return list(self.api.list_repo_tree(self.repo_id, path_in_repo=folder or None, recursive=True,
+                                                    revision=self.revision, repo_type=self.repo_type))
+            except Exception as e:
+                status, code = self._code(e)
+                if code in ("EntryNotFound", "RevisionNotFound") or (status == 404 and code != "RepoNotFound"):
+                    return []
+                if code == "RepoNotFound":
+                    log.info("%s: %s does not exist yet; it holds nothing", self.name, self._where())
+                    return []
+                raise
+        entries = self._retrying(tree, action=f"listing {self._where()}")
         out = []
         for f in entries:
             if type(f).__name__ != "RepoFile" and not hasattr(f, "blob_id"):
@@ -556,6 +613,18 @@ class HubRemote(Remote):
         rel = normalize_path(path)
         f = self._paths_info([self._full(rel)]).get(self._full(rel))
         return self._record(f) if f is not None else None
+
+    def stat_many(self, paths: Iterable[str]) -> dict[str, RemoteFile | None]:
+        """Records for many exact paths in one paths-info call (per :data:`_PATHS_PER_CALL`), retried."""
+        rels = [normalize_path(p) for p in paths]
+        out: dict[str, RemoteFile | None] = {}
+        for i in range(0, len(rels), _PATHS_PER_CALL):
+            part = rels[i:i + _PATHS_PER_CALL]
+            got = self._paths_info([self._full(r) for r in part])
+            for r in part:
+                f = got.get(self._full(r))
+                out[r] = self._record(f) if f is not None else None
+        return out
 
     def put(self, local: Path, path: str, *, digest: FileDigest | None = None,
             upload_state: UploadState | None = None, progress: Progress | None = None) -> RemoteFile:
@@ -614,7 +683,7 @@ class HubRemote(Remote):
         deletions = self._keep_deletions([it.full for it in pending.values()]) if self.keep else []
         if to_add or deletions:
             msg = message or self._message([it.path for it in to_add], deletions)
-            self._commit(to_add, deletions, msg)
+            to_add, deletions = self._commit_retrying(to_add, deletions, msg, results)
             after = self._paths_info([it.full for it in to_add])
             bad = []
             for it in to_add:
@@ -634,6 +703,37 @@ class HubRemote(Remote):
                 raise IntegrityError(f"{self.name}: {it.path} did not verify after upload: {why}", path=it.path,
                                      expected=it.digest.sha256, actual=now.sha256)
         return [results[rel] for rel in pending]
+
+    def _commit_retrying(self, to_add: list[_Local], deletions: list[str], message: str,
+                         results: dict[str, RemoteFile]) -> tuple[list[_Local], list[str]]:
+        """Commit, and after a transient failure look (one paths-info call) at what the Hub holds before trying
+        again: a commit whose answer was lost went through, and LFS objects sent before a failure stay on the
+        Hub (the next try does not send them again). Files found verified go into `results`; returns what the
+        successful commit was asked to add and delete."""
+        attempt = 0
+        while True:
+            try:
+                self._commit(to_add, deletions, message)
+                return to_add, deletions
+            except TransientRemoteError as err:
+                attempt += 1
+                if attempt >= self.max_attempts or self._stop.is_set():
+                    raise
+                delay = self._delay(attempt, err)
+                log.info("%s: %s (try %d of %d); checking what the Hub holds, then retrying in %.1fs", self.name,
+                         err, attempt, self.max_attempts, delay)
+                self._wait(delay)
+                now = self._paths_info([it.full for it in to_add] + list(deletions))
+                still = []
+                for it in to_add:
+                    rec = self._verified(it, now.get(it.full))
+                    if rec is not None:
+                        results[it.path] = rec
+                    else:
+                        still.append(it)
+                to_add, deletions = still, [p for p in deletions if p in now]
+                if not to_add and not deletions:
+                    return [], []
 
     def _verified(self, it: _Local, entry: Any) -> RemoteFile | None:
         """The record for `it` when `entry` (a tree entry) holds exactly the local bytes, else None."""
@@ -702,8 +802,9 @@ class HubRemote(Remote):
         if self._branch_ok:
             return
         try:
-            with _quiet():
-                self.api.create_branch(self.repo_id, branch=self.revision, repo_type=self.repo_type, exist_ok=True)
+            self._retrying(lambda: self.api.create_branch(self.repo_id, branch=self.revision, repo_type=self.repo_type,
+                                                          exist_ok=True),
+                           action=f"creating branch {self.revision!r} in {self._where()}")
         except Exception as e:
             status, code = self._code(e)
             if code != "RepoNotFound":
@@ -737,17 +838,18 @@ class HubRemote(Remote):
         folders = sorted({posixpath.dirname(f) for f in fulls if _CHECKPOINT.match(posixpath.basename(f))})
         present: set[str] = set(fulls)
         for folder in folders:
-            try:
-                with _quiet():
-                    for f in self.api.list_repo_tree(self.repo_id, path_in_repo=folder or None, recursive=False,
-                                                     revision=self.revision, repo_type=self.repo_type):
-                        if type(f).__name__ == "RepoFile" or hasattr(f, "blob_id"):
-                            present.add(f.path)
-            except Exception as e:
-                status, code = self._code(e)
-                if status == 404 or code in ("RepoNotFound", "EntryNotFound", "RevisionNotFound"):
-                    continue
-                raise self._wrap(e, action=f"listing {folder or 'the root'} of {self._where()}") from e
+            def tree(folder: str = folder) -> list[Any]:
+                try:
+                    return list(self.api.list_repo_tree(self.repo_id, path_in_repo=folder or None, recursive=False,
+                                                        revision=self.revision, repo_type=self.repo_type))
+                except Exception as e:
+                    status, code = self._code(e)
+                    if status == 404 or code in ("RepoNotFound", "EntryNotFound", "RevisionNotFound"):
+                        return []
+                    raise
+            for f in self._retrying(tree, action=f"listing {folder or 'the root'} of {self._where()}"):
+                if type(f).__name__ == "RepoFile" or hasattr(f, "blob_id"):
+                    present.add(f.path)
         adding = set(fulls)
         return [p for p in prune_plan(sorted(present), keep=self.keep or 0, only_folders=set(folders))
                 if p not in adding]
@@ -778,8 +880,12 @@ class HubRemote(Remote):
         local.parent.mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "hub-", dir=local.parent))
         try:
-            tmp, sha, md5, git = self._download(full, rel, tmpdir, small=rec.sha256 is None or rec.size <= _SMALL,
-                                                progress=progress)
+            # a download that broke (5xx, 429, a dropped connection) is tried again, from the start, into the
+            # same temporary file; what is kept is verified below either way
+            tmp, sha, md5, git = self._retrying(
+                lambda: self._download(full, rel, tmpdir, small=rec.sha256 is None or rec.size <= _SMALL,
+                                       progress=progress),
+                action=f"downloading {rel} from {self._where()}", path=rel)
             size = tmp.stat().st_size
             if rec.sha256 is not None:
                 ok, want, got = sha == rec.sha256, rec.sha256, sha
@@ -878,8 +984,9 @@ class HubRemote(Remote):
         """
         tok = self._token_info()
         try:
-            with _quiet():
-                who = self.api.whoami(token=tok.value)
+            who = self._retrying(lambda: self.api.whoami(token=tok.value), action="checking the Hugging Face token")
+        except TransientRemoteError:
+            raise
         except Exception as e:
             status, _code = self._code(e)
             if status == 401:
@@ -901,14 +1008,16 @@ class HubRemote(Remote):
                              f"from {tok.describe()} is for user {user!r}, who can write only under: {can}; use a repo "
                              f"such as {user}/{self.repo_id.split('/', 1)[1]} or a token that may write to {owner!r}")
         try:
-            with _quiet():
-                info = self.api.repo_info(self.repo_id, repo_type=self.repo_type)
+            info = self._retrying(lambda: self.api.repo_info(self.repo_id, repo_type=self.repo_type),
+                                  action=f"looking up {self._where()}")
             if self.private and getattr(info, "private", None) is False:
                 log.warning("%s: %s is public; checkpoints uploaded there can be read by anyone", self.name,
                             self._where())
         except Exception as e:
             status, code = self._code(e)
             if code != "RepoNotFound" and status not in (401, 404):
+                if isinstance(e, RemoteError):
+                    raise
                 raise self._wrap(e, action=f"looking up {self._where()}") from e
             self._create_repo()
         self._ensure_branch()

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import IntegrityError, RemoteError, RemoteNotFoundError, RemotePermissionError, RemoteQuotaError
-from ..fsutil import FileDigest, TMP_PREFIX, atomic_copy, fsync_dir, hash_file, is_temporary
+from ..fsutil import FileDigest, atomic_copy, fsync_dir, hash_file, is_temporary, temp_prefix
 from .base import ACCESS_MARKER, Progress, Remote, RemoteFile, UploadState, normalize_path
 
 # sidecar digests so list() does not re-hash every file; keyed by (size, mtime_ns)
@@ -52,7 +52,7 @@ class LocalRemote(Remote):
         cache = self._digest_file(rel)
         with contextlib.suppress(OSError):
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(TMP_PREFIX + cache.name)
+            tmp = cache.with_name(temp_prefix(cache.name) + "d")   # one per process: two never share it
             tmp.write_text(f"{st.st_size} {st.st_mtime_ns} {digest.sha256} {digest.md5 or '-'}\n")
             os.replace(tmp, cache)
 
