@@ -132,14 +132,32 @@ def _err(e: BaseException) -> str:
     return redact(str(e) or type(e).__name__)
 
 
-def _runtime(cfg: "Config", experiment: str | None) -> dict[str, Any]:
+# where the code runs does not change while a kernel lives: detected once a minute, not on every refresh
+_RUNTIME_TTL = 60.0
+_runtime_cache: tuple[float, Any, dict[str, Any]] | None = None
+
+
+def _runtime_facts() -> dict[str, Any]:
+    global _runtime_cache
     from . import runtime
-    from .fsutil import free_bytes
+    now = time.monotonic()
+    gpus = runtime.gpus()  # itself cached (nvidia-smi runs once)
+    hit = _runtime_cache
+    if hit is not None and now - hit[0] < _RUNTIME_TTL and hit[1] == gpus:
+        return dict(hit[2])
     rt = runtime.detect()
     d = rt.as_dict()
     d["gpus"] = [{"name": g.name, "memory_total": g.memory_total, "tier": g.tier} for g in rt.gpus]
     d["frontend_name"] = _frontend_name(d.get("frontend"))
-    tier = rt.tier
+    _runtime_cache = (now, gpus, d)
+    return dict(d)
+
+
+def _runtime(cfg: "Config", experiment: str | None) -> dict[str, Any]:
+    from . import runtime
+    from .fsutil import free_bytes
+    d = _runtime_facts()
+    tier = d.get("tier")
     cap = cfg.train.max_vram if cfg.train.max_vram is not None else (runtime.TIER1_DEFAULT_CAP if tier == 1 else None)
     d["vram_cap"] = cap
     d["tier_label"] = (None if tier is None else f"Tier 1 (L4-class, jobs capped at {format_size(cap)})" if tier == 1
@@ -988,8 +1006,7 @@ class Dashboard:
                     break
                 wait.wait(interval)
         except KeyboardInterrupt:
-            if out is not None:
-                out("Stopped following; the run goes on. '%colabkit dashboard' shows it again.")
+            (out or print)("Stopped following; the run goes on. '%colabkit dashboard' shows it again.")
         return snap
 
 
@@ -1106,7 +1123,7 @@ def show(*, config: "Config | None" = None, experiment: str | None = None, follo
         _hook(get_ipython())
         view.start()
     if follow:
-        view.follow()
+        view.follow(out=out)
     return view
 
 

@@ -286,3 +286,21 @@ def test_a_training_run_fills_step_loss_history_and_a_restart_keeps_the_curve(pr
     assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == res.step
     lines = dashboard.render_text(s)
     assert any(x.startswith("  v01: finished · step ") for x in lines)
+
+
+def test_status_json_for_agents_names_the_gpu_and_its_tier(project, monkeypatch, capsys):
+    monkeypatch.setenv("COLABKIT_FAKE_GPU", "NVIDIA A100-SXM4-80GB:85899345920")
+    from colabkit import runtime
+    runtime.gpus.cache_clear()
+    try:
+        assert main(["status", "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        monkeypatch.setenv("COLABKIT_FAKE_GPU", "NVIDIA L4:23034000000")
+        runtime.gpus.cache_clear()
+        l4 = dashboard.snapshot(refresh_resume=False)["runtime"]
+    finally:
+        runtime.gpus.cache_clear()
+    assert data["runtime"]["tier"] == 2 and data["runtime"]["tier_label"] == "Tier 2 (A100-class)"
+    assert data["runtime"]["gpus"][0]["name"] == "NVIDIA A100-SXM4-80GB"
+    assert data["project"] == "proj" and data["version"] == 1
+    assert l4["tier"] == 1 and l4["tier_label"] == "Tier 1 (L4-class, jobs capped at 20.0 GB)"
