@@ -177,3 +177,14 @@ def test_a_kernel_run_keeps_the_widget_and_the_facts_as_text(project, tmp_path):
     assert "colabkit-dashboard-proj" in threads
     # the post_run_cell refresh after cell 3 replaced the text: the resume answer arrived meanwhile
     assert "→ " in plain.splitlines()[-1]
+
+
+def test_a_widget_that_cannot_be_built_degrades_to_text_never_a_traceback(project, monkeypatch):
+    def broken(self):
+        raise RuntimeError("no widget manager here")
+    monkeypatch.setattr(dashboard.Dashboard, "build", broken)
+    lines: list[str] = []
+    view = dashboard.show(config=load_config(), notebook=True, out=lines.append)
+    assert view.widget is None and dashboard.views() == [] and _dash_threads() == []
+    assert lines[0] == f"colabkit — project proj at {project.resolve()}"
+    assert "training:" in lines and "  no run" in lines
