@@ -185,7 +185,7 @@ def _frontend_name(frontend: str | None) -> str:
 
 # the ledger summaries of tiers that are not syncing here, cached on the ledger file's (mtime, size): a
 # refresh then reads no ledger (a ledger of 10,000 files is megabytes of JSON)
-_ledger_cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+_ledger_cache: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
 _ledger_lock = threading.Lock()
 
 
@@ -196,7 +196,7 @@ def _ledger_summary(cfg: "Config", tier: str) -> dict[str, Any] | None:
         st = os.stat(p)
     except OSError:
         return None
-    key = (st.st_mtime_ns, st.st_size)
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)  # each save is a rename: a new inode
     with _ledger_lock:
         hit = _ledger_cache.get(str(p))
         if hit and hit[0] == key:
@@ -817,6 +817,27 @@ _hooked_shells: list[Any] = []
 _atexit_installed = False
 
 
+def _section_key(name: str, snap: dict[str, Any]) -> Any:
+    """What one section is drawn from; times that the section shows relative to now count to the second."""
+    sec = int(snap.get("time") or 0)
+    train = snap.get("train")
+    if name == "header":
+        return (snap.get("project"), snap.get("root"), sec)
+    if name == "runtime":
+        return (snap.get("runtime"), snap.get("colabkit_version"))
+    if name in ("train_head", "train_body"):
+        return (train, snap.get("train_error"))
+    if name == "sync":
+        return (snap.get("sync"), sec)
+    if name == "triggers":
+        return (snap.get("triggers"), (train or {}).get("step"), (train or {}).get("total_steps"))
+    if name == "resume":
+        res = dict(snap.get("resume") or {})
+        age = res.pop("age", None)
+        return (res, int(age) if isinstance(age, (int, float)) else age)
+    return object()  # unknown: always redraw
+
+
 class Dashboard:
     """A live view of one project (and experiment): build it with :func:`show`.
 
@@ -842,6 +863,7 @@ class Dashboard:
         self._published: str | None = None
         self._closed = False
         self._rendered = threading.Condition()
+        self._keys: dict[str, Any] = {}
 
     # -- data ------------------------------------------------------------------------------------
     def take(self) -> dict[str, Any]:
@@ -880,6 +902,10 @@ class Dashboard:
             for name, fn in (("header", html_header), ("runtime", html_runtime), ("train_head", html_train_head),
                              ("train_body", html_train_body), ("sync", html_sync), ("triggers", html_triggers),
                              ("resume", html_resume)):
+                key = _section_key(name, snap)
+                if self._keys.get(name) == key:
+                    continue  # the same facts (to the second) as last time: nothing to redraw
+                self._keys[name] = key
                 try:
                     value = fn(snap)
                 except Exception as e:  # one broken section degrades to its text, the others still update

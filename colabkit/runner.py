@@ -1344,12 +1344,27 @@ def _pid_alive(pid: Any) -> bool:
 _ACTIVE = ("starting", "running", "waiting", "stopping")
 
 
+# job files parsed, keyed on (inode, mtime, size): a dashboard refreshing every 2 s re-reads only files that changed
+_job_file_cache: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+_job_file_lock = threading.Lock()
+
+
 def _read_job_file(p: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        st = os.stat(p)
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)  # each write is a rename: a new inode
+        with _job_file_lock:
+            hit = _job_file_cache.get(str(p))
+        if hit is not None and hit[0] == key:
+            data = dict(hit[1])
+        else:
+            parsed = json.loads(p.read_text(encoding="utf-8"))
+            if not isinstance(parsed, dict):
+                return None
+            with _job_file_lock:
+                _job_file_cache[str(p)] = (key, parsed)
+            data = dict(parsed)
     except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
         return None
     active = data.get("state") in _ACTIVE
     data["live"] = bool(active and _pid_alive(data.get("pid")))
