@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 COLAB_VENV ?= .venv-colab
 PIP_FLAGS ?= -q --disable-pip-version-check
-# torch first, pinned, so no resolver pulls a multi-GB CUDA build
-TORCH ?= torch==2.13.0
+# torch first, pinned, so no resolver pulls a multi-GB CUDA build; numpy with it, as on Colab and every VM
+# (torch warns "Failed to initialize NumPy" in every run without it)
+TORCH ?= torch==2.13.0 numpy
 
 .PHONY: setup demo test test-colab bench clean
 

@@ -35,9 +35,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .errors import (AirlockError, ColabkitError, DirtyTreeError, IntegrityError, RemoteNotFoundError,
-                     SecretInBundleError, UnsafeBundleError)
+from .errors import (AirlockError, ColabkitError, DirtyTreeError, IntegrityError, NoBundleError,
+                     RemoteNotFoundError, SecretInBundleError, UnsafeBundleError)
 from .fsutil import TMP_PREFIX, atomic_open, atomic_write_json, hash_file, is_temporary
+from .runtime import command
 from .secrets import redact
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ _WEIGHT_PATTERNS = ("*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.pt.json")
 _PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 _SA_PRIVATE_KEY = re.compile(rb"[\"']private_key[\"']\s*:\s*[\"']")
 _HF_TOKEN = re.compile(rb"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}(?![A-Za-z0-9])")
+#: an authorized_user JSON (gcloud application-default credentials) or an OAuth client file
+_OAUTH_SECRET = re.compile(rb"[\"'](?:refresh_token|client_secret)[\"']\s*:\s*[\"'][^\"'\s]{8,}")
 _READ_WHOLE = 64 * 1024 * 1024
 
 
@@ -88,6 +91,8 @@ def _secret_in(data: bytes) -> str | None:
         return "holds a service-account private_key"
     if b"hf_" in data and _HF_TOKEN.search(data):
         return "holds a Hugging Face token"
+    if (b"refresh_token" in data or b"client_secret" in data) and _OAUTH_SECRET.search(data):
+        return "holds an OAuth refresh token or client secret"
     return None
 
 
@@ -116,21 +121,12 @@ def _load_cfg(config: "Config | None") -> "Config":
 
 
 def _check_name(experiment: str) -> str:
-    if not isinstance(experiment, str) or not experiment or experiment in (".", "..") or "/" in experiment \
-            or "\\" in experiment:
-        raise AirlockError(f"{experiment!r} is not an experiment name; use the folder name under experiments/, "
-                           "e.g. v01")
-    return experiment
+    from .config import check_experiment_name
+    return check_experiment_name(experiment)
 
 
 def _experiment_dir(cfg: "Config", experiment: str) -> Path:
-    _check_name(experiment)
-    d = cfg.experiment_dir(experiment)
-    if not d.is_dir():
-        known = cfg.experiment_names()
-        raise AirlockError(f"experiment {experiment!r} not found: {d} does not exist; "
-                           f"experiments here: {', '.join(known) or 'none'}")
-    return d
+    return cfg.require_experiment(experiment)  # the check every command makes (train, resume, ...)
 
 
 def _prefix(cfg: "Config", experiment: str) -> str:
@@ -588,8 +584,12 @@ def _read_latest(remote: "Remote", rdir: str, cfg: "Config") -> dict[str, Any] |
 
 
 # -- safe extraction ------------------------------------------------------------------------------------
-def _unsafe_reason(zi: zipfile.ZipInfo) -> str | None:
-    name = zi.filename
+def unsafe_name(name: str) -> str | None:
+    """Why an archive entry named `name` could land outside its target (None when it cannot).
+
+    The one rule for every archive colabkit unpacks (airlock bundles, data sets): no NUL byte, no absolute
+    path or drive letter, no ``..`` component.
+    """
     if "\0" in name:
         return "a NUL byte in its name"
     n = name.replace("\\", "/")
@@ -597,6 +597,13 @@ def _unsafe_reason(zi: zipfile.ZipInfo) -> str | None:
         return "an absolute path"
     if any(p == ".." for p in n.split("/")):
         return "a '..' component"
+    return None
+
+
+def _unsafe_reason(zi: zipfile.ZipInfo) -> str | None:
+    why = unsafe_name(zi.filename)
+    if why:
+        return why
     mode = zi.external_attr >> 16
     kind = stat.S_IFMT(mode)
     if zi.create_system == 3 and kind:  # no type bits (0o600 from many writers): a plain file
@@ -682,7 +689,9 @@ def _read_manifest(zf: zipfile.ZipFile, label: str) -> dict[str, Any]:
         raise IntegrityError(f"{label}: {MANIFEST_NAME} is malformed; export the bundle again", path=MANIFEST_NAME)
     if m["format"] > FORMAT:
         raise AirlockError(f"{label} has manifest format {m['format']}, newer than this colabkit understands "
-                           f"({FORMAT}); upgrade colabkit (pip install -U colabkit)")
+                           f"({FORMAT}); upgrade colabkit where you installed it from (pip install -U -e . in your "
+                           "checkout, or pip install -U with its git URL; the name 'colabkit' on PyPI is another "
+                           "project)")
     return m
 
 
@@ -760,8 +769,8 @@ def _resolve_bundle(remote: "Remote", cfg: "Config", experiment: str, bundle: st
     if bundle in (None, "", "latest"):
         latest = _read_latest(remote, rdir, cfg)
         if latest is None or not isinstance(latest.get("bundle"), str):
-            raise AirlockError(f"no bundle of {experiment!r} on {remote.describe()} ({rdir}/{LATEST_NAME} is "
-                               f"missing); run 'colabkit airlock export {experiment}' where the code is")
+            raise NoBundleError(f"no bundle of {experiment!r} on {remote.describe()} ({rdir}/{LATEST_NAME} is "
+                                f"missing); run '{command('airlock export ' + experiment)}' where the code is")
         return latest["bundle"], latest
     b = bundle.lower()
     if not re.fullmatch(r"[0-9a-f]{4,64}", b):
@@ -781,7 +790,7 @@ def _resolve_bundle(remote: "Remote", cfg: "Config", experiment: str, bundle: st
 
 def pull(experiment: str, *, config: "Config | None" = None, bundle: str = "latest",
          to: str | os.PathLike | None = None, install: bool = False, force: bool = False,
-         progress: bool = False) -> dict[str, Any]:
+         progress: bool = False, missing_ok: bool = False) -> dict[str, Any]:
     """Download a bundle, verify it and unpack it under `to` (default: the project root).
 
     Files land at ``<to>/experiments/<experiment>/...``; the bundle's identity is recorded in
@@ -796,19 +805,30 @@ def pull(experiment: str, *, config: "Config | None" = None, bundle: str = "late
         install: then run ``pip install -r requirements.txt`` of the bundle (a real subprocess).
         force: overwrite locally edited files.
         progress: show a progress bar.
+        missing_ok: when nothing was exported yet (no latest bundle), return ``{"pulled": False, "note": ...}``
+            instead of raising: for notebook cells meant for the cluster that also run where the code is
+            written (a fresh project on a laptop). A named ``bundle`` that is missing still raises.
     Returns:
-        ``{"experiment", "bundle", "short", "target", "files", "written", "unchanged", "removed", "size",
-        "manifest", "install"}``.
+        ``{"experiment", "pulled": True, "bundle", "short", "target", "files", "written", "unchanged",
+        "removed", "size", "manifest", "install"}``.
     Raises:
+        NoBundleError: nothing was exported yet (unless `missing_ok`).
         AirlockError: no such bundle; local edits in the way.
         IntegrityError: the bundle or a file does not match its hash (nothing is unpacked).
         UnsafeBundleError: an entry would escape the target, is a link or device, or the size cap is hit.
     """
     cfg = _load_cfg(config)
     _check_name(experiment)
+    cfg.experiment_dir(experiment)  # an unrendered template placeholder is refused before any lookup
     target = Path(to).expanduser().resolve() if to is not None else cfg.root
     remote = airlock_remote(cfg)
-    chash, latest = _resolve_bundle(remote, cfg, experiment, bundle)
+    try:
+        chash, latest = _resolve_bundle(remote, cfg, experiment, bundle)
+    except NoBundleError as e:
+        if not missing_ok:
+            raise
+        return {"experiment": experiment, "pulled": False, "bundle": None, "target": str(target),
+                "remote": remote.describe(), "note": str(e)}
     rpath = f"{REMOTE_DIR}/{experiment}/{chash}.zip"
     label = f"bundle {chash[:12]} of {experiment}"
     prev = read_record(target, experiment)
@@ -870,7 +890,7 @@ def pull(experiment: str, *, config: "Config | None" = None, bundle: str = "late
     _write_record(target, experiment, {
         "format": FORMAT, "experiment": experiment, "bundle": chash, "action": "pull", "at": _now_iso(),
         "remote": remote.name, "remote_path": rpath, "bundle_sha256": digest.sha256, "manifest": manifest})
-    result = {"experiment": experiment, "bundle": chash, "short": chash[:12], "target": str(target),
+    result = {"experiment": experiment, "pulled": True, "bundle": chash, "short": chash[:12], "target": str(target),
               "files": len(manifest["files"]), "written": counts["written"], "unchanged": counts["unchanged"],
               "removed": removed, "size": sum(f["size"] for f in manifest["files"]), "manifest": manifest,
               "install": None}
@@ -921,8 +941,8 @@ def status(experiment: str | None = None, *, config: "Config | None" = None,
         rdir = base / ".colabkit" / "airlock"
         names = sorted(p.stem for p in rdir.glob("*.json")) if rdir.is_dir() else []
         if not names:
-            raise AirlockError(f"no bundle was exported or pulled in {base} yet; run 'colabkit airlock export "
-                               "vXX' or 'colabkit airlock pull vXX'")
+            raise AirlockError(f"no bundle was exported or pulled in {base} yet; run "
+                               f"'{command('airlock export vXX')}' or '{command('airlock pull vXX')}'")
     else:
         names = [_check_name(experiment)]
     reports = []
@@ -931,8 +951,8 @@ def status(experiment: str | None = None, *, config: "Config | None" = None,
         if rec is None:
             if not cfg.experiment_dir(name).is_dir():
                 _experiment_dir(cfg, name)
-            raise AirlockError(f"no bundle of {name!r} was exported or pulled in {base}; run 'colabkit airlock "
-                               f"export {name}' (or pull it) first")
+            raise AirlockError(f"no bundle of {name!r} was exported or pulled in {base}; run "
+                               f"'{command('airlock export ' + name)}' (or pull it) first")
         manifest = rec["manifest"]
         prefix = manifest.get("prefix") or _prefix(cfg, name)
         recorded = {f["path"]: f for f in manifest.get("files", []) if isinstance(f, dict) and "path" in f}
@@ -1025,7 +1045,8 @@ def import_logs(experiment: str, *, config: "Config | None" = None, from_: str |
             files = [f for f in remote.list(prefix) if not is_temporary(f.path)]
             if not files:
                 raise AirlockError(f"no logs of {experiment!r} on {remote.describe()} under {prefix}/; has the run "
-                                   "synced its logs there ('%sync start' on the cluster)? Or use --gdown ID_OR_URL")
+                                   "synced its logs there (on the cluster: '%sync start' in the notebook, "
+                                   "'colabkit sync watch' in a terminal)? Or use --gdown ID_OR_URL")
             for i, f in enumerate(files):
                 rel = posixpath.relpath(f.path, prefix)
                 dest = logs / rel
@@ -1169,6 +1190,83 @@ def _checkpoints_per_tier(cfg: "Config", experiment: str) -> dict[str, str | Non
     return out
 
 
+# the first line of each attempt's log, and the line the engine appends when the attempt ends (runner.py)
+_ATTEMPT_HEADER = re.compile(r"^# colabkit %train (?P<experiment>\S+) run (?P<run>\S+) attempt (?P<n>\d+) on "
+                             r"(?P<host>\S+) at (?P<at>\S+?):")
+_ATTEMPT_END = re.compile(r"^# colabkit: attempt (?P<n>\d+) (?P<detail>.+) at (?P<at>\S+)\s*$")
+NO_END = "no end recorded (the machine was preempted or the run killed)"
+
+
+def _run_attempts(cfg: "Config", experiment: str, paths: list[Path]) -> list[dict[str, Any]]:
+    """Every attempt of the newest run, across its restarts and the earlier runs it resumed from.
+
+    A run (one ``%train``, one ``logs/<run id>/`` folder) lists its attempts in its run.json; an attempt cut off
+    by a preemption is known only from its log (``<run id>.attempt<N>.log``, whose first line says where it
+    ran). A run whose first attempt was resumed from a checkpoint continues the run before it; the chain ends
+    at a fresh start.
+
+    Returns:
+        ``[{"run", "number", "host", "gpu", "resume_from", "outcome", "step"}]`` in the order they ran.
+    """
+    files = {p for p in paths if p.is_file()}
+    logs = cfg.log_dir(experiment)
+    if logs.is_dir():
+        files |= {p for p in logs.rglob("*") if p.is_file() and (p.suffix == ".log" or p.name.endswith("run.json"))}
+    runs: dict[str, dict[str, Any]] = {}
+    for p in sorted(files):
+        if p.name.endswith("run.json"):
+            with contextlib.suppress(OSError, ValueError):
+                data = json.loads(p.read_text(encoding="utf-8"))
+                if not (isinstance(data, dict) and isinstance(data.get("run_id"), str)
+                        and isinstance(data.get("attempts"), list)):
+                    continue
+                r = runs.setdefault(data["run_id"], {"attempts": {}})
+                r.update({k: data.get(k) for k in ("host", "gpu", "started") if data.get(k)})
+                for a in data["attempts"]:
+                    if isinstance(a, dict) and isinstance(a.get("number"), int):
+                        r["attempts"].setdefault(a["number"], {}).update(
+                            {k: a.get(k) for k in ("resume_from", "detail", "last_step", "started")
+                             if a.get(k) is not None})
+        elif p.suffix == ".log":
+            with contextlib.suppress(OSError):
+                with open(p, "r", encoding="utf-8", errors="replace") as f:
+                    m = _ATTEMPT_HEADER.match(f.readline())
+                    if not m or m.group("experiment") != experiment:
+                        continue
+                    body = list(f)
+                r = runs.setdefault(m.group("run"), {"attempts": {}})
+                if int(m.group("n")) == 1:
+                    r.setdefault("started", m.group("at"))
+                a = r["attempts"].setdefault(int(m.group("n")), {})
+                a["log_host"] = m.group("host")
+                a["log_step"] = parse_log_lines(body, step_regex=cfg.train.step_regex,
+                                                loss_regex=cfg.train.loss_regex)["steps"]
+                end = next((e for e in map(_ATTEMPT_END.match, reversed(body[-5:])) if e), None)
+                if end:
+                    a.setdefault("detail", end.group("detail"))
+    if not runs:
+        return []
+    def began(rid: str) -> tuple[str, float, str]:  # run.json's stamp has seconds; its attempts' times are exact
+        times = [a["started"] for a in runs[rid]["attempts"].values() if isinstance(a.get("started"), (int, float))]
+        return (str(runs[rid].get("started") or ""), min(times, default=0.0), rid)
+    order = sorted(runs, key=began)
+    chain = [order[-1]]
+    while len(chain) < len(order):  # resumed from a checkpoint: the run before it is the same run, continued
+        first = runs[chain[0]]["attempts"].get(min(runs[chain[0]]["attempts"], default=1), {})
+        if not first.get("resume_from"):
+            break
+        chain.insert(0, order[len(order) - len(chain) - 1])
+    out = []
+    for rid in chain:
+        r = runs[rid]
+        for n in sorted(r["attempts"]):
+            a = r["attempts"][n]
+            step = a.get("last_step") if a.get("last_step") is not None else a.get("log_step")
+            out.append({"run": rid, "number": n, "host": r.get("host") or a.get("log_host"), "gpu": r.get("gpu"),
+                        "resume_from": a.get("resume_from"), "outcome": a.get("detail") or NO_END, "step": step})
+    return out
+
+
 def summarize_run(cfg: "Config", experiment: str, paths: list[Path]) -> dict[str, Any]:
     """What a journal entry says about a run: bundle, host, GPU, steps, losses, attempts, checkpoints."""
     lines: list[str] = []
@@ -1184,9 +1282,11 @@ def summarize_run(cfg: "Config", experiment: str, paths: list[Path]) -> dict[str
     with contextlib.suppress(AirlockError):
         rec = read_record(cfg.root, experiment)
     steps = parsed["steps"] if parsed["steps"] is not None else meta.get("meta_steps")
+    attempts = _run_attempts(cfg, experiment, paths)
     return {"bundle": meta.get("bundle") or (rec or {}).get("bundle"), "host": meta.get("host"),
             "gpu": meta.get("gpu"), "steps": steps, "last_loss": parsed["last_loss"],
-            "best_loss": parsed["best_loss"], "attempts": meta.get("attempts"),
+            "best_loss": parsed["best_loss"], "attempts": len(attempts) if attempts else meta.get("attempts"),
+            "attempt_details": attempts,
             "checkpoints": _checkpoints_per_tier(cfg, experiment),
             "logs": [cfg.remote_path(p) if _inside(p, cfg.root) else str(p) for p in sorted(paths)]}
 

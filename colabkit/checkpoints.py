@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from .errors import CheckpointError, DiskFullError, IntegrityError, MissingDependencyError, NoCheckpointError
 from .fsutil import TMP_PREFIX, atomic_write_json, free_bytes, fsync_dir, is_temporary, linux_libc
+from .runtime import command
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +182,27 @@ def verify(info: CheckpointInfo) -> None:
     With a manifest: size and sha256 must match it. Without one: a zip-format ``torch.save`` file must pass
     its CRC check (every record read back), an older pickle-format file must load with ``weights_only``.
 
+    A file verified before (a resume fetch hashes while it copies; an earlier verify) carries a record of
+    that (:func:`colabkit.fsutil.record_verified`): while the file's size, mtime, inode and device are those
+    recorded, its recorded sha256 is compared instead of reading the file again. A successful hash here
+    leaves such a record, so each byte is hashed once.
+
     Raises:
         IntegrityError: the file is truncated or corrupt; the message says how.
     """
     path = Path(info.path)
     if info.manifest is not None:
-        from .fsutil import hash_file
+        from .fsutil import _identity, hash_file, record_verified, verified_sha256
+        try:
+            before = os.stat(path)
+        except OSError as e:
+            raise IntegrityError(f"{path}: cannot be read ({e.strerror or e})", path=str(path)) from e
+        known = verified_sha256(path, before)
+        if known is not None and known == info.sha256 and before.st_size == info.manifest.get("size"):
+            return   # hashed when it was written here or last verified, and not changed since
         try:
             digest = hash_file(path)
+            after = os.stat(path)
         except OSError as e:
             raise IntegrityError(f"{path}: cannot be read ({e.strerror or e})", path=str(path)) from e
         want_size = info.manifest.get("size")
@@ -199,6 +213,8 @@ def verify(info: CheckpointInfo) -> None:
             raise IntegrityError(f"{path}: sha256 {digest.sha256[:12]}... does not match its manifest's "
                                  f"{str(info.sha256)[:12]}... (corrupt)", path=str(path),
                                  expected=info.sha256, actual=digest.sha256)
+        if _identity(before) == _identity(after):   # not written to while it was read: remember the hash
+            record_verified(path, digest.sha256)
         return
     _verify_plain(path)
 
@@ -316,7 +332,7 @@ def load_latest(directory: str | os.PathLike, *, map_location: Any = "cpu", weig
                         info.name, info.step, len(rejected))
         return info, state
     raise NoCheckpointError(f"no valid checkpoint in {directory}: " + "; ".join(rejected)
-                            + "; fetch one from a remote with 'colabkit resume'")
+                            + f"; fetch one from a remote with '{command('resume')}'")
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -624,6 +640,11 @@ class Checkpointer:
         self._pool = _StoragePool()
         self.directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.directory)
+        # e.g. the `latest` pointer's or a manifest's temporary, left by a writer killed mid-rename
+        from .fsutil import sweep_temporaries
+        sweep_temporaries(self.directory, recursive=False)
+        from .distributed import remove_stale_folders
+        remove_stale_folders(self.directory)  # a sharded save's folder, left by a rank that died
 
     # -- paths -------------------------------------------------------------------------------------
     def path_for(self, step: int) -> Path:
@@ -778,7 +799,7 @@ class Checkpointer:
         return DiskFullError(
             f"cannot save checkpoint step {step} to {self.directory}: {format_size(free)} free, about "
             f"{format_size(needed)} needed; the previous checkpoint is intact. Free space there "
-            "(old checkpoints are removed only once a remote holds a verified copy: run 'colabkit sync flush') "
+            f"(old checkpoints are removed only once a remote holds a verified copy: run '{command('sync flush')}') "
             "or point the Checkpointer at a larger disk", path=str(self.directory), free=free, needed=needed)
 
     def _write(self, step: int, state: Any) -> Path:

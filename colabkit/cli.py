@@ -1,15 +1,18 @@
 """The ``colabkit`` command: parse -> call the API -> render. No logic of its own.
 
-Exit codes: 0 success, 1 a colabkit error (``Error: ...`` on stderr), 2 bad arguments, 3 drift
-(``airlock status``), 130 interrupted.
+Exit codes: 0 success (bare ``colabkit`` prints the help, like ``--help``), 1 a colabkit error
+(``Error: ...`` on stderr), 2 bad arguments (a command group without its subcommand, ``colabkit sync``, prints
+that group's help and the error), 3 drift (``airlock status``), 130 interrupted.
+Messages that name a next step write it as a terminal command (``colabkit airlock pull v01``).
 """
 from __future__ import annotations
 
 import logging
 import sys
 
-from .commands import ArgumentError, Context, HelpShown, parse, run
+from .commands import ArgumentError, Context, HelpShown, build_parser, parse, run
 from .errors import ColabkitError
+from .runtime import cli_form, command_form
 from .secrets import install_log_redaction, redact
 
 
@@ -18,11 +21,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     install_log_redaction()
     _log_to_stderr()
+    with command_form(cli_form):
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
+    if not argv:  # a first contact: what there is to do, not an error
+        print(build_parser().format_help(), end="", flush=True)
+        return 0
     try:
         args = parse(argv)
     except HelpShown:
         return 0
     except ArgumentError as e:
+        if e.missing_command and e.parser is not None:
+            print(e.parser.format_help(), file=sys.stderr)
         print(f"Error: {e}", file=sys.stderr)
         return 2
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownExperimentError
 
 CONFIG_NAME = "colabkit.yaml"
 STATE_DIR = ".colabkit"
@@ -94,6 +94,31 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}h {m:02d}m" if m else f"{h}h"
 
 
+def duration_setting(seconds: float) -> str:
+    """Seconds as a user writes them in colabkit.yaml, and :func:`parse_duration` reads back: 5400 -> ``90m``."""
+    if seconds == 0:
+        return "0s"
+    for unit in ("d", "h", "m", "s"):
+        n = seconds / _DUR_FACTOR[unit]
+        if n == int(n):
+            return f"{int(n)}{unit}"
+    ms = seconds * 1000
+    return f"{int(ms)}ms" if ms == int(ms) else f"{seconds!r}s"
+
+
+_SIZE_UNITS = (("PB", 10**15), ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+               ("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def size_setting(n: int) -> str | int:
+    """Bytes as a user writes them in colabkit.yaml, and :func:`parse_size` reads back: 10**8 -> ``100MB``,
+    16 MiB -> ``16MiB``; a number no unit divides stays a number of bytes."""
+    for unit, factor in _SIZE_UNITS:
+        if n and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return int(n)
+
+
 # -- dataclasses ---------------------------------------------------------------------------------
 CHECKPOINT_PATTERNS = ("*.pt", "*.pth", "*.bin", "*.safetensors", "*.ckpt", "*.pt.json")
 DRIVE_SCOPE = "https://www.googleapis.com/auth/drive.file"
@@ -166,6 +191,10 @@ class RetentionConfig:
 class ResumeConfig:
     priority: tuple[str, ...] = ("local", "drive", "hub")
     policy: str = "newest"                  # newest | first
+    # a source that may hold a newer checkpoint but cannot be reached (transient errors past the deadline):
+    # wait (retry until `deadline`, then fail), older (say so loudly and resume from the best reachable one), fail
+    on_unreachable: str = "wait"
+    deadline: float = 600.0                 # seconds resume retries transient errors (locate, then fetch)
 
 
 @dataclass(frozen=True)
@@ -187,6 +216,36 @@ class AirlockConfig:
 
 
 @dataclass(frozen=True)
+class DataSetConfig:
+    """One data set declared under ``data.sets`` (see docs/data.md)."""
+
+    name: str
+    source: str
+    version: str | None = None              # None: derived from the source's file list (or "unversioned")
+    preprocessing: str | None = None        # what was done to it, for the journal
+    unpack: str = "none"                    # tar | zip | none
+    sha256: Mapping[str, str] | str | None = None   # per file path, or one digest for a one-file source
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    cache: str | None = None                # None: /content/data on Colab, /data on the VM when writable, else <home>/data
+    min_free: int = 10**9                   # free space a fetch must leave on the cache's disk
+    max_unpacked: int = 500 * 10**9         # an archive unpacking to more is refused
+    sets: tuple[DataSetConfig, ...] = ()
+
+    def get(self, name: str) -> DataSetConfig | None:
+        return next((d for d in self.sets if d.name == name), None)
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    command: str | None = None              # None: google.colab.runtime.unassign() on Colab, shutdown -h +2 on a VM
+    idle_after: float | None = None         # release an idle VM after this long (None: never)
+    tiers: tuple[str, ...] | None = None    # tiers that must hold the final checkpoint and logs (None: all)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     max_restarts: int = 3
     restart_backoff: float = 10.0
@@ -199,6 +258,7 @@ class TrainConfig:
     loss_regex: str | None = None
     checkpoint_regex: str | None = None
     total_steps: int | None = None
+    data: tuple[str, ...] = ()              # data sets (data.sets names) a run needs on the local disk
 
 
 @dataclass(frozen=True)
@@ -228,6 +288,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     triggers: tuple["TriggerRule", ...] = ()
+    #: the ``triggers:`` rules as written in colabkit.yaml, for ``config show`` (not part of equality)
+    triggers_written: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    data: DataConfig = field(default_factory=DataConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -235,7 +299,17 @@ class Config:
         return self.root / STATE_DIR
 
     def experiment_dir(self, experiment: str) -> Path:
-        """``<root>/experiments/<experiment>``."""
+        """``<root>/experiments/<experiment>``.
+
+        Raises:
+            ConfigError: `experiment` is a template placeholder nothing filled in (``{{experiment}}``; IPython
+                turns it into ``{experiment}`` in a magic's line): the raw template, never a folder name.
+        """
+        if isinstance(experiment, str) and ("{" in experiment or "}" in experiment):
+            raise ConfigError(f"{experiment!r} is a template placeholder left unrendered, not an experiment name: "
+                              "this comes from the raw template; run 'colabkit init' and use the notebook.ipynb "
+                              "it writes, or put the experiment's folder name (e.g. v01) in its place",
+                              key="experiment", value=experiment)
         return self.root / self.experiments / experiment
 
     def experiment_names(self) -> list[str]:
@@ -245,6 +319,80 @@ class Config:
                           if p.is_dir() and not p.name.startswith("."))
         except OSError:
             return []
+
+    def require_experiment(self, experiment: str) -> Path:
+        """The folder of `experiment`, which must exist: the one check every command that takes an experiment
+        makes (train, resume, status, airlock export/import/status, journal).
+
+        Raises:
+            ConfigError: not a folder name (``'../x' is not an experiment name; ...``).
+            UnknownExperimentError: ``unknown experiment 'v99': .../experiments/v99 does not exist (experiments
+                here: v01); create it with 'colabkit init --experiment v99' or pull it with 'colabkit airlock
+                pull v99'`` (the commands written as the user types them there: ``%airlock pull v99`` in IPython).
+        """
+        check_experiment_name(experiment)
+        d = self.experiment_dir(experiment)
+        if not d.is_dir():
+            from .runtime import command
+            known = self.experiment_names()
+            raise UnknownExperimentError(
+                f"unknown experiment {experiment!r}: {d} does not exist "
+                f"({'experiments here: ' + ', '.join(known) if known else 'no experiments yet'}); "
+                f"create it with '{command('init --experiment ' + experiment)}' or pull it with "
+                f"'{command('airlock pull ' + experiment)}'", value=experiment, known=tuple(known))
+        return d
+
+    def select_experiment(self, experiment: str | None = None, *, env: bool = True) -> "ExperimentChoice":
+        """Which experiment a command means: the one named, else ``$COLABKIT_EXPERIMENT``, else the only one
+        here, else the one with the newest checkpoint or run (said so in `reason`).
+
+        A project without an ``experiments/`` folder keeps its checkpoints at the root: the choice is then
+        ``name=None`` (``<root>/checkpoints``). A folder that no experiment uses is never chosen while
+        experiments exist.
+
+        Raises:
+            UnknownExperimentError: the named experiment is not here; or several are and none has a checkpoint
+                or a run yet (the message lists them and says how to name one).
+        """
+        if experiment is None and env:
+            experiment = os.environ.get("COLABKIT_EXPERIMENT") or None
+            if experiment is not None:
+                self.require_experiment(experiment)
+                return ExperimentChoice(experiment, "from $COLABKIT_EXPERIMENT")
+        if experiment is not None:
+            self.require_experiment(experiment)
+            return ExperimentChoice(experiment, None)
+        names = self.experiment_names()
+        if not names:
+            return ExperimentChoice(None, "no experiments here: the project's own checkpoints folder")
+        if len(names) == 1:
+            return ExperimentChoice(names[0], "the only experiment here")
+        activity = {n: self._last_activity(n) for n in names}
+        newest = max(names, key=lambda n: (activity[n], n))
+        if activity[newest] <= 0:
+            raise UnknownExperimentError(
+                f"{len(names)} experiments here ({', '.join(names)}) and none has a checkpoint or a run yet; "
+                f"name one with --experiment (-e), e.g. -e {names[-1]}", known=tuple(names))
+        others = [n for n in names if n != newest]
+        return ExperimentChoice(newest, f"the newest checkpoint or run of {len(names)} experiments; the others: "
+                                        f"{', '.join(others)} (name one with -e)")
+
+    def _last_activity(self, experiment: str) -> float:
+        """The newest mtime among the experiment's checkpoints and run folders (0: none)."""
+        newest = 0.0
+        for d in (self.checkpoint_dir(experiment), self.log_dir(experiment)):
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    newest = max(newest, e.stat().st_mtime)
+                except OSError:
+                    continue
+        return newest
 
     def checkpoint_dir(self, experiment: str | None = None) -> Path:
         """Where a run's checkpoints live: ``experiments/vXX/checkpoints``, or ``<root>/checkpoints``."""
@@ -278,11 +426,86 @@ class Config:
     def with_changes(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
+    def as_yaml_data(self) -> dict[str, Any]:
+        """The configuration as the keys and values of a colabkit.yaml: durations as ``90m``, sizes as ``100MB``.
+
+        Loading it back (``load_config(data=...)`` at the same root) gives an equal :class:`Config`; ``root`` and
+        ``source`` are where the file is, not keys in it.
+        """
+        out = _settings(self)
+        out.pop("root", None)
+        out.pop("source", None)
+        written = out.pop("triggers_written", None)
+        if "triggers" in out and written is not None and len(written) == len(self.triggers):
+            out["triggers"] = written  # a rule's parsed form is not what colabkit.yaml accepts: show it as written
+        return out
+
     def as_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """Plain data for ``colabkit config show``; secrets (credential values, tokens) are redacted."""
         from .secrets import redact_config
         d = _plain(self)
+        d.pop("triggers_written", None)
         return redact_config(d) if redact else d
+
+
+@dataclass(frozen=True)
+class ExperimentChoice:
+    """The answer of :meth:`Config.select_experiment`.
+
+    Attributes:
+        name: the experiment, or None for a project without experiments (``<root>/checkpoints``).
+        reason: why it was chosen when the user did not name it (None: named), for the output.
+    """
+
+    name: str | None
+    reason: str | None
+
+
+def check_experiment_name(experiment: Any) -> str:
+    """`experiment` if it can be a folder name under ``experiments/``.
+
+    Raises:
+        ConfigError: ``'../x' is not an experiment name; use the folder name under experiments/, e.g. v01``.
+    """
+    if (not isinstance(experiment, str) or not experiment or "/" in experiment or "\\" in experiment
+            or experiment in (".", "..") or experiment.startswith("-")):
+        raise ConfigError(f"{experiment!r} is not an experiment name; use the folder name under experiments/, "
+                          "e.g. v01", key="experiment", value=experiment)
+    return experiment
+
+
+#: fields written with a unit in colabkit.yaml, by dataclass
+_UNITS: dict[str, dict[str, str]] = {
+    "TierConfig": {"every": "duration", "max_file_size": "size"},
+    "DriveConfig": {"chunk_size": "size", "timeout": "duration"},
+    "RetentionConfig": {"min_free": "size"},
+    "SyncConfig": {"settle": "duration", "poll_interval": "duration", "retry_initial": "duration",
+                   "retry_max": "duration", "flush_timeout": "duration"},
+    "AirlockConfig": {"max_unpacked": "size"},
+    "TrainConfig": {"restart_backoff": "duration", "stall_after": "duration", "grace": "duration",
+                    "max_vram": "size", "min_free_disk": "size"},
+}
+
+
+def _settings(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        units = _UNITS.get(type(obj).__name__, {})
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            unit = units.get(f.name)
+            if v is not None and unit == "duration":
+                out[f.name] = duration_setting(v)
+            elif v is not None and unit == "size":
+                out[f.name] = size_setting(v)
+            else:
+                out[f.name] = _settings(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_settings(x) for x in obj]
+    if isinstance(obj, Mapping):
+        return {k: _settings(v) for k, v in obj.items()}
+    return _plain(obj)
 
 
 def _plain(obj: Any) -> Any:
@@ -352,7 +575,8 @@ def load_config(path: str | os.PathLike | None = None, *, start: str | os.PathLi
         source = Path(path).expanduser() if path is not None else find_config(start)
         if source is not None:
             if not source.is_file():
-                raise ConfigError(f"{source}: no such file; create it with 'colabkit init' or pass another path",
+                from .runtime import command
+                raise ConfigError(f"{source}: no such file; create it with '{command('init')}' or pass another path",
                                   key=None, value=str(source))
             data = _read_yaml(source)
         else:
@@ -451,11 +675,15 @@ class _Reader:
         return _Reader(self.raw(name, None), self.key(name))
 
     def done(self, allowed_extra: tuple[str, ...] = ()) -> None:
-        unknown = sorted(set(self.data) - self.used - set(allowed_extra))
+        unknown = sorted(set(self.data) - self.used - set(allowed_extra), key=str)
         if unknown:
+            import difflib
             k = self.key(unknown[0])
-            allowed = ", ".join(sorted(self.used))
-            raise ConfigError(f"{k}: unknown key; allowed here: {allowed}", key=k, value=self.data[unknown[0]])
+            names = sorted(self.used | set(allowed_extra))
+            close = difflib.get_close_matches(str(unknown[0]), names, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{k}: unknown key{hint}; allowed here: {', '.join(names)}", key=k,
+                              value=self.data[unknown[0]])
 
 
 _REMOTES = ("local", "drive", "hub")
@@ -537,7 +765,10 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
 
     rs = top.section("resume")
     resume = ResumeConfig(priority=rs.strings("priority", ("local", *[t.name for t in tiers])),
-                          policy=rs.str("policy", "newest", choices=("newest", "first")))
+                          policy=rs.str("policy", "newest", choices=("newest", "first")),
+                          on_unreachable=rs.str("on_unreachable", ResumeConfig.on_unreachable,
+                                                choices=("wait", "older", "fail")),
+                          deadline=rs.duration("deadline", ResumeConfig.deadline))
     rs.done()
     for n in resume.priority:
         if n != "local" and n not in tier_names:
@@ -570,7 +801,7 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         max_vram=tr.size("max_vram", None), min_free_disk=tr.size("min_free_disk", TrainConfig.min_free_disk),
         data_paths=tr.strings("data_paths", ()), step_regex=_regex(tr, "step_regex"),
         loss_regex=_regex(tr, "loss_regex"), checkpoint_regex=_regex(tr, "checkpoint_regex"),
-        total_steps=tr.int("total_steps", None, minimum=1))
+        total_steps=tr.int("total_steps", None, minimum=1), data=tr.strings("data", ()))
     tr.done()
 
     db = top.section("dashboard")
@@ -587,13 +818,77 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
                           value=top.data["cooldown"])
     triggers = parse_triggers(top.raw("triggers", None), tiers=tier_names)
 
+    data = _data(top.raw("data", None))
+    for i, n in enumerate(train.data):
+        if data.get(n) is None:
+            raise ConfigError(f"train.data[{i}]: {n!r} is not a declared data set; declared: "
+                              f"{', '.join(d.name for d in data.sets) or 'none'} (add it under data.sets)",
+                              key=f"train.data[{i}]", value=n)
+
+    rl = top.section("release")
+    release = ReleaseConfig(command=rl.str("command", None), idle_after=rl.duration("idle_after", None),
+                            tiers=rl.strings("tiers", ()) if rl.raw("tiers", None) is not None else None)
+    rl.done()
+    for n in release.tiers or ():
+        if n not in tier_names:
+            raise ConfigError(f"release.tiers: {n!r} is not a tier; configured tiers: "
+                              f"{', '.join(sorted(tier_names)) or 'none'}", key="release.tiers", value=n)
+
     cfg = Config(
         root=root, source=source, project=top.str("project", None) or root.name, home=home,
         experiments=top.str("experiments", "experiments"), checkpoints=top.str("checkpoints", "checkpoints"), logs=top.str("logs", "logs"), tiers=tiers,
         drive=drive, hub=hub, retention=retention, resume=resume, sync=sync, airlock=airlock, train=train,
-        dashboard=dashboard, triggers=triggers)
+        dashboard=dashboard, triggers=triggers, triggers_written=tuple(top.raw("triggers", None) or ()), data=data,
+        release=release)
     top.done()
     return cfg
+
+
+_UNPACK = ("tar", "zip", "none")
+_DATA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _data(raw: Any) -> DataConfig:
+    """``data:`` — a mapping (cache, min_free, max_unpacked, sets), or just the list of sets."""
+    if isinstance(raw, list):
+        raw = {"sets": raw}
+    d = _Reader(raw, "data")
+    cache = d.str("cache", None)
+    min_free = d.size("min_free", DataConfig.min_free)
+    max_unpacked = d.size("max_unpacked", DataConfig.max_unpacked)
+    raw_sets = d.raw("sets", None) or []
+    d.done()
+    if not isinstance(raw_sets, list):
+        raise ConfigError(f"data.sets: {raw_sets!r} must be a list of data sets (name, source, version, ...)",
+                          key="data.sets", value=raw_sets)
+    sets = []
+    for i, item in enumerate(raw_sets):
+        r = _Reader(item, f"data.sets[{i}]")
+        name = r.str("name", None)
+        if not name or not _DATA_NAME.match(name):
+            raise ConfigError(f"data.sets[{i}].name: {name!r} must be a name of letters, digits, '.', '_' or '-' "
+                              "(e.g. pg19)", key=f"data.sets[{i}].name", value=name)
+        source = r.str("source", None)
+        if not source:
+            raise ConfigError(f"data.sets[{i}].source: missing; say where {name} comes from, e.g. "
+                              "hub:datasets/USER/REPO, drive:FOLDER_ID, https://... or a path",
+                              key=f"data.sets[{i}].source", value=None)
+        sha = r.raw("sha256", None)
+        if sha is not None and not (isinstance(sha, str) or (isinstance(sha, Mapping) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in sha.items()))):
+            raise ConfigError(f"data.sets[{i}].sha256: {sha!r} must be a hex digest or a mapping of file path to "
+                              "hex digest", key=f"data.sets[{i}].sha256", value=sha)
+        sets.append(DataSetConfig(name=name, source=source, version=r.str("version", None),
+                                  preprocessing=r.str("preprocessing", None),
+                                  unpack=r.str("unpack", "none", choices=_UNPACK),
+                                  sha256=dict(sha) if isinstance(sha, Mapping) else sha))
+        r.done()
+    names = [s.name for s in sets]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ConfigError(f"data.sets: the name {dup!r} is used twice; data set names must be unique",
+                          key="data.sets", value=dup)
+    return DataConfig(cache=cache, min_free=min_free, max_unpacked=max_unpacked, sets=tuple(sets))
 
 
 def _regex(r: _Reader, name: str) -> str | None:

@@ -66,11 +66,14 @@ def snapshot(*, config: "Config | None" = None, experiment: str | None = None, i
 
     Args:
         config: the configuration (default: loaded from the working directory).
-        experiment: the experiment to show (default: the newest job's).
+        experiment: the experiment to show (default: the newest job's; the resume section then asks about the
+            one :meth:`~colabkit.config.Config.select_experiment` picks).
         include_resume: ask every resume source now and wait for the answer (contacts the remotes; the
             one-shot ``colabkit status --resume``). Otherwise the cached answer is shown with its age.
         refresh_resume: start a background refresh of the resume cache when it is missing or older than
             ``dashboard.resume_max_age`` (never waits for it).
+    Raises:
+        UnknownExperimentError: `experiment` is not here.
     Returns:
         ``{"version", "time", "project", "root", "colabkit_version", "runtime", "train", "jobs", "sync",
         "triggers", "resume"}``. A section that could not be read holds ``{"error": message}``.
@@ -78,6 +81,8 @@ def snapshot(*, config: "Config | None" = None, experiment: str | None = None, i
     from . import __version__
     from .config import load_config
     cfg = config or load_config()
+    if experiment is not None:
+        cfg.require_experiment(experiment)  # 'status -e v99' is an error, as for every command taking one
     now = time.time()
     snap: dict[str, Any] = {"version": VERSION, "time": now, "project": cfg.project, "root": str(cfg.root),
                             "colabkit_version": __version__}
@@ -102,6 +107,7 @@ def snapshot(*, config: "Config | None" = None, experiment: str | None = None, i
         refresh_resume_cache(config=cfg, experiment=exp, wait=True, checkpoint_step=ck_step)
     snap["resume"] = _section(lambda: _resume_view(cfg, exp, now, refresh=refresh_resume and not include_resume,
                                                    checkpoint_step=ck_step))
+    snap["release"] = _section(lambda: _release(cfg))
     return snap
 
 
@@ -231,6 +237,28 @@ def _sync(cfg: "Config") -> dict[str, Any]:
     return out
 
 
+# release.status() reads every tier's ledger when sync is not running here: asked at most this often per project
+RELEASE_TTL = 30.0
+_release_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
+
+def _release(cfg: "Config") -> dict[str, Any] | None:
+    import importlib
+    now = time.monotonic()
+    hit = _release_cache.get(str(cfg.root))
+    if hit is not None and now - hit[0] < RELEASE_TTL:
+        return hit[1]
+    try:
+        release = importlib.import_module("colabkit.release")
+    except ModuleNotFoundError as e:
+        if e.name == "colabkit.release":
+            return None
+        raise
+    st = release.status(config=cfg)
+    _release_cache[str(cfg.root)] = (now, st)
+    return st
+
+
 def _no_triggers(step: int | None) -> dict[str, Any]:
     return {"version": 1, "configured": False, "step": step, "rules": [],
             "queue": {s: 0 for s in _QUEUE_STATES}, "entries": []}
@@ -314,7 +342,10 @@ def _refresh_resume(cfg: "Config", experiment: str | None, key: tuple[str, str |
                              "checkpoint_step": checkpoint_step}
     try:
         from . import resume
-        entry["plan"] = resume.locate(config=cfg, experiment=experiment).as_dict()
+        # a view of what each source answers now: it neither waits for nor refuses an unreachable tier (the plan
+        # lists it as unreachable); resuming itself follows resume.on_unreachable
+        entry["plan"] = resume.locate(config=cfg, experiment=experiment, on_unreachable="older",
+                                      deadline=0).as_dict()
         entry["error"] = None
     except Exception as e:  # ResumeError lists what every source answered; anything else is reported too
         entry["plan"] = None
@@ -373,6 +404,8 @@ def _resume_view(cfg: "Config", experiment: str | None, now: float, *, refresh: 
     out["state"] = "fresh" if age is not None and age <= max_age else "stale"
     plan = entry.get("plan") or {}
     out["policy"] = plan.get("policy")
+    out["experiment"] = plan.get("experiment")
+    out["selected"] = plan.get("selected")  # why that experiment, when none was named
     out["sources"] = plan.get("sources") or []
     out["choice"] = plan.get("choice")
     out["reason"] = plan.get("reason")
@@ -556,7 +589,10 @@ def render_text(snap: dict[str, Any]) -> list[str]:
                          + (f" · attempts {e['attempts']}" if e.get("attempts") else ""))
     res = snap.get("resume")
     if res is not None:
-        lines.append(f"resume sources (priority order) · {_resume_age_text(res)}:")
+        lines.append("resume sources (priority order)"
+                     + (f" for {res['experiment']}" if res.get("experiment") else "")
+                     + (f" — {res['selected']}" if res.get("selected") else "")
+                     + f" · {_resume_age_text(res)}:")
         if "error" in res and "checked" not in res:  # the section itself failed
             lines.append(f"  {res['error']}")
         for s in res.get("sources") or []:
@@ -565,7 +601,19 @@ def render_text(snap: dict[str, Any]) -> list[str]:
                          + (f" · {s['error']}" if s.get("error") else ""))
         if "checked" in res or res.get("choice"):
             lines.append("  " + _resume_choice_text(res))
+    rel = snap.get("release")
+    if isinstance(rel, dict) and "error" not in rel:
+        lines.append("release:")
+        lines += ["  " + x for x in _release_lines(rel, now)]
     return lines
+
+
+def _release_lines(rel: dict[str, Any], now: float) -> list[str]:
+    try:
+        from .release import status_lines
+        return status_lines(rel, now=now)
+    except Exception as e:
+        return [_err(e)]
 
 
 # -- HTML --------------------------------------------------------------------------------------------
@@ -784,6 +832,14 @@ def html_resume(snap: dict[str, Any]) -> str:
     return _sec("resume", "Resume sources (priority order)", body)
 
 
+def html_release(snap: dict[str, Any]) -> str:
+    rel = snap.get("release")
+    if not isinstance(rel, dict) or "error" in rel:
+        return ""
+    now = snap.get("time") or time.time()
+    return _sec("release", "Release", "<br>".join(_e(x) for x in _release_lines(rel, now)))
+
+
 def html_header(snap: dict[str, Any]) -> str:
     return (f"{_STYLE}<div class='ck-dash'><b>colabkit</b> — project {_e(snap.get('project'))} "
             f"<span class='ck-dim'>{_e(snap.get('root'))} · updated "
@@ -795,7 +851,7 @@ def render_html(snap: dict[str, Any]) -> str:
     """The snapshot as one HTML document fragment (the ``text/html`` beside the widget)."""
     return (f"<div class='colabkit-dashboard-static'>{html_header(snap)}{html_runtime(snap)}{html_train_head(snap)}"
             f"{html_progress_static(snap)}{html_train_body(snap)}{html_sync(snap)}{html_triggers(snap)}"
-            f"{html_resume(snap)}</div>")
+            f"{html_resume(snap)}{html_release(snap)}</div>")
 
 
 # -- the live view ----------------------------------------------------------------------------------
@@ -831,6 +887,8 @@ def _section_key(name: str, snap: dict[str, Any]) -> Any:
         return (snap.get("sync"), sec)
     if name == "triggers":
         return (snap.get("triggers"), (train or {}).get("step"), (train or {}).get("total_steps"))
+    if name == "release":
+        return (snap.get("release"), sec)
     if name == "resume":
         res = dict(snap.get("resume") or {})
         age = res.pop("age", None)
@@ -882,11 +940,11 @@ class Dashboard:
             from .errors import MissingDependencyError
             raise MissingDependencyError("ipywidgets", purpose="the notebook dashboard") from e
         p = {name: w.HTML(value="") for name in ("header", "runtime", "train_head", "train_body", "sync", "triggers",
-                                                 "resume")}
+                                                 "resume", "release")}
         p["progress"] = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="460px", display="none"))
         self._parts = p
         box = w.VBox([p["header"], p["runtime"], p["train_head"], p["progress"], p["train_body"], p["sync"],
-                      p["triggers"], p["resume"]])
+                      p["triggers"], p["resume"], p["release"]])
         box.add_class("colabkit-dashboard")
         self.widget = box
         return box
@@ -901,7 +959,7 @@ class Dashboard:
             p = self._parts
             for name, fn in (("header", html_header), ("runtime", html_runtime), ("train_head", html_train_head),
                              ("train_body", html_train_body), ("sync", html_sync), ("triggers", html_triggers),
-                             ("resume", html_resume)):
+                             ("resume", html_resume), ("release", html_release)):
                 key = _section_key(name, snap)
                 if self._keys.get(name) == key:
                     continue  # the same facts (to the second) as last time: nothing to redraw

@@ -103,6 +103,7 @@ def _run_until_preempted(cfg, args: list[str], *, kill_at: int, say: Callable[[s
     deadline = time.monotonic() + timeout
     hub_step: int | None = None
     saved = 0
+    saved_at: dict[int, float] = {}
     eof = False
     try:
         while time.monotonic() < deadline:
@@ -116,6 +117,7 @@ def _run_until_preempted(cfg, args: list[str], *, kill_at: int, say: Callable[[s
             m = _SAVED.search(line)
             if m:
                 saved = max(saved, int(m.group(1)))
+                saved_at[int(m.group(1))] = time.time()
                 say(f"    | {line}")
             if saved >= kill_at:
                 # what resume would trust there: the newest checkpoint whose manifest agrees with it
@@ -130,21 +132,58 @@ def _run_until_preempted(cfg, args: list[str], *, kill_at: int, say: Callable[[s
             raise DemoError(f"colabkit train ended (exit {proc.wait(10)}) before the preemption; see "
                             f"{cfg.log_dir(EXPERIMENT)}")
     finally:
+        killed_at = time.time()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the VM vanishes: the runner, train.py and its sync at once
         proc.wait(30)
         reader.join(30)  # the pipe closes when the last process of the group is gone
         if proc.stdout is not None:
             proc.stdout.close()
+    # what the tier holds now (an upload may have completed between the check above and the kill)
+    hub_step = resume.locate(config=cfg, experiment=EXPERIMENT, sources=["hub"]).source("hub").newest_step
     local = sorted(p.name for p in cfg.checkpoint_dir(EXPERIMENT).glob("*.pt"))
-    return {"pid": proc.pid, "exit": proc.returncode, "hub_step": hub_step, "local_checkpoints": local}
+    return {"pid": proc.pid, "exit": proc.returncode, "hub_step": hub_step, "local_checkpoints": local,
+            "lost": _not_synced(cfg, "hub", saved_at, hub_step, pid=proc.pid, killed_at=killed_at)}
+
+
+def _not_synced(cfg, tier: str, saved_at: dict[int, float], tier_step: int | None, *, pid: int,
+                killed_at: float) -> list[dict[str, Any]]:
+    """Each checkpoint saved locally but not held by `tier` when the machine vanished, and why: read from the
+    tier's ledger (what it held, what was being uploaded) and the sync status the run persisted (next upload)."""
+    from . import sync
+    from .config import format_duration
+    from .ledger import Ledger
+    ledger = Ledger.load(cfg.state_dir, tier)
+    snaps = [s for s in sync.persisted_status(config=cfg, pid=pid) if tier in (s.get("tiers") or {})]
+    snap = snaps[-1]["tiers"][tier] if snaps else {}
+    every = format_duration(cfg.tier(tier).every)
+
+    def span(seconds: float) -> str:
+        return f"{seconds * 1000:.0f} ms" if seconds < 1 else format_duration(seconds)
+
+    out = []
+    for step in sorted(s for s in saved_at if tier_step is None or s > tier_step):
+        rel = cfg.remote_path(cfg.checkpoint_dir(EXPERIMENT) / f"{EXPERIMENT}_step_{step:08d}.pt")
+        ago = max(0.0, killed_at - saved_at[step])
+        due = snap.get("next_due")
+        last = snap.get("last_upload")
+        if rel in ledger.inflight:
+            why = f"its upload to the {tier} tier had started but not finished (a cut-off upload is never trusted)"
+        elif due and due > killed_at:
+            why = (f"it was waiting for the {tier} tier's next upload, due {span(due - killed_at)} after the "
+                   f"preemption (the tier uploads every {every})")
+        else:
+            why = (f"the {tier} tier (every {every}) had not picked it up yet"
+                   + (f"; its last upload ended {span(max(0.0, killed_at - last))} before the preemption"
+                      if last else ""))
+        out.append({"step": step, "saved_before": ago, "why": why,
+                    "text": f"step {step} is lost with the disk: saved {span(ago)} before the preemption, it had "
+                            f"not been synced yet: {why}; the run resumes from step {tier_step}"})
+    return out
 
 
 def _final_weights_equal(a: Path, b: Path) -> bool:
-    import warnings
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch without numpy installed
-        import torch
+    import torch
     sa = torch.load(a, map_location="cpu", weights_only=True)["model"]
     sb = torch.load(b, map_location="cpu", weights_only=True)["model"]
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -211,6 +250,8 @@ def run(directory: str | os.PathLike | None = None, *, steps: int = 300, save_ev
     pre = _run_until_preempted(cluster_a, args, kill_at=kill_at, say=out, timeout=timeout)
     phase(f"cluster A: PREEMPTED (SIGKILL to the whole process group, pid {pre['pid']}); the hub tier holds "
           f"step {pre['hub_step']}; the VM's disk is gone")
+    for lost in pre["lost"]:
+        out(f"    {lost['text']}")
     shutil.rmtree(cluster_a.root)
     summary["preempted"] = pre
 

@@ -31,6 +31,17 @@ class ConfigError(ColabkitError, ValueError):
         super().__init__(message)
 
 
+class UnknownExperimentError(ConfigError, LookupError):
+    """An experiment that is not here (no ``experiments/<name>/`` folder), or none could be chosen.
+
+    `key` is ``experiment``, `value` the name asked for; `known` lists the experiments there are.
+    """
+
+    def __init__(self, message: str, *, value: Any = None, known: tuple[str, ...] = ()) -> None:
+        self.known = tuple(known)
+        super().__init__(message, key="experiment", value=value)
+
+
 class CredentialsError(ColabkitError):
     """Credentials are missing, unreadable or rejected. The message never contains the secret."""
 
@@ -165,6 +176,10 @@ class AirlockError(ColabkitError):
     """Exporting, pulling or importing an experiment failed."""
 
 
+class NoBundleError(AirlockError, LookupError):
+    """No bundle of the experiment was exported to the airlock remote yet (nothing to pull)."""
+
+
 class DirtyTreeError(AirlockError):
     """The experiment has uncommitted or untracked files."""
 
@@ -200,3 +215,11 @@ class JournalError(ColabkitError, ValueError):
 
 class InitError(ColabkitError, ValueError):
     """``colabkit init`` cannot scaffold here (a file in the way, a bad experiment name)."""
+
+
+class DataError(ColabkitError):
+    """A data set cannot be fetched, found or evicted as asked (the message names the fix)."""
+
+
+class ReleaseError(ColabkitError):
+    """The runtime was not released: a check failed (the message says which and what may be lost)."""

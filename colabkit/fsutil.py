@@ -320,3 +320,54 @@ def free_bytes(path: str | os.PathLike) -> int:
     while not p.exists() and p != p.parent:
         p = p.parent
     return shutil.disk_usage(p).free
+
+
+# -- verification records ------------------------------------------------------------------------------
+#: the extended attribute that records a verification: the file's identity when its bytes were hashed
+VERIFIED_XATTR = "user.colabkit.verified"
+VERIFIED_FORMAT = 1
+
+
+def _identity(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "dev": st.st_dev}
+
+
+def record_verified(target: int | str | os.PathLike, sha256: str) -> bool:
+    """Remember that the bytes of `target` (an open fd, or a path) were hashed to `sha256` just now.
+
+    The record (an extended attribute, so it travels with the inode and never with a copy, is never synced and
+    needs no file of its own) holds the file's identity (size, mtime_ns, inode, device) and the sha256;
+    :func:`verified_sha256` believes it only while that identity is unchanged. Call it only right after the
+    bytes were hashed as they were written or read, and after the last write. Where the file system has no
+    user extended attributes (a FUSE mount, some network file systems) nothing is recorded and readers
+    hash the file as before.
+
+    Returns:
+        True when the record was written.
+    """
+    try:
+        st = os.fstat(target) if isinstance(target, int) else os.stat(target)
+        data = json.dumps({"format": VERIFIED_FORMAT, **_identity(st), "sha256": sha256},
+                          separators=(",", ":")).encode()
+        if isinstance(target, int):
+            os.setxattr(target, VERIFIED_XATTR, data)
+        else:
+            os.setxattr(os.fspath(target), VERIFIED_XATTR, data)
+        return True
+    except (OSError, AttributeError):   # no xattrs here (or not on this OS): readers verify instead
+        return False
+
+
+def verified_sha256(path: str | os.PathLike, st: os.stat_result | None = None) -> str | None:
+    """The sha256 a :func:`record_verified` record holds for `path`, when the file is still the one that was
+    verified (same size, mtime_ns, inode and device); else None (then hash it)."""
+    try:
+        st = st or os.stat(path)
+        rec = json.loads(os.getxattr(os.fspath(path), VERIFIED_XATTR))
+    except (OSError, AttributeError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("format") != VERIFIED_FORMAT or not isinstance(rec.get("sha256"), str):
+        return None
+    if any(rec.get(k) != v for k, v in _identity(st).items()):
+        return None
+    return rec["sha256"]

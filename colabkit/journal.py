@@ -16,7 +16,7 @@ import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from .errors import JournalError
 from .fsutil import atomic_open
@@ -91,8 +91,16 @@ def add_run(experiment: str, *, config: "Config | None" = None, bundle: str | No
             host: str | None = None, gpu: str | None = None, steps: int | None = None,
             last_loss: float | None = None, best_loss: float | None = None, attempts: int | None = None,
             checkpoints: Mapping[str, str | None] | None = None, logs: list[str] | tuple[str, ...] = (),
-            source: str | None = None, when: datetime | None = None) -> str:
+            source: str | None = None, when: datetime | None = None,
+            attempt_details: Sequence[Mapping[str, Any]] = ()) -> str:
     """Append a run entry; returns its text.
+
+    Args:
+        attempts: how many times train.py was started for this run, restarts and resumes included (default:
+            the length of `attempt_details`).
+        attempt_details: one mapping per attempt, in order (``run``, ``number``, ``host``, ``gpu``,
+            ``resume_from``, ``outcome``, ``step``): each becomes a line saying where it ran and how it ended.
+        logs: paths relative to the project, one line each.
 
     Example output::
 
@@ -103,8 +111,13 @@ def add_run(experiment: str, *, config: "Config | None" = None, bundle: str | No
         - **Steps reached**: 1200
         - **Loss**: last 0.4123, best 0.3987
         - **Attempts**: 2
+          1. colab-a1b2 (NVIDIA A100-SXM4-80GB): run v01-20261122-081200-9f3e attempt 1, fresh start; no end
+             recorded (the machine was preempted or the run killed); reached step 150
+          2. colab-c3d4 (NVIDIA A100-SXM4-80GB): run v01-20261122-090100-1a2b attempt 1, resumed from
+             v01_step_00000100.pt; finished (exit code 0); reached step 1200
         - **Final checkpoint**: local: —; drive: experiments/v01/checkpoints/v01_step_00001200.pt; hub: —
-        - **Logs**: experiments/v01/logs/train.log (imported from drive)
+        - **Logs** (imported from drive):
+          - experiments/v01/logs/v01-20261122-081200-9f3e/v01-20261122-081200-9f3e.attempt1.log
     """
     t = _now(when)
     where = _clean(host) if host else "unknown host"
@@ -112,6 +125,11 @@ def add_run(experiment: str, *, config: "Config | None" = None, bundle: str | No
         where += f" ({_clean(gpu)})"
     elif host:
         where += " (no GPU recorded)"
+    machines = list(dict.fromkeys(
+        _clean(a["host"]) + (f" ({_clean(a['gpu'])})" if a.get("gpu") else "")
+        for a in attempt_details if a.get("host")))
+    if len(machines) > 1:  # preempted on one machine, resumed on another: name them all, in order
+        where, host = ", then ".join(machines), host or machines[-1]
     lines = [f"## Run {_clean(experiment)} — {t:%Y-%m-%d %H:%M} UTC",
              f"- **Experiment**: {_clean(experiment)}",
              f"- **Bundle**: {_clean(bundle)[:12] if bundle else 'unknown (no airlock export or pull recorded)'}",
@@ -121,13 +139,22 @@ def add_run(experiment: str, *, config: "Config | None" = None, bundle: str | No
         lines.append(f"- **Loss**: last {_fmt_loss(last_loss)}, best {_fmt_loss(best_loss)}")
     else:
         lines.append("- **Loss**: not in the logs")
+    if attempts is None and attempt_details:
+        attempts = len(attempt_details)
     lines.append(f"- **Attempts**: {attempts if attempts is not None else 'unknown'}")
+    for i, a in enumerate(attempt_details, 1):
+        host = _clean(a.get("host") or "unknown host") + (f" ({_clean(a['gpu'])})" if a.get("gpu") else "")
+        start = (f"resumed from {_clean(os.path.basename(str(a['resume_from'])))}" if a.get("resume_from")
+                 else "fresh start")
+        step = f"; reached step {a['step']}" if a.get("step") is not None else ""
+        lines.append(f"  {i}. {host}: run {_clean(a.get('run') or '?')} attempt {a.get('number', '?')}, {start}; "
+                     f"{_clean(a.get('outcome') or 'outcome unknown')}{step}")
     if checkpoints:
         parts = [f"{_clean(k)}: {_clean(v) if v else '—'}" for k, v in checkpoints.items()]
         lines.append(f"- **Final checkpoint**: {'; '.join(parts)}")
     if logs:
-        lines.append(f"- **Logs**: {', '.join(_clean(x) for x in logs)}"
-                     + (f" (imported from {_clean(source)})" if source else ""))
+        lines.append("- **Logs**" + (f" (imported from {_clean(source)})" if source else "") + ":")
+        lines.extend(f"  - {_clean(x)}" for x in logs)
     text = "\n".join(lines) + "\n"
     append(text, config=config)
     return text
@@ -135,7 +162,8 @@ def add_run(experiment: str, *, config: "Config | None" = None, bundle: str | No
 
 def add_data(name: str, *, config: "Config | None" = None, source: str | None = None,
              version: str | None = None, preprocessing: str | None = None, downloaded: str | None = None,
-             when: datetime | None = None) -> str:
+             files: int | None = None, size: int | None = None, digest: str | None = None,
+             verified: str | None = None, when: datetime | None = None) -> str:
     """Append a data-set entry (the protocol's ``## Data`` block); returns its text.
 
     Args:
@@ -144,11 +172,15 @@ def add_data(name: str, *, config: "Config | None" = None, source: str | None = 
         version: its version (``v1.0``).
         preprocessing: what was done to it.
         downloaded: the download date (default: today, UTC).
+        files, size, digest: how many files, their total bytes and the sha256 of the file list (what
+            ``colabkit data fetch`` fetched), when known.
+        verified: how the files were verified.
     Raises:
         JournalError: an empty name.
     """
     if not name or not str(name).strip():
-        raise JournalError("journal data: the data set needs a name, e.g. colabkit journal data PG-19 "
+        from .runtime import command
+        raise JournalError(f"journal data: the data set needs a name, e.g. {command('journal data PG-19')} "
                            "--source URL --version v1.0")
     t = _now(when)
     title = _clean(name) + (f" {_clean(version)}" if version else "")
@@ -157,6 +189,17 @@ def add_data(name: str, *, config: "Config | None" = None, source: str | None = 
              f"- **Source**: {_clean(source) if source else 'not given'}",
              f"- **Downloaded**: {_clean(downloaded) if downloaded else f'{t:%Y-%m-%d}'}",
              f"- **Preprocessing**: {_clean(preprocessing) if preprocessing else 'none recorded'}"]
+    if files is not None or size is not None or digest:
+        from .config import format_size
+        parts = []
+        if files is not None:
+            parts.append(f"{files} file{'s' if files != 1 else ''}")
+        if size is not None:
+            parts.append(format_size(size))
+        lines.append(f"- **Files**: {', '.join(parts) or 'unknown'}"
+                     + (f" (file list sha256 {_clean(digest)[:16]})" if digest else ""))
+    if verified:
+        lines.append(f"- **Verified**: {_clean(verified)}")
     text = "\n".join(lines) + "\n"
     append(text, config=config)
     return text
@@ -223,10 +266,7 @@ def add_package(name: str, *, reason: str, config: "Config | None" = None, exper
         req = Path(requirements).expanduser()
         req = req if req.is_absolute() else cfg.root / req
     elif experiment:
-        d = cfg.experiment_dir(experiment)
-        if not d.is_dir():
-            raise JournalError(f"journal package: experiment {experiment!r} not found ({d} does not exist)")
-        req = d / "requirements.txt"
+        req = cfg.require_experiment(experiment) / "requirements.txt"
     else:
         req = cfg.root / "requirements.txt"
     line = pin_requirement(req, canonical, version)

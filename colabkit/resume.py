@@ -12,6 +12,15 @@ A source that fails (credentials, network: any RemoteError) is reported and skip
 and some source failed, :class:`~colabkit.errors.ResumeError` says what each source answered: starting
 from scratch while a tier that may hold the run is unreachable would silently lose it.
 
+Transient failures (5xx, 429, dropped connections: ``error_kind(e) == "transient"``) are retried with back-off,
+honouring ``Retry-After``, until ``resume.deadline`` (per :func:`locate`, and again per :func:`fetch`), on top
+of the remote's own retries. Only a copy that fails its integrity check or is gone makes :func:`fetch` fall
+back to the next candidate. A source or a chosen checkpoint that stays unreachable, so that a newer
+checkpoint may exist than the one that could be had, is decided by ``resume.on_unreachable``:
+``wait`` (the default: retry until the deadline, then :class:`~colabkit.errors.ResumeError`), ``fail`` (the
+error at once, after the remote's own retries) or ``older`` (resume from the best checkpoint that can be
+fetched, and say so in ``plan.reason``, ``plan.unreachable`` and a warning). Never an older one silently.
+
 Example:
     >>> plan = locate(experiment="v01")
     >>> path = fetch(plan)               # None: fresh start
@@ -23,15 +32,20 @@ import json
 import logging
 import os
 import posixpath
+import random
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .checkpoints import (LATEST, CheckpointInfo, discover, is_manifest, manifest_path, step_of,
                           verify, _verify_plain)
-from .errors import ColabkitError, ConfigError, IntegrityError, ResumeError
-from .fsutil import TMP_PREFIX, atomic_write_bytes, atomic_write_json, hash_file, replace_copy
+from .errors import ColabkitError, ConfigError, IntegrityError, ResumeError, error_kind
+from .fsutil import (TMP_PREFIX, atomic_write_bytes, atomic_write_json, hash_file, record_verified, replace_copy,
+                     verified_sha256)
+from .runtime import command
 
 if TYPE_CHECKING:
     from .config import Config
@@ -40,7 +54,49 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLICIES = ("newest", "first")
+ON_UNREACHABLE = ("wait", "older", "fail")
 LOCAL = "local"
+#: resume's own back-off between tries of a transient failure (doubling, with jitter; Retry-After wins)
+RETRY_INITIAL, RETRY_MAX = 0.5, 30.0
+
+
+class _Retry:
+    """Retries transient failures with back-off until a deadline (``mode == "fail"``: no extra tries)."""
+
+    def __init__(self, deadline: float, mode: str) -> None:
+        self.deadline = float(deadline)
+        self.until = time.monotonic() + self.deadline
+        self.mode = mode
+        self.tries = 0
+        self._wait = threading.Event()   # never set: a wait that is not a bare sleep
+
+    def run(self, fn: Any, what: str) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except (ColabkitError, OSError) as e:
+                left = self.until - time.monotonic()
+                if error_kind(e) != "transient" or self.mode == "fail" or left <= 0:
+                    raise
+                attempt += 1
+                self.tries += 1
+                delay = min(RETRY_MAX, RETRY_INITIAL * (2 ** (attempt - 1))) * random.uniform(0.5, 1.0)
+                ra = getattr(e, "retry_after", None)
+                if ra:
+                    delay = max(delay, float(ra))
+                delay = min(delay, left)
+                from .secrets import redact
+                log.warning("%s: %s; retrying in %.1fs (resume gives up in %.0fs)", what, redact(str(e)), delay,
+                            left)
+                self._wait.wait(delay)
+
+
+def _check_mode(on_unreachable: str) -> str:
+    if on_unreachable not in ON_UNREACHABLE:
+        raise ConfigError(f"resume.on_unreachable: {on_unreachable!r} is not allowed; use one of "
+                          f"{', '.join(ON_UNREACHABLE)}", key="resume.on_unreachable", value=on_unreachable)
+    return on_unreachable
 
 
 @dataclass
@@ -100,6 +156,12 @@ class SourceReport:
     error: str | None = None
     rejected: list[dict[str, Any]] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list, repr=False)  # newest first, for fallback
+    kind: str | None = None        # the error's classification (colabkit.errors.error_kind), when state == "error"
+
+    @property
+    def unreachable(self) -> bool:
+        """It could not be asked for a reason that passes (network, 5xx, 429): it may hold a newer checkpoint."""
+        return self.state == "error" and self.kind == "transient"
 
     @property
     def newest_step(self) -> int | None:
@@ -109,7 +171,8 @@ class SourceReport:
         return {"name": self.name, "state": self.state, "where": self.where, "newest_step": self.newest_step,
                 "step": self.newest_step,  # the same, under the short name the dashboard reads
                 "path": self.newest.path if self.newest else None, "size": self.newest.size if self.newest else None,
-                "error": self.error, "rejected": list(self.rejected), "checkpoints": len(self.candidates)}
+                "error": self.error, "error_kind": self.kind, "unreachable": self.unreachable,
+                "rejected": list(self.rejected), "checkpoints": len(self.candidates)}
 
 
 @dataclass
@@ -132,9 +195,14 @@ class ResumePlan:
     choice: Candidate | None
     reason: str
     experiment: str | None = None
+    selected: str | None = None      # why `experiment` was chosen when none was named (None: named)
     config: Any = field(default=None, repr=False)
     remotes: dict[str, Any] = field(default_factory=dict, repr=False)  # Remote objects passed in by the caller
     fetched: Path | None = None
+    on_unreachable: str = "wait"
+    deadline: float = 600.0
+    #: newer checkpoints (or whole sources) that could not be reached, when on_unreachable is ``older``
+    unreachable: list[str] = field(default_factory=list)
 
     def source(self, name: str) -> SourceReport:
         for s in self.sources:
@@ -154,14 +222,17 @@ class ResumePlan:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for ``colabkit resume --json``."""
-        return {"policy": self.policy, "experiment": self.experiment, "directory": str(self.directory),
+        return {"policy": self.policy, "experiment": self.experiment, "selected": self.selected,
+                "directory": str(self.directory),
                 "remote_prefix": self.prefix, "sources": [s.as_dict() for s in self.sources],
                 "choice": self.choice.as_dict() if self.choice else None, "reason": self.reason,
-                "fetched": str(self.fetched) if self.fetched else None}
+                "fetched": str(self.fetched) if self.fetched else None, "on_unreachable": self.on_unreachable,
+                "unreachable": list(self.unreachable)}
 
     def lines(self) -> list[str]:
         """A text rendering: one line per source, then the choice."""
-        out = [f"Resume sources ({self.policy} policy), checkpoint folder {self.directory}:"]
+        out = [f"Experiment: {self.experiment or '(none)'} ({self.selected})"] if self.selected else []
+        out.append(f"Resume sources ({self.policy} policy), checkpoint folder {self.directory}:")
         width = max([len(s.name) for s in self.sources] + [5])
         for s in self.sources:
             if s.state == "ok":
@@ -184,26 +255,46 @@ class ResumePlan:
 # -- locate ----------------------------------------------------------------------------------------
 def locate(*, config: "Config | None" = None, experiment: str | None = None,
            directory: str | os.PathLike | None = None, policy: str | None = None,
-           sources: Sequence["str | Remote"] | None = None) -> ResumePlan:
+           sources: Sequence["str | Remote"] | None = None, on_unreachable: str | None = None,
+           deadline: float | None = None) -> ResumePlan:
     """Ask each source for its newest verified checkpoint and choose one.
 
     Args:
         config: the configuration (default: :func:`colabkit.config.load_config`).
-        experiment: ``vXX``; default ``$COLABKIT_EXPERIMENT``; None: ``<root>/checkpoints``.
+        experiment: ``vXX``; default ``$COLABKIT_EXPERIMENT``, else the only experiment, else the one with the
+            newest checkpoint or run (:meth:`~colabkit.config.Config.select_experiment`; named in
+            ``plan.selected``); ``<root>/checkpoints`` only in a project without experiments.
         directory: the local checkpoint folder (default: ``config.checkpoint_dir(experiment)``).
         policy: ``newest`` or ``first`` (default: ``config.resume.policy``).
         sources: names (``local`` and tier names) or Remote objects, in priority order
             (default: ``config.resume.priority``).
+        on_unreachable: ``wait``, ``older`` or ``fail`` (default ``config.resume.on_unreachable``; see the
+            module docstring); also used by :func:`fetch` of this plan.
+        deadline: seconds transient failures are retried (default ``config.resume.deadline``).
     Returns:
         A :class:`ResumePlan`; ``plan.choice`` is None when no source holds a checkpoint.
     Raises:
-        ResumeError: nothing was found and at least one source could not be asked (each answer is listed).
-        ConfigError: an unknown policy or source name.
+        ResumeError: nothing was found and at least one source could not be asked (each answer is listed); or
+            a source that may hold a newer checkpoint stayed unreachable (unless `on_unreachable` is ``older``).
+        ConfigError: an unknown policy, source name or `on_unreachable`.
+        UnknownExperimentError: `experiment` is not here, or several are and none has a checkpoint or run.
+
+    Example:
+        >>> plan = locate(experiment="v01", on_unreachable="older", deadline=120)
     """
     from .config import load_config
     cfg = config if config is not None else load_config()
-    experiment = experiment if experiment is not None else (os.environ.get("COLABKIT_EXPERIMENT") or None)
+    selected: str | None = None
+    if directory is None:
+        # the one shared choice (train, status and the airlock use it too): never a folder no experiment uses
+        picked = cfg.select_experiment(experiment)
+        experiment, selected = picked.name, picked.reason
+    elif experiment is not None:
+        cfg.require_experiment(experiment)
     policy = policy or cfg.resume.policy
+    mode = _check_mode(on_unreachable or cfg.resume.on_unreachable)
+    deadline = float(cfg.resume.deadline if deadline is None else deadline)
+    retry = _Retry(deadline, mode)
     if policy not in POLICIES:
         raise ConfigError(f"resume policy {policy!r} is not allowed; use one of {', '.join(POLICIES)}",
                           key="resume.policy", value=policy)
@@ -233,14 +324,31 @@ def locate(*, config: "Config | None" = None, experiment: str | None = None,
             reports.append(SourceReport(name, "error", error=f"{local_dir} is outside the project root "
                                         f"{cfg.root}, so no tier holds its checkpoints"))
         else:
-            reports.append(_ask_remote(cfg, name, given.get(name), prefix))
+            reports.append(_ask_remote(cfg, name, given.get(name), prefix, retry))
     choice, reason = _choose(reports, policy)
     if choice is None and any(r.state == "error" for r in reports):
         answers = "; ".join(f"{r.name}: {r.error if r.state == 'error' else 'no checkpoint'}" for r in reports)
         raise ResumeError(f"no checkpoint to resume from, and not every source could be asked ({answers}); "
                           "fix the failing source and retry, or pass --source local to start without it")
+    away = [r for r in reports if r.unreachable]
+    noted: list[str] = []
+    if choice is not None and away:
+        names = ", ".join(r.name for r in away)
+        errors = "; ".join(f"{r.name}: {r.error}" for r in away)
+        if mode != "older":
+            waited = f" for {deadline:g}s" if mode == "wait" else ""
+            raise ResumeError(
+                f"{names} could not be reached{waited} and may hold a newer checkpoint than {choice.source} step "
+                f"{choice.step} ({errors}); nothing was resumed. Retry when {names} answers again, or set "
+                f"resume.on_unreachable: older (--on-unreachable older) to resume from {choice.source} step "
+                f"{choice.step} anyway")
+        noted = [f"{r.name} (unreachable: {r.error})" for r in away]
+        reason += f"; {names} could not be reached and may hold a newer checkpoint (resume.on_unreachable: older)"
+        log.warning("resume: %s could not be reached and may hold a newer checkpoint; resuming from %s step %d "
+                    "(resume.on_unreachable: older)", names, choice.source, choice.step)
     plan = ResumePlan(policy=policy, directory=local_dir, prefix=prefix, sources=reports, choice=choice,
-                      reason=reason, experiment=experiment, config=cfg, remotes=given)
+                      reason=reason, experiment=experiment, config=cfg, remotes=given, on_unreachable=mode,
+                      deadline=deadline, unreachable=noted, selected=selected)
     for r in reports:
         log.info("resume source %s: %s", r.name,
                  f"step {r.newest_step}" if r.state == "ok" else (r.error or r.state))
@@ -271,7 +379,8 @@ def _ask_local(directory: Path) -> SourceReport:
     return rep
 
 
-def _ask_remote(cfg: "Config", name: str, remote: "Remote | None", prefix: str) -> SourceReport:
+def _ask_remote(cfg: "Config", name: str, remote: "Remote | None", prefix: str,
+                retry: "_Retry | None" = None) -> SourceReport:
     from .secrets import redact
     rep = SourceReport(name, "empty")
     opened = remote is None
@@ -280,7 +389,8 @@ def _ask_remote(cfg: "Config", name: str, remote: "Remote | None", prefix: str) 
             from .remotes import open_remote
             remote = open_remote(cfg, name)
         rep.where = remote.describe()
-        files = remote.list(prefix)
+        retry = retry or _Retry(0, "fail")
+        files = retry.run(lambda: remote.list(prefix), f"{name}: listing {prefix}")
         by_path = {f.path: f for f in files}
         cands = []
         for f in files:
@@ -296,15 +406,16 @@ def _ask_remote(cfg: "Config", name: str, remote: "Remote | None", prefix: str) 
                 c = Candidate(name, step, f.path, f.size, record=f, manifest_record=by_path.get(f.path + ".json"))
                 if rep.newest is None:
                     try:
-                        _check_remote_candidate(remote, c, Path(tmp))
-                    except IntegrityError as e:
+                        retry.run(lambda: _check_remote_candidate(remote, c, Path(tmp)),
+                                  f"{name}: reading the manifest of {f.path}")
+                    except (IntegrityError, FileNotFoundError) as e:   # corrupt, or gone since the listing
                         rep.rejected.append({"path": f.path, "step": step, "reason": str(e)})
                         log.warning("%s: %s is not usable: %s", name, f.path, e)
                         continue
                     rep.newest = c
                 rep.candidates.append(c)
     except (ColabkitError, OSError) as e:  # RemoteError and its kin, CredentialsError, MissingDependencyError
-        rep.state, rep.error = "error", redact(f"{type(e).__name__}: {e}")
+        rep.state, rep.error, rep.kind = "error", redact(f"{type(e).__name__}: {e}"), error_kind(e)
         rep.newest, rep.candidates = None, []
         log.warning("resume source %s could not be asked: %s", name, rep.error)
         return rep
@@ -383,7 +494,10 @@ def fetch(plan: ResumePlan | None = None, *, config: "Config | None" = None, exp
 
     A remote file is downloaded atomically and checked against its manifest's sha256 while it is copied (one
     pass); its manifest is written beside it and the folder's ``latest`` pointer is updated. A copy that fails
-    verification is discarded and the next-best candidate (by the plan's policy) is tried.
+    verification (or is gone) is discarded and the next-best candidate (by the plan's policy) is tried.
+    Transient failures are retried until the plan's deadline; a checkpoint that still cannot be fetched is
+    never replaced by an older one silently (``plan.on_unreachable``: ``wait``/``fail`` raise, ``older``
+    falls back and says so in ``plan.reason`` and ``plan.unreachable``).
 
     Args:
         plan: from :func:`locate` (default: ``locate(config=config, experiment=experiment)``).
@@ -392,29 +506,53 @@ def fetch(plan: ResumePlan | None = None, *, config: "Config | None" = None, exp
     Returns:
         The local path of the verified checkpoint, or None when there is nothing to resume from.
     Raises:
-        ResumeError: every candidate failed to download or verify (each attempt is listed).
+        ResumeError: every candidate failed to download or verify (each attempt is listed), or a checkpoint
+            could not be fetched for a reason other than its integrity (unreachable, after the deadline) and
+            ``plan.on_unreachable`` is not ``older``.
     """
+    from .secrets import redact
     if plan is None:
         plan = locate(config=config, experiment=experiment)
     if plan.choice is None:
         return None
     target_dir = Path(dest).expanduser() if dest is not None else plan.directory
     attempts: list[str] = []
+    missed: list[str] = []        # candidates that exist but could not be fetched (on_unreachable: older)
     opened: dict[str, Any] = {}
+    retry = _Retry(plan.deadline, plan.on_unreachable)
     try:
         for c in plan.fallbacks():
             try:
-                path = _fetch_one(plan, c, target_dir, opened, progress=progress)
+                path = retry.run(lambda: _fetch_one(plan, c, target_dir, opened, progress=progress),
+                                 f"{c.source}: fetching step {c.step}")
             except (ColabkitError, OSError) as e:
-                from .secrets import redact
                 msg = redact(str(e))
-                attempts.append(f"{c.source} step {c.step}: {msg}")
-                log.warning("cannot resume from %s step %d (%s); trying the next candidate", c.source, c.step, msg)
+                if error_kind(e) in ("integrity", "not_found"):   # a bad copy, or one that is gone
+                    attempts.append(f"{c.source} step {c.step}: {msg}")
+                    log.warning("cannot resume from %s step %d (%s); trying the next candidate", c.source, c.step,
+                                msg)
+                    continue
+                if plan.on_unreachable != "older":
+                    waited = (f" (retried for {plan.deadline:g}s)" if plan.on_unreachable == "wait"
+                              and error_kind(e) == "transient" else "")
+                    raise ResumeError(
+                        f"{c.source} step {c.step} could not be fetched{waited}: {msg}; no older checkpoint was "
+                        f"used in its place. Retry when {c.source} answers again, or set resume.on_unreachable: "
+                        "older (--on-unreachable older) to resume from the best checkpoint that can be fetched"
+                    ) from e
+                missed.append(f"{c.source} step {c.step} ({msg})")
+                log.warning("cannot fetch %s step %d (%s); trying an older checkpoint (resume.on_unreachable: "
+                            "older)", c.source, c.step, msg)
                 continue
             if c is not plan.choice:
                 log.warning("resuming from %s step %d instead of %s step %d", c.source, c.step,
                             plan.choice.source, plan.choice.step)
-                plan.reason += f"; fell back to {c.source} step {c.step} ({attempts[-1] if attempts else ''})"
+                if missed:
+                    plan.reason += (f"; {', '.join(missed)} could not be fetched: resumed from the older "
+                                    f"{c.source} step {c.step} (resume.on_unreachable: older)")
+                    plan.unreachable.extend(missed)
+                else:
+                    plan.reason += f"; fell back to {c.source} step {c.step} ({attempts[-1] if attempts else ''})"
                 plan.choice = c
             plan.fetched = path
             return path
@@ -422,8 +560,8 @@ def fetch(plan: ResumePlan | None = None, *, config: "Config | None" = None, exp
         for r in opened.values():
             with contextlib.suppress(Exception):
                 r.close()
-    raise ResumeError("no candidate checkpoint could be fetched and verified: " + "; ".join(attempts)
-                      + "; check the sources with 'colabkit resume --no-fetch'")
+    raise ResumeError("no candidate checkpoint could be fetched and verified: " + "; ".join(attempts + missed)
+                      + f"; check the sources with '{command('resume --no-fetch')}'")
 
 
 def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[str, Any], *,
@@ -441,6 +579,8 @@ def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[st
         if c.sha256 and digest.sha256 != c.sha256:
             dst.unlink()
             raise IntegrityError(f"{src} changed while it was copied", path=str(src))
+        if c.sha256:
+            record_verified(dst, digest.sha256)
         if c.manifest:
             atomic_write_json(manifest_path(dst), c.manifest, durable=False)
         return dst
@@ -487,6 +627,8 @@ def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[st
                 dst.unlink()
             raise IntegrityError(f"{c.source}: {rec.path} downloaded with sha256 {got.sha256[:12]}..., its "
                                  f"manifest says {c.sha256[:12]}...; the copy was discarded", path=rec.path)
+        if c.sha256 is not None and got is not None and got.sha256 == c.sha256:
+            record_verified(dst, c.sha256)   # hashed while it downloaded; nothing has written to it since
     if c.sha256 is None:
         try:
             _verify_plain(dst)
@@ -577,6 +719,8 @@ def copy_verified(src: str | os.PathLike, dst: str | os.PathLike, *, size: int, 
             raise IntegrityError(f"{label} does not match its manifest (size {written} vs {size}, sha256 "
                                  f"{got[:12]}... vs {sha256[:12]}...); the copy was discarded",
                                  path=str(src), expected=sha256, actual=got)
+        # these bytes were hashed as they were written: the loader need not read them again (see verify())
+        record_verified(fd, got)
         os.close(fd)
         fd = -1
         replace_copy(tmp, dst)
@@ -599,10 +743,13 @@ def _existing(p: Path) -> Path:
 
 def _already_there(dst: Path, c: Candidate) -> bool:
     try:
-        if dst.stat().st_size != c.size:
+        st = dst.stat()
+        if st.st_size != c.size:
             return False
     except OSError:
         return False
+    if verified_sha256(dst, st) == c.sha256:
+        return True
     return hash_file(dst).sha256 == c.sha256
 
 
@@ -629,7 +776,9 @@ def _close_bar(bar) -> None:
 
 
 def resume(*, config: "Config | None" = None, experiment: str | None = None, policy: str | None = None,
-           sources: Sequence["str | Remote"] | None = None, progress: bool = True) -> tuple[ResumePlan, Path | None]:
+           sources: Sequence["str | Remote"] | None = None, progress: bool = True,
+           on_unreachable: str | None = None, deadline: float | None = None) -> tuple[ResumePlan, Path | None]:
     """:func:`locate` then :func:`fetch`: the plan and the local path (None: fresh start)."""
-    plan = locate(config=config, experiment=experiment, policy=policy, sources=sources)
+    plan = locate(config=config, experiment=experiment, policy=policy, sources=sources,
+                  on_unreachable=on_unreachable, deadline=deadline)
     return plan, fetch(plan, progress=progress)

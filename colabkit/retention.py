@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .fsutil import free_bytes, fsync_dir, hash_file, is_temporary
+from .runtime import command
 
 if TYPE_CHECKING:
     from .config import Config
@@ -270,7 +271,7 @@ def make_room(directory: str | os.PathLike, needed: int, *, config: "Config | No
            f"can be deleted: {len(unsynced)} checkpoint(s) have no verified remote copy"
            + (f" ({', '.join(c.path.name for c in unsynced[:3])}{', ...' if len(unsynced) > 3 else ''})"
               if unsynced else "")
-           + "; run 'colabkit sync flush' or free space by hand")
+           + f"; run '{command('sync flush')}' or free space by hand")
     with _guard_lock:
         prev = _guard.get(str(directory)) or {}
     repeat = prev.get("state") == "blocked" and prev.get("unsynced") == len(unsynced) \

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from .errors import ColabkitError, ConfigError, OutOfMemoryError, PreflightError, TrainError
 from .events import LineParser
 from .fsutil import atomic_write_json, atomic_write_text, free_bytes
+from .runtime import cli_form, command
 
 if TYPE_CHECKING:
     from .config import Config
@@ -70,6 +71,9 @@ MAX_BACKOFF = 600.0
 JOB_FILE_INTERVAL = 2.0
 #: the loss history keeps at most this many (step, loss) points: the whole run, evenly thinned
 HISTORY_POINTS = 300
+#: --estimate compares the pace once it was measured this long: 5% of the estimate, within these bounds (seconds)
+ESTIMATE_MIN_WINDOW = 2.0
+ESTIMATE_MAX_WINDOW = 60.0
 
 # what a run that ran out of memory prints (PyTorch, the CUDA caching allocator, cuBLAS, Python)
 _OOM_TEXT = [re.compile(p, re.MULTILINE) for p in (
@@ -196,6 +200,7 @@ class Progress:
         self.checkpoint_path: str | None = None
         self.updated: float | None = None
         self._samples: deque[tuple[float, int]] = deque(maxlen=window)
+        self._first: tuple[float, int] | None = None  # the attempt's first step: how long the pace was measured
         self._lock = threading.Lock()  # the pump thread writes while status() reads
         # (step, loss) of the whole run, across attempts: when it holds `history_points`, every other point is
         # dropped and only every `_stride`-th step is kept from then on, so it covers the run evenly
@@ -211,6 +216,7 @@ class Progress:
         """A restart re-measures the pace (start-up time is not training time)."""
         with self._lock:
             self._samples.clear()
+            self._first = None
 
     def observe(self, events: Iterable[Any], *, base: Path | None = None) -> None:
         with self._lock:
@@ -232,6 +238,8 @@ class Progress:
                     self.total_steps = total
                 if not self._samples or self._samples[-1][1] != e.step:
                     self._samples.append((e.time, e.step))
+                    if self._first is None:
+                        self._first = (e.time, e.step)
             elif e.kind == "loss" and e.loss is not None:
                 self.loss = e.loss
                 if self.step is not None:
@@ -274,10 +282,19 @@ class Progress:
 
     @property
     def measured_steps(self) -> int:
+        """Steps seen since this attempt's first step (the rate's window is shorter: the recent pace)."""
         with self._lock:
-            if len(self._samples) < 2:
+            if self._first is None or not self._samples:
                 return 0
-            return self._samples[-1][1] - self._samples[0][1]
+            return max(0, self._samples[-1][1] - self._first[1])
+
+    @property
+    def measured_seconds(self) -> float:
+        """Seconds since this attempt's first step (0 until two distinct steps were seen)."""
+        with self._lock:
+            if self._first is None or not self._samples:
+                return 0.0
+            return max(0.0, self._samples[-1][0] - self._first[0])
 
     @property
     def eta(self) -> float | None:
@@ -315,6 +332,11 @@ class Preflight:
     free_disk: int
     warnings: list[str] = field(default_factory=list)
     tiers_checked: list[str] = field(default_factory=list)
+    data: dict[str, str] = field(default_factory=dict)    # train.data name -> local path (COLABKIT_DATA_<NAME>)
+
+    def data_env(self) -> dict[str, str]:
+        from .data import env_name
+        return {f"COLABKIT_DATA_{env_name(n)}": p for n, p in self.data.items()}
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -323,7 +345,8 @@ class Preflight:
 
 
 def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int | str | None = None,
-              check_tiers: bool = True, script: str | os.PathLike | None = None) -> Preflight:
+              check_tiers: bool = True, script: str | os.PathLike | None = None,
+              allow_network_data: bool = False) -> Preflight:
     """The checks before a run starts, without starting anything.
 
     Args:
@@ -332,29 +355,24 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
         max_vram: the GPU memory cap in bytes (or ``20GB``); default ``train.max_vram``, else 20 GB on Tier 1.
         check_tiers: check write access to every sync tier (``Remote.check_access``).
         script: run this file instead of ``experiments/<experiment>/train.py``.
+        allow_network_data: let ``train.data_paths`` on a network/FUSE mount through (with a warning).
     Returns:
-        A :class:`Preflight` (its ``warnings`` list what did not stop the run).
+        A :class:`Preflight` (its ``warnings`` list what did not stop the run; ``data`` the local path of each
+        data set ``train.data`` names).
     Raises:
         PreflightError: saying what failed and what to do.
     """
     from . import runtime
     from .config import format_size, load_config, parse_size
     cfg = config if config is not None else load_config()
-    _check_name(experiment)
-    exp_dir = cfg.experiment_dir(experiment)
-    if not exp_dir.is_dir():
-        known = cfg.experiment_names()
-        raise PreflightError(
-            f"unknown experiment {experiment!r}: {exp_dir} does not exist "
-            f"({'experiments here: ' + ', '.join(known) if known else 'no experiments yet'}); "
-            f"create it with 'colabkit init --experiment {experiment}' or pull it with '%airlock pull {experiment}'")
+    exp_dir = cfg.require_experiment(experiment)  # the one check of every command that takes an experiment
     path = Path(script).expanduser() if script is not None else exp_dir / SCRIPT
     if not path.is_absolute():
         path = exp_dir / path
     if not path.is_file():
         raise PreflightError(f"{experiment}: no {path.name} in {path.parent}; put the training script there "
-                             f"(colabkit init writes a template) or pull the experiment's bundle with "
-                             f"'%airlock pull {experiment}'")
+                             f"('{command('init')}' writes a template) or pull the experiment's bundle with "
+                             f"'{command('airlock pull ' + experiment)}'")
 
     warnings: list[str] = []
     gpus = runtime.gpus()
@@ -367,7 +385,7 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
                 raise PreflightError(
                     f"{experiment}: --max-vram {format_size(cap)} is more than a Tier 1 job may use "
                     f"({gpu.name}, {format_size(gpu.memory_total)}: jobs are capped at {format_size(limit)}); "
-                    f"move this run to Tier 2 (an A100 80 GB: '%airlock export {experiment}', then pull and "
+                    f"move this run to Tier 2 (an A100 80 GB: '{command('airlock export ' + experiment)}', then pull and "
                     "train it on the cluster), or lower --max-vram")
             cap = cap if cap is not None else limit
         if cap is not None and cap > gpu.memory_total:
@@ -384,17 +402,36 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
         raise PreflightError(
             f"{experiment}: only {format_size(free)} free on the disk of {ck_dir} (train.min_free_disk is "
             f"{format_size(cfg.train.min_free_disk)}); free space first (old checkpoints are pruned once a "
-            "remote holds them: 'colabkit sync flush'), or lower train.min_free_disk in colabkit.yaml")
+            f"remote holds them: '{command('sync flush')}'), or lower train.min_free_disk in colabkit.yaml")
 
     for d in cfg.train.data_paths:
         p = Path(d).expanduser()
         p = p if p.is_absolute() else cfg.root / p
         if runtime.is_network_path(p):
+            if not allow_network_data:
+                raise PreflightError(
+                    f"{experiment}: data path {p} is on a network/FUSE mount: training from it is slow and stalls "
+                    "when the mount hiccups. Pre-fetch it to the local SSD ('%data fetch NAME --source PATH', and "
+                    "list NAME in train.data), or pass --allow-network-data to train from the mount anyway")
             warnings.append(f"data path {p} is on a network/FUSE mount: training from it is slow and stalls "
                             "when the mount hiccups; pre-fetch it to local SSD (/content/ or /mnt/) before "
                             "train.py starts and point train.data_paths there")
         elif not p.exists():
             warnings.append(f"data path {p} does not exist (train.data_paths); pre-fetch the data there first")
+
+    data_paths: dict[str, str] = {}
+    if cfg.train.data:
+        from .data import ready
+        from .errors import DataError
+        try:
+            found = ready(cfg.train.data, config=cfg)
+        except DataError as e:
+            raise PreflightError(f"{experiment}: {e}") from None
+        for n, p in found.items():
+            if runtime.is_network_path(p) and not allow_network_data:  # pragma: no cover - the cache refuses it
+                raise PreflightError(f"{experiment}: data set {n} at {p} is on a network/FUSE mount; fetch it to "
+                                     "the local SSD, or pass --allow-network-data")
+            data_paths[n] = str(p)
 
     checked: list[str] = []
     if check_tiers:
@@ -407,25 +444,23 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
             except (ColabkitError, OSError) as e:
                 raise PreflightError(
                     f"{experiment}: cannot write to sync tier {t.name!r}: {redact(str(e))}; fix its access "
-                    "('colabkit config show' shows what is configured) or run with --no-sync") from None
+                    f"('{command('config show')}' shows what is configured) or run with --no-sync") from None
             checked.append(t.name)
     return Preflight(experiment=experiment, experiment_dir=exp_dir, script=path, gpu=gpu.name if gpu else None,
                      gpu_memory=gpu.memory_total if gpu else None, tier=gpu.tier if gpu else None, max_vram=cap,
-                     free_disk=free, warnings=warnings, tiers_checked=checked)
+                     free_disk=free, warnings=warnings, tiers_checked=checked, data=data_paths)
 
 
 def _check_name(experiment: str) -> None:
-    if (not isinstance(experiment, str) or not experiment or "/" in experiment or "\\" in experiment
-            or experiment in (".", "..") or experiment.startswith("-")):
-        raise PreflightError(f"{experiment!r} is not an experiment name; use the folder name under "
-                             "experiments/, e.g. v01")
+    from .config import check_experiment_name
+    check_experiment_name(experiment)
 
 
 def oom_advice(tier: int | None, gpu: str | None, experiment: str) -> str:
     """What to do after running out of memory, by hardware tier."""
     if tier == 1:
         return (f"this is a Tier 1 GPU ({gpu}, jobs capped at 20 GB): reduce the batch size or the model, or "
-                f"move the run to Tier 2 (an A100 80 GB: '%airlock export {experiment}', then pull and train it "
+                f"move the run to Tier 2 (an A100 80 GB: '{command('airlock export ' + experiment)}', then pull and train it "
                 "on the cluster)")
     if tier == 2:
         return ("reduce the batch size (gradient accumulation keeps the effective batch), use mixed precision or "
@@ -608,7 +643,7 @@ class Job:
                  "child_pid": self._proc.pid if self._proc is not None and self._proc.poll() is None else None,
                  "log": att.log if att else None, "log_dir": str(self.log_dir), "started": self.started,
                  "elapsed": time.time() - self.started, "background": self.background, "host": socket.gethostname(),
-                 "estimate": self.estimate, "warnings": list(self.warnings)}
+                 "estimate": self.estimate, "warnings": list(self.warnings), "data": dict(self.pre.data)}
         d.update(self.progress.as_dict())
         if self.error is not None:
             d["error"] = str(self.error)
@@ -764,6 +799,7 @@ class Job:
             env["COLABKIT_RESUME_FROM"] = str(resume_from)
         else:
             env.pop("COLABKIT_RESUME_FROM", None)
+        env.update(self.pre.data_env())
         if self.pre.max_vram:
             env["COLABKIT_MAX_VRAM"] = str(self.pre.max_vram)
         else:
@@ -787,6 +823,9 @@ class Job:
             with self._lock:
                 self._proc = proc
             att.pid = proc.pid
+            # recorded as it starts, not only as it ends: a preemption kills this process too, and the journal
+            # must still know where the attempt ran and what it resumed from
+            self._write_run_json()
             self._set_state("stopping" if self._stop.is_set() else "running")
             if self._stop.is_set():
                 self._signal(signal.SIGTERM)
@@ -939,7 +978,12 @@ class Job:
                        "(pass --total-steps N or set train.total_steps)")
             return
         remaining_at_start = p.total_steps - (self.attempts[0].first_step or 0)
-        if p.rate is None or p.measured_steps < max(2, 0.05 * remaining_at_start):
+        # a pace read off a fraction of a second of steps says nothing about hours: compare only once it was
+        # measured over 5% of the estimate (at least ESTIMATE_MIN_WINDOW, at most ESTIMATE_MAX_WINDOW) and 5% of
+        # the steps; a toy run that ends before then is not warned about
+        window = min(max(0.05 * (self.estimate or 0.0), ESTIMATE_MIN_WINDOW), ESTIMATE_MAX_WINDOW)
+        if (p.rate is None or p.measured_steps < max(2, 0.05 * remaining_at_start)
+                or p.measured_seconds < window):
             return
         self._estimate_checked = True
         from .config import format_duration
@@ -1115,7 +1159,7 @@ class Job:
                 return
             if not res.get("ok", True):
                 self._warn(f"{self.experiment}: sync did not upload everything at the end of the run; "
-                           "see '%sync status'", record=True)
+                           f"see '{command('sync status')}'", record=True)
         except ColabkitError as e:
             self._warn(f"{self.experiment}: flushing sync at the end of the run failed: {e}")
 
@@ -1128,9 +1172,13 @@ class Job:
         if record:
             with self._lock:
                 self.warnings.append(text)
-        log.warning("%s", text)
         if self.on_warning is not None and not self.background:
+            # the user reads it here; a warning-level record too would print it a second time (the CLI's stderr
+            # handler, or logging's last-resort handler in a kernel)
+            log.info("%s", text)
             self.on_warning(text)
+        else:
+            log.warning("%s", text)
 
     def _tail_text(self, att: Attempt) -> str:
         lines = [x for x in list(self._tail)[-TAIL_LINES:]]
@@ -1216,7 +1264,9 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
           restart_backoff: float | None = None, grace: float | None = None, script: str | os.PathLike | None = None,
           python: str | None = None, listeners: Sequence["Listener"] = (), triggers: bool = True,
           output_dir: str | os.PathLike | None = None, name: str | None = None,
-          run: str | None = None) -> "TrainResult | Job":
+          run: str | None = None, on_unreachable: str | None = None, allow_network_data: bool = False,
+          release_when_done: bool | str = False, releaser: Callable[[Any], None] | None = None
+          ) -> "TrainResult | Job":
     """Run ``experiments/<experiment>/train.py`` under supervision (see the module docstring).
 
     Args:
@@ -1243,6 +1293,13 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
         triggers: run the experiment's trigger rules (:mod:`colabkit.triggers`) on this run's log.
         output_dir: a folder of its own for the run's checkpoints and logs (a cooldown run); `name` is then
             the job's name (``v01.cooldown_200``), `run` its identity in trigger entries.
+        on_unreachable: with ``resume="auto"``: ``wait``, ``older`` or ``fail`` when a source that may hold a
+            newer checkpoint cannot be reached (default ``resume.on_unreachable``; see :mod:`colabkit.resume`).
+        allow_network_data: train from ``train.data_paths`` on a network/FUSE mount (refused by default).
+        release_when_done: once the run has ended (finished, or failed after its restarts), release the Colab
+            runtime or the VM through :func:`colabkit.release.release` if every tier verifiably holds the final
+            checkpoint and logs; ``"force"`` releases even when a check fails (saying what may be lost).
+        releaser: passed to :func:`colabkit.release.release` (tests; your own way of releasing).
     Returns:
         A :class:`TrainResult` (foreground) or a :class:`Job` (background).
     Raises:
@@ -1273,11 +1330,15 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
             import colabkit.sync  # noqa: F401
         except ImportError:
             want_sync = False
+    if release_when_done not in (False, True, "force", None):
+        raise ConfigError(f"--release-when-done: {release_when_done!r} is not allowed; use --release-when-done or "
+                          "--release-when-done=force", key="release_when_done", value=release_when_done)
     _check_name(experiment)
     key = name or experiment
     _refuse_if_running(cfg, key)
-    pre = preflight(experiment, config=cfg, max_vram=max_vram, check_tiers=want_sync, script=script)
-    resume_from = _resume_source(cfg, experiment, resume)
+    pre = preflight(experiment, config=cfg, max_vram=max_vram, check_tiers=want_sync, script=script,
+                    allow_network_data=allow_network_data)
+    resume_from = _resume_source(cfg, experiment, resume, on_unreachable=on_unreachable, warn=on_warning)
     job = Job(experiment, config=cfg, pre=pre, args=args, max_restarts=max_restarts, resume_from=resume_from,
               restart_backoff=tr.restart_backoff if restart_backoff is None else restart_backoff,
               stall_after=tr.stall_after if stall_after is None else stall_after,
@@ -1293,23 +1354,55 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
     _install_atexit()
     if background:
         job._write_job_file(force=True)
-        return job.start_background()
+        job.start_background()
+        if release_when_done:
+            t = threading.Thread(target=_release_after, args=(job, release_when_done, releaser),
+                                 name=f"colabkit-release-{experiment}", daemon=True)
+            job._release_thread = t  # type: ignore[attr-defined]
+            t.start()
+        return job
     try:
         return job.run()
     finally:
         with _jobs_lock:
             if _jobs.get(key) is job:
                 del _jobs[key]
+        if release_when_done:
+            _release_after(job, release_when_done, releaser)
 
 
-def _resume_source(cfg: "Config", experiment: str, resume: str | os.PathLike | None) -> str | None:
+def _release_after(job: "Job", mode: bool | str, releaser: Callable[[Any], None] | None) -> None:
+    """The end of a run with --release-when-done: release only after it finished or gave up (never after a stop
+    or Ctrl-C), and only when colabkit.release's checks pass (or ``force``). The decision goes to the cell (a
+    foreground run), the log and ``.colabkit/logs/release.log``; it is kept in ``job.release_decision``."""
+    job._done.wait()
+    if job.state not in ("finished", "failed", "oom"):
+        log.warning("%s: not releasing the runtime: the run was %s", job.experiment, job.state)
+        return
+    from . import release
+    say = job.on_warning if (job.on_warning is not None and not job.background) else None
+    try:
+        job.release_decision = release.release(  # type: ignore[attr-defined]
+            job.experiment, config=job.config, force=mode == "force", releaser=releaser, exclude_run=job.run_id,
+            on_message=say)
+    except ColabkitError as e:
+        job._warn(f"{job.experiment}: releasing the runtime failed: {e}")
+
+
+def _resume_source(cfg: "Config", experiment: str, resume: str | os.PathLike | None, *,
+                   on_unreachable: str | None = None, warn: Callable[[str], None] | None = None) -> str | None:
     if resume is None or str(resume) == "none":
         return None
     if str(resume) == "auto":
         from . import resume as rs
-        plan = rs.locate(config=cfg, experiment=experiment)
+        plan = rs.locate(config=cfg, experiment=experiment, on_unreachable=on_unreachable)
         path = rs.fetch(plan, progress=False)
-        if path is not None:
+        if path is not None and plan.unreachable:   # resume.on_unreachable: older: never quietly
+            msg = f"{experiment}: resuming from an older checkpoint, {path}: {plan.reason}"
+            log.warning("%s", msg)
+            if warn is not None:
+                warn(msg)
+        elif path is not None:
             log.info("%s: resuming from %s (%s)", experiment, path, plan.reason)
         return str(path) if path is not None else None
     p = Path(resume).expanduser()
@@ -1326,11 +1419,11 @@ def _refuse_if_running(cfg: "Config", experiment: str) -> None:
         job = _jobs.get(experiment)
     if job is not None and job.running:
         raise TrainError(f"{experiment} is already running in this kernel (run {job.run_id}, state {job.state}); "
-                         f"stop it with '%train stop {experiment}' or wait for it")
+                         f"stop it with '{command('train stop ' + experiment)}' or wait for it")
     other = _read_job_file(cfg.state_dir / "jobs" / f"{experiment}.json")
     if other and other.get("live") and other.get("pid") != os.getpid():
         raise TrainError(f"{experiment} is already running in process {other.get('pid')} on this machine "
-                         f"(run {other.get('run_id')}); stop it with 'colabkit train stop {experiment}'")
+                         f"(run {other.get('run_id')}); stop it with '{command('train stop ' + experiment)}'")
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -1390,8 +1483,12 @@ def status(*, config: "Config | None" = None, experiment: str | None = None) -> 
     Returns:
         ``{"jobs": [job status, ...]}``, newest first; each has experiment, state, attempt, step, total_steps,
         loss, rate, eta, log, pid.
+    Raises:
+        UnknownExperimentError: `experiment` is not here.
     """
     cfg = _cfg(config)
+    if cfg is not None and experiment is not None:
+        cfg.require_experiment(experiment)
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     for j in _jobs_here(cfg, experiment):
@@ -1450,7 +1547,8 @@ def logs(n: int = 50, *, experiment: str | None = None, config: "Config | None" 
 
 def _no_job(experiment: str | None) -> str:
     what = f"experiment {experiment!r}" if experiment else "this project"
-    return f"no training job found for {what}; start one with '%train vXX' (or '%train vXX --background')"
+    return (f"no training job found for {what}; start one with '{command('train vXX')}'"
+            + (f" (or '{command('train vXX --background')}')" if command("train") != cli_form("train") else ""))
 
 
 def stop(*, experiment: str | None = None, config: "Config | None" = None, grace: float | None = None,
@@ -1464,6 +1562,8 @@ def stop(*, experiment: str | None = None, config: "Config | None" = None, grace
         ``{"stopped": [status after stopping, ...]}`` (empty when nothing was running).
     """
     cfg = _cfg(config)
+    if cfg is not None and experiment is not None:
+        cfg.require_experiment(experiment)
     stopped: list[dict[str, Any]] = []
     for j in _jobs_here(cfg, experiment):
         j.stop(grace=grace, timeout=timeout)
@@ -1480,6 +1580,44 @@ def stop(*, experiment: str | None = None, config: "Config | None" = None, grace
             data["state"] = "stopping"
             stopped.append(data)
     return {"stopped": stopped}
+
+
+def wait(*, experiment: str | None = None, config: "Config | None" = None,
+         timeout: float | None = None) -> dict[str, Any]:
+    """Wait for the background run(s) of this kernel to end (``%train wait``), e.g. before a notebook's last
+    cell flushes every tier; a run of another process on this machine is followed through its job file.
+
+    Args:
+        experiment: only this experiment's run (default: every run of this project).
+        timeout: give up after this many seconds (default: wait as long as it runs).
+    Returns:
+        ``{"jobs": [status, ...], "timed_out": bool}`` (each status as :func:`status` gives it: state, step,
+        loss, checkpoint, log).
+    Raises:
+        TrainError: no run has been started for this project (or `experiment`).
+    """
+    cfg = _cfg(config)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
+    jobs = _jobs_here(cfg, experiment)
+    timed_out = False
+    if jobs:
+        for j in jobs:
+            if j.wait(left(), raise_error=False) is None and j.running:
+                timed_out = True
+        return {"jobs": [j.status() for j in jobs], "timed_out": timed_out}
+    data = status(config=cfg, experiment=experiment)["jobs"] if cfg is not None else []
+    if not data:
+        raise TrainError(_no_job(experiment))
+    tick = threading.Event()  # never set: a bounded pause between reads of the other process's job file
+    while any(d.get("live") for d in data):
+        pause = 1.0 if deadline is None else min(1.0, left() or 0.0)
+        if pause <= 0:
+            timed_out = True
+            break
+        tick.wait(pause)
+        data = status(config=cfg, experiment=experiment)["jobs"]
+    return {"jobs": data, "timed_out": timed_out}
 
 
 def _stop_all_at_exit() -> None:

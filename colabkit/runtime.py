@@ -4,6 +4,8 @@ No heavy imports: the GPU is read through ``nvidia-smi``, never by importing tor
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 import shutil
@@ -12,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 #: file-system types on which inotify sees nothing or that are too slow to train from
 NETWORK_FS = {"fuse", "fuseblk", "fuse.drivefs", "fuse.rclone", "fuse.gcsfuse", "fuse.sshfs", "nfs", "nfs4",
@@ -75,6 +77,48 @@ def frontend() -> str:
     if os.environ.get("COLABKIT_AGENT") or not (sys.stdout and sys.stdout.isatty()):
         return "agent"
     return "terminal"
+
+
+# -- how the user types a command here --------------------------------------------------------------
+def cli_form(line: str) -> str:
+    """``airlock pull v01`` -> ``colabkit airlock pull v01`` (a terminal)."""
+    return f"colabkit {line}"
+
+
+_default_form: Callable[[str], str] = cli_form
+_form: contextvars.ContextVar[Callable[[str], str] | None] = contextvars.ContextVar("colabkit_command_form",
+                                                                                   default=None)
+
+
+def command(line: str) -> str:
+    """A colabkit command line, written the way the user types it where they are.
+
+    Messages that name a next step build it with this, never with a fixed ``%magic`` or ``colabkit`` prefix:
+    the CLI and the magics set the form for the call they run (:func:`command_form`), and loading the IPython
+    extension makes the magic form the default of the kernel (background threads, API calls).
+
+    Args:
+        line: the command without the program name, e.g. ``airlock pull v01``.
+    Returns:
+        ``colabkit airlock pull v01`` in a terminal, ``%airlock pull v01`` in IPython.
+    """
+    return (_form.get() or _default_form)(line)
+
+
+@contextlib.contextmanager
+def command_form(form: Callable[[str], str]) -> Iterator[None]:
+    """Within the block, :func:`command` writes commands with `form` (e.g. :func:`cli_form`)."""
+    token = _form.set(form)
+    try:
+        yield
+    finally:
+        _form.reset(token)
+
+
+def set_default_command_form(form: Callable[[str], str] | None) -> None:
+    """The form used outside any :func:`command_form` block (None: the terminal's)."""
+    global _default_form
+    _default_form = form or cli_form
 
 
 @functools.lru_cache(maxsize=1)

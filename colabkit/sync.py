@@ -14,7 +14,13 @@ Errors are classified once, where a remote wraps them (``RemoteError.kind``, see
 briefly down) and any other RemoteError/OSError not known to be fatal retry with exponential back-off and jitter,
 honouring ``retry_after``, for as long as the tier runs (each attempt is bounded by the remote's own retries);
 ``auth``, ``permission`` and ``quota`` stop that tier (:data:`FATAL_KINDS`). Either way the error stays in :func:`status` and the log
-(``<root>/.colabkit/logs/sync.log``) until a later upload succeeds. Threads never print.
+(``<root>/.colabkit/logs/sync.log``) until a later upload succeeds. Threads never print. A daily upload cap is
+not an error: a Drive tier counts what it uploaded per rolling 24 h (the ledger) and defers what would pass
+``drive.daily_upload_cap``, and Drive's own cap answer (:class:`~colabkit.errors.RemoteUploadCapError`) pauses it
+too; status says ``paused until HH:MM`` and the tier resumes by itself. Files a tier will never upload
+(``max_file_size``, their manifests, older checkpoints under ``latest_only``) are ``skipped``, with the reason.
+After a tick records a checkpoint, local checkpoints beyond ``retention.keep_local`` that the required tiers
+hold are deleted (:func:`colabkit.retention.prune`).
 
 Example:
     >>> from colabkit import sync
@@ -44,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 from .errors import (ColabkitError, IntegrityError, RemoteAuthError, RemoteError, RemotePermissionError,
                      RemoteQuotaError, RemoteUploadCapError, SyncError, error_kind)
 from .fsutil import FileDigest, atomic_write_json, hash_file, is_temporary, sweep_temporaries
+from .runtime import command
 
 if TYPE_CHECKING:
     from .config import Config, TierConfig
@@ -212,7 +219,8 @@ def _scan(targets: Sequence[tuple[str, str]], skip: set[str]) -> Iterable[LocalF
                 for e in it:
                     try:
                         if e.is_dir(follow_symlinks=False):
-                            if e.name not in _SKIP_DIRS and e.path not in skip:
+                            # a folder still being written (a sharded save) is one unit: never its loose files
+                            if e.name not in _SKIP_DIRS and not is_temporary(e.name) and e.path not in skip:
                                 stack.append((e.path, f"{rd}/{e.name}" if rd else e.name))
                             continue
                         if is_temporary(e.name):
@@ -1051,7 +1059,7 @@ class SyncGroup:
             if not resolved:
                 raise SyncError(f"nothing to watch under {root}: none of {', '.join(config.sync.watch)} exists "
                                 "(at the root or in an experiment folder); pass the folders to watch "
-                                "(colabkit sync start PATH) or set sync.watch in colabkit.yaml")
+                                f"({command('sync start PATH')}) or set sync.watch in colabkit.yaml")
         else:
             resolved = []
             for p in paths:
@@ -1067,7 +1075,7 @@ class SyncGroup:
         selected = [config.tier(n) for n in tiers] if tiers else list(config.tiers)
         if not selected:
             raise SyncError("no sync tiers are configured; add a 'tiers:' list to colabkit.yaml "
-                            "(see 'colabkit config show')")
+                            f"(see '{command('config show')}')")
         remotes = dict(remotes or {})
         self.syncers: list[TierSyncer] = []
         self._skip: set[str] = set()
@@ -1107,7 +1115,7 @@ class SyncGroup:
                 return rel_top
             if path.startswith(top + os.sep):
                 rest = path[len(top) + 1:].replace(os.sep, "/")
-                if any(part in _SKIP_DIRS for part in rest.split("/")[:-1]):
+                if any(part in _SKIP_DIRS or is_temporary(part) for part in rest.split("/")[:-1]):
                     return None
                 return f"{rel_top}/{rest}" if rel_top else rest
         return None
@@ -1399,6 +1407,35 @@ def status(*, config: "Config | None" = None, ledgers: bool = True) -> dict[str,
         for e in elsewhere:
             for name, t in e.get("tiers", {}).items():
                 out["tiers"].setdefault(name, {**t, "pid": e.get("pid")})
+    return out
+
+
+def persisted_status(*, config: "Config", pid: int | None = None) -> list[dict[str, Any]]:
+    """The snapshots sync wrote to ``<root>/.colabkit/sync/``, those of processes that are gone included: what a
+    syncer was doing when its machine was preempted (each tier's ``next_due``, ``last_upload``, pending files).
+
+    Args:
+        pid: only the snapshots of this process.
+    Returns:
+        Snapshots, each with ``live`` (its process still runs), oldest first.
+    """
+    out = []
+    d = config.state_dir / "sync"
+    for p in sorted(d.glob("status-*.json")) if d.is_dir() else []:
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+            spid = int(data.get("pid", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+        if pid is not None and spid != pid:
+            continue
+        try:
+            os.kill(spid, 0)
+            data["live"] = True
+        except OSError:
+            data["live"] = False
+        out.append(data)
+    out.sort(key=lambda d: d.get("time") or 0)
     return out
 
 

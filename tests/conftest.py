@@ -33,6 +33,16 @@ def isolated_home(tmp_path_factory, monkeypatch) -> Path:
     return home
 
 
+@pytest.fixture(autouse=True)
+def terminal_command_form():
+    """Messages name next steps as terminal commands ('colabkit airlock pull v01') unless a test drives the
+    magics (the `ip` fixture makes the magic form the default, as %load_ext does in a kernel)."""
+    from colabkit.runtime import set_default_command_form
+    set_default_command_form(None)
+    yield
+    set_default_command_form(None)
+
+
 # threads that belong to libraries and live for the whole process (not leaks of ours)
 _ALLOWED_THREAD_PREFIXES = ("pydevd", "IPythonHistorySavingThread", "asyncio_", "ThreadPoolExecutor-")
 
@@ -72,5 +82,8 @@ def _ipython_started():
 @pytest.fixture
 def ip(_ipython_started):
     """The real IPython shell with colabkit loaded (``ip.run_line_magic("sync", "status")``)."""
+    from colabkit.commands import magic_form
+    from colabkit.runtime import set_default_command_form
     _ipython_started.run_line_magic("load_ext", "colabkit")
+    set_default_command_form(magic_form)  # what loading the extension does (a second %load_ext does nothing)
     return _ipython_started

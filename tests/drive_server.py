@@ -835,6 +835,8 @@ class DriveServer:
         self._send_blob(h, f, fault)
 
     def _send_blob(self, h: _Handler, f: DFile, fault: dict | None) -> None:
+        if getattr(h, "_lose", False):   # lose_response() on a download: the connection drops before an answer
+            raise _Drop()
         total = f.size
         start, end = 0, total - 1
         status = 200

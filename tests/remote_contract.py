@@ -127,3 +127,65 @@ class RemoteContract:
 
     def test_describe_is_printable(self, remote: Remote):
         assert isinstance(remote.describe(), str) and remote.describe()
+
+
+# -- the fault table -------------------------------------------------------------------------------------
+#: every fault a remote can meet, and the one classification (RemoteError.kind) each must come out as
+FAULT_TABLE = {"503": "transient", "500": "transient", "429": "transient", "drop": "transient",
+               "auth": "auth", "permission": "permission", "quota": "quota"}
+TRANSIENT = tuple(k for k, v in FAULT_TABLE.items() if v == "transient")
+
+
+class FaultContract:
+    """The same fault table for every remote. Subclasses define `remote` and a `faults` fixture: an object with
+    ``kinds`` (the FAULT_TABLE keys the service can produce), ``inject(kind, op, times)`` (``op``: put, get
+    or list; fault the requests that op makes) and ``clear()``. The remote should give up quickly (few tries,
+    short waits) so that persistent faults end in an error."""
+
+    @pytest.fixture
+    def faults(self):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @staticmethod
+    def _op(remote: Remote, op: str, tmp_path: Path, data: bytes) -> None:
+        if op == "put":
+            remote.put(_write(tmp_path / "up.bin", data), "f/a.bin")
+        elif op == "get":
+            remote.get("f/a.bin", tmp_path / "down.bin")
+            assert (tmp_path / "down.bin").read_bytes() == data
+        else:
+            assert [f.path for f in remote.list("f")] == ["f/a.bin"]
+
+    def test_transient_faults_are_transient_and_pass(self, remote: Remote, faults, tmp_path: Path):
+        """A fault the service recovers from: the call succeeds (the remote retried) or raises a transient error,
+        and once the service answers again it succeeds; nothing is duplicated."""
+        from colabkit.errors import error_kind
+        data = os.urandom(70_000)
+        remote.put(_write(tmp_path / "first.bin", data), "f/a.bin")
+        for kind in [k for k in TRANSIENT if k in faults.kinds]:
+            for op in ("put", "get", "list"):
+                faults.inject(kind, op, times=2)
+                try:
+                    self._op(remote, op, tmp_path, data)
+                except (RemoteError, OSError) as e:
+                    assert error_kind(e) == "transient", f"{kind} during {op}: {type(e).__name__}: {e}"
+                faults.clear()
+                self._op(remote, op, tmp_path, data)
+        assert [f.path for f in remote.list("f")] == ["f/a.bin"], "a retried upload left a second copy"
+
+    def test_persistent_faults_are_classified(self, remote: Remote, faults, tmp_path: Path):
+        """When the service keeps failing, the error says which kind of failure it is: only auth, permission
+        and quota may stop a tier; a 5xx, 429 or dropped connection never does."""
+        from colabkit.errors import error_kind
+        data = os.urandom(50_000)
+        remote.put(_write(tmp_path / "first.bin", data), "f/a.bin")
+        for kind in faults.kinds:
+            for op in (("put",) if kind == "quota" else ("put", "get")):
+                faults.inject(kind, op, times=10_000)
+                with pytest.raises((RemoteError, OSError)) as ei:
+                    self._op(remote, op, tmp_path, os.urandom(50_000) if op == "put" else data)
+                faults.clear()
+                assert error_kind(ei.value) == FAULT_TABLE[kind], \
+                    f"{kind} during {op} came out as {error_kind(ei.value)}: {ei.value}"
+                assert str(ei.value).startswith(f"{remote.name}: "), str(ei.value)
+        assert remote.stat("f/a.bin") is not None, "a failed call removed what the remote held"

@@ -220,8 +220,9 @@ def test_unknown_experiment(project: Path, capsys, monkeypatch):
     monkeypatch.chdir(project)
     rc, _, err = run_cli(["airlock", "export", "v09"], capsys)
     assert rc == 1
-    assert err == (f"Error: experiment 'v09' not found: {project / 'experiments' / 'v09'} does not exist; "
-                   "experiments here: v01\n")
+    assert err == (f"Error: unknown experiment 'v09': {project / 'experiments' / 'v09'} does not exist "
+                   "(experiments here: v01); create it with 'colabkit init --experiment v09' or pull it with "
+                   "'colabkit airlock pull v09'\n")
     rc, _, err = run_cli(["airlock", "pull", "v09"], capsys)
     assert rc == 1
     assert err == (f"Error: no bundle of 'v09' on local folder {project.parent / 'remote'} (airlock/v09/latest.json "
@@ -342,12 +343,12 @@ def test_pull_specific_bundle_by_hash_prefix_and_keeps_local_edits(project: Path
                              "hash that 'colabkit airlock export' printed")
 
 
-def _put_crafted(project: Path, files: dict[str, bytes], build) -> tuple[str, Path]:
+def _put_crafted(project: Path, files: dict[str, bytes], build, *, format: int = 1) -> tuple[str, Path]:
     """A hand-made bundle whose manifest lists `files`, stored on the remote under its content hash."""
     entries = [{"path": p, "sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for p, b in sorted(files.items())]
     pairs = "".join(f"{e['path']}\0{e['sha256']}\n" for e in entries)
     name = hashlib.sha256(pairs.encode()).hexdigest()
-    manifest = json.dumps({"format": 1, "experiment": "v01", "prefix": "experiments/v01", "files": entries,
+    manifest = json.dumps({"format": format, "experiment": "v01", "prefix": "experiments/v01", "files": entries,
                            "content_sha256": name}).encode()
     d = Path(cfg_of(project).tier("drive").path) / "airlock" / "v01"
     d.mkdir(parents=True, exist_ok=True)
@@ -388,6 +389,18 @@ def test_unsafe_bundles_are_refused_and_nothing_is_unpacked(project: Path, tmp_p
                              "use this bundle; export it again from a clean checkout")
     assert not (dst / "experiments").exists() and not (tmp_path / "escape.py").exists()
     assert not (dst / ".colabkit" / "airlock" / "v01.json").exists()
+
+
+def test_a_newer_manifest_format_says_how_to_upgrade_without_the_unrelated_pypi_name(project: Path, tmp_path: Path):
+    name, _ = _put_crafted(project, {"experiments/v01/train.py": b"ok\n"},
+                           lambda zf: zf.writestr("experiments/v01/train.py", b"ok\n"), format=99)
+    with pytest.raises(AirlockError) as ei:
+        airlock.pull("v01", config=cfg_of(project), bundle=name[:8], to=tmp_path / "cluster")
+    assert str(ei.value).endswith(
+        "has manifest format 99, newer than this colabkit understands (1); upgrade colabkit where you installed it "
+        "from (pip install -U -e . in your checkout, or pip install -U with its git URL; the name 'colabkit' on PyPI "
+        "is another project)")
+    assert "pip install -U colabkit" not in str(ei.value)
 
 
 def test_bundle_over_the_size_cap_is_refused(project: Path, tmp_path: Path):
@@ -518,9 +531,9 @@ def test_import_from_remote_keeps_both_and_writes_the_journal(project: Path, cap
         "- **Attempts**: 2",
         "- **Final checkpoint**: local: —; drive: experiments/v01/checkpoints/v01_step_00000300.pt",
     ]
-    assert entry[8] == ("- **Logs**: experiments/v01/logs/run.json, "
-                        f"experiments/v01/logs/train.imported-{sha[:8]}.log (imported from drive "
-                        f"(local folder {remote}))")
+    assert entry[8:] == [f"- **Logs** (imported from drive (local folder {remote})):",
+                         "  - experiments/v01/logs/run.json",
+                         f"  - experiments/v01/logs/train.imported-{sha[:8]}.log"]
     # importing again changes nothing and keeps one copy
     rc, out, _ = run_cli(["airlock", "import", "v01", "--no-journal"], capsys)
     assert rc == 0 and "  unchanged: train.log" in out.splitlines()
@@ -532,8 +545,8 @@ def test_import_without_logs_or_run_json(project: Path, tmp_path: Path):
     with pytest.raises(AirlockError) as ei:
         airlock.import_logs("v01", config=cfg)
     assert str(ei.value) == (f"no logs of 'v01' on local folder {tmp_path / 'remote'} under experiments/v01/logs/; "
-                             "has the run synced its logs there ('%sync start' on the cluster)? Or use --gdown "
-                             "ID_OR_URL")
+                             "has the run synced its logs there (on the cluster: '%sync start' in the notebook, "
+                             "'colabkit sync watch' in a terminal)? Or use --gdown ID_OR_URL")
     logs = tmp_path / "remote" / "experiments" / "v01" / "logs"
     logs.mkdir(parents=True)
     (logs / "out.txt").write_text("nothing numeric here\n")

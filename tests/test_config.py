@@ -69,7 +69,7 @@ tiers:
     path: /mnt/backup
     every: 1.5h
 retention: {keep_local: 2, require_remote: [hub], min_free: 5GB}
-resume: {priority: [local, hub, drive], policy: first}
+resume: {priority: [local, hub, drive], policy: first, on_unreachable: older, deadline: 2m}
 """))
     drive, hub, backup = cfg.tiers
     assert (drive.remote, drive.every, drive.include, drive.max_file_size) == ("drive", 5400.0, ("logs/**", "*.md"), 50 * 10**6)
@@ -78,6 +78,7 @@ resume: {priority: [local, hub, drive], policy: first}
     assert cfg.retention.keep_local == 2 and cfg.retention.require_remote == ("hub",)
     assert cfg.retention.min_free == 5 * 10**9
     assert cfg.resume.priority == ("local", "hub", "drive") and cfg.resume.policy == "first"
+    assert (cfg.resume.on_unreachable, cfg.resume.deadline) == ("older", 120.0)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -90,8 +91,10 @@ resume: {priority: [local, hub, drive], policy: first}
     ("tiers:\n  - name: drive\n  - name: drive\n", "tiers: the name 'drive' is used twice; tier names must be unique"),
     ("tiers:\n  - every: 2h\n", "tiers[0].name: missing; give each tier a name such as drive or hub"),
     ("tiers:\n  - name: drive\n    evry: 2h\n",
-     "tiers[0].evry: unknown key; allowed here: every, exclude, include, keep, latest_only, max_file_size, name, path, remote"),
+     "tiers[0].evry: unknown key (did you mean 'every'?); allowed here: every, exclude, include, keep, latest_only, max_file_size, name, path, remote"),
     ("resume:\n  policy: oldest\n", "resume.policy: 'oldest' is not allowed; use one of newest, first"),
+    ("resume:\n  on_unreachable: skip\n",
+     "resume.on_unreachable: 'skip' is not allowed; use one of wait, older, fail"),
     ("resume:\n  priority: [local, gdrive]\n",
      "resume.priority: 'gdrive' is not a source; use local or a tier name (drive, hub)"),
     ("retention:\n  keep_local: 0\n", "retention.keep_local: 0 must be a whole number >= 1"),
@@ -101,8 +104,9 @@ resume: {priority: [local, hub, drive], policy: first}
     ("train:\n  step_regex: 'step (\\d+'\n",
      "train.step_regex: 'step (\\\\d+' is not a valid regular expression (missing ), unterminated subpattern at position 5)"),
     ("tiers: drive\n", "tiers: 'drive' must be a list of tiers"),
-    ("colour: blue\n", "colour: unknown key; allowed here: airlock, checkpoints, credentials, dashboard, drive, "
-                       "experiments, home, hub, logs, project, resume, retention, sync, tiers, train, triggers"),
+    ("colour: blue\n", "colour: unknown key; allowed here: airlock, checkpoints, credentials, dashboard, data, "
+                       "drive, experiments, home, hub, logs, project, release, resume, retention, sync, tiers, "
+                       "train, triggers"),
     ("cooldown: []\n", "cooldown: rules on the training log are written as triggers: now (a list of rules with "
                        "action: {type: cooldown, ...}); see docs/triggers.md"),
 ])
@@ -146,3 +150,86 @@ def test_config_show_prints_effective_values_without_credentials(tmp_path, capsy
     assert main(["config", "show", "--config", str(p)]) == 0
     out = capsys.readouterr().out
     assert "folder_id: 1AbCdEf" in out and "repo_id: me/runs" in out
+
+
+ROUNDTRIP = """\
+project: rt
+tiers:
+  - name: drive
+    remote: drive
+    every: 90m
+    max_file_size: 100MB
+    exclude: ["*.pt"]
+  - name: hub
+    remote: hub
+    every: 2.5h
+    latest_only: true
+    keep: 2
+  - name: backup
+    path: /mnt/backup
+    every: 1500ms
+    max_file_size: 1234567
+drive:
+  folder_id: 1AbC
+  credentials: keys/sa.json
+  chunk_size: 8MiB
+  timeout: 45s
+retention:
+  min_free: 1.5GB
+sync:
+  settle: 0.25s
+  poll: true
+train:
+  max_vram: 20GB
+  stall_after: 1d
+  total_steps: 300
+  step_regex: 'it (?P<step>\\d+)'
+triggers:
+  - name: cool
+    event: checkpoint
+    conditions:
+      at: [200]
+    action:
+      type: cooldown
+      args: [--lr, "1e-4"]
+  - name: quiet
+    inactivity: 30m
+    action:
+      type: log
+      message: no output for 30m
+"""
+
+
+def test_config_show_prints_what_a_user_writes_and_parses_back_to_an_equal_config(tmp_path, capsys):
+    import yaml
+
+    from colabkit.cli import main
+    p = write(tmp_path, ROUNDTRIP)
+    cfg = load_config(p)
+    assert main(["config", "show", "--config", str(p)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for expected in ("  every: 90m", "  max_file_size: 100MB", "  every: 150m", "  every: 1500ms",
+                     "  max_file_size: 1234567", "  chunk_size: 8MiB", "  timeout: 45s", "  min_free: 1500MB",
+                     "  settle: 250ms", "  max_vram: 20GB", "  stall_after: 1d", "  retry_max: 10m"):
+        assert expected in lines, expected
+    back = load_config(data=yaml.safe_load(out), start=cfg.root)
+    assert back.with_changes(source=cfg.source) == cfg
+    # the defaults too: no colabkit.yaml at all
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["config", "show", "--config", str(write(empty, ""))]) == 0
+    out = capsys.readouterr().out
+    assert "  every: 90m" in out and "  max_file_size: 100MB" in out and "  every: 3h" in out
+    assert load_config(data=yaml.safe_load(out), start=empty).with_changes(source=empty / "colabkit.yaml") == \
+        load_config(empty / "colabkit.yaml")
+
+
+def test_an_unknown_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        load_config(write(tmp_path, "teirs:\n  - name: drive\n"))
+    assert str(ei.value).startswith("teirs: unknown key (did you mean 'tiers'?); allowed here: airlock, ")
+    with pytest.raises(ConfigError) as ei:
+        load_config(write(tmp_path, "resume:\n  polcy: first\n"))
+    assert str(ei.value) == ("resume.polcy: unknown key (did you mean 'policy'?); allowed here: deadline, "
+                             "on_unreachable, policy, priority")

@@ -304,3 +304,10 @@ def test_status_json_for_agents_names_the_gpu_and_its_tier(project, monkeypatch,
     assert data["runtime"]["gpus"][0]["name"] == "NVIDIA A100-SXM4-80GB"
     assert data["project"] == "proj" and data["version"] == 1
     assert l4["tier"] == 1 and l4["tier_label"] == "Tier 1 (L4-class, jobs capped at 20.0 GB)"
+
+
+def test_release_guard_facts_follow_the_five_sections():
+    s = snap(release={"idle": 60.0, "idle_after": None, "last": None})
+    lines = dashboard.render_text(s)
+    assert lines[-2:] == ["release:", "  idle: 1m · idle guard off (release.idle_after)"]
+    assert re.findall(r"data-section='(\w+)'", dashboard.render_html(s))[-1] == "release"

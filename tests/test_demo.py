@@ -20,6 +20,16 @@ def test_demo_survives_a_preemption_and_ends_with_the_uninterrupted_weights(tmp_
     kill_step = int(m.group(1))
     assert 50 <= kill_step < 200
     assert not (base / "cluster-a").exists()
+    # a checkpoint saved on cluster A but not yet on the hub is lost with the disk, and the demo says why
+    saved_a = [int(s) for s in re.findall(r"saved checkpoint at iteration (\d+) to \S*/cluster-a/", out)]
+    assert saved_a and max(saved_a) >= kill_step
+    for step in (s for s in saved_a if s > kill_step):
+        assert re.search(rf"^    step {step} is lost with the disk: saved \S+ (ms|s) before the preemption, it had "
+                         r"not been synced yet: (its upload to the hub tier had started but not finished|it was "
+                         r"waiting for the hub tier's next upload, due \S+ (ms|s) after the preemption|the hub tier "
+                         rf"\(every 1s\) had not picked it up yet).*; the run resumes from step {kill_step}$", out,
+                         re.M), out
+    assert not re.search(rf"step ({'|'.join(str(s) for s in saved_a if s <= kill_step)}) is lost", out)
     # the new machine resumed from the hub tier, not from scratch, and finished
     assert re.search(rf"Choice: hub step {kill_step}\b", out), out
     assert "finished at step 200" in out

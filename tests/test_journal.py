@@ -91,8 +91,9 @@ def test_package_errors(root: Path, capsys):
                                        "--reason\n")
     rc = main(["journal", "package", "tqdm", "--reason", "x", "--experiment", "v09"])
     assert rc == 1
-    assert capsys.readouterr().err == (f"Error: journal package: experiment 'v09' not found "
-                                       f"({root / 'experiments' / 'v09'} does not exist)\n")
+    assert capsys.readouterr().err == (f"Error: unknown experiment 'v09': {root / 'experiments' / 'v09'} does not "
+                                       "exist (experiments here: v01); create it with 'colabkit init --experiment "
+                                       "v09' or pull it with 'colabkit airlock pull v09'\n")
     assert not (root / "journal.md").exists() and not (root / "requirements.txt").exists()
 
 
@@ -109,7 +110,8 @@ def test_run_entry_with_and_without_facts(root: Path):
                     "- **Loss**: last 0.412346, best 0.39\n"
                     "- **Attempts**: 1\n"
                     "- **Final checkpoint**: local: experiments/v01/checkpoints/v01_step_00001200.pt; hub: —\n"
-                    "- **Logs**: experiments/v01/logs/train.log (imported from drive)\n")
+                    "- **Logs** (imported from drive):\n"
+                    "  - experiments/v01/logs/train.log\n")
     bare = journal.add_run("v01", config=cfg(root), when=WHEN)
     assert bare == ("## Run v01 — 2026-11-22 09:05 UTC\n"
                     "- **Experiment**: v01\n"
@@ -143,3 +145,29 @@ def test_journal_magics_in_a_real_shell(ip, root: Path, capsys):
     with pytest.raises(UsageError) as ei:
         ip.run_line_magic("journal", "package colabkit-not-installed-xyz --reason x")
     assert str(ei.value).startswith("journal package: 'colabkit-not-installed-xyz' is not installed")
+
+
+def test_run_entry_of_a_run_resumed_elsewhere_names_every_machine_and_attempt(root: Path):
+    text = journal.add_run("v01", config=cfg(root), steps=300, attempts=None, when=WHEN, host="colab-b",
+                           gpu="NVIDIA A100", attempt_details=[
+                               {"run": "v01-a", "number": 1, "host": "colab-a", "gpu": "NVIDIA A100",
+                                "resume_from": None, "outcome": "crashed\nforged line", "step": 120},
+                               {"run": "v01-a", "number": 2, "host": "colab-a", "gpu": "NVIDIA A100",
+                                "resume_from": "/content/p/experiments/v01/checkpoints/v01_step_00000100.pt",
+                                "outcome": None, "step": None},
+                               {"run": "v01-b", "number": 1, "host": "colab-b", "gpu": "NVIDIA A100",
+                                "resume_from": "/content/q/experiments/v01/checkpoints/v01_step_00000150.pt",
+                                "outcome": "finished (exit code 0)", "step": 300}],
+                           logs=["experiments/v01/logs/v01-a/run.json", "experiments/v01/logs/v01-b/run.json"])
+    assert text.splitlines()[3:] == [
+        "- **Ran on**: colab-a (NVIDIA A100), then colab-b (NVIDIA A100)",
+        "- **Steps reached**: 300",
+        "- **Loss**: not in the logs",
+        "- **Attempts**: 3",
+        "  1. colab-a (NVIDIA A100): run v01-a attempt 1, fresh start; crashed forged line; reached step 120",
+        "  2. colab-a (NVIDIA A100): run v01-a attempt 2, resumed from v01_step_00000100.pt; outcome unknown",
+        "  3. colab-b (NVIDIA A100): run v01-b attempt 1, resumed from v01_step_00000150.pt; finished (exit code 0); "
+        "reached step 300",
+        "- **Logs**:",
+        "  - experiments/v01/logs/v01-a/run.json",
+        "  - experiments/v01/logs/v01-b/run.json"]

@@ -22,7 +22,7 @@ from colabkit.remotes import open_remote
 from colabkit.remotes.drive import DriveRemote
 
 from .drive_server import DriveServer, drive_server  # noqa: F401  (fixture)
-from .remote_contract import RemoteContract
+from .remote_contract import FaultContract, RemoteContract
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +118,49 @@ class TestDriveRemoteContract(RemoteContract):
         r = make_remote(drive_server, tmp_path)
         yield r
         r.close()
+
+
+class _DriveFaults:
+    """The fault table as Drive produces it (tests/drive_server.py): 503/500 backendError, 429 with Retry-After,
+    a connection dropped mid-body (uploads) or after the work was done (reads), 401 (after google-auth's own
+    refresh-and-retry), 403 insufficientFilePermissions, a full storage quota."""
+
+    kinds = ("503", "500", "429", "drop", "auth", "permission", "quota")
+
+    def __init__(self, srv: DriveServer) -> None:
+        self.srv = srv
+
+    def inject(self, kind: str, op: str, times: int) -> None:
+        f = self.srv.faults
+        method, path = {"put": (None, None), "get": ("GET", "alt=media"), "list": ("GET", "/drive/v3/files?")}[op]
+        if kind == "drop":
+            if op == "put":
+                f.drop(times, method=None, path="/upload/")
+            else:
+                f.lose_response(times, method=method, path=path)
+        elif kind == "quota":
+            self.srv.storage_full = True
+        else:
+            status, reason, ra = {"503": (503, None, None), "500": (500, None, None), "429": (429, None, 0),
+                                  "auth": (401, "authError", None),
+                                  "permission": (403, "insufficientFilePermissions", None)}[kind]
+            f.fail(times, status, reason=reason, retry_after=ra, method=method, path=path)
+
+    def clear(self) -> None:
+        self.srv.faults.clear()
+        self.srv.storage_full = False
+
+
+class TestDriveRemoteFaults(FaultContract):
+    @pytest.fixture
+    def remote(self, drive_server, tmp_path):
+        r = make_remote(drive_server, tmp_path, max_attempts=2)
+        yield r
+        r.close()
+
+    @pytest.fixture
+    def faults(self, drive_server) -> _DriveFaults:
+        return _DriveFaults(drive_server)
 
 
 # -- behaviour ---------------------------------------------------------------------------------------

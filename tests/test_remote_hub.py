@@ -15,7 +15,7 @@ from colabkit.remotes import open_remote
 from colabkit.remotes.hub import HubRemote, describe_hub_token, prune_plan
 
 from .hub_server import QUOTA_MESSAGE, HubServer, hub_server  # noqa: F401  (fixture)
-from .remote_contract import RemoteContract
+from .remote_contract import FaultContract, RemoteContract
 
 REPO = "alice/ckpt"
 
@@ -51,6 +51,45 @@ class TestHubRemoteContractNoPrefixPagedTree(RemoteContract):
         hub_server.page_size = 2
         hub_server.create_repo(REPO)
         return make_remote(hub_server)
+
+
+class _HubFaults:
+    """The fault table as the Hub produces it (tests/hub_server.py), on the request each operation depends on:
+    the commit (put), the resolve lookup before a download (get), the tree listing (list). 5xx and 429 carry
+    ``Retry-After: 0`` so that huggingface_hub's own back-off (it retries some calls itself) stays short."""
+
+    kinds = ("503", "500", "429", "drop", "auth", "permission", "quota")
+    ROUTES = {"put": ("POST", r"/commit/"), "get": ("HEAD", r"/resolve/"), "list": ("GET", r"/tree/")}
+
+    def __init__(self, srv: HubServer) -> None:
+        self.srv = srv
+
+    def inject(self, kind: str, op: str, times: int) -> None:
+        method, path = self.ROUTES[op]
+        if kind == "drop":
+            self.srv.inject(method=method, path=path, drop=True, times=times)
+        elif kind == "quota":
+            self.srv.inject(method="POST", path=r"/objects/batch", status=403, message=QUOTA_MESSAGE, times=times)
+        else:
+            status, msg = {"503": (503, None), "500": (500, None), "429": (429, None),
+                           "auth": (401, "Invalid credentials in Authorization header"),
+                           "permission": (403, "You don't have the rights to write to this repo")}[kind]
+            self.srv.inject(method=method, path=path, status=status, message=msg, times=times,
+                            headers={"Retry-After": "0"} if status in (429, 500, 503) else None)
+
+    def clear(self) -> None:
+        self.srv.faults.clear()
+
+
+class TestHubRemoteFaults(FaultContract):
+    @pytest.fixture
+    def remote(self, hub_server: HubServer, token_env) -> HubRemote:
+        hub_server.create_repo(REPO)
+        return make_remote(hub_server, sleep=lambda s: None, max_attempts=2)
+
+    @pytest.fixture
+    def faults(self, hub_server: HubServer) -> _HubFaults:
+        return _HubFaults(hub_server)
 
 
 # -- configuration and token ---------------------------------------------------------------------------

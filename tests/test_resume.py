@@ -14,7 +14,7 @@ import torch
 from colabkit.checkpoints import Checkpointer, discover, manifest_path, verify
 from colabkit.cli import main
 from colabkit.config import load_config
-from colabkit.errors import ConfigError, RemoteAuthError, ResumeError
+from colabkit.errors import ConfigError, RemoteAuthError, ResumeError, UnknownExperimentError
 from colabkit.remotes import open_remote
 from colabkit.remotes.base import Remote
 from colabkit.resume import fetch, locate
@@ -34,7 +34,7 @@ tiers:
 @pytest.fixture
 def project(tmp_path: Path):
     root = tmp_path / "proj"
-    root.mkdir()
+    (root / "experiments" / "v01").mkdir(parents=True)
     (root / "colabkit.yaml").write_text(YAML.format(root=tmp_path))
     return load_config(root / "colabkit.yaml")
 
@@ -317,3 +317,147 @@ def test_only_corrupt_checkpoints_say_so(project):
     assert plan.choice is None
     assert plan.reason == "no source holds a valid checkpoint (1 rejected as corrupt or inconsistent): start fresh"
     assert plan.as_dict()["sources"][0]["rejected"][0]["step"] == 100
+
+
+# -- each byte hashed once -------------------------------------------------------------------------------
+def test_a_fetched_checkpoint_is_not_hashed_again_by_the_loader(project, monkeypatch):
+    """The fetch hashes while it copies and records that with the file's identity; load_latest trusts the
+    record while the file is unchanged."""
+    import colabkit.fsutil as fsutil
+    from colabkit.checkpoints import load_latest
+    save_remote(project, "drive", 200)
+    path = fetch(locate(config=project, experiment="v01"), progress=False)
+    assert fsutil.verified_sha256(path) == json.loads(manifest_path(path).read_text())["sha256"]
+    hashed = []
+    real = fsutil.hash_file
+    monkeypatch.setattr(fsutil, "hash_file", lambda p, **kw: hashed.append(Path(p).name) or real(p, **kw))
+    info, state = load_latest(ckdir(project))
+    assert info.step == 200 and state["step"] == 200
+    assert hashed == [], "load_latest hashed a checkpoint the fetch had just verified"
+    assert Checkpointer(ckdir(project), prefix="v01").load(path)["step"] == 200
+    assert hashed == []
+
+
+def test_a_checkpoint_changed_after_its_verification_is_verified_again(project):
+    from colabkit.checkpoints import load_latest
+    from colabkit.errors import NoCheckpointError
+    save_remote(project, "drive", 200)
+    path = fetch(locate(config=project, experiment="v01"), progress=False)
+    with open(path, "r+b") as f:      # same size, new bytes: the mtime moves on, the record no longer applies
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    from colabkit.fsutil import verified_sha256
+    assert verified_sha256(path) is None
+    with pytest.raises(NoCheckpointError) as ei:
+        load_latest(ckdir(project))
+    assert "does not match its manifest's" in str(ei.value) and "(corrupt)" in str(ei.value)
+
+
+def test_a_copy_of_a_verified_file_does_not_inherit_its_record(project, tmp_path):
+    import shutil
+    from colabkit.fsutil import verified_sha256
+    save_remote(project, "drive", 200)
+    path = fetch(locate(config=project, experiment="v01"), progress=False)
+    twin = tmp_path / "twin.pt"
+    shutil.copy2(path, twin)          # copies the extended attributes and the mtime, not the inode
+    assert verified_sha256(path) is not None and verified_sha256(twin) is None
+
+
+def test_a_verify_that_hashed_leaves_a_record(project, monkeypatch):
+    import colabkit.fsutil as fsutil
+    p = save_local(project, 100)
+    (info,) = discover(p.parent)
+    verify(info)
+    calls = []
+    real = fsutil.hash_file
+    monkeypatch.setattr(fsutil, "hash_file", lambda q, **kw: calls.append(q) or real(q, **kw))
+    verify(info)
+    assert calls == [], "the second verify read the file again"
+
+
+# -- which experiment, when none is named ------------------------------------------------------------
+def test_without_experiment_the_only_one_is_used_and_named(project, capsys, monkeypatch):
+    """First contact: v01 holds step 300 locally and on the hub; 'colabkit resume' must not say 'start fresh'."""
+    save_local(project, 300)
+    save_remote(project, "hub", 300)
+    monkeypatch.chdir(project.root)
+    assert main(["resume", "--no-fetch"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["Experiment: v01 (the only experiment here)",
+                       f"Resume sources (newest policy), checkpoint folder {ckdir(project)}:"]
+    assert out[-2:] == [("Choice: local step 300 — step 300 is the highest; it is held by local and hub, and local comes "
+                         "first in priority order"),
+                        "Not fetched (--no-fetch)."]
+    assert main(["status", "--resume", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["resume"]
+    assert (res["experiment"], res["selected"]) == ("v01", "the only experiment here")
+    assert [(s["name"], s["step"]) for s in res["sources"]] == [("local", 300), ("drive", None), ("hub", 300)]
+    assert main(["status", "--resume"]) == 0
+    assert "resume sources (priority order) for v01 — the only experiment here:" in capsys.readouterr().out
+
+
+def test_without_experiment_the_newest_of_several_is_used_and_the_others_named(project, capsys, monkeypatch):
+    (project.root / "experiments" / "v02").mkdir()
+    (project.root / "experiments" / "v03").mkdir()
+    old = save_local(project, 100)
+    os.utime(old, (1_000_000, 1_000_000))
+    os.utime(old.parent, (1_000_000, 1_000_000))
+    Checkpointer(project.checkpoint_dir("v02"), prefix="v02").save(50, {"step": 50})
+    monkeypatch.chdir(project.root)
+    assert main(["resume", "--no-fetch"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("Experiment: v02 (the newest checkpoint or run of 3 experiments; the others: v01, v03 "
+                      "(name one with -e))")
+    assert out[1] == f"Resume sources (newest policy), checkpoint folder {project.checkpoint_dir('v02')}:"
+    assert main(["resume", "--json", "--no-fetch"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["experiment"] == "v02" and data["choice"]["step"] == 50
+
+
+def test_several_experiments_without_any_checkpoint_or_run_is_an_error_listing_them(project, capsys, monkeypatch):
+    (project.root / "experiments" / "v02").mkdir()
+    save_remote(project, "hub", 300)  # on a tier only: nothing local says which experiment is meant
+    monkeypatch.chdir(project.root)
+    assert main(["resume"]) == 1
+    assert capsys.readouterr().err == ("Error: 2 experiments here (v01, v02) and none has a checkpoint or a run "
+                                       "yet; name one with --experiment (-e), e.g. -e v02\n")
+    assert not (project.root / "checkpoints").exists()
+    assert main(["resume", "-e", "v01", "--no-fetch"]) == 0
+    assert "Choice: hub step 300 — step 300 is the highest" in capsys.readouterr().out
+
+
+def test_an_unknown_experiment_is_an_error_for_every_command_that_takes_one(project, capsys, monkeypatch):
+    save_local(project, 300)
+    monkeypatch.chdir(project.root)
+    msg = (f"unknown experiment 'v99': {project.root / 'experiments' / 'v99'} does not exist (experiments here: "
+           "v01); create it with 'colabkit init --experiment v99' or pull it with 'colabkit airlock pull v99'")
+    for argv in (["resume", "-e", "v99"], ["resume", "-e", "v99", "--no-fetch"], ["status", "-e", "v99"],
+                 ["status", "--experiment", "v99", "--resume"], ["train", "v99"], ["train", "status", "v99"],
+                 ["train", "logs", "v99"], ["train", "stop", "v99"], ["airlock", "export", "v99"],
+                 ["airlock", "import", "v99"], ["airlock", "status", "v99"]):
+        assert main(argv) == 1, argv
+        out, err = capsys.readouterr()
+        assert err == f"Error: {msg}\n", argv
+        assert "start fresh" not in out
+    with pytest.raises(UnknownExperimentError) as ei:
+        locate(config=project, experiment="v99")
+    assert ei.value.known == ("v01",)
+
+
+@pytest.mark.magic
+def test_magic_resume_without_experiment_and_the_magic_form_of_next_steps(ip, project, monkeypatch, capsys):
+    from IPython.core.error import UsageError
+    monkeypatch.chdir(project.root)
+    save_local(project, 300)
+    try:
+        capsys.readouterr()
+        ip.run_line_magic("resume", "--no-fetch")
+        assert capsys.readouterr().out.splitlines()[0] == "Experiment: v01 (the only experiment here)"
+        with pytest.raises(UsageError) as ei:
+            ip.run_line_magic("resume", "-e v99")
+        assert str(ei.value).endswith("create it with '%colabkit init --experiment v99' or pull it with "
+                                      "'%airlock pull v99'")
+    finally:
+        ip.run_line_magic("unload_ext", "colabkit")

@@ -63,7 +63,7 @@ def test_magic_errors_are_one_line_usage_errors(project, ip, capsys):
     with pytest.raises(UsageError) as e:
         ip.run_line_magic("train", "v07")
     assert str(e.value) == (f"unknown experiment 'v07': {project.resolve()}/experiments/v07 does not exist "
-                            "(experiments here: v01); create it with 'colabkit init --experiment v07' or pull it "
+                            "(experiments here: v01); create it with '%colabkit init --experiment v07' or pull it "
                             "with '%airlock pull v07'")
     with pytest.raises(UsageError) as e:
         ip.run_line_magic("train", "v01 --steps 3")
@@ -157,6 +157,18 @@ def test_cli_background_is_refused_in_a_terminal(project):
     assert out.stderr.strip() == ("Error: 'colabkit train --background' would stop when this command exits; in a "
                                   "terminal run it in the foreground (under tmux or nohup), in a notebook use "
                                   "'%train vXX --background'")
+
+
+def test_cli_prints_a_warning_once(project):
+    """A warning the run gives reaches the terminal once, not once more through the logging handler."""
+    use(project, "slow_steps.py")  # 150 steps of 20 ms: 3 s against an estimate of 1 s
+    out = cli("train", "v01", "--estimate", "1s", "--no-sync", "--resume", "none", "--", "--steps", "150", cwd=project)
+    assert out.returncode == 0, out.stderr
+    both = out.stdout + out.stderr
+    assert both.count("(off by more than 50%)") == 1
+    assert "colabkit: WARNING:" not in out.stderr
+    (line,) = [x for x in out.stderr.splitlines() if "off by more than 50%" in x]
+    assert line.startswith("v01: at the measured pace (")
 
 
 def test_cli_json_result(project):

@@ -18,15 +18,38 @@ from typing import Any, Callable, Iterable
 from ..errors import ConfigError
 
 #: command modules, in the order `colabkit --help` lists them
-COMMANDS = ("init", "demo", "airlock", "train", "sync", "resume", "triggers", "journal", "status", "dashboard",
+COMMANDS = ("init", "demo", "airlock", "train", "sync", "resume", "triggers", "data", "release", "journal", "status",
+            "dashboard",
             "config")
 #: IPython line magics and the CLI command each maps to (None: the whole CLI, `%colabkit config show`)
 MAGICS = {"airlock": "airlock", "train": "train", "sync": "sync", "resume": "resume", "journal": "journal",
-          "triggers": "triggers", "colabkit": None}
+          "triggers": "triggers", "data": "data", "release": "release", "colabkit": None}
+
+
+def magic_form(line: str) -> str:
+    """``airlock pull v01`` -> ``%airlock pull v01``; a command without a magic of its own runs under
+    ``%colabkit``: ``config show`` -> ``%colabkit config show``."""
+    head = line.split(" ", 1)[0]
+    return f"%{line}" if MAGICS.get(head) == head else f"%colabkit {line}"
+
+
+def magic_prog(command: str) -> str:
+    """The program name a command's usage and errors show inside IPython: ``%train``, ``%colabkit config``."""
+    return magic_form(command)
 
 
 class ArgumentError(Exception):
-    """argparse rejected the arguments (the message is argparse's, prefixed by the command)."""
+    """argparse rejected the arguments (the message is argparse's, prefixed by the command).
+
+    ``parser`` is the (sub)command's parser; ``missing_command`` is True when what was missing is the
+    subcommand itself (``colabkit sync`` without an action), so the front end can show that parser's help.
+    """
+
+    def __init__(self, message: str, *, parser: argparse.ArgumentParser | None = None,
+                 missing_command: bool = False) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.missing_command = missing_command
 
 
 class HelpShown(Exception):
@@ -37,7 +60,10 @@ class ArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser that raises instead of exiting, so a magic never kills the kernel."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ArgumentError(f"{self.prog}: {message}")
+        missing = any(isinstance(a, argparse._SubParsersAction) and a.required
+                      and message == f"the following arguments are required: {a.metavar or a.dest}"
+                      for a in self._actions)
+        raise ArgumentError(f"{self.prog}: {message}", parser=self, missing_command=missing)
 
     def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
         if message:
@@ -123,12 +149,30 @@ def size_arg(value: str) -> int:
         raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
-def build_parser(prog: str = "colabkit") -> ArgumentParser:
-    """The full command tree. Command modules are imported here, not at `%load_ext` time."""
+class _Commands(argparse._SubParsersAction):
+    """The top-level sub-parsers, named as the user calls them (``%train``, not argparse's ``% train``)."""
+
+    command_prog: Callable[[str], str] | None = None
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if self.command_prog is not None and "prog" not in kwargs:
+            kwargs["prog"] = self.command_prog(name)
+        return super().add_parser(name, **kwargs)
+
+
+def build_parser(prog: str = "colabkit", *, command_prog: Callable[[str], str] | None = None) -> ArgumentParser:
+    """The full command tree. Command modules are imported here, not at `%load_ext` time.
+
+    Args:
+        prog: the program name (``colabkit``, or ``%colabkit`` inside IPython).
+        command_prog: the program name of each command (default: ``PROG COMMAND``); the magics pass
+            :func:`magic_prog`, so that ``%train --help`` shows ``usage: %train ...``.
+    """
     from .. import __version__
     parser = ArgumentParser(prog=prog, description="Train PyTorch from notebooks on machines that can vanish.")
     parser.add_argument("--version", action="version", version=f"colabkit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser, action=_Commands)
+    sub.command_prog = command_prog
     sub.required = True
     for name in COMMANDS:
         try:
@@ -141,8 +185,9 @@ def build_parser(prog: str = "colabkit") -> ArgumentParser:
     return parser
 
 
-def parse(argv: list[str], *, prog: str = "colabkit") -> argparse.Namespace:
-    return build_parser(prog).parse_args(argv)
+def parse(argv: list[str], *, prog: str = "colabkit",
+          command_prog: Callable[[str], str] | None = None) -> argparse.Namespace:
+    return build_parser(prog, command_prog=command_prog).parse_args(argv)
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:

@@ -47,10 +47,17 @@ def show(args: argparse.Namespace, ctx: Context) -> int:
     data = effective(ctx)
 
     def text():
+        # what a user writes (90m, 100MB), in a form colabkit.yaml accepts back; what is not a setting is a comment
         import yaml
-        src = ctx.config().source
+        from ..secrets import redact_config
+        cfg = ctx.config()
+        src = cfg.source
         yield f"# effective configuration ({'from ' + str(src) if src else 'no colabkit.yaml found: defaults'})"
-        yield yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip()
+        yield f"# project root: {cfg.root}"
+        yield yaml.safe_dump(redact_config(cfg.as_yaml_data()), sort_keys=False, default_flow_style=False).rstrip()
+        extra = {"credentials used": data.get("credentials_used") or {}, "remotes": data.get("remotes") or {}}
+        for line in yaml.safe_dump(extra, sort_keys=False, default_flow_style=False).rstrip().splitlines():
+            yield f"# {line}"
     ctx.emit(data, text)
     return 0
 

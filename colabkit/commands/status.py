@@ -10,7 +10,9 @@ from . import Context, common
 def register(sub: argparse._SubParsersAction) -> None:
     p = common(sub.add_parser("status", help="the dashboard's facts once, as text or JSON "
                                              "(runtime, training, sync tiers, triggers, resume sources)"))
-    p.add_argument("--experiment", metavar="vXX", help="limit to one experiment")
+    p.add_argument("--experiment", "-e", metavar="vXX",
+                   help="limit to one experiment (default for --resume: the only experiment, else the one with "
+                        "the newest checkpoint or run)")
     p.add_argument("--resume", dest="include_resume", action="store_true",
                    help="ask every resume source now (contacts the remotes) instead of showing the cached answer")
     p.set_defaults(func=status)

@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
-from ..errors import IntegrityError, RemoteError, RemoteNotFoundError, RemotePermissionError, RemoteQuotaError
+from ..errors import (IntegrityError, RemoteError, RemoteNotFoundError, RemotePermissionError, RemoteQuotaError,
+                      TransientRemoteError)
 from ..fsutil import FileDigest, atomic_copy, fsync_dir, hash_file, is_temporary, temp_prefix
 from .base import ACCESS_MARKER, Progress, Remote, RemoteFile, UploadState, normalize_path
 
 # sidecar digests so list() does not re-hash every file; keyed by (size, mtime_ns)
 _DIGEST_DIR = ".colabkit-digests"
+#: errors a folder gives while it is briefly unusable, e.g. a mounted Drive whose FUSE daemon lost its
+#: connection (EIO, ENOTCONN "Transport endpoint is not connected", ETIMEDOUT, EAGAIN): worth retrying
+_TRANSIENT_ERRNOS = {getattr(errno, n) for n in ("EIO", "ENOTCONN", "ETIMEDOUT", "EAGAIN", "ECONNABORTED",
+                                                 "ECONNRESET", "EHOSTDOWN", "EBUSY") if hasattr(errno, n)}
 
 
 class LocalRemote(Remote):
@@ -57,7 +63,9 @@ class LocalRemote(Remote):
             os.replace(tmp, cache)
 
     def _wrap(self, e: OSError, path: str | None) -> RemoteError:
-        import errno
+        if e.errno in _TRANSIENT_ERRNOS:
+            return self.error(TransientRemoteError, f"{self.name}: {e.strerror or e} ({self.root}); the folder is "
+                              "briefly unusable (a mounted Drive reconnecting?); it will be retried", path=path)
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return self.error(RemotePermissionError, f"{self.name}: cannot write {self.root} ({e.strerror}); "
                               "fix the folder's permissions or point the tier at another path", path=path)
@@ -72,7 +80,11 @@ class LocalRemote(Remote):
         if not base.exists():
             return []
         out = []
-        for dirpath, dirnames, filenames in os.walk(base):
+
+        def failed(e: OSError) -> None:   # os.walk would skip an unreadable folder and list less, silently
+            if not isinstance(e, FileNotFoundError):   # removed while walking: it holds nothing any more
+                raise self._wrap(e, prefix or None) from e
+        for dirpath, dirnames, filenames in os.walk(base, onerror=failed):
             dirnames[:] = [d for d in dirnames if d != _DIGEST_DIR]
             for fn in filenames:
                 if is_temporary(fn) or fn == ACCESS_MARKER:
@@ -84,6 +96,8 @@ class LocalRemote(Remote):
                     d = self._cached_digest(rel, st)
                 except FileNotFoundError:
                     continue
+                except OSError as e:
+                    raise self._wrap(e, rel) from e
                 out.append(RemoteFile(rel, st.st_size, d.sha256, d.md5, st.st_mtime, id=rel))
         return sorted(out, key=lambda f: f.path)
 
@@ -95,6 +109,8 @@ class LocalRemote(Remote):
             d = self._cached_digest(rel, st)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as e:
+            raise self._wrap(e, rel) from e
         return RemoteFile(rel, st.st_size, d.sha256, d.md5, st.st_mtime, id=rel)
 
     def put(self, local: Path, path: str, *, digest: FileDigest | None = None,
