@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "while a run or sync is active, and after every cell; --follow also updates it in the "
                     "foreground until the run ends (Colab renders only those; interrupting stops the watching, "
                     "never the training). In a terminal it prints text; --json prints the snapshot."))
-    p.add_argument("--experiment", metavar="vXX", help="the experiment to show (default: the newest run's)")
+    p.add_argument("--experiment", "-e", metavar="vXX", help="the experiment to show (default: the newest run's)")
     p.add_argument("--follow", action="store_true",
                    help="keep updating in the foreground until no run or sync is active")
     p.add_argument("--refresh", type=duration_arg, default=None, metavar="DURATION",
