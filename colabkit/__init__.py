@@ -10,6 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+#: Where colabkit is installed from: its git URL, until the distribution has a name of its own (the name
+#: `colabkit` on PyPI is an unrelated project: never install that bare name). PLACEHOLDER: the repository's
+#: real address was not known when this was written; replace OWNER here, and tests/test_notebooks.py checks
+#: that every notebook (notebooks/*.ipynb, templates/notebook.ipynb through {{colabkit_git_url}}) agrees.
+GIT_URL = "https://github.com/OWNER/colabkit"
+
 from .secrets import install_log_redaction as _install_log_redaction
 
 _install_log_redaction()  # defence in depth: no colabkit log record ever carries a key or token
@@ -22,11 +28,11 @@ _LAZY = {
     "open_remote": ("colabkit.remotes", "open_remote"),
 }
 _SUBMODULES = {"sync", "resume", "airlock", "journal", "runner", "checkpoints", "config", "errors", "remotes",
-               "runtime", "secrets", "dashboard", "triggers", "events", "fsutil", "distributed"}
+               "runtime", "secrets", "dashboard", "triggers", "events", "fsutil", "distributed", "data", "release"}
 
 if TYPE_CHECKING:  # a mirror for type checkers and IDEs
-    from . import (airlock, checkpoints, config, distributed, errors, journal, remotes, resume, runner, runtime,
-                   sync, triggers)
+    from . import (airlock, checkpoints, config, data, distributed, errors, journal, release, remotes, resume,
+                   runner, runtime, sync, triggers)
     from .checkpoints import Checkpointer
     from .config import Config, load_config
     from .errors import ColabkitError
@@ -51,7 +57,8 @@ def __dir__() -> list[str]:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext colabkit``: registers %airlock, %train, %sync, %resume, %journal, %triggers and %colabkit."""
+    """``%load_ext colabkit``: registers %airlock, %train, %sync, %resume, %triggers, %data, %release, %journal
+    and %colabkit."""
     from .magics import load
     load(ipython)
 

@@ -35,8 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .errors import (AirlockError, ColabkitError, DirtyTreeError, IntegrityError, RemoteNotFoundError,
-                     SecretInBundleError, UnsafeBundleError)
+from .errors import (AirlockError, ColabkitError, DirtyTreeError, IntegrityError, NoBundleError,
+                     RemoteNotFoundError, SecretInBundleError, UnsafeBundleError)
 from .fsutil import TMP_PREFIX, atomic_open, atomic_write_json, hash_file, is_temporary
 from .runtime import command
 from .secrets import redact
@@ -68,6 +68,8 @@ _WEIGHT_PATTERNS = ("*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.pt.json")
 _PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 _SA_PRIVATE_KEY = re.compile(rb"[\"']private_key[\"']\s*:\s*[\"']")
 _HF_TOKEN = re.compile(rb"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}(?![A-Za-z0-9])")
+#: an authorized_user JSON (gcloud application-default credentials) or an OAuth client file
+_OAUTH_SECRET = re.compile(rb"[\"'](?:refresh_token|client_secret)[\"']\s*:\s*[\"'][^\"'\s]{8,}")
 _READ_WHOLE = 64 * 1024 * 1024
 
 
@@ -89,6 +91,8 @@ def _secret_in(data: bytes) -> str | None:
         return "holds a service-account private_key"
     if b"hf_" in data and _HF_TOKEN.search(data):
         return "holds a Hugging Face token"
+    if (b"refresh_token" in data or b"client_secret" in data) and _OAUTH_SECRET.search(data):
+        return "holds an OAuth refresh token or client secret"
     return None
 
 
@@ -580,8 +584,12 @@ def _read_latest(remote: "Remote", rdir: str, cfg: "Config") -> dict[str, Any] |
 
 
 # -- safe extraction ------------------------------------------------------------------------------------
-def _unsafe_reason(zi: zipfile.ZipInfo) -> str | None:
-    name = zi.filename
+def unsafe_name(name: str) -> str | None:
+    """Why an archive entry named `name` could land outside its target (None when it cannot).
+
+    The one rule for every archive colabkit unpacks (airlock bundles, data sets): no NUL byte, no absolute
+    path or drive letter, no ``..`` component.
+    """
     if "\0" in name:
         return "a NUL byte in its name"
     n = name.replace("\\", "/")
@@ -589,6 +597,13 @@ def _unsafe_reason(zi: zipfile.ZipInfo) -> str | None:
         return "an absolute path"
     if any(p == ".." for p in n.split("/")):
         return "a '..' component"
+    return None
+
+
+def _unsafe_reason(zi: zipfile.ZipInfo) -> str | None:
+    why = unsafe_name(zi.filename)
+    if why:
+        return why
     mode = zi.external_attr >> 16
     kind = stat.S_IFMT(mode)
     if zi.create_system == 3 and kind:  # no type bits (0o600 from many writers): a plain file
@@ -754,8 +769,8 @@ def _resolve_bundle(remote: "Remote", cfg: "Config", experiment: str, bundle: st
     if bundle in (None, "", "latest"):
         latest = _read_latest(remote, rdir, cfg)
         if latest is None or not isinstance(latest.get("bundle"), str):
-            raise AirlockError(f"no bundle of {experiment!r} on {remote.describe()} ({rdir}/{LATEST_NAME} is "
-                               f"missing); run '{command('airlock export ' + experiment)}' where the code is")
+            raise NoBundleError(f"no bundle of {experiment!r} on {remote.describe()} ({rdir}/{LATEST_NAME} is "
+                                f"missing); run '{command('airlock export ' + experiment)}' where the code is")
         return latest["bundle"], latest
     b = bundle.lower()
     if not re.fullmatch(r"[0-9a-f]{4,64}", b):
@@ -775,7 +790,7 @@ def _resolve_bundle(remote: "Remote", cfg: "Config", experiment: str, bundle: st
 
 def pull(experiment: str, *, config: "Config | None" = None, bundle: str = "latest",
          to: str | os.PathLike | None = None, install: bool = False, force: bool = False,
-         progress: bool = False) -> dict[str, Any]:
+         progress: bool = False, missing_ok: bool = False) -> dict[str, Any]:
     """Download a bundle, verify it and unpack it under `to` (default: the project root).
 
     Files land at ``<to>/experiments/<experiment>/...``; the bundle's identity is recorded in
@@ -790,19 +805,30 @@ def pull(experiment: str, *, config: "Config | None" = None, bundle: str = "late
         install: then run ``pip install -r requirements.txt`` of the bundle (a real subprocess).
         force: overwrite locally edited files.
         progress: show a progress bar.
+        missing_ok: when nothing was exported yet (no latest bundle), return ``{"pulled": False, "note": ...}``
+            instead of raising: for notebook cells meant for the cluster that also run where the code is
+            written (a fresh project on a laptop). A named ``bundle`` that is missing still raises.
     Returns:
-        ``{"experiment", "bundle", "short", "target", "files", "written", "unchanged", "removed", "size",
-        "manifest", "install"}``.
+        ``{"experiment", "pulled": True, "bundle", "short", "target", "files", "written", "unchanged",
+        "removed", "size", "manifest", "install"}``.
     Raises:
+        NoBundleError: nothing was exported yet (unless `missing_ok`).
         AirlockError: no such bundle; local edits in the way.
         IntegrityError: the bundle or a file does not match its hash (nothing is unpacked).
         UnsafeBundleError: an entry would escape the target, is a link or device, or the size cap is hit.
     """
     cfg = _load_cfg(config)
     _check_name(experiment)
+    cfg.experiment_dir(experiment)  # an unrendered template placeholder is refused before any lookup
     target = Path(to).expanduser().resolve() if to is not None else cfg.root
     remote = airlock_remote(cfg)
-    chash, latest = _resolve_bundle(remote, cfg, experiment, bundle)
+    try:
+        chash, latest = _resolve_bundle(remote, cfg, experiment, bundle)
+    except NoBundleError as e:
+        if not missing_ok:
+            raise
+        return {"experiment": experiment, "pulled": False, "bundle": None, "target": str(target),
+                "remote": remote.describe(), "note": str(e)}
     rpath = f"{REMOTE_DIR}/{experiment}/{chash}.zip"
     label = f"bundle {chash[:12]} of {experiment}"
     prev = read_record(target, experiment)
@@ -864,7 +890,7 @@ def pull(experiment: str, *, config: "Config | None" = None, bundle: str = "late
     _write_record(target, experiment, {
         "format": FORMAT, "experiment": experiment, "bundle": chash, "action": "pull", "at": _now_iso(),
         "remote": remote.name, "remote_path": rpath, "bundle_sha256": digest.sha256, "manifest": manifest})
-    result = {"experiment": experiment, "bundle": chash, "short": chash[:12], "target": str(target),
+    result = {"experiment": experiment, "pulled": True, "bundle": chash, "short": chash[:12], "target": str(target),
               "files": len(manifest["files"]), "written": counts["written"], "unchanged": counts["unchanged"],
               "removed": removed, "size": sum(f["size"] for f in manifest["files"]), "manifest": manifest,
               "install": None}

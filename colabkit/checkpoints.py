@@ -640,6 +640,11 @@ class Checkpointer:
         self._pool = _StoragePool()
         self.directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.directory)
+        # e.g. the `latest` pointer's or a manifest's temporary, left by a writer killed mid-rename
+        from .fsutil import sweep_temporaries
+        sweep_temporaries(self.directory, recursive=False)
+        from .distributed import remove_stale_folders
+        remove_stale_folders(self.directory)  # a sharded save's folder, left by a rank that died
 
     # -- paths -------------------------------------------------------------------------------------
     def path_for(self, step: int) -> Path:

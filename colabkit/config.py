@@ -216,6 +216,36 @@ class AirlockConfig:
 
 
 @dataclass(frozen=True)
+class DataSetConfig:
+    """One data set declared under ``data.sets`` (see docs/data.md)."""
+
+    name: str
+    source: str
+    version: str | None = None              # None: derived from the source's file list (or "unversioned")
+    preprocessing: str | None = None        # what was done to it, for the journal
+    unpack: str = "none"                    # tar | zip | none
+    sha256: Mapping[str, str] | str | None = None   # per file path, or one digest for a one-file source
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    cache: str | None = None                # None: /content/data on Colab, /data on the VM when writable, else <home>/data
+    min_free: int = 10**9                   # free space a fetch must leave on the cache's disk
+    max_unpacked: int = 500 * 10**9         # an archive unpacking to more is refused
+    sets: tuple[DataSetConfig, ...] = ()
+
+    def get(self, name: str) -> DataSetConfig | None:
+        return next((d for d in self.sets if d.name == name), None)
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    command: str | None = None              # None: google.colab.runtime.unassign() on Colab, shutdown -h +2 on a VM
+    idle_after: float | None = None         # release an idle VM after this long (None: never)
+    tiers: tuple[str, ...] | None = None    # tiers that must hold the final checkpoint and logs (None: all)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     max_restarts: int = 3
     restart_backoff: float = 10.0
@@ -228,6 +258,7 @@ class TrainConfig:
     loss_regex: str | None = None
     checkpoint_regex: str | None = None
     total_steps: int | None = None
+    data: tuple[str, ...] = ()              # data sets (data.sets names) a run needs on the local disk
 
 
 @dataclass(frozen=True)
@@ -250,6 +281,10 @@ class Config:
     airlock: AirlockConfig = field(default_factory=AirlockConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     triggers: tuple["TriggerRule", ...] = ()
+    #: the ``triggers:`` rules as written in colabkit.yaml, for ``config show`` (not part of equality)
+    triggers_written: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    data: DataConfig = field(default_factory=DataConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -257,7 +292,17 @@ class Config:
         return self.root / STATE_DIR
 
     def experiment_dir(self, experiment: str) -> Path:
-        """``<root>/experiments/<experiment>``."""
+        """``<root>/experiments/<experiment>``.
+
+        Raises:
+            ConfigError: `experiment` is a template placeholder nothing filled in (``{{experiment}}``; IPython
+                turns it into ``{experiment}`` in a magic's line): the raw template, never a folder name.
+        """
+        if isinstance(experiment, str) and ("{" in experiment or "}" in experiment):
+            raise ConfigError(f"{experiment!r} is a template placeholder left unrendered, not an experiment name: "
+                              "this comes from the raw template; run 'colabkit init' and use the notebook.ipynb "
+                              "it writes, or put the experiment's folder name (e.g. v01) in its place",
+                              key="experiment", value=experiment)
         return self.root / self.experiments / experiment
 
     def experiment_names(self) -> list[str]:
@@ -383,12 +428,16 @@ class Config:
         out = _settings(self)
         out.pop("root", None)
         out.pop("source", None)
+        written = out.pop("triggers_written", None)
+        if "triggers" in out and written is not None and len(written) == len(self.triggers):
+            out["triggers"] = written  # a rule's parsed form is not what colabkit.yaml accepts: show it as written
         return out
 
     def as_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """Plain data for ``colabkit config show``; secrets (credential values, tokens) are redacted."""
         from .secrets import redact_config
         d = _plain(self)
+        d.pop("triggers_written", None)
         return redact_config(d) if redact else d
 
 
@@ -428,6 +477,8 @@ _UNITS: dict[str, dict[str, str]] = {
     "AirlockConfig": {"max_unpacked": "size"},
     "TrainConfig": {"restart_backoff": "duration", "stall_after": "duration", "grace": "duration",
                     "max_vram": "size", "min_free_disk": "size"},
+    "DataConfig": {"min_free": "size", "max_unpacked": "size"},
+    "ReleaseConfig": {"idle_after": "duration"},
 }
 
 
@@ -745,7 +796,7 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         max_vram=tr.size("max_vram", None), min_free_disk=tr.size("min_free_disk", TrainConfig.min_free_disk),
         data_paths=tr.strings("data_paths", ()), step_regex=_regex(tr, "step_regex"),
         loss_regex=_regex(tr, "loss_regex"), checkpoint_regex=_regex(tr, "checkpoint_regex"),
-        total_steps=tr.int("total_steps", None, minimum=1))
+        total_steps=tr.int("total_steps", None, minimum=1), data=tr.strings("data", ()))
     tr.done()
 
     if "cooldown" in top.data:
@@ -754,13 +805,76 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
                           value=top.data["cooldown"])
     triggers = parse_triggers(top.raw("triggers", None), tiers=tier_names)
 
+    data = _data(top.raw("data", None))
+    for i, n in enumerate(train.data):
+        if data.get(n) is None:
+            raise ConfigError(f"train.data[{i}]: {n!r} is not a declared data set; declared: "
+                              f"{', '.join(d.name for d in data.sets) or 'none'} (add it under data.sets)",
+                              key=f"train.data[{i}]", value=n)
+
+    rl = top.section("release")
+    release = ReleaseConfig(command=rl.str("command", None), idle_after=rl.duration("idle_after", None),
+                            tiers=rl.strings("tiers", ()) if rl.raw("tiers", None) is not None else None)
+    rl.done()
+    for n in release.tiers or ():
+        if n not in tier_names:
+            raise ConfigError(f"release.tiers: {n!r} is not a tier; configured tiers: "
+                              f"{', '.join(sorted(tier_names)) or 'none'}", key="release.tiers", value=n)
+
     cfg = Config(
         root=root, source=source, project=top.str("project", None) or root.name, home=home,
         experiments=top.str("experiments", "experiments"), checkpoints=top.str("checkpoints", "checkpoints"), logs=top.str("logs", "logs"), tiers=tiers,
         drive=drive, hub=hub, retention=retention, resume=resume, sync=sync, airlock=airlock, train=train,
-        triggers=triggers)
+        triggers=triggers, triggers_written=tuple(top.raw("triggers", None) or ()), data=data, release=release)
     top.done()
     return cfg
+
+
+_UNPACK = ("tar", "zip", "none")
+_DATA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _data(raw: Any) -> DataConfig:
+    """``data:`` — a mapping (cache, min_free, max_unpacked, sets), or just the list of sets."""
+    if isinstance(raw, list):
+        raw = {"sets": raw}
+    d = _Reader(raw, "data")
+    cache = d.str("cache", None)
+    min_free = d.size("min_free", DataConfig.min_free)
+    max_unpacked = d.size("max_unpacked", DataConfig.max_unpacked)
+    raw_sets = d.raw("sets", None) or []
+    d.done()
+    if not isinstance(raw_sets, list):
+        raise ConfigError(f"data.sets: {raw_sets!r} must be a list of data sets (name, source, version, ...)",
+                          key="data.sets", value=raw_sets)
+    sets = []
+    for i, item in enumerate(raw_sets):
+        r = _Reader(item, f"data.sets[{i}]")
+        name = r.str("name", None)
+        if not name or not _DATA_NAME.match(name):
+            raise ConfigError(f"data.sets[{i}].name: {name!r} must be a name of letters, digits, '.', '_' or '-' "
+                              "(e.g. pg19)", key=f"data.sets[{i}].name", value=name)
+        source = r.str("source", None)
+        if not source:
+            raise ConfigError(f"data.sets[{i}].source: missing; say where {name} comes from, e.g. "
+                              "hub:datasets/USER/REPO, drive:FOLDER_ID, https://... or a path",
+                              key=f"data.sets[{i}].source", value=None)
+        sha = r.raw("sha256", None)
+        if sha is not None and not (isinstance(sha, str) or (isinstance(sha, Mapping) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in sha.items()))):
+            raise ConfigError(f"data.sets[{i}].sha256: {sha!r} must be a hex digest or a mapping of file path to "
+                              "hex digest", key=f"data.sets[{i}].sha256", value=sha)
+        sets.append(DataSetConfig(name=name, source=source, version=r.str("version", None),
+                                  preprocessing=r.str("preprocessing", None),
+                                  unpack=r.str("unpack", "none", choices=_UNPACK),
+                                  sha256=dict(sha) if isinstance(sha, Mapping) else sha))
+        r.done()
+    names = [s.name for s in sets]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ConfigError(f"data.sets: the name {dup!r} is used twice; data set names must be unique",
+                          key="data.sets", value=dup)
+    return DataConfig(cache=cache, min_free=min_free, max_unpacked=max_unpacked, sets=tuple(sets))
 
 
 def _regex(r: _Reader, name: str) -> str | None:

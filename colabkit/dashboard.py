@@ -42,6 +42,11 @@ def snapshot(*, config: Config | None = None, experiment: str | None = None,
         snap["sync"] = sync.status()
     except (ImportError, AttributeError):
         pass
+    try:
+        from . import release
+        snap["release"] = release.status(config=cfg)
+    except (ImportError, AttributeError):
+        snap["release"] = None
     if include_resume:
         from . import resume
         from .errors import ColabkitError
@@ -93,6 +98,11 @@ def render_text(snap: dict[str, Any]) -> list[str]:
                          f" · pending {t.get('pending_files', 0)} files / {format_size(t.get('pending_bytes', 0))}"
                          + "".join(f" · {n}" for n in tier_notes(t))
                          + (f" · error: {err}" if err else ""))
+    rel = snap.get("release")
+    if rel:
+        from .release import status_lines
+        lines.append("release:")
+        lines += ["  " + x for x in status_lines(rel, now=now)]
     res = snap.get("resume")
     if res is not None:
         lines.append("resume sources (priority order)"

@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping
 
 from .errors import CheckpointError, IntegrityError, NoCheckpointError
 from .fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, is_temporary
+from .runtime import command
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ FOLDER_MANIFEST = "colabkit-manifest.json"
 DCP_METADATA = ".metadata"
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 _LOCK_NAME = ".colabkit-writing"
+#: a temporary folder without its lock file is left alone this long (its writer may be about to take the lock)
+_UNLOCKED_STALE_AFTER = 60.0
 _CHUNK = 8 * 1024 * 1024
 # HF Trainer's checkpoint-1200; every other step-carrying name goes through checkpoints.step_of
 _HF_STEP = re.compile(r"^checkpoint-(\d+)$")
@@ -319,14 +322,27 @@ def verify_unit(unit: CheckpointUnit) -> None:
         raise IntegrityError(f"{unit.path}: unknown checkpoint kind {unit.kind!r}", path=str(unit.path))
 
 
-def _verify_manifest_folder(unit: CheckpointUnit) -> None:
+def _verify_manifest_folder(unit: CheckpointUnit, *, share: tuple[int, int] | None = None) -> None:
+    """Every file the manifest lists; with ``share=(rank, world)`` only this rank's share of them (the files are
+    dealt out by size, the same way on every rank, so the shares together cover the folder once)."""
     folder = unit.path
     manifest = unit.manifest or {}
     listed = {f["path"] for f in manifest.get("files", [])}
     if manifest.get("kind", "dcp") == "dcp" and DCP_METADATA not in listed:
         raise IntegrityError(f"{folder}: its manifest lists no {DCP_METADATA} (not a complete DCP checkpoint)",
                              path=str(folder))
-    for f in manifest.get("files", []):
+    files = list(manifest.get("files", []))
+    if share is not None:
+        rank, world = share
+        load = [0] * world
+        mine = []
+        for f in sorted(files, key=lambda f: (-f["size"], f["path"])):
+            r = min(range(world), key=lambda i: (load[i], i))
+            load[r] += f["size"]
+            if r == rank:
+                mine.append(f)
+        files = mine
+    for f in files:
         rel = f["path"]
         p = folder / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
@@ -592,26 +608,6 @@ def latest_valid_unit(directory: str | os.PathLike, *,
     return None
 
 
-def _pick(directory: Path) -> tuple[CheckpointUnit | None, list[str]]:
-    """The newest verified unit and the reasons older-than-nothing units were refused; (None, []) when empty."""
-    units = discover_units(directory)
-    rejected: list[str] = []
-    for i, unit in enumerate(reversed(units)):
-        try:
-            verify_unit(unit)
-        except IntegrityError as e:
-            older = units[-i - 2].name if i + 1 < len(units) else None
-            log.warning("checkpoint %s is not usable: %s; %s", unit.name, e,
-                        f"falling back to {older}" if older else "no older checkpoint left")
-            rejected.append(f"{unit.name}: {e}")
-            continue
-        if rejected:
-            log.warning("resumed from %s (step %d) after skipping %d corrupt or partial checkpoint(s)",
-                        unit.name, unit.step, len(rejected))
-        return unit, rejected
-    return None, rejected
-
-
 # -- writing under torch.distributed ---------------------------------------------------------------
 def remove_stale_folders(directory: str | os.PathLike) -> list[Path]:
     """Delete temporary checkpoint folders a sharded save left when a rank died (no live writer holds their lock)."""
@@ -632,7 +628,14 @@ def remove_stale_folders(directory: str | os.PathLike) -> list[Path]:
         try:
             fd = os.open(lock, os.O_RDONLY)
         except FileNotFoundError:
-            fd = -1  # the writer died before it took its lock, or after it let go before the rename
+            # the writer died before it took its lock or after it let go before the rename, or it has just
+            # made the folder and is about to lock it: only an old one is abandoned
+            try:
+                if time.time() - e.stat(follow_symlinks=False).st_mtime < _UNLOCKED_STALE_AFTER:
+                    continue
+            except OSError:
+                continue
+            fd = -1
         except OSError:
             continue
         try:
@@ -804,6 +807,10 @@ class DistributedSaver:
         listed = {f["path"] for f in files}
         if DCP_METADATA not in listed:
             raise CheckpointError(f"DCP wrote no {DCP_METADATA} into {tmp}")
+        absent = sorted(f["path"] for f in files if not (tmp / f["path"]).is_file())
+        if absent:  # ranks on other nodes wrote into their own disks' folders
+            raise CheckpointError(f"{', '.join(absent)} written by other ranks are not in rank 0's {tmp}: a sharded "
+                                  "checkpoint needs a folder every rank shares (one node, or a shared file system)")
         stray = sorted(n for n in os.listdir(tmp) if n not in listed and n != _LOCK_NAME)
         if stray:
             log.debug("files in %s no rank claimed (left out of the manifest): %s", tmp.name, stray)
@@ -852,23 +859,63 @@ class DistributedSaver:
         return t is not None and t.is_alive()
 
     # -- loading -----------------------------------------------------------------------------------
-    def load_latest(self, *, state: Any, map_location: Any, weights_only: bool) -> tuple[CheckpointUnit, Any] | None:
-        """Rank 0 picks the newest verified unit and tells every rank; every rank loads it (DCP: collectively)."""
-        self.wait()
-        choice: Any = None
+    def _choose(self) -> tuple[str, Any]:
+        """The newest verified unit, the same on every rank: rank 0 lists the units; a colabkit folder is verified
+        by every rank hashing its share of the files, anything else by rank 0; the verdicts are shared."""
+        units: Any = None
         if self.rank == 0:
             try:
-                unit, rejected = _pick(self.ckpt.directory)
-                choice = ("ok", unit) if unit is not None else (("none", rejected) if rejected else ("empty", None))
+                units = ("ok", discover_units(self.ckpt.directory))
             except Exception as e:
-                choice = ("error", f"{type(e).__name__}: {_first_line(e)}")
-        choice = self._broadcast(choice)
+                units = ("error", f"{type(e).__name__}: {_first_line(e)}")
+        what, units = self._broadcast(units)
+        if what == "error":
+            return what, units
+        if not units:
+            return "empty", None
+        rejected: list[str] = []
+        for i, unit in enumerate(reversed(units)):
+            err = None
+            if unit.kind == "folder" or self.rank == 0:
+                try:
+                    if unit.kind == "folder":
+                        _verify_manifest_folder(unit, share=(self.rank, self.world))
+                    else:
+                        verify_unit(unit)
+                except IntegrityError as e:
+                    err = str(e)
+                except Exception as e:  # an unexpected failure must not leave the other ranks waiting
+                    err = f"{type(e).__name__}: {_first_line(e)}"
+            if unit.kind == "folder" and self.group is not None:
+                verdicts: list[Any] = [None] * self.world
+                _dist().all_gather_object(verdicts, err, group=self.group)
+                err = next((v for v in verdicts if v), None)
+            elif unit.kind == "folder":
+                pass
+            else:
+                err = self._broadcast(err)
+            if err is None:
+                if rejected and self.rank == 0:
+                    log.warning("resumed from %s (step %d) after skipping %d corrupt or partial checkpoint(s)",
+                                unit.name, unit.step, len(rejected))
+                return "ok", unit
+            older = units[-i - 2].name if i + 1 < len(units) else None
+            if self.rank == 0:
+                log.warning("checkpoint %s is not usable: %s; %s", unit.name, err,
+                            f"falling back to {older}" if older else "no older checkpoint left")
+            rejected.append(f"{unit.name}: {err}")
+        return "none", rejected
+
+    def load_latest(self, *, state: Any, map_location: Any, weights_only: bool) -> tuple[CheckpointUnit, Any] | None:
+        """Every rank loads the unit :meth:`_choose` picked (a folder through DCP, collectively)."""
+        self.wait()
+        choice = self._choose()
         what, value = choice
         if what == "empty":
             return None
         if what == "none":
             raise NoCheckpointError(f"no valid checkpoint in {self.ckpt.directory}: " + "; ".join(value)
-                                    + "; fetch one from a remote with 'colabkit resume'")
+                                    + f"; fetch one from a remote with '{command('resume')}'")
         if what == "error":
             raise CheckpointError(f"choosing a checkpoint in {self.ckpt.directory} failed on rank 0: {value}")
         unit = value
@@ -905,7 +952,7 @@ def load_latest_unit(directory: str | os.PathLike, *, state: Any = None, map_loc
                         unit.name, unit.step, len(rejected))
         return unit, loaded
     raise NoCheckpointError(f"no valid checkpoint in {directory}: " + "; ".join(rejected)
-                            + "; fetch one from a remote with 'colabkit resume'")
+                            + f"; fetch one from a remote with '{command('resume')}'")
 
 
 def load_folder(path: str | os.PathLike, *, state: Any = None, map_location: Any = "cpu", weights_only: bool = True,

@@ -176,6 +176,10 @@ class AirlockError(ColabkitError):
     """Exporting, pulling or importing an experiment failed."""
 
 
+class NoBundleError(AirlockError, LookupError):
+    """No bundle of the experiment was exported to the airlock remote yet (nothing to pull)."""
+
+
 class DirtyTreeError(AirlockError):
     """The experiment has uncommitted or untracked files."""
 
@@ -211,3 +215,11 @@ class JournalError(ColabkitError, ValueError):
 
 class InitError(ColabkitError, ValueError):
     """``colabkit init`` cannot scaffold here (a file in the way, a bad experiment name)."""
+
+
+class DataError(ColabkitError):
+    """A data set cannot be fetched, found or evicted as asked (the message names the fix)."""
+
+
+class ReleaseError(ColabkitError):
+    """The runtime was not released: a check failed (the message says which and what may be lost)."""

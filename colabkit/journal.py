@@ -162,7 +162,8 @@ def add_run(experiment: str, *, config: "Config | None" = None, bundle: str | No
 
 def add_data(name: str, *, config: "Config | None" = None, source: str | None = None,
              version: str | None = None, preprocessing: str | None = None, downloaded: str | None = None,
-             when: datetime | None = None) -> str:
+             files: int | None = None, size: int | None = None, digest: str | None = None,
+             verified: str | None = None, when: datetime | None = None) -> str:
     """Append a data-set entry (the protocol's ``## Data`` block); returns its text.
 
     Args:
@@ -171,6 +172,9 @@ def add_data(name: str, *, config: "Config | None" = None, source: str | None = 
         version: its version (``v1.0``).
         preprocessing: what was done to it.
         downloaded: the download date (default: today, UTC).
+        files, size, digest: how many files, their total bytes and the sha256 of the file list (what
+            ``colabkit data fetch`` fetched), when known.
+        verified: how the files were verified.
     Raises:
         JournalError: an empty name.
     """
@@ -185,6 +189,17 @@ def add_data(name: str, *, config: "Config | None" = None, source: str | None = 
              f"- **Source**: {_clean(source) if source else 'not given'}",
              f"- **Downloaded**: {_clean(downloaded) if downloaded else f'{t:%Y-%m-%d}'}",
              f"- **Preprocessing**: {_clean(preprocessing) if preprocessing else 'none recorded'}"]
+    if files is not None or size is not None or digest:
+        from .config import format_size
+        parts = []
+        if files is not None:
+            parts.append(f"{files} file{'s' if files != 1 else ''}")
+        if size is not None:
+            parts.append(format_size(size))
+        lines.append(f"- **Files**: {', '.join(parts) or 'unknown'}"
+                     + (f" (file list sha256 {_clean(digest)[:16]})" if digest else ""))
+    if verified:
+        lines.append(f"- **Verified**: {_clean(verified)}")
     text = "\n".join(lines) + "\n"
     append(text, config=config)
     return text

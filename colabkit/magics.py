@@ -1,4 +1,4 @@
-"""IPython magics: %airlock, %train, %sync, %resume, %journal, %triggers and %colabkit.
+"""IPython magics: %airlock, %train, %sync, %resume, %triggers, %data, %release, %journal and %colabkit.
 
 Each magic parses its line with the same parser as the ``colabkit`` CLI (``%sync start --every 90m``
 is ``colabkit sync start --every 90m``) and calls the same handler. A ColabkitError becomes IPython's

@@ -294,6 +294,11 @@ class Preflight:
     free_disk: int
     warnings: list[str] = field(default_factory=list)
     tiers_checked: list[str] = field(default_factory=list)
+    data: dict[str, str] = field(default_factory=dict)    # train.data name -> local path (COLABKIT_DATA_<NAME>)
+
+    def data_env(self) -> dict[str, str]:
+        from .data import env_name
+        return {f"COLABKIT_DATA_{env_name(n)}": p for n, p in self.data.items()}
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -302,7 +307,8 @@ class Preflight:
 
 
 def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int | str | None = None,
-              check_tiers: bool = True, script: str | os.PathLike | None = None) -> Preflight:
+              check_tiers: bool = True, script: str | os.PathLike | None = None,
+              allow_network_data: bool = False) -> Preflight:
     """The checks before a run starts, without starting anything.
 
     Args:
@@ -311,8 +317,10 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
         max_vram: the GPU memory cap in bytes (or ``20GB``); default ``train.max_vram``, else 20 GB on Tier 1.
         check_tiers: check write access to every sync tier (``Remote.check_access``).
         script: run this file instead of ``experiments/<experiment>/train.py``.
+        allow_network_data: let ``train.data_paths`` on a network/FUSE mount through (with a warning).
     Returns:
-        A :class:`Preflight` (its ``warnings`` list what did not stop the run).
+        A :class:`Preflight` (its ``warnings`` list what did not stop the run; ``data`` the local path of each
+        data set ``train.data`` names).
     Raises:
         PreflightError: saying what failed and what to do.
     """
@@ -362,11 +370,31 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
         p = Path(d).expanduser()
         p = p if p.is_absolute() else cfg.root / p
         if runtime.is_network_path(p):
+            if not allow_network_data:
+                raise PreflightError(
+                    f"{experiment}: data path {p} is on a network/FUSE mount: training from it is slow and stalls "
+                    "when the mount hiccups. Pre-fetch it to the local SSD "
+                    f"('{command('data fetch NAME --source PATH')}', and "
+                    "list NAME in train.data), or pass --allow-network-data to train from the mount anyway")
             warnings.append(f"data path {p} is on a network/FUSE mount: training from it is slow and stalls "
                             "when the mount hiccups; pre-fetch it to local SSD (/content/ or /mnt/) before "
                             "train.py starts and point train.data_paths there")
         elif not p.exists():
             warnings.append(f"data path {p} does not exist (train.data_paths); pre-fetch the data there first")
+
+    data_paths: dict[str, str] = {}
+    if cfg.train.data:
+        from .data import ready
+        from .errors import DataError
+        try:
+            found = ready(cfg.train.data, config=cfg)
+        except DataError as e:
+            raise PreflightError(f"{experiment}: {e}") from None
+        for n, p in found.items():
+            if runtime.is_network_path(p) and not allow_network_data:  # pragma: no cover - the cache refuses it
+                raise PreflightError(f"{experiment}: data set {n} at {p} is on a network/FUSE mount; fetch it to "
+                                     "the local SSD, or pass --allow-network-data")
+            data_paths[n] = str(p)
 
     checked: list[str] = []
     if check_tiers:
@@ -383,7 +411,7 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
             checked.append(t.name)
     return Preflight(experiment=experiment, experiment_dir=exp_dir, script=path, gpu=gpu.name if gpu else None,
                      gpu_memory=gpu.memory_total if gpu else None, tier=gpu.tier if gpu else None, max_vram=cap,
-                     free_disk=free, warnings=warnings, tiers_checked=checked)
+                     free_disk=free, warnings=warnings, tiers_checked=checked, data=data_paths)
 
 
 def _check_name(experiment: str) -> None:
@@ -524,6 +552,8 @@ class Job:
         self.sync_enabled = sync
         self.on_line = on_line
         self.on_warning = on_warning
+        # the child's own messages (a Checkpointer's errors) name commands as the user types them here
+        self.command_form = "magic" if command("train").startswith("%") else "cli"
         self.python = python or sys.executable
         self.started = time.time()
         self.run_id = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(self.started))}-{uuid.uuid4().hex[:4]}"
@@ -577,7 +607,7 @@ class Job:
                  "child_pid": self._proc.pid if self._proc is not None and self._proc.poll() is None else None,
                  "log": att.log if att else None, "log_dir": str(self.log_dir), "started": self.started,
                  "elapsed": time.time() - self.started, "background": self.background, "host": socket.gethostname(),
-                 "warnings": list(self.warnings)}
+                 "warnings": list(self.warnings), "data": dict(self.pre.data)}
         d.update(self.progress.as_dict())
         if self.error is not None:
             d["error"] = str(self.error)
@@ -728,11 +758,13 @@ class Job:
         env.update({"COLABKIT_EXPERIMENT": self.experiment, "COLABKIT_RUN_ID": self.run_id,
                     "COLABKIT_PROJECT_ROOT": str(self.config.root),
                     "COLABKIT_CHECKPOINT_DIR": str(self.checkpoint_dir), "COLABKIT_LOG_DIR": str(self.log_dir),
-                    "COLABKIT_ATTEMPT": str(n), "PYTHONUNBUFFERED": "1"})
+                    "COLABKIT_ATTEMPT": str(n), "COLABKIT_COMMAND_FORM": self.command_form,
+                    "PYTHONUNBUFFERED": "1"})
         if resume_from:
             env["COLABKIT_RESUME_FROM"] = str(resume_from)
         else:
             env.pop("COLABKIT_RESUME_FROM", None)
+        env.update(self.pre.data_env())
         if self.pre.max_vram:
             env["COLABKIT_MAX_VRAM"] = str(self.pre.max_vram)
         else:
@@ -1183,7 +1215,9 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
           restart_backoff: float | None = None, grace: float | None = None, script: str | os.PathLike | None = None,
           python: str | None = None, listeners: Sequence["Listener"] = (), triggers: bool = True,
           output_dir: str | os.PathLike | None = None, name: str | None = None,
-          run: str | None = None, on_unreachable: str | None = None) -> "TrainResult | Job":
+          run: str | None = None, on_unreachable: str | None = None, allow_network_data: bool = False,
+          release_when_done: bool | str = False, releaser: Callable[[Any], None] | None = None
+          ) -> "TrainResult | Job":
     """Run ``experiments/<experiment>/train.py`` under supervision (see the module docstring).
 
     Args:
@@ -1212,6 +1246,11 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
             the job's name (``v01.cooldown_200``), `run` its identity in trigger entries.
         on_unreachable: with ``resume="auto"``: ``wait``, ``older`` or ``fail`` when a source that may hold a
             newer checkpoint cannot be reached (default ``resume.on_unreachable``; see :mod:`colabkit.resume`).
+        allow_network_data: train from ``train.data_paths`` on a network/FUSE mount (refused by default).
+        release_when_done: once the run has ended (finished, or failed after its restarts), release the Colab
+            runtime or the VM through :func:`colabkit.release.release` if every tier verifiably holds the final
+            checkpoint and logs; ``"force"`` releases even when a check fails (saying what may be lost).
+        releaser: passed to :func:`colabkit.release.release` (tests; your own way of releasing).
     Returns:
         A :class:`TrainResult` (foreground) or a :class:`Job` (background).
     Raises:
@@ -1242,10 +1281,14 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
             import colabkit.sync  # noqa: F401
         except ImportError:
             want_sync = False
+    if release_when_done not in (False, True, "force", None):
+        raise ConfigError(f"--release-when-done: {release_when_done!r} is not allowed; use --release-when-done or "
+                          "--release-when-done=force", key="release_when_done", value=release_when_done)
     _check_name(experiment)
     key = name or experiment
     _refuse_if_running(cfg, key)
-    pre = preflight(experiment, config=cfg, max_vram=max_vram, check_tiers=want_sync, script=script)
+    pre = preflight(experiment, config=cfg, max_vram=max_vram, check_tiers=want_sync, script=script,
+                    allow_network_data=allow_network_data)
     resume_from = _resume_source(cfg, experiment, resume, on_unreachable=on_unreachable, warn=on_warning)
     job = Job(experiment, config=cfg, pre=pre, args=args, max_restarts=max_restarts, resume_from=resume_from,
               restart_backoff=tr.restart_backoff if restart_backoff is None else restart_backoff,
@@ -1262,13 +1305,39 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
     _install_atexit()
     if background:
         job._write_job_file(force=True)
-        return job.start_background()
+        job.start_background()
+        if release_when_done:
+            t = threading.Thread(target=_release_after, args=(job, release_when_done, releaser),
+                                 name=f"colabkit-release-{experiment}", daemon=True)
+            job._release_thread = t  # type: ignore[attr-defined]
+            t.start()
+        return job
     try:
         return job.run()
     finally:
         with _jobs_lock:
             if _jobs.get(key) is job:
                 del _jobs[key]
+        if release_when_done:
+            _release_after(job, release_when_done, releaser)
+
+
+def _release_after(job: "Job", mode: bool | str, releaser: Callable[[Any], None] | None) -> None:
+    """The end of a run with --release-when-done: release only after it finished or gave up (never after a stop
+    or Ctrl-C), and only when colabkit.release's checks pass (or ``force``). The decision goes to the cell (a
+    foreground run), the log and ``.colabkit/logs/release.log``; it is kept in ``job.release_decision``."""
+    job._done.wait()
+    if job.state not in ("finished", "failed", "oom"):
+        log.warning("%s: not releasing the runtime: the run was %s", job.experiment, job.state)
+        return
+    from . import release
+    say = job.on_warning if (job.on_warning is not None and not job.background) else None
+    try:
+        job.release_decision = release.release(  # type: ignore[attr-defined]
+            job.experiment, config=job.config, force=mode == "force", releaser=releaser, exclude_run=job.run_id,
+            on_message=say)
+    except ColabkitError as e:
+        job._warn(f"{job.experiment}: releasing the runtime failed: {e}")
 
 
 def _resume_source(cfg: "Config", experiment: str, resume: str | os.PathLike | None, *,
@@ -1447,6 +1516,44 @@ def stop(*, experiment: str | None = None, config: "Config | None" = None, grace
             data["state"] = "stopping"
             stopped.append(data)
     return {"stopped": stopped}
+
+
+def wait(*, experiment: str | None = None, config: "Config | None" = None,
+         timeout: float | None = None) -> dict[str, Any]:
+    """Wait for the background run(s) of this kernel to end (``%train wait``), e.g. before a notebook's last
+    cell flushes every tier; a run of another process on this machine is followed through its job file.
+
+    Args:
+        experiment: only this experiment's run (default: every run of this project).
+        timeout: give up after this many seconds (default: wait as long as it runs).
+    Returns:
+        ``{"jobs": [status, ...], "timed_out": bool}`` (each status as :func:`status` gives it: state, step,
+        loss, checkpoint, log).
+    Raises:
+        TrainError: no run has been started for this project (or `experiment`).
+    """
+    cfg = _cfg(config)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
+    jobs = _jobs_here(cfg, experiment)
+    timed_out = False
+    if jobs:
+        for j in jobs:
+            if j.wait(left(), raise_error=False) is None and j.running:
+                timed_out = True
+        return {"jobs": [j.status() for j in jobs], "timed_out": timed_out}
+    data = status(config=cfg, experiment=experiment)["jobs"] if cfg is not None else []
+    if not data:
+        raise TrainError(_no_job(experiment))
+    tick = threading.Event()  # never set: a bounded pause between reads of the other process's job file
+    while any(d.get("live") for d in data):
+        pause = 1.0 if deadline is None else min(1.0, left() or 0.0)
+        if pause <= 0:
+            timed_out = True
+            break
+        tick.wait(pause)
+        data = status(config=cfg, experiment=experiment)["jobs"]
+    return {"jobs": data, "timed_out": timed_out}
 
 
 def _stop_all_at_exit() -> None:

@@ -14,7 +14,13 @@ Errors are classified once, where a remote wraps them (``RemoteError.kind``, see
 briefly down) and any other RemoteError/OSError not known to be fatal retry with exponential back-off and jitter,
 honouring ``retry_after``, for as long as the tier runs (each attempt is bounded by the remote's own retries);
 ``auth``, ``permission`` and ``quota`` stop that tier (:data:`FATAL_KINDS`). Either way the error stays in :func:`status` and the log
-(``<root>/.colabkit/logs/sync.log``) until a later upload succeeds. Threads never print.
+(``<root>/.colabkit/logs/sync.log``) until a later upload succeeds. Threads never print. A daily upload cap is
+not an error: a Drive tier counts what it uploaded per rolling 24 h (the ledger) and defers what would pass
+``drive.daily_upload_cap``, and Drive's own cap answer (:class:`~colabkit.errors.RemoteUploadCapError`) pauses it
+too; status says ``paused until HH:MM`` and the tier resumes by itself. Files a tier will never upload
+(``max_file_size``, their manifests, older checkpoints under ``latest_only``) are ``skipped``, with the reason.
+After a tick records a checkpoint, local checkpoints beyond ``retention.keep_local`` that the required tiers
+hold are deleted (:func:`colabkit.retention.prune`).
 
 Example:
     >>> from colabkit import sync
@@ -213,7 +219,8 @@ def _scan(targets: Sequence[tuple[str, str]], skip: set[str]) -> Iterable[LocalF
                 for e in it:
                     try:
                         if e.is_dir(follow_symlinks=False):
-                            if e.name not in _SKIP_DIRS and e.path not in skip:
+                            # a folder still being written (a sharded save) is one unit: never its loose files
+                            if e.name not in _SKIP_DIRS and not is_temporary(e.name) and e.path not in skip:
                                 stack.append((e.path, f"{rd}/{e.name}" if rd else e.name))
                             continue
                         if is_temporary(e.name):
@@ -1106,7 +1113,7 @@ class SyncGroup:
                 return rel_top
             if path.startswith(top + os.sep):
                 rest = path[len(top) + 1:].replace(os.sep, "/")
-                if any(part in _SKIP_DIRS for part in rest.split("/")[:-1]):
+                if any(part in _SKIP_DIRS or is_temporary(part) for part in rest.split("/")[:-1]):
                     return None
                 return f"{rel_top}/{rest}" if rel_top else rest
         return None

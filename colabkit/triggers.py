@@ -58,7 +58,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 
 from .config import TRIGGER_STATES, TriggerRule, format_duration, parse_triggers
 from .errors import ColabkitError, ConfigError, TriggerError
-from .fsutil import TMP_PREFIX, atomic_write_json, fsync_dir
+from .fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, sweep_temporaries, temp_prefix
+from .runtime import command
 
 if TYPE_CHECKING:
     from .config import Config
@@ -273,7 +274,7 @@ class Queue:
         if os.path.exists(final):
             return False
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f"{TMP_PREFIX}{entry['id']}.{os.getpid()}.{threading.get_ident()}"
+        tmp = self.dir / f"{temp_prefix(entry['id'])}t{threading.get_ident()}"  # names its writer: swept once it is gone
         data = json.dumps(entry, indent=1, sort_keys=True, default=str).encode()
         with open(tmp, "wb") as f:
             f.write(data)
@@ -582,6 +583,8 @@ class Engine:
         except TriggerError as e:
             entry["action"] = {"type": rule.action.type}
             entry["state"], entry["error"] = "failed", f"rule {rule.name}: {e}"
+        if entry.get("wait") and rule.wait is None and not os.path.exists(entry["wait"]["file"]):
+            return  # file_exists without wait: a condition checked now, like the others
         if entry["state"] == "pending":
             if entry.get("wait") and rule.wait is not None:
                 entry["state"] = "waiting"
@@ -602,8 +605,6 @@ class Engine:
     def _run_inline(self, rule: TriggerRule, entry: dict[str, Any]) -> None:
         if entry.get("condition") and not _condition_passes(entry["condition"], self.config, self.experiment):
             return
-        if entry.get("wait") and not os.path.exists(entry["wait"]["file"]):
-            return  # file_exists without wait: checked once, now
         with self.queue.lock(entry["id"]) as got:
             if not got:
                 return
@@ -816,6 +817,7 @@ class Worker:
         self.until_idle = until_idle
         self.poll = poll
         self.engines: list[Engine] = []
+        self.jobs: list[Any] = []   # this kernel's main runs: running until their final sync flush is done
         self.ran: list[str] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -867,7 +869,7 @@ class Worker:
                 q.transition(e, "pending", note=note + "; retried (retry: true)")
             else:
                 q.transition(e, "interrupted", note=note, error=note + "; run it again with "
-                             f"'colabkit triggers retry {e['id']}' if that is safe")
+                             f"'{command('triggers retry ' + e['id'])}' if that is safe")
 
     def _check_waiting(self, q: Queue, e: dict[str, Any]) -> None:
         w = e.get("wait")
@@ -879,7 +881,7 @@ class Worker:
                 if w.get("until") is not None and time.time() > w["until"]:
                     fail = f"{w['file']} did not appear within the wait ({e['rule']}: conditions.wait)"
         if ready and a.get("type") == "cooldown" and a.get("when") == "after_main" and e.get("run") == _RUN_MAIN:
-            ready = not _main_active(self.config, q.experiment)
+            ready = not self._main_running(q.experiment)
         if not ready and fail is None:
             return
         with q.lock(e["id"]) as got:
@@ -909,11 +911,14 @@ class Worker:
 
     def loop(self) -> None:
         """Run until stopped (or, with `until_idle`, until nothing is left to do)."""
+        for q in self._queues():  # what a writer killed mid-write left behind
+            sweep_temporaries(q.dir)
         while not self._stop.is_set():
             self._wake.clear()
             try:
                 ran, left = self.run_once()
-                for eng in list(self.engines):
+                self.engines = [eng for eng in self.engines if not eng.ended]
+                for eng in self.engines:
                     eng.tick()
             except (OSError, ColabkitError) as e:
                 log.warning("triggers worker: %s", e)
@@ -925,10 +930,14 @@ class Worker:
                 return
             self._wake.wait(self.poll)
 
-    def _main_running(self) -> bool:
-        if self.experiment is None:
+    def _main_running(self, experiment: str | None = None) -> bool:
+        exp = experiment or self.experiment
+        if exp is None:
             return False
-        return _main_active(self.config, self.experiment)
+        self.jobs = [j for j in self.jobs if j.running]
+        if any(j.experiment == exp for j in self.jobs):
+            return True  # ended, perhaps, but still flushing its sync: a cooldown would miss its own sync
+        return _main_active(self.config, exp)
 
     def start(self) -> "Worker":
         t = threading.Thread(target=self._loop_safely, name=f"colabkit-triggers-{self.experiment or 'all'}",
@@ -975,7 +984,7 @@ _workers_lock = threading.Lock()
 _atexit_installed = False
 
 
-def _ensure_worker(config: "Config", experiment: str, engine: Engine | None = None) -> Worker:
+def _ensure_worker(config: "Config", experiment: str, engine: Engine | None = None, job: Any = None) -> Worker:
     """The kernel's worker for this experiment: started when missing or finished, woken otherwise."""
     global _atexit_installed
     key = (str(config.root), experiment)
@@ -985,10 +994,15 @@ def _ensure_worker(config: "Config", experiment: str, engine: Engine | None = No
             w = Worker(config, experiment=experiment, until_idle=True)
             if engine is not None:
                 w.engines.append(engine)
+            if job is not None:
+                w.jobs.append(job)
             _workers[key] = w
             w.start()
-        elif engine is not None and engine not in w.engines:
-            w.engines.append(engine)
+        else:
+            if engine is not None and engine not in w.engines:
+                w.engines.append(engine)
+            if job is not None and job not in w.jobs:
+                w.jobs.append(job)
         if not _atexit_installed:
             atexit.register(stop_workers, timeout=10.0)
             _atexit_installed = True
@@ -1035,9 +1049,10 @@ def attach(job: Any) -> Engine | None:
     eng = Engine(job.config, job.experiment, rs, run=run, run_id=job.run_id,
                  output_dir=getattr(job, "output_dir", None) or job.config.experiment_dir(job.experiment),
                  base=job.cwd, args=job.args)
-    eng.on_enqueue = lambda: _ensure_worker(job.config, job.experiment, eng)
+    main = job if run == _RUN_MAIN else None  # after_main waits for the experiment's main run only
+    eng.on_enqueue = lambda: _ensure_worker(job.config, job.experiment, eng, main)
     job.listeners.append(eng.listener)
-    _ensure_worker(job.config, job.experiment, eng)
+    _ensure_worker(job.config, job.experiment, eng, main)
     return eng
 
 
@@ -1077,7 +1092,7 @@ def watch(logfile: str | os.PathLike, *, config: "Config | None" = None, experim
     rs = rules(cfg, experiment=exp)
     if not rs:
         raise TriggerError(f"{exp}: no trigger rules (triggers: in colabkit.yaml or experiments/{exp}/{FILE_NAME}); "
-                           "add a rule first ('colabkit triggers check' validates them)")
+                           f"add a rule first ('{command('triggers check')}' validates them)")
     # the worker may only call it a day once the reading is done (until then more entries may come)
     wk = Worker(cfg, experiment=exp, until_idle=False, poll=poll) if worker else None
     exp_dir = cfg.experiment_dir(exp)
@@ -1225,8 +1240,10 @@ def test(logfile: str | os.PathLike, *, config: "Config | None" = None, experime
         for line in f:
             eng.feed(line, parser)
             n += 1
+    from .secrets import redact_config
     q = Queue(cfg, exp)
-    fired = [{"id": e["id"], "rule": e["rule"], "step": e["step"], "state": e["state"], "action": e["action"],
+    fired = [{"id": e["id"], "rule": e["rule"], "step": e["step"], "state": e["state"],
+              "action": redact_config(e["action"]),
               "error": e.get("error"), "queued": q.exists(e["id"])} for e in eng.fired]
     return {"log": str(path), "experiment": exp, "lines": n, "rules": len(rs), "fired": fired}
 
@@ -1249,7 +1266,7 @@ def _find(cfg: "Config", eid: str) -> tuple[Queue, dict[str, Any]]:
     if len(matches) > 1:
         raise TriggerError(f"{eid!r} matches {len(matches)} entries ({', '.join(i for _, i in matches[:5])}); "
                            "give more of the id")
-    raise TriggerError(f"no queue entry {eid!r}; 'colabkit triggers list' shows the entries")
+    raise TriggerError(f"no queue entry {eid!r}; '{command('triggers list')}' shows the entries")
 
 
 def _entry_view(q: Queue, e: dict[str, Any]) -> dict[str, Any]:
@@ -1283,10 +1300,11 @@ def show(entry: str, *, config: "Config | None" = None, lines: int = 20) -> dict
     """One entry: the whole record, its effective state, and the tail of its output log."""
     cfg = _config(config)
     q, e = _find(cfg, entry)
-    out = dict(e)
+    from .secrets import redact, redact_config
+    out = redact_config(dict(e))  # an env: TOKEN of a command is never shown
     out["state"] = _effective_state(q, e)
     out["path"] = str(q.path(e["id"]))
-    out["output_tail"] = _tail(e.get("output"), lines)
+    out["output_tail"] = [redact(x) for x in _tail(e.get("output"), lines)]
     return out
 
 
@@ -1309,7 +1327,7 @@ def retry(entry: str, *, config: "Config | None" = None) -> dict[str, Any]:
                                "it, or cancel it")
         if st == "done":
             raise TriggerError(f"{e['id']} is done; it ran once as it should. To run the action again, run its "
-                               "command by hand ('colabkit triggers show' prints it)")
+                               f"command by hand ('{command('triggers show ' + e['id'])}' prints it)")
         q.transition(e, "pending", note=f"retried by hand (was {st})", error=None)
     _wake_local(cfg, q.experiment)
     return _entry_view(q, e)

@@ -34,7 +34,10 @@ LFS transfers go to another origin as they do on huggingface.co):
 Faults: :meth:`HubServer.inject` answers matching requests with a status (429 with ``Retry-After``, 5xx,
 401, 403 with a message such as the storage-quota refusal) or drops the connection, ``times`` times;
 :meth:`HubServer.ratio` faults a fraction of every request (lookups, listings, downloads included) at random.
-:attr:`HubServer.injected` lists every fault served.
+:attr:`HubServer.injected` lists every fault served. ``pause_lfs_at`` holds an LFS upload once that many bytes
+arrived (``paused``, released by ``gate``), and ``lfs_bytes_received`` / ``lfs_uploads`` count every LFS byte
+received, so a test can measure what a restart after a kill sends again. No Xet: the client is told nothing
+of a Xet backend and uses classic LFS (tests also set ``HF_HUB_DISABLE_XET``).
 Blobs live on disk under the folder given to the constructor. Every request is recorded in
 :attr:`HubServer.requests` as ``(port, method, path, status)``.
 """
@@ -190,6 +193,13 @@ class HubServer:
         self.injected: list[tuple[str, str, str, str]] = []   # (kind, port, method, path) of every fault served
         self._ratio: tuple[float, tuple[str, ...], Any, re.Pattern | None, float] | None = None
         self.lock = threading.RLock()
+        #: bytes of LFS content received on the CDN, complete uploads or not (restart cost after a kill)
+        self.lfs_bytes_received = 0
+        self.lfs_uploads: list[tuple[str, int, bool]] = []   # (oid, bytes received, complete) per LFS PUT, at its end
+        #: when set, an LFS upload that has received at least this many bytes sets `paused` and waits on `gate`
+        self.pause_lfs_at: int | None = None
+        self.paused = threading.Event()
+        self.gate = threading.Event()
         self._servers: list[_Server] = []
         self._threads: list[threading.Thread] = []
         self.endpoint = ""
@@ -769,6 +779,19 @@ class _Handler(BaseHTTPRequestHandler):
                     h.update(buf)
                     f.write(buf)
                     got += len(buf)
+                    if expect is not None:
+                        with self.hub.lock:
+                            self.hub.lfs_bytes_received += len(buf)
+                            hold = self.hub.pause_lfs_at is not None and got >= self.hub.pause_lfs_at
+                            if hold:
+                                self.hub.pause_lfs_at = None
+                        if hold:
+                            self.hub.paused.set()
+                            while not self.hub.gate.wait(0.05) and self.hub._servers:
+                                pass
+            if expect is not None:
+                with self.hub.lock:
+                    self.hub.lfs_uploads.append((expect, got, got == n))
             if got != n:
                 raise _HTTPError(400, None, f"incomplete body: {got} of {n} bytes")
             if expect is not None and h.hexdigest() != expect:

@@ -119,6 +119,20 @@ def test_a_sharded_save_that_fails_leaves_nothing_and_says_why(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_shards_that_other_ranks_wrote_elsewhere_are_a_clear_error(tmp_path):
+    from colabkit.distributed import DistributedSaver
+    saver = DistributedSaver(Checkpointer(tmp_path, prefix="v01"))
+    tmp = tmp_path / f"{TMP_PREFIX}v01_step_00000001.x-1"
+    tmp.mkdir()
+    (tmp / ".metadata").write_bytes(b"m")
+    files = [{"path": ".metadata", "size": 1, "sha256": "0"}, {"path": "__1_0.distcp", "size": 9, "sha256": "0"}]
+    with pytest.raises(CheckpointError) as e:
+        saver._commit(1, tmp, tmp_path / "v01_step_00000001", files)  # rank 1 wrote its shard on another node
+    assert str(e.value) == (f"__1_0.distcp written by other ranks are not in rank 0's {tmp}: a sharded checkpoint "
+                            "needs a folder every rank shares (one node, or a shared file system)")
+    assert not (tmp_path / "v01_step_00000001").exists()
+
+
 def test_corrupt_shard_falls_back_to_the_previous_folder_and_says_why(tmp_path, caplog):
     ck = Checkpointer(tmp_path, prefix="v01", sharded=True)
     ck.save(1, _state(1.0))
@@ -133,6 +147,23 @@ def test_corrupt_shard_falls_back_to_the_previous_folder_and_says_why(tmp_path, 
     assert "checkpoint v01_step_00000002 is not usable" in caplog.text
     assert "falling back to v01_step_00000001" in caplog.text
     assert "resumed from v01_step_00000001 (step 1) after skipping 1 corrupt or partial checkpoint(s)" in caplog.text
+
+
+def test_ranks_verify_disjoint_shares_that_cover_the_folder(tmp_path):
+    from colabkit.distributed import _verify_manifest_folder
+    Checkpointer(tmp_path, prefix="v01", sharded=True).save(1, _state(1.0))
+    [unit] = discover_units(tmp_path)
+    for name in [f["path"] for f in unit.manifest["files"]]:
+        original = (unit.path / name).read_bytes()
+        _flip_byte(unit.path / name, offset=len(original) // 2)
+        failing = []
+        for rank in range(3):  # three ranks, two files: one rank has nothing to hash
+            try:
+                _verify_manifest_folder(unit, share=(rank, 3))
+            except IntegrityError as e:
+                failing.append((rank, name in str(e)))
+        assert len(failing) == 1 and failing[0][1], (name, failing)
+        (unit.path / name).write_bytes(original)
 
 
 def test_missing_or_truncated_shard_is_refused_and_none_valid_says_each_reason(tmp_path):
@@ -160,11 +191,17 @@ def test_a_folder_without_its_manifest_or_under_a_temporary_name_is_not_a_checkp
     dead = tmp_path / f"{TMP_PREFIX}v01_step_00000003.0123456789ab-1"
     dead.mkdir()
     (dead / "__0_0.distcp").write_bytes(b"x" * 10)
-    (dead / ".colabkit-writing").write_bytes(b"")
+    (dead / ".colabkit-writing").write_bytes(b"")  # its lock file, no longer locked by anyone
+    young = tmp_path / f"{TMP_PREFIX}v01_step_00000004.0123456789ab-2"
+    young.mkdir()  # just made by a writer about to take its lock: left alone
+    old = tmp_path / f"{TMP_PREFIX}v01_step_00000005.0123456789ab-3"
+    old.mkdir()  # the writer died before it took its lock, a while ago
+    os.utime(old, (1_000_000_000, 1_000_000_000))
     # v01_step_00000002 still has DCP's .metadata: discovered as a foreign DCP folder, verified by loading it
     assert [(u.name, u.kind) for u in discover_units(tmp_path)] == [("v01_step_00000001", "folder"),
                                                                       ("v01_step_00000002", "dcp")]
-    assert remove_stale_folders(tmp_path) == [dead] and not dead.exists()
+    assert sorted(remove_stale_folders(tmp_path)) == [dead, old] and young.is_dir()
+    young.rmdir()
     (tmp_path / "v01_step_00000002" / ".metadata").unlink()
     assert [u.name for u in discover_units(tmp_path)] == ["v01_step_00000001"]
 
@@ -192,6 +229,15 @@ def test_a_prefix_with_dots_still_names_discoverable_folders(tmp_path):
     ck.save(3, _state(3.0))
     assert [(u.name, u.step) for u in ck.units()] == [("v0.1_step_00000003", 3)]
     assert ck.load_latest()["step"] == 3
+
+
+def test_a_new_checkpointer_removes_what_a_killed_sharded_save_left(tmp_path):
+    dead = tmp_path / f"{TMP_PREFIX}v01_step_00000003.0123456789ab-1"
+    dead.mkdir(parents=True)
+    (dead / "__0_0.distcp").write_bytes(b"x" * 10)
+    (dead / ".colabkit-writing").write_bytes(b"")
+    Checkpointer(tmp_path, prefix="v01")
+    assert os.listdir(tmp_path) == []
 
 
 def test_resaving_a_step_replaces_the_folder(tmp_path):

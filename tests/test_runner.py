@@ -313,13 +313,14 @@ def test_not_enough_free_disk(project):
                         "'colabkit sync flush'), or lower train.min_free_disk in colabkit.yaml")
 
 
-def test_data_on_a_network_mount_is_warned(project, monkeypatch):
+def test_data_on_a_network_mount_is_warned_when_allowed(project, monkeypatch):
     data = project / "data"
     data.mkdir()
     make_project(project, train={"data_paths": ["data", "missing"]})
     monkeypatch.setenv("COLABKIT_NETWORK_PATHS", str(data))
     warnings: list[str] = []
-    res = runner.train("v01", config=cfg_of(project), on_warning=warnings.append, resume="none")
+    res = runner.train("v01", config=cfg_of(project), on_warning=warnings.append, resume="none",
+                       allow_network_data=True)
     assert warnings == [
         f"data path {data.resolve()} is on a network/FUSE mount: training from it is slow and stalls when the mount "
         "hiccups; pre-fetch it to local SSD (/content/ or /mnt/) before train.py starts and point train.data_paths "

@@ -97,7 +97,13 @@ def test_flush_uploads_complete_files_and_never_temporaries(project, tmp_path):
     age(log_file)
     (project / "checkpoints" / ".colabkit-tmp-v01_step_00000200.pt.abc").write_bytes(b"half")
     (project / "checkpoints" / "v01_step_00000300.pt.part").write_bytes(b"half")
+    # a sharded save in progress: its shards look like any file, inside a folder with a temporary name
+    shards = project / "checkpoints" / ".colabkit-tmp-v01_step_00000400.1a2b-1"
+    shards.mkdir()
+    (shards / "__0_0.distcp").write_bytes(b"shard")
+    age(shards / "__0_0.distcp")
     sync.start(config=cfg, every=3600)
+    (shards / "__1_0.distcp").write_bytes(b"shard")   # seen by the watchdog observer too
     res = sync.flush(timeout=20)
     assert res["ok"], res
     got = remote_files(tmp_path / "remote_backup")

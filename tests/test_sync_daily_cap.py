@@ -80,6 +80,12 @@ def test_the_tier_pauses_before_its_daily_cap_and_says_until_when(drive_server, 
     assert first.startswith(f"drive: NOT done (paused) · uploaded 0 · pending 2 · paused until "
                             f"{_hhmm(earlier + DAY)}: 4.0 KB uploaded to this tier in the last 24 h")
     assert "weights belong on the Hub" in first
+    # with nothing running, `colabkit sync status` says what the ledger counted against the cap
+    r = subprocess.run([sys.executable, "-m", "colabkit", "sync", "status", "--config", str(root / "colabkit.yaml")],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("drive: holds ")]
+    assert line.startswith("drive: holds 1 files / 1.0 KB · last upload ") and \
+        line.endswith(" · uploaded 4.0 KB in the last 24 h")
 
 
 def test_the_tier_resumes_by_itself_once_the_window_moves_on(drive_server, tmp_path):
@@ -93,6 +99,10 @@ def test_the_tier_resumes_by_itself_once_the_window_moves_on(drive_server, tmp_p
         g = sync.start(config=cfg)
         st = wait_for(lambda: (t := g.status()["tiers"]["drive"])["state"] == "paused" and t, what="the pause")
         assert st["paused_until"] is not None and st["pending_files"] == 2
+        # the dashboard (text, and the widget built from it) shows it
+        from colabkit.dashboard import render_text
+        (line,) = [x for x in render_text({"sync": sync.status()}) if x.startswith("  drive: ")]
+        assert f" · paused until {_hhmm(st['paused_until'])}: " in line and "weights belong on the Hub" in line
         wait_for(lambda: g.status()["tiers"]["drive"]["uploaded"] == 2, timeout=30, what="the upload after the pause")
         st = g.status()["tiers"]["drive"]
         assert st["state"] == "idle" and st["paused_until"] is None and st["pending_files"] == 0

@@ -17,7 +17,7 @@ from colabkit.fsutil import hash_file
 from colabkit.ledger import Ledger
 from tests.drive_server import DriveServer, drive_server  # noqa: F401  (fixture)
 from tests.hub_server import HubServer, hub_server  # noqa: F401  (fixture)
-from tests.test_sync import ckpt
+from tests.test_sync import ckpt, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
@@ -229,3 +229,43 @@ def test_hub_tier_under_30_percent_faults_on_every_call_uploads_everything_once(
             assert added[rp] == 1, f"{rp} was committed {added[rp]} times"
             assert led.verified_copy(rp, shas[p]), f"{rp} is not recorded"
     assert led.inflight == {}
+
+
+def test_classic_lfs_upload_killed_mid_way_restarts_from_byte_0(hub_server: HubServer, tmp_path, monkeypatch):
+    """The Hub's classic LFS path (what the test Hub speaks; it has no Xet) cannot resume a cut upload: after a
+    kill -9 mid-way, the restart sends the whole file again (bytes sent / needed = 1 + the part cut). Nothing is lost
+    or duplicated. docs/hub.md says what a Xet-enabled Hub saves instead."""
+    monkeypatch.setenv("HF_TOKEN", hub_server.WRITE_TOKEN)
+    root = tmp_path / "proj"
+    src = big_checkpoint(root, 32 * MiB)   # more than socket buffers hold: the kill cuts the body
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "hub": {"repo_id": "alice/weights", "endpoint": hub_server.endpoint},
+        "tiers": [{"name": "hub", "remote": "hub", "every": 3600, "latest_only": False}],
+        "sync": {"settle": 0.1}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_DISABLE_XET": "1"}
+    cmd = [sys.executable, "-m", "colabkit", "sync", "once", "--config", str(root / "colabkit.yaml")]
+    hub_server.pause_lfs_at = 2 * MiB
+    child = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert hub_server.paused.wait(60), "the LFS upload never got half-way"
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        child.stdout.close()
+        child.stderr.close()
+        hub_server.gate.set()
+    wait_for(lambda: hub_server.lfs_uploads, timeout=30, what="the server to end the cut upload")
+    ((_, cut, complete),) = hub_server.lfs_uploads
+    assert not complete and 2 * MiB <= cut < 32 * MiB
+    again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    resent = hub_server.lfs_bytes_received - cut
+    assert resent == 32 * MiB                                  # from byte 0: the cut part is sent again
+    assert [u[1:] for u in hub_server.lfs_uploads[1:]] == [(32 * MiB, True)]
+    sha = hash_file(src).sha256
+    assert hub_server.lfs_path(sha).read_bytes() == src.read_bytes()
+    led = Ledger.load(root / ".colabkit", "hub")
+    assert led.inflight == {} and led.verified_copy("checkpoints/v01_step_00000001.pt", sha)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from colabkit import sync
 from colabkit.commands.sync import tier_lines
 from colabkit.config import load_config
@@ -80,3 +82,29 @@ def test_a_checkpoint_over_max_file_size_is_skipped_with_its_manifest_and_once_r
     assert res["tiers"]["assets"]["skipped_files"] == {
         "checkpoints/v01_step_00000100.pt": "larger than max_file_size (1.0 KB)",
         "checkpoints/v01_step_00000100.pt.json": "the manifest of a skipped checkpoint"}
+
+
+@pytest.mark.magic
+def test_magic_status_and_stop_agree_on_pending_and_say_skipped(tmp_path, ip, capsys, monkeypatch):
+    """issue 9, as a user saw it: `%sync status` said `hub: pending 2 files`, `%sync stop` `uploaded 0 · pending 0`."""
+    root = make_project(tmp_path, tiers=[
+        {"name": "hub", "remote": "local", "path": str(tmp_path / "w"), "every": "1h",
+         "include": ["*.pt", "*.pt.json"], "latest_only": True}])
+    monkeypatch.chdir(root)
+    ckpt(root, 300)
+    try:
+        ip.run_line_magic("sync", "start")
+        capsys.readouterr()
+        wait_for(lambda: sync.status()["tiers"]["hub"]["uploaded"] == 2, what="the first tick's upload")
+        ckpt(root, 200)
+        wait_for(lambda: sync.status()["tiers"]["hub"]["skipped"] == 2, what="the older checkpoint skipped")
+        ip.run_line_magic("sync", "status")
+        (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("hub: ")]
+        assert " · pending 0 files / 0 B · uploaded 2 · skipped 2 (latest_only: step 300 is newer: " in line
+        ip.run_line_magic("sync", "stop")
+        out = capsys.readouterr().out.splitlines()
+        assert out == ["hub: ok · uploaded 2 · pending 0 · skipped 2 (latest_only: step 300 is newer: "
+                       "checkpoints/v01_step_00000200.pt, checkpoints/v01_step_00000200.pt.json)",
+                       "stopped: everything due is uploaded (2 skipped: see above)"]
+    finally:
+        sync.stop(flush=False)

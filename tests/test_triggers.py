@@ -371,7 +371,7 @@ def test_failed_entry_is_kept_retried_and_cancelled(tmp_path):
     with pytest.raises(TriggerError) as ei:
         triggers.retry(failed[0]["id"][:14], config=cfg)
     assert str(ei.value).endswith("is done; it ran once as it should. To run the action again, run its command by "
-                                  "hand ('colabkit triggers show' prints it)")
+                                  f"hand ('colabkit triggers show {failed[0]['id']}' prints it)")
 
 
 def test_retry_true_reruns_an_interrupted_idempotent_entry_up_to_max_attempts(tmp_path):
@@ -417,7 +417,7 @@ def test_cli_and_magic_check_test_list_show(tmp_path, ip, capsys, monkeypatch):
     from IPython.core.error import UsageError
     with pytest.raises(UsageError) as ei:
         ip.run_line_magic("triggers", "show abc")
-    assert str(ei.value) == "no queue entry 'abc'; 'colabkit triggers list' shows the entries"
+    assert str(ei.value) == "no queue entry 'abc'; '%triggers list' shows the entries"
     with pytest.raises(UsageError) as ei:
         ip.run_line_magic("triggers", "list --state lost")
     assert "argument --state: invalid choice: 'lost'" in str(ei.value)
@@ -569,3 +569,88 @@ def test_sync_action_flushes_the_tiers_now(tmp_path):
     assert e["state"] == "done" and e["action"] == "sync"
     assert (tmp_path / "backup" / "experiments" / "v01" / "logs" / "run.log").read_text() == \
         "saved checkpoint at iteration 100 to ck.pt\n"
+
+
+def test_file_exists_without_wait_is_checked_when_the_event_comes(tmp_path):
+    rules = [{"name": "conv", "event": "checkpoint", "conditions": {"file_exists": "{path}.ok"},
+              "action": {"type": "log", "message": "{step}"}}]
+    root = make_project(tmp_path / "p", rules)
+    ck = root / "experiments" / "v01" / "ck"
+    ck.mkdir(parents=True)
+    (ck / "v01_step_00000200.pt.ok").write_text("")
+    log = tmp_path / "train.log"
+    log.write_text(ckpt_lines([100, 200]))
+    triggers.watch(log, config=cfg_of(root), experiment="v01", once=True, worker=False)
+    assert [(e["step"], e["state"]) for e in triggers.list_entries(config=cfg_of(root))] == [(200, "done")]
+
+
+def test_an_entry_a_live_worker_holds_cannot_be_cancelled_or_retried_and_is_not_interrupted(tmp_path):
+    rules = [{"name": "conv", "event": "checkpoint", "action": {"type": "command", "command": ["true"]}}]
+    root = make_project(tmp_path / "p", rules)
+    cfg = cfg_of(root)
+    log = tmp_path / "train.log"
+    log.write_text(ckpt_lines([100]))
+    triggers.watch(log, config=cfg, experiment="v01", once=True, worker=False)
+    [e] = triggers.list_entries(config=cfg)
+    q = triggers.Queue(cfg, "v01")
+    rec = q.read(e["id"])
+    with q.lock(e["id"]) as got:  # what a worker holds while the action runs
+        assert got
+        q.transition(rec, "running", worker={"pid": os.getpid(), "host": "here"})
+        assert triggers.list_entries(config=cfg)[0]["state"] == "running"
+        with pytest.raises(TriggerError) as ei:
+            triggers.cancel(e["id"], config=cfg)
+        assert str(ei.value) == f"{e['id']} is running (worker pid {os.getpid()}); it cannot be cancelled while it runs"
+        with pytest.raises(TriggerError) as ei:
+            triggers.retry(e["id"], config=cfg)
+        assert str(ei.value) == f"{e['id']} is running (worker pid {os.getpid()}); wait for it, or cancel it"
+        assert triggers.worker(config=cfg, once=True, poll=0.05)["ran"] == []  # another worker leaves it alone
+    # the lock is gone and the record still says running: its worker died
+    assert triggers.list_entries(config=cfg)[0]["state"] == "interrupted"
+    assert triggers.status(config=cfg)["queue"]["interrupted"] == 1
+    triggers.worker(config=cfg, once=True, poll=0.05)
+    shown = triggers.show(e["id"], config=cfg)
+    assert shown["state"] == "interrupted"
+    assert shown["error"] == (f"its worker (pid {os.getpid()} on here) stopped while it ran; run it again with "
+                              f"'colabkit triggers retry {e['id']}' if that is safe")
+
+
+def test_status_with_a_bad_triggers_yaml_reports_instead_of_raising(tmp_path):
+    root = make_project(tmp_path / "p", None)
+    (root / "experiments" / "v01" / "triggers.yaml").write_text("- name: x\n  action: {type: log, message: m}\n")
+    st = triggers.status(config=cfg_of(root))
+    assert st["configured"] is False and st["rules"] == []
+    assert st["error"].startswith("experiments/v01/triggers.yaml: triggers[0]: no detector; ")
+
+
+def test_a_worker_sweeps_temporaries_a_killed_writer_left_in_the_queue(tmp_path):
+    root = make_project(tmp_path / "p", [{"name": "n", "event": "checkpoint", "action": {"type": "log",
+                                                                                      "message": "m"}}])
+    cfg = cfg_of(root)
+    q = triggers.Queue(cfg, "v01")
+    q.dir.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    from colabkit.fsutil import TMP_PREFIX, owner_tag
+    stale = q.dir / f"{TMP_PREFIX}n-100-abc.{owner_tag(int(dead.stdout))}.t1"
+    stale.write_text("{}")
+    mine = q.dir / f"{TMP_PREFIX}n-200-abc.{owner_tag()}.t1"
+    mine.write_text("{}")
+    triggers.worker(config=cfg, experiment="v01", once=True, poll=0.05)
+    assert not stale.exists() and mine.exists()
+
+
+def test_show_and_test_never_print_a_secret_of_a_commands_env(tmp_path):
+    rules = [{"name": "up", "event": "checkpoint",
+              "action": {"type": "command", "command": ["sh", "-c", "echo token is $HF_TOKEN"],
+                         "env": {"HF_TOKEN": "hf_abcdefghijklmnopqrstuvwxyz0123456789"}}}]
+    root = make_project(tmp_path / "p", rules)
+    cfg = cfg_of(root)
+    log = tmp_path / "train.log"
+    log.write_text(ckpt_lines([100]))
+    dry = triggers.test(log, config=cfg, experiment="v01")
+    assert dry["fired"][0]["action"]["env"] == {"HF_TOKEN": "***"}
+    triggers.watch(log, config=cfg, experiment="v01", once=True, poll=0.05)
+    [e] = triggers.list_entries(config=cfg)
+    shown = triggers.show(e["id"], config=cfg)
+    assert "hf_abcdefghijklmnopqrstuvwxyz0123456789" not in json.dumps(shown)
+    assert shown["action"]["env"] == {"HF_TOKEN": "***"} and shown["output_tail"][-1].startswith("token is ")

@@ -18,10 +18,11 @@ from typing import Any, Callable, Iterable
 from ..errors import ConfigError
 
 #: command modules, in the order `colabkit --help` lists them
-COMMANDS = ("init", "demo", "airlock", "train", "sync", "resume", "triggers", "journal", "status", "config")
+COMMANDS = ("init", "demo", "airlock", "train", "sync", "resume", "triggers", "data", "release", "journal", "status",
+            "config")
 #: IPython line magics and the CLI command each maps to (None: the whole CLI, `%colabkit config show`)
 MAGICS = {"airlock": "airlock", "train": "train", "sync": "sync", "resume": "resume", "journal": "journal",
-          "triggers": "triggers", "colabkit": None}
+          "triggers": "triggers", "data": "data", "release": "release", "colabkit": None}
 
 
 def magic_form(line: str) -> str:

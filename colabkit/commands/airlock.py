@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--to", metavar="DIR", default=None, help="project folder to unpack into (default: the root)")
     pl.add_argument("--install", action="store_true", help="pip install -r the bundle's requirements.txt")
     pl.add_argument("--force", action="store_true", help="overwrite files with local changes")
+    pl.add_argument("--missing-ok", action="store_true",
+                    help="when nothing was exported yet, say so and succeed (a notebook cell meant for the "
+                         "cluster that also runs where the code is written)")
     pl.set_defaults(func=pull)
 
     st = common(ss.add_parser("status", help="drift between the working tree and the last bundle (exit 3 if drifted)"))
@@ -68,7 +71,11 @@ def export(args: argparse.Namespace, ctx: Context) -> int:
 def pull(args: argparse.Namespace, ctx: Context) -> int:
     from .. import airlock
     res = airlock.pull(args.experiment, config=ctx.config(), bundle=args.bundle, to=args.to, install=args.install,
-                       force=args.force, progress=not ctx.json)
+                       force=args.force, progress=not ctx.json, missing_ok=args.missing_ok)
+    if not res["pulled"]:
+        ctx.emit(res, [f"Nothing to pull (skipped): {res['note']}.",
+                       "  Pulling is for the cluster; where the code is written, export it first."])
+        return 0
 
     def text():
         m = res["manifest"]

@@ -87,6 +87,7 @@ def _status_lines(data: dict[str, Any]) -> Iterable[str]:
     yield from tier_lines(data.get("tiers", {}))
     for name, s in (data.get("ledger") or {}).items():
         yield (f"{name}: holds {s['files']} files / {format_size(s['bytes'])} · last upload {_ago(s['last_upload'])}"
+               + (f" · uploaded {format_size(s['uploaded_24h'])} in the last 24 h" if s.get("uploaded_24h") else "")
                + (f" · {s['inflight']} interrupted" if s.get("inflight") else ""))
     for d, g in (data.get("disk") or {}).items():
         if g.get("state") == "blocked":

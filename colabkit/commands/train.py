@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 from . import ArgumentParser, Context, common, duration_arg, size_arg
 
-ACTIONS = ("status", "logs", "stop")
+ACTIONS = ("status", "logs", "stop", "wait")
 
 
 class _TrainParser(ArgumentParser):
@@ -31,13 +31,14 @@ class _TrainParser(ArgumentParser):
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="run an experiment's train.py: preflight, live log, restarts, progress (status|logs|stop)",
+        "train", help="run an experiment's train.py: preflight, live log, restarts, progress (status|logs|stop|wait)",
         description="Run experiments/vXX/train.py as a supervised child process, or act on the running job: "
-                    "'train status [vXX]', 'train logs [vXX] [-n N]', 'train stop [vXX]'. "
+                    "'train status [vXX]', 'train logs [vXX] [-n N]', 'train stop [vXX]', "
+                    "'train wait [vXX] [--timeout 2h]' (until a background run ends). "
                     "Arguments after -- go to train.py.")
     p.__class__ = _TrainParser
-    p.add_argument("target", metavar="vXX|status|logs|stop", help="the experiment to run, or an action")
-    p.add_argument("experiment", nargs="?", metavar="vXX", help="(with status/logs/stop) the experiment")
+    p.add_argument("target", metavar="vXX|status|logs|stop|wait", help="the experiment to run, or an action")
+    p.add_argument("experiment", nargs="?", metavar="vXX", help="(with status/logs/stop/wait) the experiment")
     p.add_argument("--background", action="store_true", help="return at once; the run continues in this kernel")
     p.add_argument("--max-restarts", type=int, default=None, metavar="N",
                    help="restarts after a crash or stall (default: train.max_restarts)")
@@ -59,16 +60,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sync", dest="sync", action="store_true", default=None,
                    help="sync checkpoints and logs while it runs (default when tiers are configured)")
     p.add_argument("--no-sync", dest="sync", action="store_false", help="do not start background sync")
+    p.add_argument("--allow-network-data", action="store_true",
+                   help="train from train.data_paths on a network/FUSE mount (refused by default: %%data fetch)")
+    p.add_argument("--release-when-done", nargs="?", const=True, default=False, type=_release_mode,
+                   metavar="force",
+                   help="release the Colab runtime / halt the VM once the run has ended and every tier holds "
+                        "the final checkpoint and logs (=force: even when a check fails)")
     p.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="(logs) how many lines")
     p.add_argument("--timeout", type=duration_arg, default=None, metavar="DURATION",
-                   help="(stop) give up waiting after this long")
+                   help="(stop, wait) give up waiting after this long")
     common(p)
     p.set_defaults(func=handle, script_args=[])
 
 
+def _release_mode(value: str) -> str:
+    if value != "force":
+        raise argparse.ArgumentTypeError(f"{value!r}: use --release-when-done, or --release-when-done=force")
+    return value
+
+
 def handle(args: argparse.Namespace, ctx: Context) -> int:
     if args.target in ACTIONS:
-        return {"status": status, "logs": logs, "stop": stop}[args.target](args, ctx)
+        return {"status": status, "logs": logs, "stop": stop, "wait": wait}[args.target](args, ctx)
     if args.experiment is not None:
         from ..errors import TrainError
         from ..runtime import command
@@ -104,7 +117,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                        max_restarts=args.max_restarts, resume=args.resume, max_vram=args.max_vram,
                        estimate=args.estimate, args=args.script_args, on_line=on_line,
                        on_warning=ctx.warn, total_steps=args.total_steps, sync=args.sync,
-                       stall_after=args.stall_after, on_unreachable=args.on_unreachable)
+                       stall_after=args.stall_after, on_unreachable=args.on_unreachable,
+                       allow_network_data=args.allow_network_data, release_when_done=args.release_when_done)
     if args.background:
         from ..runtime import command
         st = res.status()
@@ -122,7 +136,7 @@ def _status_lines(jobs: list[dict[str, Any]]) -> Iterable[str]:
     if not jobs:
         yield f"no training job (start one with '{command('train vXX')}')"
     for j in jobs:
-        parts = [f"{j.get('experiment')}: {j.get('state')}"]
+        parts = [f"{j.get('key') or j.get('experiment')}: {j.get('state')}"]  # a cooldown: v01.cooldown_200
         if j.get("attempt"):
             parts.append(f"attempt {j['attempt']}")
         if j.get("step") is not None:
@@ -169,3 +183,17 @@ def stop(args: argparse.Namespace, ctx: Context) -> int:
         return 0
     ctx.emit(res, [f"{s.get('experiment')}: {s.get('state')} (run {s.get('run_id')})" for s in res["stopped"]])
     return 0
+
+
+def wait(args: argparse.Namespace, ctx: Context) -> int:
+    from .. import runner
+    res = runner.wait(experiment=args.experiment, config=ctx.config(), timeout=args.timeout)
+
+    def text():
+        yield from _status_lines(res["jobs"])
+        if res["timed_out"]:
+            yield "still running after --timeout; wait again, or '%train stop' it"
+    ctx.emit(res, text)
+    if res["timed_out"]:
+        return 1
+    return 0 if all(j.get("state") == "finished" for j in res["jobs"]) else 1

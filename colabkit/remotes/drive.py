@@ -711,6 +711,19 @@ class DriveRemote(Remote):
                         out[p] = rec
         return sorted(out.values(), key=lambda r: r.path)
 
+    def lookup(self, file_id: str) -> tuple[RemoteFile, bool]:
+        """The file or folder `file_id` (anywhere the credentials can see it, not only under this folder).
+
+        Returns:
+            (its record, with its name as ``path``; whether it is a folder).
+        Raises:
+            RemoteNotFoundError: no such id, or it is not shared with these credentials.
+        """
+        f = self._call(lambda: self._service().files().get(fileId=file_id, fields=FILE_FIELDS,
+                                                           supportsAllDrives=True).execute(),
+                       action="look up id", path=file_id)
+        return self._record(f.get("name") or file_id, f), f.get("mimeType") == FOLDER_MIME
+
     def stat(self, path: str) -> RemoteFile | None:
         rel = normalize_path(path)
         parts = rel.split("/")

@@ -131,7 +131,8 @@ class _Token:
 
     def describe(self) -> str:
         return {"env": f"the {self.detail} environment variable", "stored_login": f"the stored login ({self.detail})",
-                "colab_secrets": f"Colab Secrets ({self.detail})", "explicit": "the token passed in"}[self.source]
+                "colab_secrets": f"Colab Secrets ({self.detail})", "explicit": "the token passed in",
+                "none": "no token (anonymous)"}[self.source]
 
 
 def _stored_token_path() -> str:
@@ -351,6 +352,8 @@ class HubRemote(Remote):
         retry_initial: first back-off delay in seconds (doubles, with jitter, up to `retry_max`; a
             ``Retry-After`` the Hub sends is honoured).
         sleep: how to wait between tries (tests inject one to observe the delays asked for).
+        require_token: without a token found, fail (the default: a tier writes); False reads anonymously
+            (a public data set).
 
     Raises:
         ConfigError: `repo_id` is not ``owner/name``.
@@ -366,7 +369,7 @@ class HubRemote(Remote):
     def __init__(self, name: str, repo_id: str, *, repo_type: str = "model", revision: str = "main",
                  private: bool = True, endpoint: str | None = None, path_prefix: str = "", keep: int | None = None,
                  token: str | None = None, project: str = "", max_attempts: int = 6, retry_initial: float = 1.0,
-                 retry_max: float = 30.0, sleep: Any = None) -> None:
+                 retry_max: float = 30.0, sleep: Any = None, require_token: bool = True) -> None:
         super().__init__(name)
         if not isinstance(repo_id, str) or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo_id or ""):
             raise ConfigError(f"hub.repo_id: {repo_id!r} must be owner/name, e.g. alice/v68-checkpoints",
@@ -386,6 +389,7 @@ class HubRemote(Remote):
         self.keep = keep
         self.project = project
         self._explicit_token = token
+        self._require_token = require_token
         self._token: _Token | None = None
         self._api: Any = None
         self._lock = threading.Lock()
@@ -416,6 +420,8 @@ class HubRemote(Remote):
                 self._token = _Token(self._explicit_token, "explicit", "")
             else:
                 self._token = _find_token()
+            if self._token is None and not self._require_token:
+                self._token = _Token("", "none", "")
             if self._token is None:
                 raise self.error(RemoteAuthError, f"{self.name}: no Hugging Face token found; create one with write "
                                  f"access at {self.endpoint}/settings/tokens and set it as HF_TOKEN (or run "
@@ -428,7 +434,7 @@ class HubRemote(Remote):
             if self._api is None:
                 hf = _hf()
                 from .. import __version__
-                self._api = hf.HfApi(endpoint=self.endpoint, token=self._token_info().value,
+                self._api = hf.HfApi(endpoint=self.endpoint, token=self._token_info().value or False,
                                      library_name="colabkit", library_version=__version__)
             return self._api
 
@@ -885,10 +891,10 @@ class HubRemote(Remote):
         tmpdir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "hub-", dir=local.parent))
         try:
             # a download that broke (5xx, 429, a dropped connection) is tried again, from the start, into the
-            # same temporary file; what is kept is verified below either way
+            # same temporary file; what is kept is verified below either way. An LFS file is verified by its
+            # sha256: no git oid or md5 to compute (they cost more than the sha256)
             tmp, sha, md5, git = self._retrying(
-                lambda: self._download(full, rel, tmpdir, small=rec.sha256 is None or rec.size <= _SMALL,
-                                       progress=progress),
+                lambda: self._download(full, rel, tmpdir, small=rec.sha256 is None, progress=progress),
                 action=f"downloading {rel} from {self._where()}", path=rel)
             size = tmp.stat().st_size
             if rec.sha256 is not None:
@@ -912,7 +918,7 @@ class HubRemote(Remote):
                   progress: Progress | None) -> tuple[Path, str, str | None, str | None]:
         """Stream the resolve URL into `tmpdir`, hashing on the way: (file, sha256, md5, git oid)."""
         hf = _hf()
-        token = self._token_info().value
+        token = self._token_info().value or False
         target = tmpdir / "download"
         action = f"downloading {rel} from {self._where()}"
         try:
@@ -953,7 +959,7 @@ class HubRemote(Remote):
         hf = _hf()
         p = self._call(hf.hf_hub_download, self.repo_id, full, repo_type=self.repo_type, revision=self.revision,
                        local_dir=str(tmpdir / "dl"), cache_dir=str(tmpdir / "cache"), endpoint=self.endpoint,
-                       token=self._token_info().value, action=action, path=rel)
+                       token=self._token_info().value or False, action=action, path=rel)
         return self._hash_file(Path(os.path.realpath(p)), small=True)
 
     @staticmethod

@@ -1,6 +1,9 @@
 """Project templates and ``colabkit init``: scaffold a project that never overwrites a file.
 
-The files here are package data. :func:`scaffold` copies them into a project::
+The templates are the files in the repository's top-level ``templates/`` folder (the folder a reader opens to
+see what ``colabkit init`` creates). A wheel ships them inside the package as ``colabkit/_templates/`` (the
+``package-dir`` mapping in pyproject.toml); a checkout (``pip install -e .`` or the tree on ``PYTHONPATH``)
+reads them from ``templates/`` itself. :func:`scaffold` copies them into a project::
 
     <dir>/colabkit.yaml             annotated configuration
     <dir>/journal.md                the run / data / package journal
@@ -10,7 +13,8 @@ The files here are package data. :func:`scaffold` copies them into a project::
     <dir>/experiments/<vXX>/requirements.txt
     <dir>/experiments/<vXX>/models/__init__.py
 
-``{{project}}``, ``{{experiment}}`` and ``{{date}}`` in the templates are filled in.
+``{{project}}``, ``{{experiment}}``, ``{{date}}`` and ``{{colabkit_git_url}}`` in the templates are filled in; any other ``{{name}}``
+left in a template is an error (:class:`InitError`), never written into a project.
 """
 from __future__ import annotations
 
@@ -18,11 +22,10 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, InitError  # noqa: F401  (InitError: re-exported)
+from .errors import ConfigError, InitError  # noqa: F401  (InitError: re-exported)
 
 #: template name -> path in the project ({experiment} is filled in)
 FILES = {
@@ -36,6 +39,10 @@ FILES = {
 }
 _MODELS_INIT = '"""Model code of this experiment (bundled by %airlock export with train.py)."""\n'
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+#: in a wheel: the templates as package data; in a checkout: the repository's top-level templates/
+_PACKAGED = Path(__file__).resolve().parent / "_templates"
+_SOURCE = Path(__file__).resolve().parent.parent / "templates"
 
 
 @dataclass
@@ -52,14 +59,31 @@ class ScaffoldResult:
                 "created": [str(p) for p in self.created], "skipped": [str(p) for p in self.skipped]}
 
 
-def template_text(name: str) -> str:
-    """The text of the template `name` (``train.py``, ``journal.md``, ``colabkit.yaml``, ``gitignore``, ...)."""
-    return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")
+def template_dir() -> Path:
+    """The folder holding the templates: ``colabkit/_templates`` in a wheel, else the checkout's ``templates/``.
+
+    Raises:
+        InitError: neither exists (a broken installation).
+    """
+    for d in (_PACKAGED, _SOURCE):
+        if (d / "colabkit.yaml").is_file():
+            return d
+    raise InitError(f"colabkit's project templates are missing (looked in {_PACKAGED} and {_SOURCE}); "
+                    "reinstall colabkit from its git URL or a checkout")
 
 
 def template_path(name: str) -> Path:
-    """A file-system path of the template `name` (the package is installed as plain files)."""
-    return Path(str(resources.files(__name__).joinpath(name)))
+    """A file-system path of the template `name` (``train.py``, ``notebook.ipynb``, ...)."""
+    p = template_dir() / name
+    if not p.is_file():
+        raise InitError(f"no template named {name!r} in {p.parent}; templates: "
+                        f"{', '.join(sorted(x.name for x in p.parent.iterdir() if x.is_file()))}")
+    return p
+
+
+def template_text(name: str) -> str:
+    """The text of the template `name` (``train.py``, ``journal.md``, ``colabkit.yaml``, ``gitignore``, ...)."""
+    return template_path(name).read_text(encoding="utf-8")
 
 
 def scaffold(directory: str | os.PathLike | None = None, *, experiment: str = "v01",
@@ -83,14 +107,16 @@ def scaffold(directory: str | os.PathLike | None = None, *, experiment: str = "v
     name = project or root.name
     if not _NAME.match(name):
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "project"
-    values = {"project": name, "experiment": experiment, "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    from . import GIT_URL
+    values = {"project": name, "experiment": experiment, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+              "colabkit_git_url": GIT_URL}
     out = ScaffoldResult(root=root, experiment=experiment)
     for tpl, rel in FILES.items():
         dest = root / rel.format(experiment=experiment)
         if dest.exists() or dest.is_symlink():
             out.skipped.append(dest)
             continue
-        text = _MODELS_INIT if tpl is None else _fill(template_text(tpl), values)
+        text = _MODELS_INIT if tpl is None else _fill(template_text(tpl), values, name=tpl)
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             # O_EXCL: a file that appears meanwhile is still never overwritten
@@ -103,7 +129,7 @@ def scaffold(directory: str | os.PathLike | None = None, *, experiment: str = "v
         out.created.append(dest)
     cfg = root / "colabkit.yaml"
     if cfg in out.created:
-        from ..config import load_config
+        from .config import load_config
         try:
             load_config(cfg)
         except ConfigError as e:  # the template itself is broken: a bug, say so plainly
@@ -111,7 +137,28 @@ def scaffold(directory: str | os.PathLike | None = None, *, experiment: str = "v
     return out
 
 
-def _fill(text: str, values: dict[str, str]) -> str:
-    for k, v in values.items():
-        text = text.replace("{{" + k + "}}", v)
-    return text
+def render(name: str, **values: str) -> str:
+    """The template `name` with its ``{{placeholders}}`` filled from `values`.
+
+    Raises:
+        InitError: a placeholder of the template has no value (it would be written as ``{{name}}``).
+    """
+    return _fill(template_text(name), values, name=name)
+
+
+def _fill(text: str, values: dict[str, str], *, name: str = "template") -> str:
+    missing: list[str] = []
+
+    def sub(m: re.Match) -> str:
+        key = m.group(1)
+        if key in values:
+            return values[key]
+        missing.append(key)
+        return m.group(0)
+    out = _PLACEHOLDER.sub(sub, text)
+    if missing:
+        raise InitError(f"the {name} template has placeholders nothing fills in: "
+                        f"{', '.join('{{' + k + '}}' for k in dict.fromkeys(missing))}; "
+                        f"known: {', '.join('{{' + k + '}}' for k in values)} (please report this)")
+    return out
+
