@@ -581,7 +581,7 @@ def _declared(config: "Config", name: str, **given: Any) -> dict[str, Any]:
     if not d["source"]:
         declared = ", ".join(s.name for s in config.data.sets) or "none"
         raise DataError(f"data set {name!r} is not declared in colabkit.yaml (declared: {declared}) and no --source "
-                        f"was given; run '%data fetch {name} --source hub:datasets/USER/REPO' or declare it "
+                        f"was given; run '{_cmd('data fetch')} {name} --source hub:datasets/USER/REPO' or declare it "
                         "under data.sets")
     if d["unpack"] not in ("tar", "zip", "none"):
         raise ConfigError(f"--unpack: {d['unpack']!r} is not allowed; use one of tar, zip, none", key="unpack",
@@ -1005,7 +1005,7 @@ def verify(name: str, *, version: str | None = None, config: "Config | None" = N
     recs = _pick(name, version, cfg, cache)
     if not recs:
         raise DataError(f"{name}{' ' + version if version else ''} has not been fetched to "
-                        f"{cache_dir(cfg, cache)}; run '%data fetch {name}'")
+                        f"{cache_dir(cfg, cache)}; run '{_cmd('data fetch')} {name}'")
     out = []
     for rec in recs:
         base = Path(rec["path"])
@@ -1132,3 +1132,9 @@ def ready(names: Iterable[str], *, config: "Config", cache: str | os.PathLike | 
     if bad:
         raise DataError("train.data: " + "; ".join(bad))
     return out
+
+
+def _cmd(s: str) -> str:
+    """`s` as the user runs it where they are: ``%data fetch`` in a notebook, ``colabkit data fetch`` in a shell."""
+    from .runtime import command
+    return command(s)

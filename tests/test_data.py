@@ -406,7 +406,7 @@ def test_bad_input_gets_clear_errors(tmp_path):
     with pytest.raises(DataError) as ei:
         data.fetch("nope", config=cfg_of(root))
     assert str(ei.value) == ("data set 'nope' is not declared in colabkit.yaml (declared: none) and no --source was "
-                             "given; run '%data fetch nope --source hub:datasets/USER/REPO' or declare it under "
+                             "given; run 'colabkit data fetch nope --source hub:datasets/USER/REPO' or declare it under "
                              "data.sets")
     with pytest.raises(DataError) as ei:
         data.fetch("x", source="s3://bucket/key", config=cfg_of(root))
@@ -425,7 +425,7 @@ def test_bad_input_gets_clear_errors(tmp_path):
     assert str(ei.value) == "sha256: 'abc' is not a sha256 hex digest (64 hex characters)"
     with pytest.raises(DataError) as ei:
         data.verify("x", config=cfg_of(root))
-    assert str(ei.value) == f"x has not been fetched to {tmp_path / 'ssd'}; run '%data fetch x'"
+    assert str(ei.value) == f"x has not been fetched to {tmp_path / 'ssd'}; run 'colabkit data fetch x'"
 
 
 def test_config_errors_name_the_key(tmp_path):
