@@ -122,6 +122,13 @@ CLI = [
      "Error: data set 'nothere' is not declared in colabkit.yaml (declared: none) and no --source was given; run "
      "'colabkit data fetch nothere --source hub:datasets/USER/REPO' or declare it under data.sets\n"),
     (["status", "--json", "extra"], 2, "Error: colabkit: unrecognized arguments: extra\n"),
+    (["train", "v01", "--max-vram", "lots"], 2,
+     "Error: colabkit train: argument --max-vram: 'lots' is not a size; use e.g. 500MB or 20GB\n"),
+    (["resume", "--deadline", "never"], 2,
+     "Error: colabkit resume: argument --deadline: 'never' is not a duration; use e.g. 90m or 2h\n"),
+    (["train", "v09"], 1,
+     "Error: unknown experiment 'v09': {root}/experiments/v09 does not exist (experiments here: v01); create it with "
+     "'colabkit init --experiment v09' or pull it with 'colabkit airlock pull v09'\n"),
 ]
 
 
@@ -134,7 +141,7 @@ def test_bad_command_line(tmp_path, monkeypatch, capsys, argv, rc, err):
     monkeypatch.chdir(root)
     before = snapshot(root)
     assert cli.main(argv) == rc
-    assert capsys.readouterr().err == err
+    assert capsys.readouterr().err == err.format(root=root.resolve())
     assert snapshot(root) == before
 
 
