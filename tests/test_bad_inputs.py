@@ -205,7 +205,8 @@ def test_a_checkpoint_that_is_a_directory(tmp_path):
 def test_a_ledger_from_a_newer_colabkit_is_kept_and_nothing_is_uploaded_twice(tmp_path, caplog):
     """Before: read, then saved over in this colabkit's format, dropping what the newer one recorded."""
     root = make_project(tmp_path)
-    files = [ckpt(root, s) for s in (1, 2)]
+    for s in (1, 2):
+        ckpt(root, s)
     cfg = load_config(start=root)
     assert sync.once(config=cfg)["ok"]
     ledger = root / ".colabkit" / "ledger" / "backup.json"
