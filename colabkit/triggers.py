@@ -386,7 +386,8 @@ class Engine:
     def __init__(self, config: "Config", experiment: str, rules_: Sequence[TriggerRule] | None = None, *,
                  run: str = _RUN_MAIN, run_id: str | None = None, output_dir: str | os.PathLike | None = None,
                  base: str | os.PathLike | None = None, on_enqueue: Callable[[], None] | None = None,
-                 dry_run: bool = False, args: Sequence[str] = ()) -> None:
+                 dry_run: bool = False, args: Sequence[str] = (),
+                 checkpoint_dir: str | os.PathLike | None = None) -> None:
         self.config = config
         self.experiment = experiment
         self.rules = tuple(rules(config, experiment=experiment) if rules_ is None else rules_)
@@ -402,6 +403,8 @@ class Engine:
         self.path: str | None = None
         self.attempt: int | None = None
         self.last_activity = time.time()
+        #: a checkpoint written there counts as activity too (the folder's mtime moves with every save's rename)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.ended = False
         self.fired: list[dict[str, Any]] = []   # what fired through this engine (dry runs keep them here only)
         self._seen: set[str] = set()
@@ -491,7 +494,14 @@ class Engine:
         if not self._idle_rules or self.ended:
             return
         now = time.time() if now is None else now
+        if self.checkpoint_dir is not None:
+            try:
+                saved = os.stat(self.checkpoint_dir).st_mtime
+            except OSError:
+                saved = 0.0
         with self._lock:
+            if self.checkpoint_dir is not None and saved > self.last_activity:
+                self.last_activity = saved
             idle = now - self.last_activity
             for c in self._idle_rules:
                 if idle >= (c.rule.inactivity or 0):
@@ -1048,7 +1058,7 @@ def attach(job: Any) -> Engine | None:
     run = getattr(job, "run_name", None) or _RUN_MAIN
     eng = Engine(job.config, job.experiment, rs, run=run, run_id=job.run_id,
                  output_dir=getattr(job, "output_dir", None) or job.config.experiment_dir(job.experiment),
-                 base=job.cwd, args=job.args)
+                 base=job.cwd, args=job.args, checkpoint_dir=getattr(job, "checkpoint_dir", None))
     main = job if run == _RUN_MAIN else None  # after_main waits for the experiment's main run only
     eng.on_enqueue = lambda: _ensure_worker(job.config, job.experiment, eng, main)
     job.listeners.append(eng.listener)
@@ -1097,7 +1107,8 @@ def watch(logfile: str | os.PathLike, *, config: "Config | None" = None, experim
     wk = Worker(cfg, experiment=exp, until_idle=False, poll=poll) if worker else None
     exp_dir = cfg.experiment_dir(exp)
     eng = Engine(cfg, exp, rs, run=run, base=exp_dir if exp_dir.is_dir() else path.parent,
-                 on_enqueue=wk.wake if wk else None)
+                 on_enqueue=wk.wake if wk else None,
+                 checkpoint_dir=cfg.checkpoint_dir(exp) if exp_dir.is_dir() else None)
     if wk is not None:
         wk.engines.append(eng)
     parser = LineParser(cfg)

@@ -277,6 +277,34 @@ def test_inactivity_fires_once_per_silence(tmp_path):
     assert len(triggers.list_entries(config=cfg)) == 2
 
 
+def test_inactivity_counts_checkpoints_written_without_a_log_line(tmp_path):
+    """'No new log line or checkpoint for a duration': a run that saves quietly is not silent."""
+    rules = [{"name": "quiet", "inactivity": "1s", "action": {"type": "log", "message": "silent {idle}s"}}]
+    root = make_project(tmp_path / "p", rules)
+    cfg = cfg_of(root)
+    ck = cfg.checkpoint_dir("v01")
+    ck.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "x.log"
+    log.write_text("step 1 loss 1.0\n")
+    stop = threading.Event()
+    t = threading.Thread(target=triggers.watch, args=(log,), kwargs=dict(config=cfg, experiment="v01", poll=0.05,
+                                                                         stop_event=stop, worker=False),
+                         name="test-watch")
+    t.start()
+    try:
+        saved = threading.Event()
+        for i in range(8):   # a checkpoint every 0.3 s for 2.4 s, and no line: longer than the 1 s of silence
+            tmp = ck / f".colabkit-tmp-v01_step_{i:08d}.pt"
+            tmp.write_bytes(b"x")
+            os.replace(tmp, ck / f"v01_step_{i:08d}.pt")
+            saved.wait(0.3)
+            assert triggers.list_entries(config=cfg) == [], f"fired while checkpoint {i} was being written"
+        wait_for(lambda: triggers.list_entries(config=cfg), what="an inactivity entry once the saves stop")
+    finally:
+        stop.set()
+        t.join(30)
+
+
 # -- 2. kill -9 at 20 random moments ---------------------------------------------------------------------------
 def test_kill9_of_the_watcher_and_worker_at_random_moments_runs_nothing_twice(tmp_path):
     side = tmp_path / "side.txt"
