@@ -1053,7 +1053,7 @@ class TierSyncer(threading.Thread):
         self.ledger.record(f.rel, remote_path=remote_path, size=rec.size, sha256=sha, md5=rec.md5,
                            remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns)
         _activity.info("%s: %s was uploaded before an interruption; verified and recorded", self.tier.name, f.rel)
-        if _step_of(os.path.basename(f.path)) is not None:
+        if f.unit is not None or _step_of(os.path.basename(f.path)) is not None:
             self._ckpt_recorded = True
         return True
 
@@ -1081,7 +1081,7 @@ class TierSyncer(threading.Thread):
         self.ledger.record(f.rel, remote_path=rec.path, size=rec.size, sha256=rec.sha256 or sha,
                            md5=rec.md5 or (digest.md5 if digest else None), remote_id=rec.id,
                            local_size=f.size, local_mtime_ns=f.mtime_ns)
-        if _step_of(os.path.basename(f.path)) is not None:
+        if f.unit is not None or _step_of(os.path.basename(f.path)) is not None:
             self._ckpt_recorded = True
         with self._lock:
             self._pending.pop(f.rel, None)
