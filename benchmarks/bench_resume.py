@@ -52,7 +52,7 @@ def run() -> list[dict[str, Any]]:
     work = Path(tempfile.mkdtemp(prefix="bench-resume-", dir=WORK))
     try:
         root = work / "proj"
-        root.mkdir()
+        (root / "experiments" / "v01").mkdir(parents=True)   # resume names an experiment that exists
         (root / "colabkit.yaml").write_text(f"tiers:\n  - name: drive\n    remote: local\n    path: {work / 'tier'}\n"
                                             "resume:\n  priority: [local, drive]\n")
         cfg = load_config(root / "colabkit.yaml")

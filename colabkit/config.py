@@ -477,6 +477,8 @@ _UNITS: dict[str, dict[str, str]] = {
     "AirlockConfig": {"max_unpacked": "size"},
     "TrainConfig": {"restart_backoff": "duration", "stall_after": "duration", "grace": "duration",
                     "max_vram": "size", "min_free_disk": "size"},
+    "DataConfig": {"min_free": "size", "max_unpacked": "size"},
+    "ReleaseConfig": {"idle_after": "duration"},
 }
 
 

@@ -50,6 +50,7 @@ from .errors import (ColabkitError, ConfigError, DataError, DiskFullError, Integ
                      RemoteNotFoundError, TransientRemoteError)
 from .fsutil import (CHUNK, TMP_PREFIX, atomic_copy, atomic_write_json, free_bytes, fsync_dir, hash_file,
                      is_temporary)
+from .runtime import command
 
 if TYPE_CHECKING:
     from .config import Config, DataSetConfig
@@ -560,7 +561,7 @@ class FetchResult:
             out.append("  recorded in journal.md")
         out += [f"  warning: {w}" for w in self.warnings]
         env = "COLABKIT_DATA_" + env_name(self.name)
-        out.append(f"  %train gives train.py this path as ${env} when train.data lists {self.name}")
+        out.append(f"  train.py gets this path as ${env} when train.data lists {self.name}")
         return out
 
 
@@ -581,8 +582,8 @@ def _declared(config: "Config", name: str, **given: Any) -> dict[str, Any]:
     if not d["source"]:
         declared = ", ".join(s.name for s in config.data.sets) or "none"
         raise DataError(f"data set {name!r} is not declared in colabkit.yaml (declared: {declared}) and no --source "
-                        f"was given; run '%data fetch {name} --source hub:datasets/USER/REPO' or declare it "
-                        "under data.sets")
+                        f"was given; run '{command(f'data fetch {name} --source hub:datasets/USER/REPO')}' or "
+                        "declare it under data.sets")
     if d["unpack"] not in ("tar", "zip", "none"):
         raise ConfigError(f"--unpack: {d['unpack']!r} is not allowed; use one of tar, zip, none", key="unpack",
                           value=d["unpack"])
@@ -661,7 +662,7 @@ def _check_space(where: Path, needed: int, *, config: "Config", what: str) -> No
         raise DiskFullError(
             f"{what} needs {format_size(needed)} but only {format_size(free)} is free on the disk of {where} "
             f"(and data.min_free keeps {format_size(margin)} free); nothing was downloaded. Free space "
-            "('colabkit data evict NAME' removes a data set), or point data.cache at a larger disk",
+            f"('{command('data evict NAME')}' removes a data set), or point data.cache at a larger disk",
             path=str(where), free=free, needed=needed + margin)
 
 
@@ -1005,7 +1006,7 @@ def verify(name: str, *, version: str | None = None, config: "Config | None" = N
     recs = _pick(name, version, cfg, cache)
     if not recs:
         raise DataError(f"{name}{' ' + version if version else ''} has not been fetched to "
-                        f"{cache_dir(cfg, cache)}; run '%data fetch {name}'")
+                        f"{cache_dir(cfg, cache)}; run '{command(f'data fetch {name}')}'")
     out = []
     for rec in recs:
         base = Path(rec["path"])
@@ -1079,7 +1080,7 @@ def evict(name: str, *, version: str | None = None, config: "Config | None" = No
     leftovers = sorted((root / name).glob(TMP_PREFIX + "*")) if (root / name).is_dir() else []
     if not recs and not leftovers:
         raise DataError(f"{name}{' ' + version if version else ''} is not in the data cache {root}; "
-                        "'colabkit data list' shows what is")
+                        f"'{command('data list')}' shows what is")
     removed, kept = [], []
     for rec in recs:
         p = Path(rec["path"])
@@ -1120,7 +1121,7 @@ def ready(names: Iterable[str], *, config: "Config", cache: str | os.PathLike | 
         want = decl.version if decl is not None else None
         recs = [r for r in records(n, config=config, cache=cache)
                 if (want is None or r["version"] == want) and (decl is None or r["source"] == decl.source)]
-        fix = f"'%data fetch {n}' (colabkit data fetch {n})"
+        fix = f"'{command(f'data fetch {n}')}'"
         if not recs:
             bad.append(f"{n}{' ' + want if want else ''} is not on the local disk: run {fix}")
             continue

@@ -107,7 +107,7 @@ class Decision:
                 out.append("NOT RELEASED: nothing is configured to release this machine (release.command)")
             else:
                 out.append(f"NOT RELEASED ({failed} failed): did not {what}. Fix the above, or pass "
-                           "--release-when-done=force / colabkit release --force to release anyway")
+                           f"--release-when-done=force / {command('release --force')} to release anyway")
         elif self.decision == "dry-run":
             out.append(f"Dry run: would {'release' if self.ok else 'refuse'}: {what}"
                        + ("" if self.ok else f" (failing: {', '.join(c.name for c in self.checks if not c.ok)})"))
@@ -240,7 +240,7 @@ def check_tiers(cfg: "Config", experiments: Iterable[str | None]) -> Check:
             size = sum(p.stat().st_size for _, p in want)
             summary.append(f"{t.name}: {len(want)} files, {format_size(size)}")
     if short:
-        return Check("tiers", False, "; ".join(short) + ": not verified on the tier yet (see '%sync status')")
+        return Check("tiers", False, "; ".join(short) + f": not verified on the tier yet (see '{command('sync status')}')")
     return Check("tiers", True, "every tier holds a verified copy of the final checkpoint and logs ("
                  + "; ".join(summary) + ")")
 

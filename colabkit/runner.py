@@ -373,7 +373,8 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
             if not allow_network_data:
                 raise PreflightError(
                     f"{experiment}: data path {p} is on a network/FUSE mount: training from it is slow and stalls "
-                    "when the mount hiccups. Pre-fetch it to the local SSD ('%data fetch NAME --source PATH', and "
+                    "when the mount hiccups. Pre-fetch it to the local SSD "
+                    f"('{command('data fetch NAME --source PATH')}', and "
                     "list NAME in train.data), or pass --allow-network-data to train from the mount anyway")
             warnings.append(f"data path {p} is on a network/FUSE mount: training from it is slow and stalls "
                             "when the mount hiccups; pre-fetch it to local SSD (/content/ or /mnt/) before "
@@ -551,6 +552,8 @@ class Job:
         self.sync_enabled = sync
         self.on_line = on_line
         self.on_warning = on_warning
+        # the child's own messages (a Checkpointer's errors) name commands as the user types them here
+        self.command_form = "magic" if command("train").startswith("%") else "cli"
         self.python = python or sys.executable
         self.started = time.time()
         self.run_id = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(self.started))}-{uuid.uuid4().hex[:4]}"
@@ -755,7 +758,8 @@ class Job:
         env.update({"COLABKIT_EXPERIMENT": self.experiment, "COLABKIT_RUN_ID": self.run_id,
                     "COLABKIT_PROJECT_ROOT": str(self.config.root),
                     "COLABKIT_CHECKPOINT_DIR": str(self.checkpoint_dir), "COLABKIT_LOG_DIR": str(self.log_dir),
-                    "COLABKIT_ATTEMPT": str(n), "PYTHONUNBUFFERED": "1"})
+                    "COLABKIT_ATTEMPT": str(n), "COLABKIT_COMMAND_FORM": self.command_form,
+                    "PYTHONUNBUFFERED": "1"})
         if resume_from:
             env["COLABKIT_RESUME_FROM"] = str(resume_from)
         else:

@@ -102,7 +102,12 @@ def command(line: str) -> str:
     Returns:
         ``colabkit airlock pull v01`` in a terminal, ``%airlock pull v01`` in IPython.
     """
-    return (_form.get() or _default_form)(line)
+    form = _form.get() or _default_form
+    if form is cli_form and os.environ.get("COLABKIT_COMMAND_FORM") == "magic":
+        # a train.py that %train started: what it prints lands in the notebook cell
+        from .commands import magic_form  # light: argparse and the error types
+        form = magic_form
+    return form(line)
 
 
 @contextlib.contextmanager

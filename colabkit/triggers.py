@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 
 from .config import TRIGGER_STATES, TriggerRule, format_duration, parse_triggers
 from .errors import ColabkitError, ConfigError, TriggerError
-from .fsutil import TMP_PREFIX, atomic_write_json, fsync_dir
+from .fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, sweep_temporaries, temp_prefix
 from .runtime import command
 
 if TYPE_CHECKING:
@@ -274,7 +274,7 @@ class Queue:
         if os.path.exists(final):
             return False
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f"{TMP_PREFIX}{entry['id']}.{os.getpid()}.{threading.get_ident()}"
+        tmp = self.dir / f"{temp_prefix(entry['id'])}t{threading.get_ident()}"  # names its writer: swept once it is gone
         data = json.dumps(entry, indent=1, sort_keys=True, default=str).encode()
         with open(tmp, "wb") as f:
             f.write(data)
@@ -911,6 +911,8 @@ class Worker:
 
     def loop(self) -> None:
         """Run until stopped (or, with `until_idle`, until nothing is left to do)."""
+        for q in self._queues():  # what a writer killed mid-write left behind
+            sweep_temporaries(q.dir)
         while not self._stop.is_set():
             self._wake.clear()
             try:
@@ -1238,8 +1240,10 @@ def test(logfile: str | os.PathLike, *, config: "Config | None" = None, experime
         for line in f:
             eng.feed(line, parser)
             n += 1
+    from .secrets import redact_config
     q = Queue(cfg, exp)
-    fired = [{"id": e["id"], "rule": e["rule"], "step": e["step"], "state": e["state"], "action": e["action"],
+    fired = [{"id": e["id"], "rule": e["rule"], "step": e["step"], "state": e["state"],
+              "action": redact_config(e["action"]),
               "error": e.get("error"), "queued": q.exists(e["id"])} for e in eng.fired]
     return {"log": str(path), "experiment": exp, "lines": n, "rules": len(rs), "fired": fired}
 
@@ -1296,10 +1300,11 @@ def show(entry: str, *, config: "Config | None" = None, lines: int = 20) -> dict
     """One entry: the whole record, its effective state, and the tail of its output log."""
     cfg = _config(config)
     q, e = _find(cfg, entry)
-    out = dict(e)
+    from .secrets import redact, redact_config
+    out = redact_config(dict(e))  # an env: TOKEN of a command is never shown
     out["state"] = _effective_state(q, e)
     out["path"] = str(q.path(e["id"]))
-    out["output_tail"] = _tail(e.get("output"), lines)
+    out["output_tail"] = [redact(x) for x in _tail(e.get("output"), lines)]
     return out
 
 

@@ -184,6 +184,20 @@ train:
   stall_after: 1d
   total_steps: 300
   step_regex: 'it (?P<step>\\d+)'
+  data: [pg19]
+data:
+  cache: /mnt/ssd/data
+  min_free: 2GB
+  sets:
+    - name: pg19
+      source: hub:datasets/alice/pg19@v1.0:train/*.parquet
+      version: v1.0
+      unpack: tar
+      sha256: {pg19.tar: 5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03}
+release:
+  command: sudo -n shutdown -h +2
+  idle_after: 45m
+  tiers: [hub]
 triggers:
   - name: cool
     event: checkpoint
@@ -211,7 +225,8 @@ def test_config_show_prints_what_a_user_writes_and_parses_back_to_an_equal_confi
     lines = out.splitlines()
     for expected in ("  every: 90m", "  max_file_size: 100MB", "  every: 150m", "  every: 1500ms",
                      "  max_file_size: 1234567", "  chunk_size: 8MiB", "  timeout: 45s", "  min_free: 1500MB",
-                     "  settle: 250ms", "  max_vram: 20GB", "  stall_after: 1d", "  retry_max: 10m"):
+                     "  settle: 250ms", "  max_vram: 20GB", "  stall_after: 1d", "  retry_max: 10m",
+                     "  min_free: 2GB", "  max_unpacked: 500GB", "  idle_after: 45m"):
         assert expected in lines, expected
     back = load_config(data=yaml.safe_load(out), start=cfg.root)
     assert back.with_changes(source=cfg.source) == cfg

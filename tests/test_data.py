@@ -380,7 +380,7 @@ def test_new_version_goes_beside_the_old_verify_and_evict(tmp_path, capsys, monk
     out = capsys.readouterr().out
     assert out.splitlines() == [f"toy {v1.version}: 1 damaged file(s) in {v1.path}:",
                                 "  a.txt does not match its recorded sha256 (size 4 vs 4)",
-                                "  fetch it again: '%data fetch toy' (colabkit data fetch toy)"]
+                                "  fetch it again: 'colabkit data fetch toy'"]
     assert main(["data", "evict", "toy", "--version", v1.version]) == 0
     assert capsys.readouterr().out.splitlines() == [f"Removed toy {v1.version} (4 B): {v1.path}", "Freed 4 B"]
     assert not v1.path.exists() and v2.path.is_dir()
@@ -406,8 +406,8 @@ def test_bad_input_gets_clear_errors(tmp_path):
     with pytest.raises(DataError) as ei:
         data.fetch("nope", config=cfg_of(root))
     assert str(ei.value) == ("data set 'nope' is not declared in colabkit.yaml (declared: none) and no --source was "
-                             "given; run '%data fetch nope --source hub:datasets/USER/REPO' or declare it under "
-                             "data.sets")
+                             "given; run 'colabkit data fetch nope --source hub:datasets/USER/REPO' or declare it "
+                             "under data.sets")
     with pytest.raises(DataError) as ei:
         data.fetch("x", source="s3://bucket/key", config=cfg_of(root))
     assert str(ei.value) == ("'s3://bucket/key': unknown kind of source; use hub:datasets/USER/REPO[@REV][:GLOB], "
@@ -425,7 +425,7 @@ def test_bad_input_gets_clear_errors(tmp_path):
     assert str(ei.value) == "sha256: 'abc' is not a sha256 hex digest (64 hex characters)"
     with pytest.raises(DataError) as ei:
         data.verify("x", config=cfg_of(root))
-    assert str(ei.value) == f"x has not been fetched to {tmp_path / 'ssd'}; run '%data fetch x'"
+    assert str(ei.value) == f"x has not been fetched to {tmp_path / 'ssd'}; run 'colabkit data fetch x'"
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -459,4 +459,65 @@ def test_data_magic_and_json(ip, tmp_path, capsys, monkeypatch):
     from IPython.core.error import UsageError
     with pytest.raises(UsageError) as ei:
         ip.run_line_magic("data", "fetch other")
-    assert "data set 'other' is not declared in colabkit.yaml" in str(ei.value)
+    assert str(ei.value) == ("data set 'other' is not declared in colabkit.yaml (declared: toy) and no --source was "
+                             "given; run '%data fetch other --source hub:datasets/USER/REPO' or declare it under "
+                             "data.sets")   # the next step in the form of where the user is
+
+
+def test_gdown_public_link_with_declared_sha256(drive_server, tmp_path):
+    payload = os.urandom(200_000)
+    fid = drive_server.add_public_file("pg19.bin", payload)
+    root = project(tmp_path, extra={"drive": {"endpoint": drive_server.endpoint}},
+                   sets=[{"name": "pg19", "source": f"gdown:{fid}", "version": "v1", "sha256": sha(payload)}])
+    res = data.fetch("pg19", config=cfg_of(root), progress=False)
+    assert res.verified == "declared" and (res.path / "pg19.bin").read_bytes() == payload
+    n = len(drive_server.requests)
+    assert data.fetch("pg19", config=cfg_of(root), progress=False).up_to_date and len(drive_server.requests) == n
+
+
+def test_zip_is_unpacked_with_every_file_recorded(files_srv, tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("c4/en/a.json", b'{"a": 1}\n')
+        zf.writestr("c4/en/b.json", b'{"b": 2}\n')
+    (files_srv.root / "c4.zip").write_bytes(buf.getvalue())
+    root = project(tmp_path)
+    res = data.fetch("c4", source=files_srv.url("c4.zip"), unpack="zip", sha256=sha(buf.getvalue()),
+                     config=cfg_of(root), progress=False)
+    rec = data.read_record("c4", res.version, config=cfg_of(root))
+    assert [(f["path"], f["size"], f["sha256"]) for f in rec["files"]] == [
+        ("c4/en/a.json", 9, sha(b'{"a": 1}\n')), ("c4/en/b.json", 9, sha(b'{"b": 2}\n'))]
+    assert rec["source_files"] == {"c4.zip": {"size": len(buf.getvalue()), "sha256": sha(buf.getvalue())}}
+    assert data.verify("c4", config=cfg_of(root))["ok"]
+
+
+def test_a_fetch_that_gave_up_keeps_what_it_had_and_the_next_one_continues(files_srv, tmp_path, monkeypatch):
+    payload = os.urandom(2_000_000)
+    (files_srv.root / "c4.bin").write_bytes(payload)
+    root = project(tmp_path, sets=[{"name": "c4", "source": files_srv.url("c4.bin"), "version": "v1",
+                                    "sha256": sha(payload)}])
+    monkeypatch.setattr(data, "ATTEMPTS", 1)    # give up at the first drop, as a crash would
+    files_srv.drop_after = 1_500_000
+    with pytest.raises(DataError) as ei:
+        data.fetch("c4", config=cfg_of(root), progress=False)
+    assert str(ei.value).startswith("downloading c4.bin failed 1 times (")
+    assert str(ei.value).endswith("); what was downloaded is kept: run the same fetch again to continue")
+    assert not (tmp_path / "ssd" / "c4" / "v1").exists()
+    res = data.fetch("c4", config=cfg_of(root), progress=False)
+    assert (res.path / "c4.bin").read_bytes() == payload and res.downloaded == 500_000
+    assert [(g[2], g[3]) for g in files_srv.gets()] == [(200, None), (206, "bytes=1500000-")]
+
+
+def test_evict_never_removes_a_data_set_a_running_job_uses(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("one\n")
+    root = project(tmp_path, sets=[{"name": "toy", "source": str(src), "version": "v1"}])
+    res = data.fetch("toy", config=cfg_of(root), progress=False)
+    jobs = root / ".colabkit" / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "v01.json").write_text(json.dumps({"experiment": "v01", "run_id": "v01-run", "state": "running",
+                                               "pid": os.getpid(), "data": {"toy": str(res.path)}}))
+    out = data.evict("toy", config=cfg_of(root))
+    assert out["kept"] == [{"version": "v1", "path": str(res.path),
+                            "reason": "the running job v01-run (v01) uses it"}] and res.path.is_dir()

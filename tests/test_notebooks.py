@@ -191,6 +191,19 @@ def test_colab_notebook_runs_on_a_laptop_pull_skipped_resume_train_in_background
     assert "newest checkpoint on each tier: drive none, hub step 40" in last
     assert "Safe to lose: this runtime's disk." in last
     assert (project / "experiments" / "v01" / "checkpoints" / "v01_step_00000040.pt").is_file()
+    # the data set went to the local SSD, verified against nothing (a demo folder: said so), journaled once
+    fetched = out(nb, "%data fetch")
+    assert re.search(r"^toy sha-[0-9a-f]{12}: 1 files, 10\.4 KB in .*/data/toy/sha-[0-9a-f]{12} \(downloaded 10\.4 KB\)$",
+                     fetched, re.M), fetched
+    assert "  UNVERIFIED: no digest to check against: a local copy without a declared sha256" in fetched
+    assert (project / "journal.md").read_text().count("- **Dataset**: toy sha-") == 1
+    # the release cell, on a laptop: the checks, and a refusal (nothing to release here)
+    rel = out(nb, "%release --experiment").splitlines()
+    assert rel[0] == "Release checks:", rel
+    assert rel[1] == ("  FAIL  platform  not on Colab or a Google VM: nothing is configured to release this machine "
+                      "(set release.command in colabkit.yaml)")
+    assert any(x.startswith("  ok    tiers     every tier holds a verified copy of the final checkpoint") for x in rel)
+    assert rel[-2].startswith("Dry run: would refuse: nothing to release here (failing: platform")
 
 
 # -- notebooks/vm_l4.ipynb -----------------------------------------------------------------------------------
@@ -227,6 +240,9 @@ def test_vm_notebook_checks_the_machine_exports_refuses_what_would_not_fit_impor
     assert "Added to journal.md:" in journal and "toy-regression" in journal
     assert re.search(r"(?i)Pinned pyyaml==\S+ in \S*experiments/v01/requirements\.txt", journal), journal
     assert "toy-regression" in (project / "journal.md").read_text()
+    # turning the VM off: on a laptop only the checks, and no release (nothing is configured to release it)
+    rel = out(nb, "%release --experiment").splitlines()
+    assert rel[0] == "Release checks:" and rel[-2].startswith("Dry run: would refuse: nothing to release here"), rel
 
 
 # -- notebooks/agent.ipynb -----------------------------------------------------------------------------------

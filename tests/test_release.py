@@ -82,7 +82,7 @@ def test_dry_run_decides_without_flushing_or_acting(tmp_path, capsys, monkeypatc
         "  ok    platform  run the release command 'shutdown -h +2'",
         "  FAIL  tiers     backup lacks 3 of 3 (experiments/v01/checkpoints/v01_step_00000200.pt, "
         "experiments/v01/checkpoints/v01_step_00000200.pt.json, experiments/v01/logs/run1/train.log): not verified "
-        "on the tier yet (see '%sync status')",
+        "on the tier yet (see 'colabkit sync status')",
         "  ok    triggers  no trigger action queued, running or interrupted",
         "  ok    jobs      no other job of this project is active",
         "Dry run: would refuse: run the release command 'shutdown -h +2' (failing: tiers)"]
@@ -184,7 +184,7 @@ def test_status_shows_idle_time_and_a_refusal_loudly(tmp_path, capsys, monkeypat
     root = make(tmp_path)
     q = root / ".colabkit" / "actions" / "v01"
     q.mkdir(parents=True)
-    (q / "a.json").write_text(json.dumps({"id": "a", "state": "running"}))
+    (q / "a.json").write_text(json.dumps({"id": "a", "state": "pending"}))
     release.release("v01", config=cfg(root), releaser=Releaser())
     monkeypatch.chdir(root)
     assert main(["status"]) == 0
@@ -194,8 +194,7 @@ def test_status_shows_idle_time_and_a_refusal_loudly(tmp_path, capsys, monkeypat
     assert out[i + 2].startswith("  last release: REFUSED ") and out[i + 2].endswith(
         "ago: NOT RELEASED (triggers failed): did not run the release command 'shutdown -h +2'. Fix the above, or "
         "pass --release-when-done=force / colabkit release --force to release anyway")
-    # a "running" entry whose worker is gone reads as interrupted: still not done, so still no release
-    assert out[i + 3] == ("    triggers: 1 trigger action(s) still queued, running or interrupted: a (interrupted); "
+    assert out[i + 3] == ("    triggers: 1 trigger action(s) still queued, running or interrupted: a (pending); "
                           "see 'colabkit triggers list'")
 
 
@@ -213,3 +212,20 @@ def test_watch_idle_releases_once_idle(tmp_path, monkeypatch):
         release.watch_idle(config=load_config(data={}))
     assert str(ei.value) == ("release.idle_after is not set: the idle guard is off. Set it in colabkit.yaml, e.g. "
                              "release: {idle_after: 30m}")
+
+
+def test_a_running_action_holds_the_machine_and_so_does_one_whose_worker_died(tmp_path):
+    from colabkit import triggers
+    root = make(tmp_path)
+    q = triggers.Queue(cfg(root), "v01")
+    assert q.create({"id": "eval-200", "state": "running", "created": 1.0, "rule": "eval"})
+    r = Releaser()
+    with q.lock("eval-200") as held:
+        assert held
+        d = release.release("v01", config=cfg(root), releaser=r)
+    assert failed(d) == ["triggers"] and r.calls == []
+    assert d.checks[3].detail == ("1 trigger action(s) still queued, running or interrupted: eval-200 (running); see "
+                                  "'colabkit triggers list'")
+    d = release.release("v01", config=cfg(root), releaser=r)   # nobody holds its claim: interrupted, not done
+    assert failed(d) == ["triggers"] and r.calls == []
+    assert d.checks[3].detail.endswith("eval-200 (interrupted); see 'colabkit triggers list'")

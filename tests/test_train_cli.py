@@ -171,6 +171,16 @@ def test_cli_prints_a_warning_once(project):
     assert line.startswith("v01: at the measured pace (")
 
 
+@pytest.mark.magic
+def test_what_train_py_prints_names_commands_as_the_user_types_them_there(project, ip, capsys):
+    use(project, "next_step.py")
+    ip.run_line_magic("train", "v01 --resume none --no-sync")
+    assert "next step: %sync flush" in capsys.readouterr().out.splitlines()
+    out = cli("train", "v01", "--resume", "none", "--no-sync", cwd=project)
+    assert out.returncode == 0, out.stderr
+    assert "next step: colabkit sync flush" in out.stdout.splitlines()
+
+
 def test_cli_json_result(project):
     out = cli("train", "v01", "--json", "--resume", "none", cwd=project)
     assert out.returncode == 0, out.stderr

@@ -42,8 +42,7 @@ def test_missing_data_set_refuses_the_run_with_the_fetch_command(tmp_path):
     root = make(tmp_path, train={"data": ["toy-set"]})
     with pytest.raises(PreflightError) as ei:
         runner.train("v01", config=cfg(root), resume="none")
-    assert str(ei.value) == ("v01: train.data: toy-set v1 is not on the local disk: run '%data fetch toy-set' "
-                             "(colabkit data fetch toy-set)")
+    assert str(ei.value) == "v01: train.data: toy-set v1 is not on the local disk: run 'colabkit data fetch toy-set'"
     assert not (root / "experiments" / "v01" / "logs").exists()
 
 
@@ -54,7 +53,7 @@ def test_damaged_data_set_refuses_and_a_fetched_one_reaches_train_py(tmp_path):
     with pytest.raises(PreflightError) as ei:
         runner.train("v01", config=cfg(root), resume="none")
     assert str(ei.value) == ("v01: train.data: toy-set v1 fails its check (a.txt has 17 bytes, not 6): run "
-                             "'%data fetch toy-set' (colabkit data fetch toy-set)")
+                             "'colabkit data fetch toy-set'")
     data.fetch("toy-set", config=cfg(root), progress=False)
     lines: list[str] = []
     out = runner.train("v01", config=cfg(root), resume="none", on_line=lines.append)
@@ -70,8 +69,8 @@ def test_data_path_on_a_network_mount_is_refused_unless_allowed(tmp_path, monkey
         runner.train("v01", config=cfg(root), resume="none")
     assert str(ei.value) == (
         "v01: data path /content/drive/MyDrive/data is on a network/FUSE mount: training from it is slow and stalls "
-        "when the mount hiccups. Pre-fetch it to the local SSD ('%data fetch NAME --source PATH', and list NAME in "
-        "train.data), or pass --allow-network-data to train from the mount anyway")
+        "when the mount hiccups. Pre-fetch it to the local SSD ('colabkit data fetch NAME --source PATH', and list "
+        "NAME in train.data), or pass --allow-network-data to train from the mount anyway")
     assert parse(["train", "v01", "--allow-network-data"]).allow_network_data is True
 
 
@@ -101,7 +100,7 @@ def test_release_when_done_refuses_while_an_action_is_queued_and_force_releases(
                 extra={"release": {"command": "shutdown -h +2"}})
     q = root / ".colabkit" / "actions" / "v01"
     q.mkdir(parents=True)
-    (q / "eval-10.json").write_text(json.dumps({"id": "eval-10", "state": "running"}))
+    (q / "cooldown-10.json").write_text(json.dumps({"id": "cooldown-10", "state": "waiting", "created": 1.0}))
     said: list[str] = []
     r = Releaser()
     runner.train("v01", config=cfg(root), resume="none", on_warning=said.append, release_when_done=True, releaser=r)

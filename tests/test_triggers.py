@@ -621,3 +621,36 @@ def test_status_with_a_bad_triggers_yaml_reports_instead_of_raising(tmp_path):
     st = triggers.status(config=cfg_of(root))
     assert st["configured"] is False and st["rules"] == []
     assert st["error"].startswith("experiments/v01/triggers.yaml: triggers[0]: no detector; ")
+
+
+def test_a_worker_sweeps_temporaries_a_killed_writer_left_in_the_queue(tmp_path):
+    root = make_project(tmp_path / "p", [{"name": "n", "event": "checkpoint", "action": {"type": "log",
+                                                                                      "message": "m"}}])
+    cfg = cfg_of(root)
+    q = triggers.Queue(cfg, "v01")
+    q.dir.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    from colabkit.fsutil import TMP_PREFIX, owner_tag
+    stale = q.dir / f"{TMP_PREFIX}n-100-abc.{owner_tag(int(dead.stdout))}.t1"
+    stale.write_text("{}")
+    mine = q.dir / f"{TMP_PREFIX}n-200-abc.{owner_tag()}.t1"
+    mine.write_text("{}")
+    triggers.worker(config=cfg, experiment="v01", once=True, poll=0.05)
+    assert not stale.exists() and mine.exists()
+
+
+def test_show_and_test_never_print_a_secret_of_a_commands_env(tmp_path):
+    rules = [{"name": "up", "event": "checkpoint",
+              "action": {"type": "command", "command": ["sh", "-c", "echo token is $HF_TOKEN"],
+                         "env": {"HF_TOKEN": "hf_abcdefghijklmnopqrstuvwxyz0123456789"}}}]
+    root = make_project(tmp_path / "p", rules)
+    cfg = cfg_of(root)
+    log = tmp_path / "train.log"
+    log.write_text(ckpt_lines([100]))
+    dry = triggers.test(log, config=cfg, experiment="v01")
+    assert dry["fired"][0]["action"]["env"] == {"HF_TOKEN": "***"}
+    triggers.watch(log, config=cfg, experiment="v01", once=True, poll=0.05)
+    [e] = triggers.list_entries(config=cfg)
+    shown = triggers.show(e["id"], config=cfg)
+    assert "hf_abcdefghijklmnopqrstuvwxyz0123456789" not in json.dumps(shown)
+    assert shown["action"]["env"] == {"HF_TOKEN": "***"} and shown["output_tail"][-1].startswith("token is ")

@@ -111,6 +111,7 @@ def list_(args: argparse.Namespace, ctx: Context) -> int:
 
 def verify(args: argparse.Namespace, ctx: Context) -> int:
     from .. import data
+    from ..runtime import command
     res = data.verify(args.name, version=args.data_version, config=ctx.config(), cache=args.cache,
                       progress=not ctx.json)
 
@@ -121,7 +122,8 @@ def verify(args: argparse.Namespace, ctx: Context) -> int:
             else:
                 yield f"{res['name']} {v['version']}: {len(v['problems'])} damaged file(s) in {v['path']}:"
                 yield from (f"  {p}" for p in v["problems"][:20])
-                yield f"  fetch it again: '%data fetch {res['name']}' (colabkit data fetch {res['name']})"
+                fix = command(f"data fetch {res['name']}")
+                yield f"  fetch it again: '{fix}'"
     ctx.emit(res, text)
     return 0 if res["ok"] else 1
 
