@@ -284,6 +284,10 @@ def _scan(targets: Sequence[tuple[str, str]], skip: set[str]) -> Iterable[LocalF
                     yield LocalFile(e.path, f"{rd}/{e.name}" if rd else e.name, s.st_size, s.st_mtime, s.st_mtime_ns)
 
 
+def _stat_sig(u: "FolderUnit") -> tuple:
+    return tuple(sorted((f.rel, f.size, f.mtime_ns) for f in u.files))
+
+
 def _manifest_sha(path: str, size: int) -> str | None:
     """The sha256 recorded in `path`'s sidecar manifest, when it exists and agrees on the size."""
     try:
@@ -389,6 +393,7 @@ class TierSyncer(threading.Thread):
         self._data_of: dict[str, list[LocalFile]] = {}   # a manifest or folder marker -> what goes up first
         self._unit_key_of: dict[str, str] = {}      # rel of a file in a checkpoint folder -> the folder's key
         self._units: dict[str, FolderUnit] = {}     # the complete checkpoint folders of the current tick
+        self._bad_units: dict[str, tuple[Any, str]] = {}  # key -> (the files' stat when refused, why)
         self.snap: dict[str, Any] = {
             "tier": tier.name, "remote": remote.describe() if remote else None, "state": "starting",
             "every": self.every, "last_upload": None, "last_tick": None, "next_due": None, "pending_files": 0,
@@ -788,6 +793,11 @@ class TierSyncer(threading.Thread):
                     unsettled += u.files
                     state[key] = "waiting"
                 continue
+            bad = self._bad_units.get(key)
+            if bad is not None and bad[0] == _stat_sig(u):
+                skipped[key] = bad[1]
+                state[key] = "skipped"
+                continue
             big = [f for f in u.files if self._too_big(f.size)]
             if big:
                 skipped[key] = f"{big[0].rel.rsplit('/', 1)[-1]} is {self._big_reason()}"
@@ -822,6 +832,18 @@ class TierSyncer(threading.Thread):
             self._units[key] = u
             state[key] = "due"
         return due, unsettled, state
+
+    def _refuse_unit(self, f: LocalFile) -> None:
+        """A file of a checkpoint folder is not what its manifest says: the folder is corrupt on this disk and
+        stays off the tier (skipped, with the reason) until it changes."""
+        u = self._units[f.unit]
+        why = f"corrupted: {f.rel[len(f.unit):]} does not match its manifest's sha256"
+        self._bad_units[f.unit] = (_stat_sig(u), why)
+        log.warning("%s: checkpoint folder %s not uploaded: %s", self.tier.name, f.unit, why)
+        with self._lock:
+            self._skipped[f.unit] = why
+            for g in u.files:
+                self._pending.pop(g.rel, None)
 
     def _finish_units(self) -> None:
         """Record each checkpoint folder of this tick whose every file this tier holds as one complete entry
@@ -920,6 +942,8 @@ class TierSyncer(threading.Thread):
             for f, sha in due:
                 if self._stop_evt.is_set():
                     return False
+                if f.unit is not None and f.unit in self._bad_units and f.unit in self._skipped:
+                    continue   # refused a moment ago in this tick: none of its files goes up
                 deps = self._data_of.get(f.path, ())
                 if any(d.rel in deferred for d in deps):
                     deferred[f.rel] = f.size   # goes up after its checkpoint, when the cap allows
@@ -942,6 +966,9 @@ class TierSyncer(threading.Thread):
                     self._set_fatal(e)
                     return False
                 except IntegrityError as e:
+                    if f.unit is not None and f.unit in self._units and sha is not None:
+                        self._refuse_unit(f)
+                        continue
                     # the file changed while it was read: it is picked up again once it settles
                     _activity.info("%s: %s", self.tier.name, e)
                     complete = False
@@ -1095,15 +1122,21 @@ class TierSyncer(threading.Thread):
         items, digests, meta = [], {}, []
         try:
             hashed = []
+            bad: set[str] = set()
             for f, sha in due:
                 remote_path = self.group.config.remote_path(f.path)
                 d = hash_file(f.path)
+                if sha is not None and d.sha256 != sha and f.unit is not None and f.unit in self._units:
+                    self._refuse_unit(f)
+                    bad.add(f.unit)
+                    continue
                 if self.ledger.verified_copy(f.rel, d.sha256):
                     self.ledger.touch(f.rel, local_size=f.size, local_mtime_ns=f.mtime_ns)
                     with self._lock:
                         self._pending.pop(f.rel, None)
                     continue
                 hashed.append((f, d, remote_path))
+            hashed = [h for h in hashed if h[0].unit not in bad]
             # after a failed attempt every file is in flight: look them all up in one call (retried by the
             # remote), and keep what an earlier attempt did get up
             inflight = [rp for f, d, rp in hashed if self._was_inflight(f, d.sha256)]

@@ -197,3 +197,46 @@ def test_drive_tier_holds_the_folder_with_every_file_verified(drive_server, tmp_
     for name in listed(folder):
         assert got[f"checkpoints/v01_step_00000100/{name}"].sha256 == sha(folder / name)
     assert Ledger.load(cfg.state_dir, "drive").get("checkpoints/v01_step_00000100/")["files"] == len(listed(folder))
+
+
+def _flip(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def test_a_corrupted_shard_on_disk_keeps_its_folder_off_the_tier_and_says_why(tmp_path, caplog):
+    root, cfg = _local(tmp_path)
+    folder = sharded(root, 100)
+    shard = next(p for p in folder.iterdir() if p.suffix == ".distcp")
+    _flip(shard)                                     # same size: only the sha256 tells
+    with caplog.at_level("WARNING", logger="colabkit.sync"):
+        res = sync.once(config=cfg, timeout=30)
+    t = res["tiers"]["backup"]
+    why = f"corrupted: {shard.name} does not match its manifest's sha256"
+    assert res["ok"] and t["skipped_files"] == {"checkpoints/v01_step_00000100/": why}
+    assert f"backup: checkpoint folder checkpoints/v01_step_00000100/ not uploaded: {why}" in caplog.text
+    assert not (tmp_path / "remote" / "checkpoints" / folder.name / FOLDER_MANIFEST).exists()
+    assert Ledger.load(cfg.state_dir, "backup").get("checkpoints/v01_step_00000100/") is None
+
+
+def test_hub_tier_refuses_a_folder_with_a_corrupted_shard(hub_server: HubServer, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", hub_server.WRITE_TOKEN)
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "hub": {"repo_id": "alice/weights", "endpoint": hub_server.endpoint},
+        "tiers": [{"name": "hub", "remote": "hub", "every": 3600}], "sync": {"settle": 0.1}}))
+    good = sharded(root, 100)
+    bad = sharded(root, 200)
+    shard = next(p for p in bad.iterdir() if p.suffix == ".distcp")
+    _flip(shard)
+    cfg = load_config(start=root)
+    res = sync.once(config=cfg, timeout=30)
+    assert res["tiers"]["hub"]["skipped_files"] == {
+        "checkpoints/v01_step_00000200/": f"corrupted: {shard.name} does not match its manifest's sha256"}
+    tree = hub_server.repos[("model", "alice/weights")].commits[
+        hub_server.repos[("model", "alice/weights")].branches["main"]][2]
+    assert not any(p.startswith("checkpoints/v01_step_00000200/") for p in tree)
+    assert sorted(p[len("checkpoints/v01_step_00000100/"):] for p in tree
+                  if p.startswith("checkpoints/v01_step_00000100/")) == sorted(listed(good))
