@@ -14,7 +14,7 @@ TORCH ?= torch==2.13.0 numpy
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) $(TORCH)
-	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[test]"
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[test,browser]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -22,15 +22,17 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/colabkit demo
 
-test: setup
+# the Colab-pinned environment is built first: the browser tests serve the classic Notebook 6 from it
+test: setup $(COLAB_VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
 	$(MAKE) test-colab
 
-# The magics again under Colab's pinned front end: IPython 7.34, ipykernel 5.5.6, ipywidgets 7.7
+# The magics again under Colab's pinned front end: IPython 7.34, ipykernel 5.5.6, ipywidgets 7.7; and the classic
+# Notebook 6 that the browser test serves the dashboard from (ipywidgets 7.7's front end)
 $(COLAB_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(COLAB_VENV)
 	$(COLAB_VENV)/bin/pip install $(PIP_FLAGS) $(TORCH)
-	$(COLAB_VENV)/bin/pip install $(PIP_FLAGS) "ipython==7.34.0" "ipykernel==5.5.6" "ipywidgets==7.7.5"
+	$(COLAB_VENV)/bin/pip install $(PIP_FLAGS) "ipython==7.34.0" "ipykernel==5.5.6" "ipywidgets==7.7.5" "notebook<7"
 	$(COLAB_VENV)/bin/pip install $(PIP_FLAGS) -e ".[test]"
 	touch $@
 

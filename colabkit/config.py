@@ -262,6 +262,12 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    refresh: float = 2.0                    # the live view redraws this often while a run or sync is active
+    resume_max_age: float = 600.0           # the resume sources are asked again once their answer is this old
+
+
+@dataclass(frozen=True)
 class Config:
     """The effective configuration. ``root`` is the project folder (where colabkit.yaml is, else cwd)."""
 
@@ -280,6 +286,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     airlock: AirlockConfig = field(default_factory=AirlockConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     triggers: tuple["TriggerRule", ...] = ()
     #: the ``triggers:`` rules as written in colabkit.yaml, for ``config show`` (not part of equality)
     triggers_written: tuple[Any, ...] = field(default=(), compare=False, repr=False)
@@ -799,6 +806,14 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         total_steps=tr.int("total_steps", None, minimum=1), data=tr.strings("data", ()))
     tr.done()
 
+    db = top.section("dashboard")
+    dashboard = DashboardConfig(refresh=db.duration("refresh", DashboardConfig.refresh),
+                                resume_max_age=db.duration("resume_max_age", DashboardConfig.resume_max_age))
+    db.done()
+    if dashboard.refresh <= 0:
+        raise ConfigError(f"dashboard.refresh: {dashboard.refresh:g} must be a positive duration, e.g. 2s",
+                          key="dashboard.refresh", value=dashboard.refresh)
+
     if "cooldown" in top.data:
         raise ConfigError("cooldown: rules on the training log are written as triggers: now (a list of rules with "
                           "action: {type: cooldown, ...}); see docs/triggers.md", key="cooldown",
@@ -825,7 +840,8 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         root=root, source=source, project=top.str("project", None) or root.name, home=home,
         experiments=top.str("experiments", "experiments"), checkpoints=top.str("checkpoints", "checkpoints"), logs=top.str("logs", "logs"), tiers=tiers,
         drive=drive, hub=hub, retention=retention, resume=resume, sync=sync, airlock=airlock, train=train,
-        triggers=triggers, triggers_written=tuple(top.raw("triggers", None) or ()), data=data, release=release)
+        dashboard=dashboard, triggers=triggers, triggers_written=tuple(top.raw("triggers", None) or ()), data=data,
+        release=release)
     top.done()
     return cfg
 

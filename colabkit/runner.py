@@ -69,6 +69,8 @@ TAIL_LINES = 15
 MAX_BACKOFF = 600.0
 #: the job file of a running job is refreshed at most this often (seconds) while lines stream
 JOB_FILE_INTERVAL = 2.0
+#: the loss history keeps at most this many (step, loss) points: the whole run, evenly thinned
+HISTORY_POINTS = 300
 #: --estimate compares the pace once it was measured this long: 5% of the estimate, within these bounds (seconds)
 ESTIMATE_MIN_WINDOW = 2.0
 ESTIMATE_MAX_WINDOW = 60.0
@@ -189,7 +191,8 @@ class TrainResult:
 class Progress:
     """Progress read from the log lines: step, loss, rate over a sliding window, ETA, last checkpoint."""
 
-    def __init__(self, *, total_steps: int | None = None, window: int = 64) -> None:
+    def __init__(self, *, total_steps: int | None = None, window: int = 64,
+                 history: Iterable[Sequence[float]] = (), history_points: int = HISTORY_POINTS) -> None:
         self.total_steps = total_steps
         self.step: int | None = None
         self.loss: float | None = None
@@ -199,6 +202,15 @@ class Progress:
         self._samples: deque[tuple[float, int]] = deque(maxlen=window)
         self._first: tuple[float, int] | None = None  # the attempt's first step: how long the pace was measured
         self._lock = threading.Lock()  # the pump thread writes while status() reads
+        # (step, loss) of the whole run, across attempts: when it holds `history_points`, every other point is
+        # dropped and only every `_stride`-th step is kept from then on, so it covers the run evenly
+        self._history_points = max(4, int(history_points))
+        self._history: list[tuple[int, float]] = []
+        self._stride = 1
+        self._newest: tuple[int, float] | None = None
+        for point in history:
+            with contextlib.suppress(TypeError, ValueError, IndexError):
+                self._add_point(int(point[0]), float(point[1]))
 
     def new_attempt(self) -> None:
         """A restart re-measures the pace (start-up time is not training time)."""
@@ -230,6 +242,32 @@ class Progress:
                         self._first = (e.time, e.step)
             elif e.kind == "loss" and e.loss is not None:
                 self.loss = e.loss
+                if self.step is not None:
+                    self._add_point(self.step, e.loss)
+
+    def _add_point(self, step: int, loss: float) -> None:
+        h = self._history
+        if self._newest is not None and step <= self._newest[0]:
+            self._newest = None
+        if h and step <= h[-1][0]:
+            # a resumed attempt repeats the steps after its checkpoint: its points replace the old ones
+            while h and h[-1][0] >= step:
+                h.pop()
+        if h and step - h[-1][0] < self._stride:
+            self._newest = (step, loss)  # drawn at the end of the curve until a kept point passes it
+            return
+        self._newest = None
+        h.append((step, loss))
+        if len(h) > self._history_points:
+            del h[1:-1:2]  # keep the first and the newest point
+            self._stride *= 2
+
+    @property
+    def history(self) -> list[tuple[int, float]]:
+        """The loss curve: (step, loss) points over the whole run (at most ``HISTORY_POINTS``)."""
+        with self._lock:
+            newest = self._newest
+            return list(self._history) + ([newest] if newest is not None else [])
 
     @property
     def rate(self) -> float | None:
@@ -269,7 +307,7 @@ class Progress:
     def as_dict(self) -> dict[str, Any]:
         return {"step": self.step, "total_steps": self.total_steps, "loss": self.loss, "rate": self.rate,
                 "eta": self.eta, "checkpoint_step": self.checkpoint_step, "checkpoint": self.checkpoint_path,
-                "updated": self.updated}
+                "updated": self.updated, "history": [list(p) for p in self.history]}
 
 
 # -- preflight ------------------------------------------------------------------------------------------
@@ -565,7 +603,8 @@ class Job:
             self.log_dir = config.log_dir(experiment) / self.run_id
             self.checkpoint_dir = config.checkpoint_dir(experiment)
         self.cwd = pre.experiment_dir
-        self.progress = Progress(total_steps=total_steps or _total_from_args(self.args) or config.train.total_steps)
+        self.progress = Progress(total_steps=total_steps or _total_from_args(self.args) or config.train.total_steps,
+                                 history=_prior_history(self.job_file, resume_from))
         self.parser = LineParser(config)
         self.attempts: list[Attempt] = []
         self.warnings: list[str] = list(pre.warnings)
@@ -607,7 +646,7 @@ class Job:
                  "child_pid": self._proc.pid if self._proc is not None and self._proc.poll() is None else None,
                  "log": att.log if att else None, "log_dir": str(self.log_dir), "started": self.started,
                  "elapsed": time.time() - self.started, "background": self.background, "host": socket.gethostname(),
-                 "warnings": list(self.warnings), "data": dict(self.pre.data)}
+                 "estimate": self.estimate, "warnings": list(self.warnings), "data": dict(self.pre.data)}
         d.update(self.progress.as_dict())
         if self.error is not None:
             d["error"] = str(self.error)
@@ -1201,6 +1240,20 @@ class Job:
             atomic_write_json(self.job_file, data)
 
 
+def _prior_history(job_file: Path, resume_from: str | None) -> list[Any]:
+    """The loss curve of the run a checkpoint came from (the experiment's previous job file, e.g. before a
+    kernel restart), up to the checkpoint's step: a resumed run continues the same curve."""
+    if not resume_from:
+        return []
+    from .checkpoints import step_of
+    step = step_of(resume_from)
+    prior = _read_job_file(job_file)
+    if step is None or not prior or not isinstance(prior.get("history"), list):
+        return []
+    return [p for p in prior["history"] if isinstance(p, list) and len(p) == 2 and isinstance(p[0], int)
+            and p[0] <= step]
+
+
 def _version() -> str:
     from . import __version__
     return __version__
@@ -1388,12 +1441,27 @@ def _pid_alive(pid: Any) -> bool:
 _ACTIVE = ("starting", "running", "waiting", "stopping")
 
 
+# job files parsed, keyed on (inode, mtime, size): a dashboard refreshing every 2 s re-reads only files that changed
+_job_file_cache: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+_job_file_lock = threading.Lock()
+
+
 def _read_job_file(p: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        st = os.stat(p)
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)  # each write is a rename: a new inode
+        with _job_file_lock:
+            hit = _job_file_cache.get(str(p))
+        if hit is not None and hit[0] == key:
+            data = dict(hit[1])
+        else:
+            parsed = json.loads(p.read_text(encoding="utf-8"))
+            if not isinstance(parsed, dict):
+                return None
+            with _job_file_lock:
+                _job_file_cache[str(p)] = (key, parsed)
+            data = dict(parsed)
     except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
         return None
     active = data.get("state") in _ACTIVE
     data["live"] = bool(active and _pid_alive(data.get("pid")))

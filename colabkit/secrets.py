@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 REDACTED = "***"
 
-_SECRET_KEYS = re.compile(r"(token|secret|password|private_key|api_key|apikey|assertion|refresh|credential_json)",
+_SECRET_KEYS = re.compile(r"(token|secret|password|private_key|api_key|apikey|assertion|refresh_?token|credential_json)",
                           re.IGNORECASE)
 # patterns of secret material that may appear in free text
 _PATTERNS = [

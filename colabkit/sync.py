@@ -399,7 +399,7 @@ class TierSyncer(threading.Thread):
             "every": self.every, "last_upload": None, "last_tick": None, "next_due": None, "pending_files": 0,
             "pending_bytes": 0, "last_error": None, "last_error_at": None, "last_error_kind": None,
             "uploaded": 0, "uploaded_bytes": 0,
-            "skipped": 0, "errors": 0, "retry_at": None, "current": None}
+            "skipped": 0, "errors": 0, "retry_at": None, "current": None, "last_uploaded": None}
         if open_error is not None:
             self._set_fatal(open_error)
 
@@ -413,6 +413,7 @@ class TierSyncer(threading.Thread):
                 pending[k] = pending.get(k, 0) + size
             s["pending_files"] = len(pending)
             s["pending_bytes"] = sum(pending.values())
+            s["ledger_files"] = len(self.ledger.entries)   # what the tier holds, verified (no lock: a len)
             s["skipped"] = len(self._skipped)
             s["skipped_files"] = dict(sorted(self._skipped.items())[:_SHOW_SKIPPED])
             paused = self._paused_until if self._deferred and self._paused_until else None
@@ -1115,6 +1116,7 @@ class TierSyncer(threading.Thread):
             self.snap["uploaded"] += 1
             self.snap["uploaded_bytes"] += rec.size
             self.snap["last_upload"] = time.time()
+            self.snap["last_uploaded"] = {"path": f.rel, "size": rec.size}
         _activity.info("%s: uploaded %s (%d bytes)", self.tier.name, f.rel, rec.size)
 
     def _upload_batch(self, due: list[tuple[LocalFile, str | None]]) -> bool:
@@ -1652,11 +1654,12 @@ def flush(*, timeout: float | None = None, settled: bool = False) -> dict[str, A
     return out
 
 
-def status(*, config: "Config | None" = None) -> dict[str, Any]:
+def status(*, config: "Config | None" = None, ledgers: bool = True) -> dict[str, Any]:
     """A snapshot of every tier: state, last upload, next due, pending files/bytes, last error, counts.
 
-    With no sync running in this process it reports what the ledgers hold (``ledger``) and snapshots
-    persisted by sync running in other live processes (``elsewhere``), when a configuration is found.
+    With no sync running in this process it reports what the ledgers hold (``ledger``; skipped with
+    ``ledgers=False``, which reads only small status files) and snapshots persisted by sync running in other
+    live processes (``elsewhere``), when a configuration is found.
 
     Returns:
         {"running": bool, "groups": [...], "tiers": {name: {...}}, "disk": {...}, ...}
@@ -1678,7 +1681,8 @@ def status(*, config: "Config | None" = None) -> dict[str, Any]:
     except ColabkitError:
         return out
     from .ledger import Ledger
-    out["ledger"] = {t.name: Ledger.load(cfg.state_dir, t.name).summary() for t in cfg.tiers}
+    if ledgers:
+        out["ledger"] = {t.name: Ledger.load(cfg.state_dir, t.name).summary() for t in cfg.tiers}
     elsewhere = []
     d = cfg.state_dir / "sync"
     for p in sorted(d.glob("status-*.json")) if d.is_dir() else []:

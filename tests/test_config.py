@@ -104,9 +104,9 @@ resume: {priority: [local, hub, drive], policy: first, on_unreachable: older, de
     ("train:\n  step_regex: 'step (\\d+'\n",
      "train.step_regex: 'step (\\\\d+' is not a valid regular expression (missing ), unterminated subpattern at position 5)"),
     ("tiers: drive\n", "tiers: 'drive' must be a list of tiers"),
-    ("colour: blue\n", "colour: unknown key; allowed here: airlock, checkpoints, credentials, data, drive, "
-                       "experiments, home, hub, logs, project, release, resume, retention, sync, tiers, train, "
-                       "triggers"),
+    ("colour: blue\n", "colour: unknown key; allowed here: airlock, checkpoints, credentials, dashboard, data, "
+                       "drive, experiments, home, hub, logs, project, release, resume, retention, sync, tiers, "
+                       "train, triggers"),
     ("cooldown: []\n", "cooldown: rules on the training log are written as triggers: now (a list of rules with "
                        "action: {type: cooldown, ...}); see docs/triggers.md"),
 ])

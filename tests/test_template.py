@@ -85,13 +85,14 @@ def test_resume_from_a_corrupt_checkpoint_is_refused(tmp_path):
 
 
 def test_colabkit_yaml_template_loads_with_the_documented_defaults(tmp_path):
-    from colabkit.config import TrainConfig, load_config
+    from colabkit.config import DashboardConfig, TrainConfig, load_config
     (tmp_path / "colabkit.yaml").write_text(template_text("colabkit.yaml").replace("{{project}}", "demo"))
     cfg = load_config(tmp_path / "colabkit.yaml")
     assert cfg.project == "demo"
     assert cfg.train == TrainConfig()
     assert [(t.name, t.remote, t.every) for t in cfg.tiers] == [("drive", "drive", 5400.0), ("hub", "hub", 10800.0)]
     assert cfg.resume.priority == ("local", "drive", "hub")
+    assert cfg.dashboard == DashboardConfig()
 
 
 def test_gitignore_template_ignores_secrets_and_state(tmp_path):

@@ -19,6 +19,7 @@ from ..errors import ConfigError
 
 #: command modules, in the order `colabkit --help` lists them
 COMMANDS = ("init", "demo", "airlock", "train", "sync", "resume", "triggers", "data", "release", "journal", "status",
+            "dashboard",
             "config")
 #: IPython line magics and the CLI command each maps to (None: the whole CLI, `%colabkit config show`)
 MAGICS = {"airlock": "airlock", "train": "train", "sync": "sync", "resume": "resume", "journal": "journal",
