@@ -119,3 +119,20 @@ def test_a_folder_on_drive_is_resumed_on_an_empty_disk(tmp_path, drive_server):
     _save(cfg, 400)
     assert sync.once(config=cfg)["ok"]
     _resume_on_an_empty_disk(cfg, "drive", 400)
+
+
+def test_train_takes_a_checkpoint_folder_for_resume_and_restarts_from_the_newest_folder(tmp_path):
+    """%train --resume DIR names a folder; a restart of the group resumes from the newest verified folder."""
+    from colabkit import runner
+    cfg = _project(tmp_path, {"name": "backup", "remote": "local", "path": str(tmp_path / "remote"), "every": 3600})
+    older = _save(cfg, 100)
+    newest = _save(cfg, 200)
+    assert runner._resume_source(cfg, "v01", str(older)) == str(older.resolve())
+    sup = runner.Job.__new__(runner.Job)     # only its checkpoint folder is needed here
+    sup.checkpoint_dir, sup.experiment = cfg.checkpoint_dir("v01"), "v01"
+    assert sup._newest_checkpoint() == str(newest)
+    shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    data[5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert sup._newest_checkpoint() == str(older)          # the corrupted newest is refused
