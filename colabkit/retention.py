@@ -2,7 +2,9 @@
 
 Rule: the newest ``retention.keep_local`` checkpoints stay; an older one is deleted only when the ledger of
 every tier named in ``retention.require_remote`` (default: at least one configured tier) holds a verified
-copy with the same sha256. Its sidecar manifest goes with it. The disk guard (:func:`make_room`, called by
+copy with the same sha256. Its sidecar manifest goes with it. A checkpoint folder (a sharded save, another
+tool's DCP / HF / Megatron folder) is one checkpoint: it goes, whole, only when every file of it has a verified
+copy in those tiers. The disk guard (:func:`make_room`, called by
 the Checkpointer before each save and by the sync engine on every tick) prunes eligible checkpoints, and
 when that is not enough it also removes synced checkpoints inside ``keep_local`` (never the newest one);
 it never deletes a checkpoint without a verified remote copy, and says so loudly when nothing can go.

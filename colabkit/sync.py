@@ -5,7 +5,8 @@ A :class:`SyncGroup` watches some folders (watchdog; a polling observer on FUSE/
 tick it walks the watched folders, picks the files its include/exclude globs select that are complete (a
 checkpoint with its manifest, an append-only log (``*.log``: uploaded as it is on each due tick, so a
 preempted run's log reaches the tiers up to its last tick), or any other file whose size and mtime have been
-stable for ``sync.settle``; temporary names never) and that it does not already hold (the persisted
+stable for ``sync.settle``; temporary names never; a checkpoint folder, e.g. a sharded save, only whole and
+complete, its manifest last: :meth:`TierSyncer._select_units`) and that it does not already hold (the persisted
 :class:`colabkit.ledger.Ledger`), and uploads them one at a time (a Hub tier: all in one commit through
 ``put_many``). The training process never waits: uploads run on these threads, at a lowered CPU priority.
 
