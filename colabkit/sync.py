@@ -414,7 +414,8 @@ class TierSyncer(threading.Thread):
                 pending[k] = pending.get(k, 0) + size
             s["pending_files"] = len(pending)
             s["pending_bytes"] = sum(pending.values())
-            s["ledger_files"] = len(self.ledger.entries)   # what the tier holds, verified (no lock: a len)
+            # what the tier holds, verified (a checkpoint folder's own entry, "<rel>/", is not a file)
+            s["ledger_files"] = len(self.ledger.entries) - sum(1 for k in list(self.ledger.entries) if k[-1:] == "/")
             s["skipped"] = len(self._skipped)
             s["skipped_files"] = dict(sorted(self._skipped.items())[:_SHOW_SKIPPED])
             paused = self._paused_until if self._deferred and self._paused_until else None

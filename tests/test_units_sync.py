@@ -66,6 +66,8 @@ def test_a_sharded_folder_goes_up_whole_with_its_manifest_last_and_is_one_ledger
     assert e is not None and e["files"] == len(listed(folder))
     assert e["size"] == sum((folder / n).stat().st_size for n in listed(folder))
     assert e["sha256"] == sha(folder / FOLDER_MANIFEST)
+    summary = led.summary()      # the folder's own entry is not one more file
+    assert (summary["files"], summary["folders"]) == (len(listed(folder)) + 1, 1)   # + checkpoints/latest
     # nothing changed: a second pass uploads nothing
     again = Recording(open_remote(cfg, cfg.tier("backup")))
     assert sync.once(config=cfg, remotes={"backup": again})["ok"]
