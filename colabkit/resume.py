@@ -240,7 +240,7 @@ class ResumePlan:
         width = max([len(s.name) for s in self.sources] + [5])
         for s in self.sources:
             if s.state == "ok":
-                what = f"step {s.newest.step:<10} {s.newest.name}"
+                what = f"step {s.newest.step:<10} {s.newest.name}{'/' if s.newest.folder else ''}"
                 if not s.newest.verified:
                     what += " (no manifest: verified after download)"
             elif s.state == "empty":

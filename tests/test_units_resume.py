@@ -75,6 +75,8 @@ def test_a_corrupted_shard_on_a_tier_is_refused_and_resume_falls_back_saying_so(
     assert src.rejected[0]["reason"].endswith("(corrupted)")
     assert f"backup: experiments/v01/checkpoints/{newest.name} is not usable: {shard} has sha256" in caplog.text
     assert plan.choice.step == 100
+    assert plan.lines()[-2].startswith("  backup  step 100        v01_step_00000100/  [1 rejected: "
+                                       f"v01_step_00000200: {shard} has sha256 ")
     path = fetch(plan, progress=False)
     assert path.name == "v01_step_00000100"
 
