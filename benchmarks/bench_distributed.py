@@ -7,7 +7,13 @@ shards, the manifest, the rename into place). Value: the time ``Checkpointer(sha
 rename happen on a background thread, waited for outside the timed region). Both are the slowest rank's time,
 best of ROUNDS. Target: value / baseline <= 0.25.
 
+Sync of a checkpoint folder: a ~256 MB sharded checkpoint folder (``Checkpointer(sharded=True)``, DCP shards,
+``.metadata`` and the manifest) uploaded by ``sync.once`` to a local-folder tier (fresh tier and ledger each
+round: every file copied and verified, the manifest last, the folder's ledger entry) ÷ ``cp -r`` of the same
+folder to the same disk. Best of ROUNDS each, page cache warm for both. Target: <= 1.5.
+
     python -m benchmarks.run distributed      # or: python -m benchmarks.bench_distributed
+    python -m benchmarks.bench_distributed sync_folder    # the sync row only (no torchrun)
 """
 from __future__ import annotations
 
@@ -28,6 +34,80 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run() -> list[dict[str, Any]]:
+    return async_save_rows() + sync_folder_rows()
+
+
+def sync_folder_rows() -> list[dict[str, Any]]:
+    import yaml
+
+    import torch
+
+    from colabkit import sync
+    from colabkit.checkpoints import Checkpointer
+    from colabkit.config import load_config
+    from .common import best_of
+    WORK.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-sync-folder-", dir=WORK))
+    try:
+        root = work / "proj"
+        remote = work / "tier"
+        copy = work / "copy"
+        (root / "checkpoints").mkdir(parents=True)
+        (root / "colabkit.yaml").write_text(yaml.safe_dump({
+            "tiers": [{"name": "backup", "remote": "local", "path": str(remote), "every": 3600}],
+            "sync": {"settle": 0.1}, "retention": {"keep_local": 100}}))
+        n = SIZE // 4 // 4   # float32 elements, in 4 tensors
+        state = {"model": {f"layer{i}": torch.randn(n) for i in range(4)}}
+        folder = Checkpointer(root / "checkpoints", prefix="v01", sharded=True).save(1, state)
+        del state
+        total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        cfg = load_config(start=root)
+
+        def cp() -> None:
+            shutil.rmtree(copy, ignore_errors=True)
+            subprocess.run(["cp", "-r", str(folder), str(copy)], check=True)
+
+        def fresh() -> None:
+            shutil.rmtree(remote, ignore_errors=True)
+            shutil.rmtree(cfg.state_dir / "ledger", ignore_errors=True)
+
+        def up() -> None:
+            res = sync.once(paths=[root / "checkpoints"], config=cfg)
+            if not res["ok"]:
+                raise RuntimeError(f"sync failed: {res}")
+
+        def cp_durable() -> None:   # what a tier copy must be: on the disk before retention may delete the source
+            cp()
+            for p in [*copy.rglob("*"), copy]:
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+        cp()  # warm the page cache for both
+        baseline = best_of(ROUNDS, cp)
+        durable = best_of(ROUNDS, cp_durable)
+        times = []
+        for _ in range(ROUNDS):
+            fresh()
+            times.append(best_of(1, up))
+        value = min(times)
+        held = remote / "checkpoints" / folder.name
+        files = sorted(p.name for p in held.iterdir())
+        what = (f"{total / 2**20:.0f} MiB checkpoint folder ({len(files)} files: {', '.join(files)}), best of "
+                f"{ROUNDS}: sync.once to a local-folder tier (every file fsynced and its sha256 checked) "
+                f"{value * 1000:.0f} ms")
+        return [result("distributed_sync_folder_to_local_tier_vs_cp_r", value, baseline, 1.5, "s",
+                       notes=f"{what} vs cp -r {baseline * 1000:.0f} ms (into the page cache: no fsync)"),
+                result("distributed_sync_folder_to_local_tier_vs_cp_r_fsync", value, durable, 1.5, "s",
+                       notes=f"{what} vs cp -r then fsync of every file {durable * 1000:.0f} ms (the same "
+                             "durability)")]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def async_save_rows() -> list[dict[str, Any]]:
     WORK.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-dist-", dir=WORK))
     try:
@@ -50,4 +130,4 @@ def run() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    write_results(run())
+    write_results(sync_folder_rows() if sys.argv[1:] == ["sync_folder"] else run())

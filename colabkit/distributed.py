@@ -774,6 +774,8 @@ class DistributedSaver:
         from .checkpoints import CheckpointInfo
         self.ckpt.last_saved = CheckpointInfo(final, step, 0, None, None)
         log.debug("saved sharded checkpoint %s", final)
+        if self.rank == 0 and self.ckpt.keep is not None:
+            self.ckpt._prune()   # folders beyond `keep` that the tiers hold verified copies of every file of
 
     def _hash_own(self, tmp: Path) -> list[dict[str, Any]]:
         """This rank's shards (DCP names them ``__{rank}_{n}.distcp``); rank 0 adds ``.metadata``."""

@@ -13,7 +13,8 @@ One JSON file per tier under ``<root>/.colabkit/ledger/<tier>.json`` (written th
 per account per rolling day, ``drive.daily_upload_cap``) knows how much it may still send and when the
 oldest bytes leave the window; format 1 ledgers (no ``uploads``) are read as having uploaded nothing yet.
 
-``entries`` are verified copies the tier holds; ``local_size``/``local_mtime_ns`` are the local file's stat
+``entries`` are verified copies the tier holds (a key ending in ``/`` is a checkpoint folder, recorded once
+every file of it is: ``{"files": N, "size": bytes, "sha256": its manifest's}``); ``local_size``/``local_mtime_ns`` are the local file's stat
 when it was hashed, so an unchanged file is recognised without reading it again. ``inflight`` records an
 upload before it starts: a process killed mid-upload finds it on restart, asks the remote whether the copy
 arrived (then adopts it without uploading twice) and otherwise uploads again, handing the remote the saved
@@ -204,7 +205,9 @@ class Ledger:
 
     def summary(self) -> dict[str, Any]:
         with self.lock:
-            return {"files": len(self.entries), "bytes": sum(int(e.get("size") or 0) for e in self.entries.values()),
+            files = {k: e for k, e in self.entries.items() if not k.endswith("/")}   # "<rel>/": a checkpoint folder
+            return {"files": len(files), "bytes": sum(int(e.get("size") or 0) for e in files.values()),
+                    "folders": len(self.entries) - len(files),
                     "last_upload": max((float(e.get("uploaded_at") or 0) for e in self.entries.values()),
                                        default=None) or None,
                     "inflight": len(self.inflight), "uploaded_24h": self.uploaded_within()}

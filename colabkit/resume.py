@@ -122,6 +122,9 @@ class Candidate:
     manifest_bytes: bytes | None = field(default=None, repr=False)
     record: Any = field(default=None, repr=False)       # RemoteFile of the data file (remotes)
     manifest_record: Any = field(default=None, repr=False)
+    #: a checkpoint folder (a sharded save): its files' RemoteFile records by path inside the folder (remotes)
+    folder: bool = False
+    records: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def local(self) -> bool:
@@ -133,7 +136,8 @@ class Candidate:
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source, "step": self.step, "path": self.path, "size": self.size,
-                "sha256": self.sha256, "verified": self.verified, "manifest": self.manifest is not None}
+                "sha256": self.sha256, "verified": self.verified, "manifest": self.manifest is not None,
+                "folder": self.folder}
 
 
 @dataclass
@@ -236,7 +240,7 @@ class ResumePlan:
         width = max([len(s.name) for s in self.sources] + [5])
         for s in self.sources:
             if s.state == "ok":
-                what = f"step {s.newest.step:<10} {s.newest.name}"
+                what = f"step {s.newest.step:<10} {s.newest.name}{'/' if s.newest.folder else ''}"
                 if not s.newest.verified:
                     what += " (no manifest: verified after download)"
             elif s.state == "empty":
@@ -358,15 +362,25 @@ def locate(*, config: "Config | None" = None, experiment: str | None = None,
 def _ask_local(directory: Path) -> SourceReport:
     rep = SourceReport(LOCAL, "empty", where=f"local folder {directory}")
     try:
-        infos = discover(directory)
+        infos: list[Any] = discover(directory)
     except OSError as e:
         rep.state, rep.error = "error", f"cannot read {directory} ({e.strerror or e})"
         return rep
+    from .distributed import discover_units, has_folders, verify_unit
+    if has_folders(directory):   # checkpoint folders (sharded saves) compete with the files, by step
+        infos = discover_units(directory)
     for info in reversed(infos):
-        c = Candidate(LOCAL, info.step, str(info.path), info.size, info.sha256, manifest=dict(info.manifest or {}) or None)
+        if getattr(info, "is_folder", False):
+            c = Candidate(LOCAL, info.step, str(info.path), info.size, None,
+                          manifest=dict(info.manifest) if info.manifest else None, folder=True)
+        else:
+            if hasattr(info, "is_folder"):
+                info = info.info()
+            c = Candidate(LOCAL, info.step, str(info.path), info.size, info.sha256,
+                          manifest=dict(info.manifest or {}) or None)
         if rep.newest is None:
             try:
-                verify(info)
+                verify_unit(info) if c.folder else verify(info)
             except IntegrityError as e:
                 rep.rejected.append({"path": str(info.path), "step": info.step, "reason": str(e)})
                 log.warning("local checkpoint %s is not usable: %s", info.path, e)
@@ -400,17 +414,26 @@ def _ask_remote(cfg: "Config", name: str, remote: "Remote | None", prefix: str,
             step = step_of(base)
             if step is not None:
                 cands.append((step, f))
+        folders = _remote_folders(files, prefix)
+        for fpath, (manifest_rec, recs) in folders.items():
+            from .distributed import folder_step
+            cands.append((folder_step(posixpath.basename(fpath)) or 0, manifest_rec))
         cands.sort(key=lambda x: (x[0], x[1].path), reverse=True)
         with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "resume-") as tmp:
             for step, f in cands:
-                c = Candidate(name, step, f.path, f.size, record=f, manifest_record=by_path.get(f.path + ".json"))
+                fpath = posixpath.dirname(f.path)
+                if fpath in folders and folders[fpath][0] is f:
+                    c = Candidate(name, step, fpath, sum(r.size for r in folders[fpath][1].values()), record=f,
+                                  manifest_record=f, folder=True, records=folders[fpath][1])
+                else:
+                    c = Candidate(name, step, f.path, f.size, record=f, manifest_record=by_path.get(f.path + ".json"))
                 if rep.newest is None:
                     try:
                         retry.run(lambda: _check_remote_candidate(remote, c, Path(tmp)),
                                   f"{name}: reading the manifest of {f.path}")
                     except (IntegrityError, FileNotFoundError) as e:   # corrupt, or gone since the listing
-                        rep.rejected.append({"path": f.path, "step": step, "reason": str(e)})
-                        log.warning("%s: %s is not usable: %s", name, f.path, e)
+                        rep.rejected.append({"path": c.path, "step": step, "reason": str(e)})
+                        log.warning("%s: %s is not usable: %s", name, c.path, e)
                         continue
                     rep.newest = c
                 rep.candidates.append(c)
@@ -428,8 +451,64 @@ def _ask_remote(cfg: "Config", name: str, remote: "Remote | None", prefix: str,
     return rep
 
 
+def _remote_folders(files: Sequence["RemoteFile"], prefix: str) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """The checkpoint folders of a tier's listing directly under `prefix`: {folder path: (its manifest's
+    record, {path inside the folder: record})}. Only folders whose manifest is there (sync uploads it last)."""
+    from .distributed import FOLDER_MANIFEST, folder_step
+    out: dict[str, tuple[Any, dict[str, Any]]] = {}
+    inside: dict[str, dict[str, Any]] = {}
+    for f in files:
+        rest = f.path[len(prefix) + 1:] if prefix and f.path.startswith(prefix + "/") else (
+            f.path if not prefix else None)
+        if rest is None or "/" not in rest:
+            continue
+        top, sub = rest.split("/", 1)
+        if folder_step(top) is None:
+            continue
+        fpath = f"{prefix}/{top}" if prefix else top
+        inside.setdefault(fpath, {})[sub] = f
+    for fpath, recs in inside.items():
+        if FOLDER_MANIFEST in recs:
+            out[fpath] = (recs[FOLDER_MANIFEST], recs)
+    return out
+
+
+def _check_remote_folder(remote: "Remote", c: Candidate, tmp: Path) -> None:
+    """Read a remote folder's manifest; refuse the folder when a file it lists is missing, or the tier's record
+    of it disagrees with the manifest on size or sha256 (a corrupted or partial shard)."""
+    from .distributed import FOLDER_MANIFEST
+    dst = tmp / f"{posixpath.basename(c.path)}-{FOLDER_MANIFEST}"
+    remote.get(c.manifest_record.path, dst)
+    raw = dst.read_bytes()
+    try:
+        m = json.loads(raw)
+        if not isinstance(m, dict) or not isinstance(m.get("files"), list) or not isinstance(m.get("step"), int):
+            raise ValueError("missing files/step")
+        for f in m["files"]:
+            if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int)
+                    and isinstance(f.get("sha256"), str)) or f["path"].startswith("/") or ".." in f["path"].split("/"):
+                raise ValueError(f"a bad file entry {f!r}")
+    except ValueError as e:
+        raise IntegrityError(f"its manifest is not valid ({e})", path=c.path) from None
+    for f in m["files"]:
+        rec = c.records.get(f["path"])
+        if rec is None:
+            raise IntegrityError(f"{f['path']} is missing (its manifest lists it)", path=c.path)
+        if rec.size != f["size"]:
+            raise IntegrityError(f"{f['path']} is {rec.size} bytes, its manifest says {f['size']} (partial or "
+                                 "replaced)", path=c.path, expected=str(f["size"]), actual=str(rec.size))
+        if rec.sha256 is not None and rec.sha256 != f["sha256"]:
+            raise IntegrityError(f"{f['path']} has sha256 {rec.sha256[:12]}..., its manifest says "
+                                 f"{f['sha256'][:12]}... (corrupted)", path=c.path, expected=f["sha256"],
+                                 actual=rec.sha256)
+    c.manifest, c.manifest_bytes, c.verified, c.step = m, raw, True, m["step"]
+    c.size = sum(f["size"] for f in m["files"])
+
+
 def _check_remote_candidate(remote: "Remote", c: Candidate, tmp: Path) -> None:
     """Read a remote candidate's manifest; refuse it when the record disagrees with the manifest."""
+    if c.folder:
+        return _check_remote_folder(remote, c, tmp)
     if c.manifest_record is None:
         c.verified = False  # a plain torch.save file: checked once downloaded
         return
@@ -566,6 +645,8 @@ def fetch(plan: ResumePlan | None = None, *, config: "Config | None" = None, exp
 
 def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[str, Any], *,
                progress: bool) -> Path:
+    if c.folder:
+        return _fetch_folder(plan, c, target_dir, opened, progress=progress)
     if c.local:
         src = Path(c.path)
         if not c.verified:
@@ -646,6 +727,97 @@ def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[st
     atomic_write_json(dst.parent / LATEST, {"format": 1, "file": dst.name, "step": c.step}, durable=False)
     log.info("fetched %s step %d from %s to %s", c.name, c.step, c.source, dst)
     return dst
+
+
+def _fetch_folder(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[str, Any], *,
+                  progress: bool) -> Path:
+    """A checkpoint folder, whole: every file fetched into a temporary folder and checked against the sha256
+    its manifest records while it is copied, the manifest written last, then the folder renamed into place
+    (a partial fetch never sits under the final name). The folder's path goes to train.py."""
+    import shutil
+    from .distributed import FOLDER_MANIFEST, classify_folder, verify_unit
+    from .fsutil import fsync_dir
+    if c.local:
+        src = Path(c.path)
+        if not c.verified:
+            unit = classify_folder(src, any_name=True)
+            if unit is None:
+                raise IntegrityError(f"{src} is no longer a complete checkpoint folder", path=str(src))
+            verify_unit(unit)
+            c.verified = True
+        if src.parent.resolve() == target_dir.resolve():
+            return src
+    final = target_dir / posixpath.basename(c.path.replace(os.sep, "/"))
+    if final.is_dir() and c.manifest is not None:   # already here, complete and as the manifest says
+        have = classify_folder(final, any_name=True)
+        if have is not None and have.manifest is not None and have.manifest.get("files") == c.manifest["files"]:
+            with contextlib.suppress(IntegrityError):
+                verify_unit(have)
+                log.info("%s already holds %s, verified", target_dir, final.name)
+                _point_latest(final, c.step)
+                return final
+    target_dir.mkdir(parents=True, exist_ok=True)
+    # named like a sharded save's temporary: never a checkpoint, swept when its writer is gone
+    tmp = target_dir / f"{TMP_PREFIX}{final.name}.resume{os.getpid()}-{threading.get_ident() % 10**6}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    ok = False
+    try:
+        remote = None
+        if not c.local:
+            remote = plan.remotes.get(c.source) or opened.get(c.source)
+            if remote is None:
+                from .remotes import open_remote
+                remote = opened[c.source] = open_remote(plan.config, c.source)
+        if remote is not None and c.manifest is None:   # a fallback whose manifest was not read yet
+            with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "resume-", dir=target_dir) as t:
+                _check_remote_folder(remote, c, Path(t))
+        from .remotes.base import RemoteFile, normalize_path
+        from .remotes.local import LocalRemote
+        for f in c.manifest["files"]:
+            dst = tmp / f["path"]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            label = f"{c.source}: {c.path}/{f['path']}"
+            if c.local:
+                copy_verified(Path(c.path) / f["path"], dst, size=f["size"], sha256=f["sha256"], label=label)
+                continue
+            rec = c.records[f["path"]]
+            if type(remote) is LocalRemote:
+                copy_verified(remote.root / normalize_path(rec.path), dst, size=f["size"], sha256=f["sha256"],
+                              label=label)
+                continue
+            expected = RemoteFile(rec.path, f["size"], sha256=f["sha256"], md5=rec.md5, modified=rec.modified,
+                                  id=rec.id)
+            got = remote.get(rec.path, dst, expected=expected)
+            if got is not None and got.sha256 is not None and got.sha256 != f["sha256"]:
+                raise IntegrityError(f"{label} downloaded with sha256 {got.sha256[:12]}..., its manifest says "
+                                     f"{f['sha256'][:12]}...; the copy was discarded", path=rec.path)
+            if got is None or got.sha256 is None:
+                if hash_file(dst).sha256 != f["sha256"]:
+                    raise IntegrityError(f"{label} does not match its manifest's sha256; the copy was discarded",
+                                         path=rec.path)
+        raw = c.manifest_bytes if c.manifest_bytes is not None else json.dumps(c.manifest).encode()
+        atomic_write_bytes(tmp / FOLDER_MANIFEST, raw)   # last: the folder is complete from here
+        fsync_dir(tmp)
+        if final.exists():   # an older or broken local copy under the name: out of the way first
+            old = target_dir / f"{TMP_PREFIX}{final.name}.replaced{os.getpid()}-0"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(target_dir)
+        ok = True
+    finally:
+        if not ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _point_latest(final, c.step)
+    log.info("fetched checkpoint folder %s step %d (%d files) from %s to %s", final.name, c.step,
+             len(c.manifest["files"]), c.source, final)
+    return final
+
+
+def _point_latest(folder: Path, step: int) -> None:
+    atomic_write_json(folder.parent / LATEST, {"format": 1, "file": folder.name, "step": step, "kind": "folder"},
+                      durable=False)
 
 
 _BUF = 8 * 1024 * 1024

@@ -2,7 +2,9 @@
 
 Rule: the newest ``retention.keep_local`` checkpoints stay; an older one is deleted only when the ledger of
 every tier named in ``retention.require_remote`` (default: at least one configured tier) holds a verified
-copy with the same sha256. Its sidecar manifest goes with it. The disk guard (:func:`make_room`, called by
+copy with the same sha256. Its sidecar manifest goes with it. A checkpoint folder (a sharded save, another
+tool's DCP / HF / Megatron folder) is one checkpoint: it goes, whole, only when every file of it has a verified
+copy in those tiers. The disk guard (:func:`make_room`, called by
 the Checkpointer before each save and by the sync engine on every tick) prunes eligible checkpoints, and
 when that is not enough it also removes synced checkpoints inside ``keep_local`` (never the newest one);
 it never deletes a checkpoint without a verified remote copy, and says so loudly when nothing can go.
@@ -79,6 +81,21 @@ class Candidate:
     sha256: str | None = None
     held_by: tuple[str, ...] = ()
     eligible: bool = False
+    unit: Any = None        # a checkpoint folder: its colabkit.distributed.CheckpointUnit
+
+
+def units(directory: str | os.PathLike) -> list[tuple[Path, int, Any]]:
+    """The checkpoints directly in `directory`, files and folders, oldest step first: (path, step, unit or None).
+
+    A folder (a sharded save, another tool's DCP / HF / Megatron folder) is one checkpoint
+    (:func:`colabkit.distributed.discover_units`); a folder under a temporary name, or without its manifest
+    or marker, is none."""
+    out: list[tuple[Path, int, Any]] = [(p, s, None) for p, s in checkpoints(directory)]
+    with contextlib.suppress(OSError):
+        if any(e.is_dir(follow_symlinks=False) for e in os.scandir(directory)):
+            from .distributed import discover_units
+            out += [(u.path, u.step, u) for u in discover_units(directory) if u.is_folder]
+    return sorted(out, key=lambda x: (x[1], x[0].name))
 
 
 def config_for(directory: str | os.PathLike) -> "Config":
@@ -161,6 +178,40 @@ def _manifest_held(c: Candidate, cfg: "Config", tier: str, led: Any) -> bool:
     return e.get("sha256") == hash_file(c.manifest).sha256
 
 
+def _folder_held(c: Candidate, cfg: "Config", tier: str, led: Any) -> bool:
+    """A tier holds a checkpoint folder when its ledger records the folder complete and every file of it as
+    a verified copy of what is on disk now (the sha256 the folder's manifest records, or, for another tool's
+    folder, the file as it was when hashed)."""
+    from .distributed import FOLDER_MANIFEST
+    from .sync import Patterns
+    try:
+        t = cfg.tier(tier)
+    except Exception:
+        return False
+    if not Patterns(t.include, t.exclude)(c.relpath + ".pt") or not led.entries.get(c.relpath + "/"):
+        return False
+    unit = c.unit
+    want = {f["path"]: f["sha256"] for f in unit.manifest["files"]} if unit.manifest else {}
+    names = list(want) + [FOLDER_MANIFEST] if unit.manifest else [n for n, _ in unit.files]
+    for name in names:
+        e = led.entries.get(f"{c.relpath}/{name}")
+        if not e:
+            return False
+        if name in want:
+            if e.get("sha256") != want[name]:
+                return False
+            continue
+        try:
+            st = (c.path / name).stat()
+        except OSError:
+            return False
+        if e.get("local_size") == st.st_size and e.get("local_mtime_ns") == st.st_mtime_ns:
+            continue
+        if e.get("sha256") != hash_file(c.path / name).sha256:
+            return False
+    return True
+
+
 def assess(directory: str | os.PathLike, *, config: "Config | None" = None,
            keep: int | None = None) -> list[Candidate]:
     """Every checkpoint in `directory` with the tiers that hold a verified copy, oldest first.
@@ -173,10 +224,23 @@ def assess(directory: str | os.PathLike, *, config: "Config | None" = None,
     keep = cfg.retention.keep_local if keep is None else max(int(keep), 0)
     names, all_required = _required_tiers(cfg)
     ledgers = {n: Ledger.load(cfg.state_dir, n) for n in names}
-    found = checkpoints(directory)
+    found = units(directory)
     out: list[Candidate] = []
     cut = len(found) - keep
-    for i, (p, step) in enumerate(found):
+    for i, (p, step, unit) in enumerate(found):
+        if unit is not None:   # a folder: every file of it, or it stays
+            try:
+                rel = cfg.remote_path(p)
+            except Exception:
+                rel = ""
+            c = Candidate(p, step, unit.size, None, rel, unit=unit)
+            if rel:
+                c.held_by = tuple(n for n, led in ledgers.items() if _folder_held(c, cfg, n, led))
+            ok = bool(c.held_by) and (set(names) <= set(c.held_by) if all_required else True)
+            c.eligible = ok and i < cut
+            c._synced = ok  # type: ignore[attr-defined]
+            out.append(c)
+            continue
         try:
             st = p.stat()
         except FileNotFoundError:
@@ -200,6 +264,8 @@ def assess(directory: str | os.PathLike, *, config: "Config | None" = None,
 
 
 def _delete(c: Candidate) -> int:
+    if c.unit is not None:
+        return _delete_folder(c)
     freed = 0
     try:
         c.path.unlink()
@@ -215,6 +281,24 @@ def _delete(c: Candidate) -> int:
     for lg in (log, _activity):
         lg.info("deleted local checkpoint %s (step %d): verified copies in %s", c.path, c.step, ", ".join(c.held_by))
     return freed
+
+
+def _delete_folder(c: Candidate) -> int:
+    """Rename the folder out of its final name first (a crash mid-way never leaves a folder that looks like a
+    checkpoint with shards missing; the temporary is removed by the next save's sweep), then remove it."""
+    import shutil
+    from .fsutil import TMP_PREFIX
+    tmp = c.path.with_name(f"{TMP_PREFIX}{c.path.name}.deleting-{os.getpid()}")
+    try:
+        os.replace(c.path, tmp)
+    except FileNotFoundError:
+        return 0
+    fsync_dir(c.path.parent)
+    shutil.rmtree(tmp, ignore_errors=True)
+    for lg in (log, _activity):
+        lg.info("deleted local checkpoint folder %s (step %d, %d files): verified copies of every file in %s",
+                c.path, c.step, len(c.unit.files), ", ".join(c.held_by))
+    return c.size
 
 
 def prune(directory: str | os.PathLike, *, config: "Config | None" = None, keep: int | None = None) -> list[Path]:
@@ -288,6 +372,6 @@ def check(directories: Iterable[str | os.PathLike], *, config: "Config") -> dict
     out = {}
     for d in directories:
         d = Path(d)
-        if d.is_dir() and checkpoints(d):
+        if d.is_dir() and units(d):
             out[str(d)] = make_room(d, config.retention.min_free, config=config)
     return out

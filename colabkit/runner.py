@@ -1114,8 +1114,11 @@ class Job:
     def _newest_checkpoint(self) -> str | None:
         """The newest local checkpoint that verifies (a restart resumes from it)."""
         from .checkpoints import latest_valid
+        from .distributed import has_folders, latest_valid_unit
         try:
-            found = latest_valid(self.checkpoint_dir)
+            # checkpoint folders (sharded saves) are checkpoints too: the newest unit that verifies
+            found = (latest_valid_unit(self.checkpoint_dir) if has_folders(self.checkpoint_dir)
+                     else latest_valid(self.checkpoint_dir))
         except (ColabkitError, OSError) as e:
             log.warning("%s: cannot read the checkpoints in %s: %s", self.experiment, self.checkpoint_dir, e)
             return None
@@ -1246,7 +1249,10 @@ def _prior_history(job_file: Path, resume_from: str | None) -> list[Any]:
     if not resume_from:
         return []
     from .checkpoints import step_of
+    from .distributed import folder_step
     step = step_of(resume_from)
+    if step is None:   # a checkpoint folder
+        step = folder_step(os.path.basename(os.path.normpath(str(resume_from))))
     prior = _read_job_file(job_file)
     if step is None or not prior or not isinstance(prior.get("history"), list):
         return []
@@ -1412,7 +1418,8 @@ def _resume_source(cfg: "Config", experiment: str, resume: str | os.PathLike | N
     p = Path(resume).expanduser()
     if not p.is_absolute():
         p = (Path.cwd() / p) if (Path.cwd() / p).exists() else cfg.experiment_dir(experiment) / p
-    if not p.is_file():
+    from .distributed import classify_folder
+    if not p.is_file() and not (p.is_dir() and classify_folder(p, any_name=True) is not None):
         raise PreflightError(f"--resume {resume}: no such checkpoint file; pass an existing checkpoint path, "
                              "auto (the newest verified one from any source) or none (a fresh start)")
     return str(p.resolve())

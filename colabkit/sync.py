@@ -5,7 +5,8 @@ A :class:`SyncGroup` watches some folders (watchdog; a polling observer on FUSE/
 tick it walks the watched folders, picks the files its include/exclude globs select that are complete (a
 checkpoint with its manifest, an append-only log (``*.log``: uploaded as it is on each due tick, so a
 preempted run's log reaches the tiers up to its last tick), or any other file whose size and mtime have been
-stable for ``sync.settle``; temporary names never) and that it does not already hold (the persisted
+stable for ``sync.settle``; temporary names never; a checkpoint folder, e.g. a sharded save, only whole and
+complete, its manifest last: :meth:`TierSyncer._select_units`) and that it does not already hold (the persisted
 :class:`colabkit.ledger.Ledger`), and uploads them one at a time (a Hub tier: all in one commit through
 ``put_many``). The training process never waits: uploads run on these threads, at a lowered CPU priority.
 
@@ -196,6 +197,59 @@ class LocalFile:
     size: int
     mtime: float
     mtime_ns: int
+    unit: str | None = None     # the key ("<folder rel>/") of the checkpoint folder it belongs to
+
+
+@dataclass(slots=True)
+class FolderUnit:
+    """A checkpoint folder under a watched folder, as one scan found it (see :meth:`SyncGroup.scan`)."""
+    key: str            # "<rel>/": the pending/skipped/ledger key of the folder
+    path: str           # absolute
+    step: int
+    unit: Any           # the colabkit.distributed.CheckpointUnit once complete, else None (still being written)
+    files: list[LocalFile]
+
+    @property
+    def rel(self) -> str:
+        return self.key[:-1]
+
+    @property
+    def probe(self) -> str:
+        """What a tier's globs judge the folder as: a checkpoint file of its name (``*.pt`` takes it)."""
+        return self.rel + ".pt"
+
+    def marker(self) -> str | None:
+        """The file that makes the folder complete, uploaded after every other one (None: Megatron's
+        tracker lives outside the folder)."""
+        if self.unit is None:
+            return None
+        from .distributed import DCP_METADATA, FOLDER_MANIFEST
+        kind = self.unit.kind
+        if kind == "folder":
+            return FOLDER_MANIFEST
+        if kind == "dcp":
+            return DCP_METADATA
+        if kind == "safetensors":
+            names = {f.rel.rsplit("/", 1)[-1] for f in self.files}
+            idx = sorted(n for n in names if n.endswith(".safetensors.index.json"))
+            return idx[0] if idx else ("model.safetensors" if "model.safetensors" in names else None)
+        return None
+
+
+_UNIT_HINTS = (".distcp", ".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def _looks_like_checkpoint(folder: str) -> bool:
+    """A step-named folder is a checkpoint folder when it holds checkpoint files (not, say, sample images)."""
+    from .distributed import DCP_METADATA, FOLDER_MANIFEST
+    if os.path.basename(folder).startswith("iter_"):
+        return True
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not is_temporary(d)]
+        for n in names:
+            if n in (FOLDER_MANIFEST, DCP_METADATA) or n.endswith(_UNIT_HINTS) or n.endswith(".index.json"):
+                return True
+    return False
 
 
 def _scan(targets: Sequence[tuple[str, str]], skip: set[str]) -> Iterable[LocalFile]:
@@ -260,6 +314,10 @@ def _followed(path: str, rel: str) -> os.stat_result | None:
         _symlinks_noted.add(path)
         _activity.info("%s is %s; not uploaded", rel, why)
     return None
+
+
+def _stat_sig(u: "FolderUnit") -> tuple:
+    return tuple(sorted((f.rel, f.size, f.mtime_ns) for f in u.files))
 
 
 def _manifest_sha(path: str, size: int) -> str | None:
@@ -364,7 +422,10 @@ class TierSyncer(threading.Thread):
         self._pause_reason: str | None = None
         self._cap_answer_until = 0.0                # Drive answered "cap reached": nothing is sent before this
         self._pause_logged: tuple[int, str] | None = None
-        self._data_of: dict[str, LocalFile] = {}
+        self._data_of: dict[str, list[LocalFile]] = {}   # a manifest or folder marker -> what goes up first
+        self._unit_key_of: dict[str, str] = {}      # rel of a file in a checkpoint folder -> the folder's key
+        self._units: dict[str, FolderUnit] = {}     # the complete checkpoint folders of the current tick
+        self._bad_units: dict[str, tuple[Any, str]] = {}  # key -> (the files' stat when refused, why)
         self.snap: dict[str, Any] = {
             "tier": tier.name, "remote": remote.describe() if remote else None, "state": "starting",
             "every": self.every, "last_upload": None, "last_tick": None, "next_due": None, "pending_files": 0,
@@ -378,9 +439,14 @@ class TierSyncer(threading.Thread):
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             s = dict(self.snap)
-            s["pending_files"] = len(self._pending)
-            s["pending_bytes"] = sum(self._pending.values())
-            s["ledger_files"] = len(self.ledger.entries)   # what the tier holds, verified (no lock: a len)
+            pending: dict[str, int] = {}   # a checkpoint folder counts once, with all its bytes
+            for rel, size in self._pending.items():
+                k = self._unit_key_of.get(rel, rel)
+                pending[k] = pending.get(k, 0) + size
+            s["pending_files"] = len(pending)
+            s["pending_bytes"] = sum(pending.values())
+            # what the tier holds, verified (a checkpoint folder's own entry, "<rel>/", is not a file)
+            s["ledger_files"] = len(self.ledger.entries) - sum(1 for k in list(self.ledger.entries) if k[-1:] == "/")
             s["skipped"] = len(self._skipped)
             s["skipped_files"] = dict(sorted(self._skipped.items())[:_SHOW_SKIPPED])
             paused = self._paused_until if self._deferred and self._paused_until else None
@@ -416,7 +482,21 @@ class TierSyncer(threading.Thread):
         Pending counts only what this tier will upload: a file it will skip (max_file_size, the manifest of
         such a checkpoint, an older checkpoint in a latest_only tier) is counted as skipped, with the reason."""
         rel = self.group.rel_of(path)
-        if rel is None or not self.patterns(rel) or is_temporary(path):
+        if rel is None or is_temporary(path):
+            return
+        key = self.group.unit_key_of(path)
+        if key is not None:   # a file of a checkpoint folder: the folder is judged whole on the next tick
+            if not self.patterns(key[:-1] + ".pt"):
+                return
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                if os.path.isfile(path):
+                    with self._lock:
+                        if not self.ledger.unchanged(rel, st.st_size, st.st_mtime_ns):
+                            self._unit_key_of[rel] = key
+                            self._pending[rel] = st.st_size
+            return
+        if not self.patterns(rel):
             return
         try:
             st = os.stat(path)
@@ -605,9 +685,19 @@ class TierSyncer(threading.Thread):
     def _too_big(self, size: int) -> bool:
         return self.tier.max_file_size is not None and size > self.tier.max_file_size
 
-    def _select(self, files: list[LocalFile], *, final: bool) -> tuple[list[tuple[LocalFile, str | None]],
-                                                                      list[LocalFile]]:
-        """(due files with their manifest sha256 or None, files still settling)."""
+    def _scan(self) -> tuple[list[LocalFile], dict[str, FolderUnit]]:
+        """The files this tier's globs take, and the checkpoint folders among them (judged whole, by
+        :attr:`FolderUnit.probe`)."""
+        files, units = self.group.scan_units()
+        units = {k: u for k, u in units.items() if self.patterns(u.probe)}
+        return [f for f in files if (f.unit in units if f.unit is not None else self.patterns(f.rel))], units
+
+    def _select(self, files: list[LocalFile], *, final: bool, units: Mapping[str, FolderUnit] | None = None,
+                settled: bool = False) -> tuple[list[tuple[LocalFile, str | None]], list[LocalFile]]:
+        """(due files with their manifest sha256 or None, files still settling).
+
+        The files of a checkpoint folder (`units`) are decided folder by folder (:meth:`_select_units`)."""
+        units = units or {}
         now = time.time()
         settle = self.group.config.sync.settle
         led = self.ledger
@@ -620,13 +710,20 @@ class TierSyncer(threading.Thread):
             if e is None or e.get("local_mtime_ns") != f.mtime_ns or e.get("local_size") != f.size:
                 todo.append(f)
         self._data_of = {}
-        if not todo:   # an idle tick: everything is held (the newest per folder is unchanged too)
+        with self._lock:
+            self._unit_key_of = {f.rel: f.unit for f in files if f.unit is not None}
+        self._units = {}
+        if not todo and all(k in entries for k in units):
+            # an idle tick: everything is held (the newest per folder is unchanged too)
             with self._lock:
                 self._skipped = {}
             return due, unsettled
         skipped: dict[str, str] = {}
-        by_path = {f.path: f for f in files}
+        by_path = {f.path: f for f in files if f.unit is None}
+        todo_units = {f.unit for f in todo if f.unit is not None}
         for f in todo:
+            if f.unit is not None:
+                continue
             if self._too_big(f.size):
                 skipped[f.rel] = self._big_reason()
                 if f.rel not in self._logged_big:
@@ -647,17 +744,20 @@ class TierSyncer(threading.Thread):
             else:
                 unsettled.append(f)
         # a manifest goes up only after its data file (when this tier takes the data file too)
-        self._data_of = {f.path: by_path[f.path[:-5]] for f, _ in due
+        self._data_of = {f.path: [by_path[f.path[:-5]]] for f, _ in due
                          if f.path.endswith(".json") and f.path[:-5] in by_path}
+        udue, uunsettled, ustate = self._select_units(units, todo_units, skipped, now=now, settle=settle,
+                                                      settled=settled)
         best_rel: dict[str, tuple[int, str]] = {}
         if self.tier.latest_only:
-            # per folder: only the newest checkpoint due, and never one older than a checkpoint already held
+            # per folder: only the newest checkpoint due, and never one older than a checkpoint already held;
+            # a checkpoint folder competes with the checkpoint files beside it
             best: dict[str, tuple[int, str]] = {}
             steps: dict[str, int] = {}
             due_paths = {f.path for f, _ in due}
             held_paths = {f.path for f in files} - {f.path for f in todo}
             for f in files:
-                if f.path.endswith(".json"):
+                if f.unit is not None or f.path.endswith(".json"):
                     continue
                 s = _step_of(os.path.basename(f.path))
                 if s is None:
@@ -668,6 +768,13 @@ class TierSyncer(threading.Thread):
                     if d not in best or (s, f.path) > best[d]:
                         best[d] = (s, f.path)
                         best_rel[posixpath.dirname(f.rel)] = (s, f.rel)
+            for key, state in ustate.items():
+                u = units[key]
+                if state in ("held", "due"):
+                    d = os.path.dirname(u.path)
+                    if d not in best or (u.step, u.path) > best[d]:
+                        best[d] = (u.step, u.path)
+                        best_rel[posixpath.dirname(u.rel)] = (u.step, u.rel)
             drop = {p for p in steps if p in due_paths and best[os.path.dirname(p)][1] != p}
             drop |= {p + ".json" for p in drop}
             old = [f for f in unsettled if f.path in steps and os.path.dirname(f.path) in best
@@ -677,12 +784,129 @@ class TierSyncer(threading.Thread):
                                                                     else f.path)][0])
             due = [(f, s) for f, s in due if f.path not in drop]
             unsettled = [f for f in unsettled if f not in old]
+            for key, state in ustate.items():
+                u = units[key]
+                b = best.get(os.path.dirname(u.path))
+                if state != "held" and b is not None and (u.step, u.path) < b:
+                    skipped[key] = _latest_reason(b[0])
+                    self._units.pop(key, None)
+            udue = [(f, s) for f, s in udue if f.unit not in skipped]
+            uunsettled = [f for f in uunsettled if f.unit not in skipped]
+        due += udue
+        unsettled += uunsettled
         with self._lock:
             self._skipped = skipped
             self._best = best_rel
-        # data files before their manifests: a remote holding a manifest always holds its data
-        due.sort(key=lambda x: (x[0].path.endswith(".json"), x[0].rel))
+        # data files before their manifests (a folder's files before its manifest or marker): a remote
+        # holding a manifest always holds its data
+        due.sort(key=lambda x: (x[0].path.endswith(".json") or x[0].path in self._data_of, x[0].rel))
         return due, unsettled
+
+    def _select_units(self, units: Mapping[str, FolderUnit], todo: set[str], skipped: dict[str, str], *,
+                      now: float, settle: float, settled: bool
+                      ) -> tuple[list[tuple[LocalFile, str | None]], list[LocalFile], dict[str, str]]:
+        """The checkpoint folders of a tick: (due files, files still settling, {key: held | due | waiting}).
+
+        A folder goes up only once it is complete: colabkit's with its manifest (every file listed at the
+        size it records, with the sha256 it records), another tool's with its marker and every file's size
+        and mtime stable for ``sync.settle``; its manifest (or marker) goes up after every other file."""
+        due: list[tuple[LocalFile, str | None]] = []
+        unsettled: list[LocalFile] = []
+        state: dict[str, str] = {}
+        for key, u in units.items():
+            if key not in todo:
+                state[key] = "held"
+                if u.unit is not None:
+                    self._units[key] = u   # the folder entry may still be missing (a kill after the last file)
+                continue
+            if u.unit is None:
+                if settled:   # nothing writes any more: this save will never finish
+                    skipped[key] = "incomplete: no manifest or marker (a save that did not finish)"
+                    state[key] = "skipped"
+                else:
+                    unsettled += u.files
+                    state[key] = "waiting"
+                continue
+            bad = self._bad_units.get(key)
+            if bad is not None and bad[0] == _stat_sig(u):
+                skipped[key] = bad[1]
+                state[key] = "skipped"
+                continue
+            big = [f for f in u.files if self._too_big(f.size)]
+            if big:
+                skipped[key] = f"{big[0].rel.rsplit('/', 1)[-1]} is {self._big_reason()}"
+                state[key] = "skipped"
+                continue
+            files = u.files
+            hints: dict[str, str] = {}
+            if u.unit.manifest is not None:
+                from .distributed import FOLDER_MANIFEST
+                listed = {f["path"]: f for f in u.unit.manifest["files"]}
+                by_rel = {f.rel[len(key):]: f for f in u.files}
+                wrong = sorted(p for p, m in listed.items()
+                               if p not in by_rel or by_rel[p].size != m["size"])
+                if wrong:
+                    skipped[key] = f"incomplete: {wrong[0]} is missing or not the size its manifest records"
+                    state[key] = "skipped"
+                    continue
+                files = [by_rel[p] for p in sorted(listed)] + [by_rel[FOLDER_MANIFEST]]
+                hints = {by_rel[p].rel: m["sha256"] for p, m in listed.items()}
+            elif not settled and any(now - f.mtime < settle for f in files):
+                unsettled += files   # another tool's folder: its sizes must be stable first
+                state[key] = "waiting"
+                continue
+            marker = u.marker()
+            first = [f for f in files if f.rel != key + (marker or "\0")]
+            for f in files:
+                if self.ledger.unchanged(f.rel, f.size, f.mtime_ns):
+                    continue
+                due.append((f, hints.get(f.rel)))
+                if marker is not None and f.rel == key + marker:
+                    self._data_of[f.path] = first
+            self._units[key] = u
+            state[key] = "due"
+        return due, unsettled, state
+
+    def _refuse_unit(self, f: LocalFile) -> None:
+        """A file of a checkpoint folder is not what its manifest says: the folder is corrupt on this disk and
+        stays off the tier (skipped, with the reason) until it changes."""
+        u = self._units[f.unit]
+        why = f"corrupted: {f.rel[len(f.unit):]} does not match its manifest's sha256"
+        self._bad_units[f.unit] = (_stat_sig(u), why)
+        log.warning("%s: checkpoint folder %s not uploaded: %s", self.tier.name, f.unit, why)
+        with self._lock:
+            self._skipped[f.unit] = why
+            for g in u.files:
+                self._pending.pop(g.rel, None)
+
+    def _finish_units(self) -> None:
+        """Record each checkpoint folder of this tick whose every file this tier holds as one complete entry
+        (``"<rel>/"`` in the ledger): what retention and resume go by."""
+        for key, u in list(self._units.items()):
+            files = u.files
+            if u.unit is not None and u.unit.manifest is not None:
+                from .distributed import FOLDER_MANIFEST
+                names = {f["path"] for f in u.unit.manifest["files"]} | {FOLDER_MANIFEST}
+                files = [f for f in u.files if f.rel[len(key):] in names]
+            if not all(self.ledger.unchanged(f.rel, f.size, f.mtime_ns) for f in files):
+                continue
+            size = sum(f.size for f in files)
+            mtime_ns = max(f.mtime_ns for f in files)
+            e = self.ledger.entries.get(key)
+            if e and e.get("local_size") == size and e.get("local_mtime_ns") == mtime_ns:
+                continue
+            sha = None
+            if u.unit is not None and u.unit.manifest is not None:
+                from .distributed import FOLDER_MANIFEST
+                sha = (self.ledger.entries.get(key + FOLDER_MANIFEST) or {}).get("sha256")
+            self.ledger.record(key, remote_path=self.group.config.remote_path(u.path), size=size, sha256=sha,
+                               md5=None, remote_id=None, local_size=size, local_mtime_ns=mtime_ns)
+            with self.ledger.lock:
+                self.ledger.entries[key]["files"] = len(files)
+            self.ledger.save()
+            self._ckpt_recorded = True
+            _activity.info("%s: checkpoint folder %s complete (%d files, %d bytes)", self.tier.name, key,
+                           len(files), size)
 
     def _tick(self, *, final: bool, deadline: float | None = None, settled: bool = False) -> bool:
         """Upload what is due. Returns True when nothing due is left (uploaded or already held).
@@ -692,28 +916,30 @@ class TierSyncer(threading.Thread):
         with self._lock:
             if not final:
                 self.snap["state"] = "scanning"
-        files = [f for f in self.group.scan() if self.patterns(f.rel)]
-        due, unsettled = self._select(files, final=final)
+        files, units = self._scan()
+        due, unsettled = self._select(files, final=final, units=units, settled=settled)
         if final and unsettled and deadline is not None:
             # let files that are still being written settle (bounded by the flush deadline)
             settle = self.group.config.sync.settle
             newest = max(f.mtime for f in unsettled)
             wait = min(newest + settle - time.time(), deadline - time.monotonic())
-            if settled and all(_step_of(os.path.basename(f.path)) is None for f in unsettled):
+            if settled and all(_step_of(os.path.basename(f.path)) is None and f.unit is None for f in unsettled):
                 wait = 0  # nothing is writing any more: no reason to wait
             if wait > 0:
                 self._stop_evt.wait(wait)
-            files = [f for f in self.group.scan() if self.patterns(f.rel)]
-            due, unsettled = self._select(files, final=final)
-            # still changing: a log being appended is uploaded as it is now; a checkpoint is not
-            extra = [(f, None) for f in unsettled if _step_of(os.path.basename(f.path)) is None]
+            files, units = self._scan()
+            due, unsettled = self._select(files, final=final, units=units, settled=settled)
+            # still changing: a log being appended is uploaded as it is now; a checkpoint (a file, or a
+            # folder's) is not
+            extra = [(f, None) for f in unsettled if _step_of(os.path.basename(f.path)) is None and f.unit is None]
             due += extra
-            unsettled = [f for f in unsettled if _step_of(os.path.basename(f.path)) is not None]
+            unsettled = [f for f in unsettled if _step_of(os.path.basename(f.path)) is not None or f.unit is not None]
         with self._lock:
             self._pending = {f.rel: f.size for f, _ in due}
             self._pending.update({f.rel: f.size for f in unsettled})
             self.snap["last_tick"] = time.time()
         ok = self._upload(due)
+        self._finish_units()
         if self._ckpt_recorded:
             # retention in the default flow: the verified copies just recorded may let older checkpoints go
             self._ckpt_recorded = False
@@ -750,11 +976,13 @@ class TierSyncer(threading.Thread):
             for f, sha in due:
                 if self._stop_evt.is_set():
                     return False
-                data = self._data_of.get(f.path)
-                if data is not None and data.rel in deferred:
+                if f.unit is not None and f.unit in self._bad_units and f.unit in self._skipped:
+                    continue   # refused a moment ago in this tick: none of its files goes up
+                deps = self._data_of.get(f.path, ())
+                if any(d.rel in deferred for d in deps):
                     deferred[f.rel] = f.size   # goes up after its checkpoint, when the cap allows
                     continue
-                if data is not None and not self.ledger.unchanged(data.rel, data.size, data.mtime_ns):
+                if any(not self.ledger.unchanged(d.rel, d.size, d.mtime_ns) for d in deps):
                     complete = False
                     continue  # its checkpoint is not up (yet): a remote never holds a manifest without its data
                 if self._defer(f):
@@ -772,6 +1000,9 @@ class TierSyncer(threading.Thread):
                     self._set_fatal(e)
                     return False
                 except IntegrityError as e:
+                    if f.unit is not None and f.unit in self._units and sha is not None:
+                        self._refuse_unit(f)
+                        continue
                     # the file changed while it was read: it is picked up again once it settles
                     _activity.info("%s: %s", self.tier.name, e)
                     complete = False
@@ -883,7 +1114,7 @@ class TierSyncer(threading.Thread):
         self.ledger.record(f.rel, remote_path=remote_path, size=rec.size, sha256=sha, md5=rec.md5,
                            remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns)
         _activity.info("%s: %s was uploaded before an interruption; verified and recorded", self.tier.name, f.rel)
-        if _step_of(os.path.basename(f.path)) is not None:
+        if f.unit is not None or _step_of(os.path.basename(f.path)) is not None:
             self._ckpt_recorded = True
         return True
 
@@ -911,7 +1142,7 @@ class TierSyncer(threading.Thread):
         self.ledger.record(f.rel, remote_path=rec.path, size=rec.size, sha256=rec.sha256 or sha,
                            md5=rec.md5 or (digest.md5 if digest else None), remote_id=rec.id,
                            local_size=f.size, local_mtime_ns=f.mtime_ns)
-        if _step_of(os.path.basename(f.path)) is not None:
+        if f.unit is not None or _step_of(os.path.basename(f.path)) is not None:
             self._ckpt_recorded = True
         with self._lock:
             self._pending.pop(f.rel, None)
@@ -926,15 +1157,21 @@ class TierSyncer(threading.Thread):
         items, digests, meta = [], {}, []
         try:
             hashed = []
+            bad: set[str] = set()
             for f, sha in due:
                 remote_path = self.group.config.remote_path(f.path)
                 d = hash_file(f.path)
+                if sha is not None and d.sha256 != sha and f.unit is not None and f.unit in self._units:
+                    self._refuse_unit(f)
+                    bad.add(f.unit)
+                    continue
                 if self.ledger.verified_copy(f.rel, d.sha256):
                     self.ledger.touch(f.rel, local_size=f.size, local_mtime_ns=f.mtime_ns)
                     with self._lock:
                         self._pending.pop(f.rel, None)
                     continue
                 hashed.append((f, d, remote_path))
+            hashed = [h for h in hashed if h[0].unit not in bad]
             # after a failed attempt every file is in flight: look them all up in one call (retried by the
             # remote), and keep what an earlier attempt did get up
             inflight = [rp for f, d, rp in hashed if self._was_inflight(f, d.sha256)]
@@ -1153,12 +1390,69 @@ class SyncGroup:
 
     def scan(self) -> list[LocalFile]:
         """Walk and stat the watched folders (each tier filters with its own globs)."""
+        return self.scan_units()[0]
+
+    def scan_units(self) -> tuple[list[LocalFile], dict[str, FolderUnit]]:
+        """:meth:`scan`, and the checkpoint folders found: a file inside one carries its key in ``unit``.
+
+        A checkpoint folder is the outermost step-named folder below a watched one that holds checkpoint
+        files (``v01_step_00001200/``, ``iter_0001200/``, ``checkpoint-1200/``); it is complete when
+        :func:`colabkit.distributed.classify_folder` says so (its manifest, or another tool's marker)."""
+        from .distributed import classify_folder
         files = list(_scan(self.targets, self._skip))
+        roots: dict[str, tuple[str, int] | None] = {}
+        looks: dict[str, bool] = {}
+        units: dict[str, FolderUnit] = {}
+        for f in files:
+            d = os.path.dirname(f.path)
+            if d not in roots:
+                roots[d] = self._unit_root(d, looks)
+            r = roots[d]
+            if r is None:
+                continue
+            path, step = r
+            rel = self.rel_of(path)
+            if rel is None:
+                continue
+            key = rel + "/"
+            u = units.get(key)
+            if u is None:
+                u = units[key] = FolderUnit(key, path, step, classify_folder(path), [])
+            u.files.append(f)
+            f.unit = key
         dirs = {os.path.dirname(f.path) for f in files
-                if f.path.endswith(_CKPT_EXTS) and _step_of(os.path.basename(f.path)) is not None}
+                if f.unit is None and f.path.endswith(_CKPT_EXTS) and _step_of(os.path.basename(f.path)) is not None}
+        dirs |= {os.path.dirname(u.path) for u in units.values()}
         with self._scan_lock:
             self._ckpt_dirs |= dirs
-        return files
+        return files, units
+
+    def _unit_root(self, d: str, looks: dict[str, bool]) -> tuple[str, int] | None:
+        """(the checkpoint folder holding folder `d`, its step), or None."""
+        from .distributed import folder_step
+        for top, _ in self.targets:
+            if d == top or not d.startswith(top + os.sep):
+                continue
+            parts = d[len(top) + 1:].split(os.sep)
+            for i, part in enumerate(parts):
+                step = folder_step(part)
+                if step is None:
+                    continue
+                cand = os.path.join(top, *parts[:i + 1])
+                if cand not in looks:
+                    looks[cand] = _looks_like_checkpoint(cand)
+                if looks[cand]:
+                    return cand, step
+            return None
+        return None
+
+    def unit_key_of(self, path: str) -> str | None:
+        """The checkpoint folder key of the file `path` (for watchdog events), or None."""
+        r = self._unit_root(os.path.dirname(path), {})
+        if r is None:
+            return None
+        rel = self.rel_of(r[0])
+        return rel + "/" if rel is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> "SyncGroup":

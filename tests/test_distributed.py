@@ -417,3 +417,25 @@ def test_ddp_and_dtensor_checkpoints_under_torchrun_then_resharded_to_one_proces
         verify_unit(unit)
         got = load_unit(unit, state=template)
         assert got["step"] == step and torch.equal(template["w"], want)
+    # the folder 2 ranks wrote, synced to a tier and resumed on an empty disk by one process (world size 1)
+    import shutil
+
+    import yaml
+
+    from colabkit import sync
+    from colabkit.config import load_config
+    from colabkit.resume import fetch, locate
+    shutil.rmtree(tmp_path / "sharded" / "s_step_00000002")       # the one corrupted above
+    (tmp_path / "colabkit.yaml").write_text(yaml.safe_dump({
+        "tiers": [{"name": "backup", "remote": "local", "path": str(tmp_path / "tier"), "every": 3600}],
+        "resume": {"priority": ["local", "backup"]}, "sync": {"settle": 0.1}}))
+    cfg = load_config(start=tmp_path)
+    assert sync.once(paths=[tmp_path / "sharded"], config=cfg)["ok"]
+    shutil.rmtree(tmp_path / "sharded")
+    plan = locate(config=cfg, directory=tmp_path / "sharded")
+    assert (plan.choice.source, plan.choice.step, plan.choice.folder) == ("backup", 1, True)
+    path = fetch(plan, progress=False)
+    assert path == tmp_path / "sharded" / "s_step_00000001"
+    template = {"w": torch.zeros(8, 4), "step": 0}
+    got = Checkpointer(path.parent, prefix="s").load(path, state=template)
+    assert got["step"] == 1 and torch.equal(template["w"], full)

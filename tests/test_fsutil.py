@@ -74,3 +74,18 @@ def test_download_that_fails_midway_leaves_the_old_copy(tmp_path, how):
     with atomic_open(dst, "wb", durable=False) as f:
         f.write(b"the new copy")
     assert dst.read_bytes() == b"the new copy" and _files(tmp_path) == ["m.pt"]
+
+
+def test_a_large_copy_is_hashed_alongside_and_the_digest_is_of_the_bytes_written(tmp_path):
+    import hashlib
+    import os
+
+    from colabkit.fsutil import CHUNK, atomic_copy
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(3 * CHUNK + 12345))        # past the size where the hash runs in its own thread
+    seen: list[int] = []
+    d = atomic_copy(src, tmp_path / "out" / "big.bin", md5=True, progress=seen.append)
+    data = (tmp_path / "out" / "big.bin").read_bytes()
+    assert data == src.read_bytes()
+    assert (d.size, d.sha256, d.md5) == (len(data), hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest())
+    assert sum(seen) == len(data)

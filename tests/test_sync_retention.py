@@ -37,8 +37,11 @@ def test_sync_tick_prunes_beyond_keep_local_after_each_verified_upload(tmp_path)
         # what was deleted locally is on the tier, verified
         assert remote_files(tmp_path / "remote_backup")["checkpoints/v01_step_00000100.pt"] == \
             sha(tmp_path / "remote_backup" / "checkpoints" / "v01_step_00000100.pt")
-        log = (root / ".colabkit" / "logs" / "sync.log").read_text()
-        assert "deleted local checkpoint " in log and "v01_step_00000100.pt (step 100): verified copies in backup" in log
+        # the deletion is logged just after the files go: wait for the line rather than race it
+        log = root / ".colabkit" / "logs" / "sync.log"
+        wait_for(lambda: "v01_step_00000100.pt (step 100): verified copies in backup" in log.read_text(),
+                 what="the deletion in sync.log")
+        assert "deleted local checkpoint " in log.read_text()
     finally:
         sync.stop(flush=False)
 

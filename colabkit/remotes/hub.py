@@ -50,6 +50,19 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 _HUB_FILES = (".gitattributes",)
 _CHECKPOINT = re.compile(r"^(?P<stem>.*?)(?P<step>\d+)(?P<ext>\.(?:pt|pth|bin|safetensors|ckpt))(?P<side>\.json)?$")
 _STEP = re.compile(r"(\d+)\.(?:pt|pth|bin|safetensors|ckpt)$")
+
+
+def _step_in(path: str) -> int | None:
+    """The step of a checkpoint file, or of the checkpoint folder a file lies in (``v01_step_00000100/...``)."""
+    m = _STEP.search(path)
+    if m:
+        return int(m.group(1))
+    from ..distributed import folder_step
+    for part in path.split("/")[:-1]:
+        s = folder_step(part)
+        if s is not None:
+            return s
+    return None
 _QUOTA = re.compile(r"storage limit|storage patterns|quota|upgrade your plan|insufficient storage|exceeded your",
                     re.IGNORECASE)
 _NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException",
@@ -834,7 +847,7 @@ class HubRemote(Remote):
 
     def _message(self, paths: list[str], deletions: list[str]) -> str:
         exps = sorted({_experiment_of(p) for p in paths} - {""})
-        steps = sorted({int(m.group(1)) for p in paths if (m := _STEP.search(p))})
+        steps = sorted({s for p in paths if (s := _step_in(p)) is not None})
         who = " ".join(x for x in (self.project, ", ".join(exps)) if x) or "sync"
         parts = [f"colabkit {who}:"]
         if steps:
