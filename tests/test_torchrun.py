@@ -1,7 +1,8 @@
 """%train --nproc-per-node N: a real torchrun group (gloo, CPU) of templates/train_ddp.py supervised as one job.
 
 Real processes and real signals: a kill -9 of one rank restarts the whole group from the newest verified
-checkpoint and ends bit-for-bit equal to an uninterrupted run; a stop leaves no rank running."""
+checkpoint and ends bit-for-bit equal to an uninterrupted run; SIGTERM leaves no rank running; two nodes on one
+machine (a static rendezvous on 127.0.0.1) form one group, each node supervised by its own colabkit."""
 from __future__ import annotations
 
 import os
@@ -160,3 +161,33 @@ def test_preflight_checks_each_gpu_the_ranks_use(tmp_path, monkeypatch):
         runner.preflight("v01", config=cfg, nproc_per_node=2, check_tiers=False)
     assert str(ei.value) == ("v01: --nproc-per-node 2 but this machine has 1 GPU (NVIDIA L4); one rank per GPU: "
                              "lower --nproc-per-node, or use --nproc-per-node auto")
+
+
+def test_two_nodes_on_one_machine_are_one_group_each_node_supervised(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    node0, node1 = make_project(tmp_path / "node0"), make_project(tmp_path / "node1")  # each its own folders
+    opts = ["--nproc-per-node", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    # node 1: its own colabkit process, as on a second machine
+    other = subprocess.Popen([sys.executable, "-m", "colabkit", "train", "v01", *opts, "--node-rank", "1",
+                              "--no-sync", "--resume", "none", "--", *ARGS], cwd=node1, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        res = runner.train("v01", config=load_config(node0 / "colabkit.yaml"), sync=False, resume="none",
+                           nproc_per_node=1, nnodes=2, node_rank=0, rdzv_endpoint=f"127.0.0.1:{port}", args=ARGS)
+        out1 = other.communicate(timeout=300)[0].splitlines()
+    finally:
+        if other.poll() is None:
+            os.killpg(other.pid, signal.SIGKILL)
+            other.wait()
+    assert res.state == "finished" and res.step == 60  # progress comes from global rank 0, on node 0
+    assert other.returncode == 0 and out1[-2].startswith("v01: finished · 1 attempt · in "), out1[-5:]
+    assert sorted(p.name for p in (node0 / "experiments/v01/checkpoints").glob("*.pt")) == [
+        f"v01_step_000000{s}.pt" for s in (20, 40, 60)]
+    assert not list((node1 / "experiments/v01/checkpoints").glob("*.pt"))  # DDP: global rank 0 saves
+    log1 = next((node1 / "experiments/v01/logs").glob("*/*.attempt1.log")).read_text().splitlines()
+    assert "--nnodes 2 --node-rank 1 --rdzv-backend static" in log1[0]
+    assert log1[-1].startswith("# colabkit: attempt 1 finished (exit code 0) at ")
