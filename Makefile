@@ -32,8 +32,9 @@ test: setup $(COLAB_VENV)/.installed
 $(COLAB_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(COLAB_VENV)
 	$(COLAB_VENV)/bin/pip install $(PIP_FLAGS) $(TORCH)
-	$(COLAB_VENV)/bin/pip install $(PIP_FLAGS) "ipython==7.34.0" "ipykernel==5.5.6" "ipywidgets==7.7.5" "notebook<7"
-	$(COLAB_VENV)/bin/pip install $(PIP_FLAGS) -e ".[test]"
+	# one resolver call, so nothing the test extra pulls in can move the pins
+	$(COLAB_VENV)/bin/pip install $(PIP_FLAGS) "ipython==7.34.0" "ipykernel==5.5.6" "ipywidgets==7.7.5" "notebook<7" \
+		-e ".[test]"
 	touch $@
 
 test-colab: $(COLAB_VENV)/.installed

@@ -216,10 +216,22 @@ def verify(info: CheckpointInfo) -> None:
         if _identity(before) == _identity(after):   # not written to while it was read: remember the hash
             record_verified(path, digest.sha256)
         return
+    _refuse_unreadable_manifest(path)
     _verify_plain(path)
 
 
+def _refuse_unreadable_manifest(path: Path) -> None:
+    """A checkpoint whose sidecar manifest exists but cannot be read (truncated, not JSON, not a manifest)
+    cannot be verified: refuse it rather than load it as if it had never had one."""
+    mp = manifest_path(path)
+    if mp.is_file() and read_manifest(mp) is None:
+        raise IntegrityError(f"{path}: its manifest {mp.name} is unreadable (truncated or not a colabkit "
+                             "manifest), so the checkpoint cannot be verified; restore the manifest, or fetch a "
+                             f"verified copy with '{command('resume')}'", path=str(path))
+
+
 def _verify_plain(path: Path) -> None:
+    _refuse_empty(path)
     try:
         is_zip = zipfile.is_zipfile(path)
     except OSError as e:
@@ -279,15 +291,31 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu", weights_only: bo
         FileNotFoundError: no such file.
     """
     p = Path(path)
+    if p.is_dir():
+        raise NoCheckpointError(f"{p}: is a folder, not a checkpoint file; a sharded checkpoint folder loads "
+                                "with Checkpointer.load (check --resume-from / the path given)")
     if not p.is_file():
         raise NoCheckpointError(f"{p}: no such checkpoint file; check --resume-from / the path given")
     m = read_manifest(manifest_path(p))
     if m is not None and m.get("file", p.name) == p.name:
         verify(CheckpointInfo(p, int(m.get("step", step_of(p.name) or 0)), p.stat().st_size, m["sha256"], m))
+    elif m is None:
+        _refuse_unreadable_manifest(p)
     return _load(p, map_location=map_location, weights_only=weights_only)
 
 
+def _refuse_empty(path: Path) -> None:
+    try:
+        empty = os.stat(path).st_size == 0
+    except OSError:
+        return
+    if empty:   # torch would say only "EOFError"
+        raise IntegrityError(f"{path}: is empty (0 bytes), not a checkpoint (a save that never wrote it, or a "
+                             "copy that failed)", path=str(path))
+
+
 def _load(path: Path, *, map_location: Any, weights_only: bool) -> Any:
+    _refuse_empty(path)
     torch = _torch("loading a checkpoint")
     import pickle
     try:

@@ -410,7 +410,10 @@ class Config:
 
         Every tier stores a file under the same relative path, so sync, resume and the airlock agree.
         """
-        p = Path(local).resolve()
+        p = Path(local)
+        # the folder resolved, the name kept: a symlink in a watched folder is stored under its own name (its
+        # target may be anywhere), and a symlink loop cannot make this fail
+        p = p.parent.resolve() / p.name if p.name not in ("", ".", "..") else p.resolve()
         try:
             return p.relative_to(self.root).as_posix()
         except ValueError:
@@ -602,6 +605,9 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror}); check the path and its permissions",
                           source=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it "
+                          "as UTF-8", source=str(path)) from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -753,6 +759,10 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         repo_id=h.str("repo_id", None), repo_type=h.str("repo_type", "model", choices=("model", "dataset", "space")),
         private=h.bool("private", True), revision=h.str("revision", "main"), endpoint=h.str("endpoint", None),
         path_prefix=h.str("path_prefix", "") or "", keep=h.int("keep", None, minimum=1))
+    if hub.repo_id is not None and not _REPO_ID.fullmatch(hub.repo_id):
+        raise ConfigError(f"hub.repo_id: {hub.repo_id!r} is not a Hub repository id; use OWNER/NAME, e.g. "
+                          "you/my-project-weights (letters, digits, '-', '_' and '.')", key="hub.repo_id",
+                          value=hub.repo_id)
     h.done()
 
     rt = top.section("retention")
@@ -785,6 +795,10 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         retry_initial=s.duration("retry_initial", SyncConfig.retry_initial),
         retry_max=s.duration("retry_max", SyncConfig.retry_max),
         flush_timeout=s.duration("flush_timeout", SyncConfig.flush_timeout))
+    for name in ("poll_interval", "retry_initial", "retry_max", "flush_timeout"):
+        if getattr(sync, name) <= 0:
+            raise ConfigError(f"sync.{name}: {s.raw(name, None)!r} must be longer than 0; use e.g. 10s",
+                              key=f"sync.{name}", value=s.raw(name, None))
     if sync.poll is not None and not isinstance(sync.poll, bool):
         raise ConfigError(f"sync.poll: {sync.poll!r} must be true or false", key="sync.poll", value=sync.poll)
     s.done()
@@ -904,11 +918,20 @@ def _regex(r: _Reader, name: str) -> str | None:
     v = r.str(name, None)
     if v is not None:
         try:
-            re.compile(v)
+            rx = re.compile(v)
         except re.error as e:
             raise ConfigError(f"{r.key(name)}: {v!r} is not a valid regular expression ({e})",
                               key=r.key(name), value=v) from None
+        want = {"step_regex": "step", "loss_regex": "loss", "checkpoint_regex": "step"}.get(name)
+        if want and want not in rx.groupindex and not (rx.groups and not rx.groupindex):
+            # without it every line fails to match: the run would show no progress, and say nothing
+            raise ConfigError(f"{r.key(name)}: {v!r} captures no {want}; name the group, e.g. "
+                              f"'{want} (?P<{want}>{_EXAMPLE_GROUP[want]})'", key=r.key(name), value=v)
     return v
+
+
+_EXAMPLE_GROUP = {"step": r"\d+", "loss": "[0-9.eE+-]+"}
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 # -- triggers (rules on the training log; colabkit.triggers runs them) ---------------------------------------

@@ -591,8 +591,8 @@ def render_text(snap: dict[str, Any]) -> list[str]:
     if res is not None:
         lines.append("resume sources (priority order)"
                      + (f" for {res['experiment']}" if res.get("experiment") else "")
-                     + (f" — {res['selected']}" if res.get("selected") else "")
-                     + f" · {_resume_age_text(res)}:")
+                     + (f" — {res['selected']}" if res.get("selected") else "") + ":")
+        lines.append(f"  {_resume_age_text(res)}")
         if "error" in res and "checked" not in res:  # the section itself failed
             lines.append(f"  {res['error']}")
         for s in res.get("sources") or []:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .fsutil import atomic_write_json
+from .fsutil import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,20 @@ class Ledger:
                 os.replace(self.path, bad)
             log.warning("ledger %s is corrupt; moved aside to %s, starting empty", self.path, bad)
             return {}
-        if int(data.get("format", 1)) > FORMAT:
-            log.warning("ledger %s has format %s, newer than this colabkit (%s); reading what it can",
-                        self.path, data.get("format"), FORMAT)
+        try:
+            fmt = int(data.get("format", 1))
+        except (TypeError, ValueError):
+            fmt = FORMAT + 1   # not a format this colabkit wrote: keep it as it is
+        if fmt > FORMAT:
+            # written by a newer colabkit: this one reads what it can (the entries it understands), but saving
+            # in its own format would drop what the newer one recorded, so a copy of that file is kept first
+            aside = self.path.with_name(f"{self.path.name}.format-{data.get('format')}")
+            if not aside.exists():
+                with contextlib.suppress(OSError):
+                    atomic_write_bytes(aside, raw.encode("utf-8"))
+                log.warning("ledger %s has format %s, newer than this colabkit (%s); reading what it can, a copy "
+                            "of it is kept as %s for the newer colabkit", self.path, data.get("format"), FORMAT,
+                            aside)
         return data
 
     @contextlib.contextmanager

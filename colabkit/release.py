@@ -168,6 +168,7 @@ def plan_action(config: "Config") -> Action | None:
 
 def _experiments(cfg: "Config", experiment: str | None) -> list[str | None]:
     if experiment:
+        cfg.require_experiment(experiment)
         return [experiment]
     names = [n for n in cfg.experiment_names()
              if cfg.checkpoint_dir(n).is_dir() or cfg.log_dir(n).is_dir()]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -225,10 +226,40 @@ def _scan(targets: Sequence[tuple[str, str]], skip: set[str]) -> Iterable[LocalF
                             continue
                         if is_temporary(e.name):
                             continue
-                        s = e.stat(follow_symlinks=False)
+                        if e.is_symlink():
+                            s = _followed(e.path, f"{rd}/{e.name}" if rd else e.name)
+                            if s is None:
+                                continue
+                        else:
+                            s = e.stat(follow_symlinks=False)
                     except OSError:
                         continue
                     yield LocalFile(e.path, f"{rd}/{e.name}" if rd else e.name, s.st_size, s.st_mtime, s.st_mtime_ns)
+
+
+_symlinks_noted: set[str] = set()   # symlinks already reported as not followed (once per process)
+
+
+def _followed(path: str, rel: str) -> os.stat_result | None:
+    """A symlink in a watched folder: the stat of the regular file it points to (that file is uploaded under
+    the link's name), or None for a link to a folder (never walked: links can make loops), a broken link or a
+    symlink loop, each said once in sync.log."""
+    import stat as stat_mod
+    why = None
+    try:
+        s = os.stat(path)
+    except OSError as e:
+        why = "a symlink loop" if e.errno == errno.ELOOP else f"a broken symlink ({e.strerror})"
+        s = None
+    else:
+        if stat_mod.S_ISREG(s.st_mode):
+            return s
+        why = "a symlink to a folder (links are not walked)" if stat_mod.S_ISDIR(s.st_mode) else \
+            "a symlink to something that is not a regular file"
+    if path not in _symlinks_noted:
+        _symlinks_noted.add(path)
+        _activity.info("%s is %s; not uploaded", rel, why)
+    return None
 
 
 def _manifest_sha(path: str, size: int) -> str | None:

@@ -1085,7 +1085,7 @@ def watch(logfile: str | os.PathLike, *, config: "Config | None" = None, experim
     """
     from .events import LineParser
     cfg = _config(config)
-    exp = _pick_experiment(cfg, experiment)
+    exp = _pick_experiment(cfg, experiment, must_exist=False)
     path = Path(logfile).expanduser().resolve()
     if not path.is_file():
         raise TriggerError(f"{logfile}: no such log file; pass the training log to watch")
@@ -1169,8 +1169,13 @@ def _read_json(p: Path) -> dict[str, Any] | None:
     return d if isinstance(d, dict) else None
 
 
-def _pick_experiment(cfg: "Config", experiment: str | None) -> str:
+def _pick_experiment(cfg: "Config", experiment: str | None, *, must_exist: bool = True) -> str:
+    """The experiment named (checked like every command's: an unknown one is an error that lists those here), else
+    the only one. `must_exist` False: ``triggers watch`` of a log that no experiment folder belongs to (a run
+    colabkit did not start) only names its queue."""
     if experiment:
+        if must_exist:
+            cfg.require_experiment(experiment)
         return experiment
     names = cfg.experiment_names()
     if len(names) == 1:
@@ -1214,6 +1219,8 @@ def check(*, config: "Config | None" = None, experiment: str | None = None) -> d
         ConfigError: a bad rule (key path, value, what is allowed).
     """
     cfg = _config(config)
+    if experiment:
+        cfg.require_experiment(experiment)
     rs = rules(cfg, experiment=experiment)
     return {"experiment": experiment, "rules": [_rule_dict(r) for r in rs]}
 
@@ -1284,6 +1291,8 @@ def list_entries(*, config: "Config | None" = None, experiment: str | None = Non
     if state is not None and state not in STATES:
         raise TriggerError(f"--state {state!r} is not a state; use one of {', '.join(STATES)}")
     cfg = _config(config)
+    if experiment:
+        cfg.require_experiment(experiment)
     exps = [experiment] if experiment else _experiments_with_queues(cfg)
     out = []
     for exp in exps:

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cuda or cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (a tiny model only loses time to more; 0: torch's default)")
+    p.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in a background thread (training goes on while one is written)")
     p.add_argument("--step-delay", type=float, default=0.0,
                    help="seconds to wait after each step (to make a toy run last; 0 in real runs)")
     return p.parse_args(argv)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = False
     model = make_model(torch, args.features, args.hidden, args.seed).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    ckpt = Checkpointer(args.checkpoint_dir, prefix=args.prefix)
+    ckpt = Checkpointer(args.checkpoint_dir, prefix=args.prefix, async_save=args.async_save)
 
     step = 0
     if args.resume_from:

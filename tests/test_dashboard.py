@@ -77,8 +77,8 @@ def test_text_view_of_a_running_run_shows_every_section_in_order():
     assert lines[1] == ("runtime: l4-vm · vm · notebook · NVIDIA L4 (23.0 GB) · Tier 1 · free disk 50.0 GB · "
                         "colabkit 0.1.0")
     heads = [x for x in lines if not x.startswith(" ")]
-    assert heads[2:] == ["training:", "sync:", "triggers:",
-                         "resume sources (priority order) · checked 10s ago:"]
+    assert heads[2:] == ["training:", "sync:", "triggers:", "resume sources (priority order):"]
+    assert lines[lines.index("resume sources (priority order):") + 1] == "  checked 10s ago"
     assert ("  v68: running · step 1200/5000 · loss 2.346 · 4.00 steps/s · ETA 15m 50s · estimate 30m · "
             "attempt 2") in lines
     assert "    restarts 1 of 3" in lines
@@ -134,15 +134,15 @@ def test_triggers_text_lists_rules_queue_and_entries():
 
 
 @pytest.mark.parametrize("res,head,choice", [
-    ({"state": "stale", "age": 900.0}, "resume sources (priority order) · checked 15m ago (stale):",
+    ({"state": "stale", "age": 900.0}, "  checked 15m ago (stale)",
      "  → local step 1200 (newest step)"),
     ({"state": "stale", "age": 900.0, "refreshing": True},
-     "resume sources (priority order) · checked 15m ago (stale), refreshing…:", "  → local step 1200 (newest step)"),
+     "  checked 15m ago (stale), refreshing…", "  → local step 1200 (newest step)"),
     ({"__replace__": True, "state": "refreshing", "checked": None, "age": None, "refreshing": True, "sources": [],
-      "choice": None, "reason": None, "error": None}, "resume sources (priority order) · asking the sources…:",
+      "choice": None, "reason": None, "error": None}, "  asking the sources…",
      "  → not asked yet"),
     ({"choice": None, "reason": "no source holds a checkpoint: start fresh", "sources": []},
-     "resume sources (priority order) · checked 10s ago:", "  → fresh start (no source holds a checkpoint: start fresh)"),
+     "  checked 10s ago", "  → fresh start (no source holds a checkpoint: start fresh)"),
 ])
 def test_resume_section_fresh_stale_and_refreshing(res, head, choice):
     lines = dashboard.render_text(snap(resume=res))

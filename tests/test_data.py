@@ -198,6 +198,14 @@ def test_drive_folder_by_path_and_by_id_verified_idempotent(drive_server, drive_
     assert by_id.list_digest == res.list_digest and by_id.files == 3
 
 
+def test_drive_file_by_id(drive_server, drive_project, tmp_path):
+    root, files, raw_id = drive_project
+    fid = drive_server.find("data/raw/shard-1.bin", root=cfg_of(root).drive.folder_id).id
+    res = data.fetch("one", source=f"drive:{fid}", version="v1", config=cfg_of(root), progress=False)
+    assert res.verified == "source" and res.files == 1
+    assert (res.path / "shard-1.bin").read_bytes() == files["data/raw/shard-1.bin"]
+
+
 def test_drive_download_truncated_midway_continues(drive_server, drive_project):
     root, files, _ = drive_project
     drive_server.faults.truncate(1)

@@ -395,7 +395,7 @@ def test_without_experiment_the_only_one_is_used_and_named(project, capsys, monk
     assert (res["experiment"], res["selected"]) == ("v01", "the only experiment here")
     assert [(s["name"], s["step"]) for s in res["sources"]] == [("local", 300), ("drive", None), ("hub", 300)]
     assert main(["status", "--resume"]) == 0
-    assert "resume sources (priority order) for v01 — the only experiment here:" in capsys.readouterr().out
+    assert "resume sources (priority order) for v01 — the only experiment here · " in capsys.readouterr().out
 
 
 def test_without_experiment_the_newest_of_several_is_used_and_the_others_named(project, capsys, monkeypatch):
@@ -436,7 +436,9 @@ def test_an_unknown_experiment_is_an_error_for_every_command_that_takes_one(proj
     for argv in (["resume", "-e", "v99"], ["resume", "-e", "v99", "--no-fetch"], ["status", "-e", "v99"],
                  ["status", "--experiment", "v99", "--resume"], ["train", "v99"], ["train", "status", "v99"],
                  ["train", "logs", "v99"], ["train", "stop", "v99"], ["airlock", "export", "v99"],
-                 ["airlock", "import", "v99"], ["airlock", "status", "v99"]):
+                 ["airlock", "import", "v99"], ["airlock", "status", "v99"], ["triggers", "check", "--experiment", "v99"],
+                 ["triggers", "list", "--experiment", "v99"], ["triggers", "test", "train.log", "--experiment", "v99"],
+                 ["release", "-e", "v99", "--dry-run"]):
         assert main(argv) == 1, argv
         out, err = capsys.readouterr()
         assert err == f"Error: {msg}\n", argv

@@ -121,8 +121,11 @@ def test_journal_entry_counts_the_preempted_run_and_its_resume_and_lists_logs_on
     text = journal.add_run("v01", config=cfg, **summary)
     lines = text.splitlines()
     host = socket.gethostname()
-    first, second = sorted(p.name for p in logs.iterdir() if p.is_dir())
-    assert second == res.run_id
+    # run ids carry seconds and a random suffix: two runs started in the same second do not sort by name
+    runs = {p.name for p in logs.iterdir() if p.is_dir()}
+    assert res.run_id in runs and len(runs) == 2
+    second = res.run_id
+    (first,) = runs - {second}
     i = lines.index("- **Attempts**: 2")
     assert lines[i + 1:i + 3] == [
         f"  1. {host}: run {first} attempt 1, fresh start; no end recorded (the machine was preempted or the run "
