@@ -594,6 +594,7 @@ class Job:
         #: one process, or a torchrun group of ranks supervised as one job (see :mod:`colabkit.launch`)
         self.launch = launch or Launch()
         self._ranks: set[int] = set()   # the ranks' pids under torchrun (each leads a session of its own)
+        self._oom_text: str | None = None
         #: the job's name in the registry and its job file: the experiment, or e.g. ``v01.cooldown_200``
         self.key = name or experiment
         #: the run's stable identity for triggers: ``main``, or a cooldown's folder name
@@ -848,6 +849,7 @@ class Job:
         self._interrupted = False
         self._kill_at = None
         self._ranks = set()
+        self._oom_text = None  # the first OOM text a rank printed in this attempt
         header = (f"# colabkit %train {self.experiment} run {self.run_id} attempt {n} on {socket.gethostname()} "
                   f"at {_stamp(att.started)}: {shlex.join([Path(self.python).name, *shown])}\n")
         with open(log_path, "ab", buffering=0) as logf:
@@ -973,8 +975,14 @@ class Job:
             # under torchrun: progress, the loss and the listeners (triggers) read global rank 0 only; every
             # rank's line goes to the log and the tail (an OOM on any rank is seen there)
             from .launch import split_rank
-            rank, _ = split_rank(text)
+            rank, body = split_rank(text)
             parse = rank == 0
+            if rank is not None and self._oom_text is None:
+                # any rank's OOM, remembered as it is printed: torchrun's failure report that follows can push
+                # it out of the tail the exit is classified from
+                m = next((m for m in (p.search(body) for p in _OOM_TEXT) if m), None)
+                if m:
+                    self._oom_text = m.group(0).strip()
             if parse:
                 segs = [split_rank(seg)[1] for seg in segs]
         for seg in segs:
@@ -1059,8 +1067,9 @@ class Job:
             tail = strip_ranks(tail)
             failed = failed_rank(tail)
         m = next((m for m in (p.search(tail) for p in _OOM_TEXT) if m), None)
-        if m:
-            return "oom", f"exit code {rc}, {m.group(0).strip()!r} in its output"
+        if m or self._oom_text:
+            text = m.group(0).strip() if m else self._oom_text
+            return "oom", f"exit code {rc}, {text!r} in its output"
         if rc in (-signal.SIGKILL, 137) and not self._killed_by_us:
             after = _oom_kills()
             if oom_before is None or after is None or after > oom_before:

@@ -191,3 +191,15 @@ def test_two_nodes_on_one_machine_are_one_group_each_node_supervised(tmp_path):
     log1 = next((node1 / "experiments/v01/logs").glob("*/*.attempt1.log")).read_text().splitlines()
     assert "--nnodes 2 --node-rank 1 --rdzv-backend static" in log1[0]
     assert log1[-1].startswith("# colabkit: attempt 1 finished (exit code 0) at ")
+
+
+def test_out_of_memory_on_any_rank_is_never_restarted(tmp_path):
+    from colabkit.errors import OutOfMemoryError
+    proj = make_project(tmp_path / "proj")
+    shutil.copy(Path(__file__).parent / "scripts" / "oom_one_rank.py", proj / "experiments/v01/train.py")
+    with pytest.raises(OutOfMemoryError) as e:
+        runner.train("v01", config=load_config(proj / "colabkit.yaml"), sync=False, resume="none", nproc_per_node=2)
+    logs = sorted((proj / "experiments/v01/logs").glob("*/*.attempt*.log"))
+    assert len(logs) == 1  # no restart
+    assert str(e.value).startswith("v01: the run ran out of memory (attempt 1: exit code 1, 'CUDA out of memory' "
+                                   "in its output); not restarted: "), str(e.value)
