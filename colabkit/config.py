@@ -259,6 +259,7 @@ class TrainConfig:
     checkpoint_regex: str | None = None
     total_steps: int | None = None
     data: tuple[str, ...] = ()              # data sets (data.sets names) a run needs on the local disk
+    nproc_per_node: int | str = 1           # ranks per node under torchrun (1: no torchrun; "auto": one per GPU)
 
 
 @dataclass(frozen=True)
@@ -817,7 +818,8 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         max_vram=tr.size("max_vram", None), min_free_disk=tr.size("min_free_disk", TrainConfig.min_free_disk),
         data_paths=tr.strings("data_paths", ()), step_regex=_regex(tr, "step_regex"),
         loss_regex=_regex(tr, "loss_regex"), checkpoint_regex=_regex(tr, "checkpoint_regex"),
-        total_steps=tr.int("total_steps", None, minimum=1), data=tr.strings("data", ()))
+        total_steps=tr.int("total_steps", None, minimum=1), data=tr.strings("data", ()),
+        nproc_per_node=_nproc(tr))
     tr.done()
 
     db = top.section("dashboard")
@@ -905,6 +907,11 @@ def _data(raw: Any) -> DataConfig:
         raise ConfigError(f"data.sets: the name {dup!r} is used twice; data set names must be unique",
                           key="data.sets", value=dup)
     return DataConfig(cache=cache, min_free=min_free, max_unpacked=max_unpacked, sets=tuple(sets))
+
+
+def _nproc(tr: "_Reader") -> int | str:
+    from .launch import parse_nproc
+    return parse_nproc(tr.raw("nproc_per_node", 1), key="train.nproc_per_node")
 
 
 def _regex(r: _Reader, name: str) -> str | None:

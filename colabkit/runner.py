@@ -333,6 +333,9 @@ class Preflight:
     warnings: list[str] = field(default_factory=list)
     tiers_checked: list[str] = field(default_factory=list)
     data: dict[str, str] = field(default_factory=dict)    # train.data name -> local path (COLABKIT_DATA_<NAME>)
+    #: every visible GPU: {"index", "name", "memory", "tier"}; nproc_per_node: the ranks this node runs
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    nproc_per_node: int = 1
 
     def data_env(self) -> dict[str, str]:
         from .data import env_name
@@ -346,7 +349,7 @@ class Preflight:
 
 def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int | str | None = None,
               check_tiers: bool = True, script: str | os.PathLike | None = None,
-              allow_network_data: bool = False) -> Preflight:
+              allow_network_data: bool = False, nproc_per_node: int | str | None = None) -> Preflight:
     """The checks before a run starts, without starting anything.
 
     Args:
@@ -356,6 +359,8 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
         check_tiers: check write access to every sync tier (``Remote.check_access``).
         script: run this file instead of ``experiments/<experiment>/train.py``.
         allow_network_data: let ``train.data_paths`` on a network/FUSE mount through (with a warning).
+        nproc_per_node: ranks to start on this node (``auto``: one per visible GPU, 1 without; default
+            ``train.nproc_per_node``); each GPU the ranks use is checked.
     Returns:
         A :class:`Preflight` (its ``warnings`` list what did not stop the run; ``data`` the local path of each
         data set ``train.data`` names).
@@ -377,8 +382,20 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
     warnings: list[str] = []
     gpus = runtime.gpus()
     gpu = gpus[0] if gpus else None
+    from .launch import parse_nproc
+    nproc = parse_nproc(nproc_per_node if nproc_per_node is not None else cfg.train.nproc_per_node)
+    if nproc == "auto":
+        nproc = max(1, len(gpus))
+    assert isinstance(nproc, int)
+    if gpus and nproc > len(gpus):
+        raise PreflightError(f"{experiment}: --nproc-per-node {nproc} but this machine has {len(gpus)} GPU"
+                             f"{'s' if len(gpus) != 1 else ''} ({', '.join(g.name for g in gpus)}); one rank per "
+                             "GPU: lower --nproc-per-node, or use --nproc-per-node auto")
+    if not gpus and nproc > 1:
+        warnings.append(f"no GPU found: the {nproc} ranks run on the CPU (use the gloo backend in train.py)")
     cap = parse_size(max_vram, key="--max-vram") if max_vram is not None else cfg.train.max_vram
-    if gpu is not None:
+    # every GPU a rank uses gets the same checks (the cap applies per process, on its own GPU)
+    for gpu in (gpus[:nproc] if gpus else []):
         if gpu.tier == 1:
             limit = runtime.TIER1_DEFAULT_CAP
             if cap is not None and cap > limit:
@@ -392,9 +409,10 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
             raise PreflightError(
                 f"{experiment}: --max-vram {format_size(cap)} is more than this {gpu.name} has "
                 f"({format_size(gpu.memory_total)}); lower --max-vram or move the run to a larger GPU")
-    elif cap is not None:
+    if not gpus and cap is not None:
         warnings.append(f"no GPU found: --max-vram {format_size(cap)} has nothing to cap")
         cap = None
+    gpu = gpus[0] if gpus else None
 
     ck_dir = cfg.checkpoint_dir(experiment)
     free = free_bytes(ck_dir)
@@ -449,7 +467,9 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
             checked.append(t.name)
     return Preflight(experiment=experiment, experiment_dir=exp_dir, script=path, gpu=gpu.name if gpu else None,
                      gpu_memory=gpu.memory_total if gpu else None, tier=gpu.tier if gpu else None, max_vram=cap,
-                     free_disk=free, warnings=warnings, tiers_checked=checked, data=data_paths)
+                     free_disk=free, warnings=warnings, tiers_checked=checked, data=data_paths,
+                     gpus=[{"index": i, "name": g.name, "memory": g.memory_total, "tier": g.tier}
+                           for i, g in enumerate(gpus)], nproc_per_node=nproc)
 
 
 def _check_name(experiment: str) -> None:
@@ -568,8 +588,13 @@ class Job:
                  on_line: Callable[[str], None] | None, on_warning: Callable[[str], None] | None,
                  python: str | None = None, resume_policy: str = "auto",
                  listeners: Sequence[Listener] = (), output_dir: str | os.PathLike | None = None,
-                 name: str | None = None, run: str | None = None) -> None:
+                 name: str | None = None, run: str | None = None, launch: "Launch | None" = None) -> None:
+        from .launch import Launch
         self.experiment = experiment
+        #: one process, or a torchrun group of ranks supervised as one job (see :mod:`colabkit.launch`)
+        self.launch = launch or Launch()
+        self._ranks: set[int] = set()   # the ranks' pids under torchrun (each leads a session of its own)
+        self._oom_text: str | None = None
         #: the job's name in the registry and its job file: the experiment, or e.g. ``v01.cooldown_200``
         self.key = name or experiment
         #: the run's stable identity for triggers: ``main``, or a cooldown's folder name
@@ -646,7 +671,8 @@ class Job:
                  "child_pid": self._proc.pid if self._proc is not None and self._proc.poll() is None else None,
                  "log": att.log if att else None, "log_dir": str(self.log_dir), "started": self.started,
                  "elapsed": time.time() - self.started, "background": self.background, "host": socket.gethostname(),
-                 "estimate": self.estimate, "warnings": list(self.warnings), "data": dict(self.pre.data)}
+                 "estimate": self.estimate, "warnings": list(self.warnings), "data": dict(self.pre.data),
+                 "launch": self.launch.as_dict()}
         d.update(self.progress.as_dict())
         if self.error is not None:
             d["error"] = str(self.error)
@@ -792,7 +818,13 @@ class Job:
         self.progress.new_attempt()
         cmd = [self.python, "-u", "-c", BOOTSTRAP, str(self.pre.script), *self.args]
         if resume_from:
-            cmd += ["--resume-from", str(resume_from)]
+            cmd += ["--resume-from", str(resume_from)]  # torchrun passes it to every rank
+        shown = cmd[4:]
+        if self.launch.distributed:
+            rank_logs = self.log_dir / f"{self.run_id}.attempt{n}.ranks"
+            rank_logs.mkdir(parents=True, exist_ok=True)
+            cmd = self.launch.command(self.python, cmd, log_dir=rank_logs)
+            shown = ["-m", "torch.distributed.run", *cmd[4:cmd.index("--no-python")], *shown]
         env = dict(os.environ)
         env.update({"COLABKIT_EXPERIMENT": self.experiment, "COLABKIT_RUN_ID": self.run_id,
                     "COLABKIT_PROJECT_ROOT": str(self.config.root),
@@ -808,14 +840,18 @@ class Job:
             env["COLABKIT_MAX_VRAM"] = str(self.pre.max_vram)
         else:
             env.pop("COLABKIT_MAX_VRAM", None)
+        if self.launch.distributed:
+            env.update(self.launch.env())
         if self.config.source is not None:
             env.setdefault("COLABKIT_CONFIG", str(self.config.source))
         oom_before = _oom_kills()
         self._killed_by_us = False
         self._interrupted = False
         self._kill_at = None
+        self._ranks = set()
+        self._oom_text = None  # the first OOM text a rank printed in this attempt
         header = (f"# colabkit %train {self.experiment} run {self.run_id} attempt {n} on {socket.gethostname()} "
-                  f"at {_stamp(att.started)}: {shlex.join([Path(self.python).name, str(self.pre.script), *cmd[5:]])}\n")
+                  f"at {_stamp(att.started)}: {shlex.join([Path(self.python).name, *shown])}\n")
         with open(log_path, "ab", buffering=0) as logf:
             logf.write(header.encode())
             try:
@@ -887,6 +923,8 @@ class Job:
                 next_check = now + tick
                 # every tick, busy or idle: escalate a stop, notice a stall or an exit whose pipe a grandchild holds
                 alive = proc.poll() is None
+                if alive and self.launch.distributed:
+                    self._track_ranks(proc)
                 if self._kill_at is not None and now >= self._kill_at and alive:
                     self._signal(signal.SIGKILL)
                     self._kill_at = None
@@ -932,8 +970,23 @@ class Job:
         # a tqdm bar redraws with \r: every segment is progress, the last one is what a terminal shows
         segs = text.split("\r") if "\r" in text else [text]
         base = self.cwd
+        parse = True
+        if self.launch.distributed:
+            # under torchrun: progress, the loss and the listeners (triggers) read global rank 0 only; every
+            # rank's line goes to the log and the tail (an OOM on any rank is seen there)
+            from .launch import split_rank
+            rank, body = split_rank(text)
+            parse = rank == 0
+            if rank is not None and self._oom_text is None:
+                # any rank's OOM, remembered as it is printed: torchrun's failure report that follows can push
+                # it out of the tail the exit is classified from
+                m = next((m for m in (p.search(body) for p in _OOM_TEXT) if m), None)
+                if m:
+                    self._oom_text = m.group(0).strip()
+            if parse:
+                segs = [split_rank(seg)[1] for seg in segs]
         for seg in segs:
-            if seg:
+            if seg and parse:
                 events = self.parser.parse(seg)
                 if events:
                     self.progress.observe(events, base=base)
@@ -1008,13 +1061,31 @@ class Job:
         if rc == 0:
             return "finished", "finished (exit code 0)"
         tail = "\n".join(list(self._tail)[-40:])
+        failed = None
+        if self.launch.distributed:
+            from .launch import failed_rank, strip_ranks
+            tail = strip_ranks(tail)
+            failed = failed_rank(tail)
         m = next((m for m in (p.search(tail) for p in _OOM_TEXT) if m), None)
-        if m:
-            return "oom", f"exit code {rc}, {m.group(0).strip()!r} in its output"
+        if m or self._oom_text:
+            text = m.group(0).strip() if m else self._oom_text
+            return "oom", f"exit code {rc}, {text!r} in its output"
         if rc in (-signal.SIGKILL, 137) and not self._killed_by_us:
             after = _oom_kills()
             if oom_before is None or after is None or after > oom_before:
                 return "oom", f"killed by SIGKILL (exit code {rc}), which is what the kernel's OOM killer does"
+        if failed is not None:  # torchrun ended the group because a rank failed
+            rank, code = failed
+            if code == -signal.SIGKILL and not self._killed_by_us:
+                after = _oom_kills()
+                if oom_before is None or after is None or after > oom_before:
+                    return "oom", (f"rank {rank} killed by SIGKILL (torchrun exit code {rc}), which is what the "
+                                   "kernel's OOM killer does")
+            how = f"exit code {code}"
+            if code < 0:
+                with contextlib.suppress(ValueError):
+                    how = f"killed by {signal.Signals(-code).name}"
+            return "crashed", f"rank {rank} {how} (torchrun exit code {rc})"
         if rc < 0:
             with contextlib.suppress(ValueError):
                 return "crashed", f"killed by {signal.Signals(-rc).name} (exit code {rc})"
@@ -1026,6 +1097,11 @@ class Job:
         except subprocess.TimeoutExpired:
             self._signal(signal.SIGKILL)
             rc = proc.wait()
+        if self._ranks:  # ranks torchrun left behind (it was killed before it could end them): nothing stays
+            from .launch import alive, signal_groups
+            left = alive(self._ranks)
+            if left:
+                signal_groups(left, signal.SIGKILL)
         with contextlib.suppress(OSError):
             assert proc.stdout is not None
             proc.stdout.close()
@@ -1043,8 +1119,18 @@ class Job:
             self._killed_by_us = True
         if sig == signal.SIGTERM and self._kill_at is None:
             self._kill_at = time.monotonic() + self.grace
+        if self.launch.distributed:
+            # torchrun puts every rank in a session of its own: signal each rank's group as well as torchrun's
+            from .launch import signal_groups
+            if proc.returncode is None:
+                self._track_ranks(proc)
+            signal_groups(self._ranks, sig)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
+
+    def _track_ranks(self, proc: subprocess.Popen) -> None:
+        from .launch import child_pids
+        self._ranks.update(child_pids(proc.pid))
 
     def _terminate_now(self) -> None:
         """SIGTERM, wait up to `grace`, SIGKILL: used where nobody pumps the output any more."""
@@ -1275,8 +1361,9 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
           python: str | None = None, listeners: Sequence["Listener"] = (), triggers: bool = True,
           output_dir: str | os.PathLike | None = None, name: str | None = None,
           run: str | None = None, on_unreachable: str | None = None, allow_network_data: bool = False,
-          release_when_done: bool | str = False, releaser: Callable[[Any], None] | None = None
-          ) -> "TrainResult | Job":
+          release_when_done: bool | str = False, releaser: Callable[[Any], None] | None = None,
+          nproc_per_node: int | str | None = None, nnodes: int = 1, node_rank: int = 0,
+          rdzv_endpoint: str | None = None) -> "TrainResult | Job":
     """Run ``experiments/<experiment>/train.py`` under supervision (see the module docstring).
 
     Args:
@@ -1310,6 +1397,11 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
             runtime or the VM through :func:`colabkit.release.release` if every tier verifiably holds the final
             checkpoint and logs; ``"force"`` releases even when a check fails (saying what may be lost).
         releaser: passed to :func:`colabkit.release.release` (tests; your own way of releasing).
+        nproc_per_node: ranks on this node (``auto``: one per visible GPU; default ``train.nproc_per_node``);
+            above 1 (or with `nnodes` > 1) the child is a torchrun group supervised as one job
+            (:mod:`colabkit.launch`).
+        nnodes, node_rank, rdzv_endpoint: a run over several nodes: their count, this node's rank (0 prints the
+            progress) and node 0's ``HOST:PORT`` (a static rendezvous).
     Returns:
         A :class:`TrainResult` (foreground) or a :class:`Job` (background).
     Raises:
@@ -1344,10 +1436,17 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
         raise ConfigError(f"--release-when-done: {release_when_done!r} is not allowed; use --release-when-done or "
                           "--release-when-done=force", key="release_when_done", value=release_when_done)
     _check_name(experiment)
+    from .launch import Launch
+    for k, v, low in (("nnodes", nnodes, 1), ("node_rank", node_rank, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"--{k.replace('_', '-')}: {v!r} must be a whole number >= {low}", key=k, value=v)
+    Launch(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint).check()
     key = name or experiment
     _refuse_if_running(cfg, key)
     pre = preflight(experiment, config=cfg, max_vram=max_vram, check_tiers=want_sync, script=script,
-                    allow_network_data=allow_network_data)
+                    allow_network_data=allow_network_data, nproc_per_node=nproc_per_node)
+    launch = Launch(nproc_per_node=pre.nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+                    rdzv_endpoint=rdzv_endpoint)
     resume_from = _resume_source(cfg, experiment, resume, on_unreachable=on_unreachable, warn=on_warning)
     job = Job(experiment, config=cfg, pre=pre, args=args, max_restarts=max_restarts, resume_from=resume_from,
               restart_backoff=tr.restart_backoff if restart_backoff is None else restart_backoff,
@@ -1355,7 +1454,7 @@ def train(experiment: str, *, config: "Config | None" = None, background: bool =
               grace=tr.grace if grace is None else grace, estimate=est, total_steps=total_steps, sync=want_sync,
               on_line=on_line, on_warning=on_warning, python=python,
               resume_policy=str(resume) if resume is not None else "none", listeners=listeners,
-              output_dir=output_dir, name=name, run=run)
+              output_dir=output_dir, name=name, run=run, launch=launch)
     if triggers:
         from . import triggers as _triggers
         _triggers.attach(job)

@@ -62,6 +62,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-sync", dest="sync", action="store_false", help="do not start background sync")
     p.add_argument("--allow-network-data", action="store_true",
                    help="train from train.data_paths on a network/FUSE mount (refused by default: %%data fetch)")
+    p.add_argument("--nproc-per-node", dest="nproc_per_node", type=_nproc_arg, default=None, metavar="N|auto",
+                   help="run train.py on N ranks under torchrun, supervised as one job (auto: one per visible GPU; "
+                        "default: train.nproc_per_node, 1)")
+    p.add_argument("--nnodes", type=int, default=1, metavar="N",
+                   help="nodes in the group (each runs its own %%train with --node-rank); default 1")
+    p.add_argument("--node-rank", dest="node_rank", type=int, default=0, metavar="R",
+                   help="this node's rank, 0..N-1 (node 0 prints the progress); with --nnodes")
+    p.add_argument("--rdzv-endpoint", dest="rdzv_endpoint", default=None, metavar="HOST:PORT",
+                   help="node 0's address for the rendezvous, the same on every node; with --nnodes")
     p.add_argument("--release-when-done", nargs="?", const=True, default=False, type=_release_mode,
                    metavar="force",
                    help="release the Colab runtime / halt the VM once the run has ended and every tier holds "
@@ -71,6 +80,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="(stop, wait) give up waiting after this long")
     common(p)
     p.set_defaults(func=handle, script_args=[])
+
+
+def _nproc_arg(value: str) -> int | str:
+    from ..errors import ConfigError
+    from ..launch import parse_nproc
+    try:
+        return parse_nproc(value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
 def _release_mode(value: str) -> str:
@@ -118,7 +136,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                        estimate=args.estimate, args=args.script_args, on_line=on_line,
                        on_warning=ctx.warn, total_steps=args.total_steps, sync=args.sync,
                        stall_after=args.stall_after, on_unreachable=args.on_unreachable,
-                       allow_network_data=args.allow_network_data, release_when_done=args.release_when_done)
+                       allow_network_data=args.allow_network_data, release_when_done=args.release_when_done,
+                       nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
+                       rdzv_endpoint=args.rdzv_endpoint)
     if args.background:
         from ..runtime import command
         st = res.status()
