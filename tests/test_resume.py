@@ -395,7 +395,7 @@ def test_without_experiment_the_only_one_is_used_and_named(project, capsys, monk
     assert (res["experiment"], res["selected"]) == ("v01", "the only experiment here")
     assert [(s["name"], s["step"]) for s in res["sources"]] == [("local", 300), ("drive", None), ("hub", 300)]
     assert main(["status", "--resume"]) == 0
-    assert "resume sources (priority order) for v01 — the only experiment here · " in capsys.readouterr().out
+    assert "resume sources (priority order) for v01 — the only experiment here:" in capsys.readouterr().out
 
 
 def test_without_experiment_the_newest_of_several_is_used_and_the_others_named(project, capsys, monkeypatch):

@@ -103,9 +103,10 @@ def test_the_tier_resumes_by_itself_once_the_window_moves_on(drive_server, tmp_p
         from colabkit.dashboard import render_text
         (line,) = [x for x in render_text({"sync": sync.status()}) if x.startswith("  drive: ")]
         assert f" · paused until {_hhmm(st['paused_until'])}: " in line and "weights belong on the Hub" in line
-        wait_for(lambda: g.status()["tiers"]["drive"]["uploaded"] == 2, timeout=30, what="the upload after the pause")
-        st = g.status()["tiers"]["drive"]
-        assert st["state"] == "idle" and st["paused_until"] is None and st["pending_files"] == 0
+        # the upload count moves before the tick ends: wait for the tier to be back at rest too
+        st = wait_for(lambda: (t := g.status()["tiers"]["drive"])["uploaded"] == 2 and t["state"] == "idle" and t,
+                      timeout=30, what="the upload after the pause")
+        assert st["paused_until"] is None and st["pending_files"] == 0
         assert drive_server.find(f"checkpoints/{big.name}", root=cfg.drive.folder_id) is not None
     finally:
         sync.stop(flush=False)
