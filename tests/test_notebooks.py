@@ -252,8 +252,17 @@ def _agent_result(nb: Any) -> dict[str, Any]:
 
 def test_agent_notebook_runs_headless_parses_json_and_reports_the_run(kernel, tmp_path):
     project = tmp_path / "agent"
-    nb = run(NOTEBOOKS["agent"], cwd=tmp_path, kernel=kernel, experiment="v02", steps=40, project_dir=str(project))
+    archive = tmp_path / "archive" / "toy"   # a data set "on the archive" (a local path standing in for it)
+    archive.mkdir(parents=True)
+    (archive / "train.txt").write_text("".join(f"{i} {i * i}\n" for i in range(100)))
+    nb = run(NOTEBOOKS["agent"], cwd=tmp_path, kernel=kernel, experiment="v02", steps=40, project_dir=str(project),
+             data_source=str(archive))
     assert "init: 7 created, 0 kept as they were" in out(nb, 'ck("init"')
+    fetched = out(nb, "if data_source:")
+    assert fetched.startswith("data: dataset ") and " 1 files, 744 bytes at " in fetched, fetched
+    assert "- **Dataset**: dataset " in (project / "journal.md").read_text()
+    released = out(nb, "rel = ck(")
+    assert released.startswith("release: dry-run") and "  ok tiers: " in released, released
     assert "resume choice: none (a fresh start)" in out(nb, "choice = plan")
     assert out(nb, "run = ck(").startswith("run: finished at step 40 · last checkpoint ")
     after = out(nb, "after = ck(")
@@ -289,6 +298,7 @@ def test_agent_notebook_through_papermill_exits_non_zero_when_the_run_fails(kern
     assert len(injected) == 1 and 'experiment = "v01"' in injected[0].source
     res = _agent_result(nb)
     assert res["state"] == "failed" and res["steps"] == 20 and res["errors"][0]["exit_code"] == 1
+    assert out(nb, "if data_source:").startswith("data: no data_source given: nothing to pre-fetch")
 
 
 # -- templates/notebook.ipynb, as `colabkit init` writes it ----------------------------------------------------
