@@ -219,22 +219,31 @@ def _watch(driver, *, timeout: float = 180.0) -> dict:
 
 
 def _assert_sections(driver) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    dash = driver.find_element(By.CSS_SELECTOR, ".colabkit-dashboard")
-    sections = [e.get_attribute("data-section") for e in dash.find_elements(By.CSS_SELECTOR, ".ck-section")]
+
+    def read(d):
+        # the view redraws itself every refresh: an element found may be replaced before it is read, so a stale
+        # one means "read the view again", never a failure
+        try:
+            dash = d.find_element(By.CSS_SELECTOR, ".colabkit-dashboard")
+            el = dash.find_elements(By.CSS_SELECTOR, ".ck-resume-choice")
+            if not el or not el[0].get_attribute("data-source"):
+                return False
+            return ([e.get_attribute("data-section") for e in dash.find_elements(By.CSS_SELECTOR, ".ck-section")],
+                    [e.get_attribute("data-tier") for e in dash.find_elements(By.CSS_SELECTOR, "tr.ck-tier")],
+                    dash.find_element(By.CSS_SELECTOR, "[data-section=triggers]").text, el[0].text,
+                    [e.get_attribute("data-source") for e in dash.find_elements(By.CSS_SELECTOR, "tr.ck-source")])
+        except StaleElementReferenceException:
+            return False
+
+    sections, tiers, triggers_text, text, sources = WebDriverWait(driver, 60, poll_frequency=0.2).until(read)
     assert sections[:5] == ["runtime", "training", "sync", "triggers", "resume"]
     assert sections[5:] in ([], ["release"])  # the release guard's facts, when the project has them
-    tiers = [e.get_attribute("data-tier") for e in dash.find_elements(By.CSS_SELECTOR, "tr.ck-tier")]
     assert tiers == ["drive", "hub"]
-    assert "none configured" in dash.find_element(By.CSS_SELECTOR, "[data-section=triggers]").text
-
-    def choice(d):
-        el = d.find_elements(By.CSS_SELECTOR, ".colabkit-dashboard .ck-resume-choice")
-        return el[0].text if el and el[0].get_attribute("data-source") else False
-    text = WebDriverWait(driver, 60, poll_frequency=0.2).until(choice)
+    assert "none configured" in triggers_text
     assert re.fullmatch(r"→ local step \d+ \(.+\)", text), text
-    sources = [e.get_attribute("data-source") for e in dash.find_elements(By.CSS_SELECTOR, "tr.ck-source")]
     assert sources == ["local", "drive", "hub"]
 
 
@@ -243,9 +252,16 @@ def _shot(driver, tmp_path: Path, name: str) -> Path:
     folder = Path(SHOTS) if SHOTS else tmp_path
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    el = driver.find_element(By.CSS_SELECTOR, ".colabkit-dashboard")
-    driver.execute_script("arguments[0].scrollIntoView(true);", el)
-    el.screenshot(str(path))
+    from selenium.common.exceptions import StaleElementReferenceException
+    for attempt in range(5):  # the view may be redrawn between finding it and taking its picture
+        try:
+            el = driver.find_element(By.CSS_SELECTOR, ".colabkit-dashboard")
+            driver.execute_script("arguments[0].scrollIntoView(true);", el)
+            el.screenshot(str(path))
+            break
+        except StaleElementReferenceException:
+            if attempt == 4:
+                raise
     assert path.stat().st_size > 10_000  # a real picture, not an empty box
     return path
 
