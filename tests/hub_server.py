@@ -36,8 +36,18 @@ Faults: :meth:`HubServer.inject` answers matching requests with a status (429 wi
 :meth:`HubServer.ratio` faults a fraction of every request (lookups, listings, downloads included) at random.
 :attr:`HubServer.injected` lists every fault served. ``pause_lfs_at`` holds an LFS upload once that many bytes
 arrived (``paused``, released by ``gate``), and ``lfs_bytes_received`` / ``lfs_uploads`` count every LFS byte
-received, so a test can measure what a restart after a kill sends again. No Xet: the client is told nothing
-of a Xet backend and uses classic LFS (tests also set ``HF_HUB_DISABLE_XET``).
+received, so a test can measure what a restart after a kill sends again.
+
+Xet (``HubServer(xet=True)``, or ``create_repo(..., xet=True)`` per repo): a third port, ``cas_url``, serves the
+Xet CAS API of tests/xet_server.py (:attr:`HubServer.cas`); ``GET /api/{type}s/{repo}/xet-write-token/{rev}``
+and ``xet-read-token/{rev}`` hand out CAS tokens (JSON ``casUrl``/``accessToken``/``exp`` and the
+``X-Xet-*`` headers); a commit's ``lfsFile`` may name a sha256 that a shard uploaded to the CAS carries (the
+file is then Xet-backed: tree entries carry ``xetHash``); ``resolve`` of such a file answers 302 with
+``X-Xet-Hash`` and ``Link: <…xet-read-token/{commit}>; rel="xet-auth"`` (so ``hf_xet`` downloads from the CAS),
+the ``Location`` being the CDN's ``/xet/{sha256}``, which rebuilds the bytes from the xorbs (the plain download
+path; what the Hub's bridge does). Without Xet the client must use classic LFS (tests set
+``HF_HUB_DISABLE_XET`` unless they test Xet: huggingface_hub with ``hf_xet`` installed uploads through Xet
+whenever it may).
 Blobs live on disk under the folder given to the constructor. Every request is recorded in
 :attr:`HubServer.requests` as ``(port, method, path, status)``.
 """
@@ -82,6 +92,7 @@ class Entry:
     size: int
     oid: str                      # git blob oid (of the content, or of the LFS pointer)
     lfs: str | None = None        # sha256 of an LFS file
+    xet: str | None = None        # xet file hash of an LFS file stored in the Xet CAS
 
 
 @dataclass
@@ -91,6 +102,7 @@ class Repo:
     private: bool
     branches: dict[str, str] = field(default_factory=dict)          # name -> commit oid
     commits: dict[str, tuple[str | None, str, dict[str, Entry]]] = field(default_factory=dict)  # oid -> (parent, msg, tree)
+    xet: bool = False             # the repo offers Xet storage (CAS tokens, Xet-backed files)
 
     @property
     def owner(self) -> str:
@@ -179,7 +191,7 @@ class HubServer:
     USERS = {WRITE_TOKEN: User("alice", ("acme",), "write"), READ_TOKEN: User("alice", ("acme",), "read"),
              BOB_TOKEN: User("bob", (), "write")}
 
-    def __init__(self, root: str | os.PathLike | None = None, *, page_size: int = 1000) -> None:
+    def __init__(self, root: str | os.PathLike | None = None, *, page_size: int = 1000, xet: bool = False) -> None:
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="hub-server-"))
         (self.root / "lfs").mkdir(parents=True, exist_ok=True)
@@ -204,10 +216,15 @@ class HubServer:
         self._threads: list[threading.Thread] = []
         self.endpoint = ""
         self.cdn = ""
+        self.cas_url = ""
+        #: repos created from now on offer Xet; the CAS is started when any repo may use it
+        self.xet = xet
+        from .xet_server import XetCAS
+        self.cas = XetCAS(self.root / "xet", self)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "HubServer":
-        for kind in ("hub", "cdn"):
+        for kind in ("hub", "cdn", "cas"):
             srv = _Server(("127.0.0.1", 0), _Handler, self, kind)
             t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                                  name=f"hub-server-{kind}", daemon=True)
@@ -216,6 +233,7 @@ class HubServer:
             self._threads.append(t)
         self.endpoint = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
         self.cdn = f"http://127.0.0.1:{self._servers[1].server_address[1]}"
+        self.cas_url = self.cas.url = f"http://127.0.0.1:{self._servers[2].server_address[1]}"
         return self
 
     def stop(self) -> None:
@@ -262,9 +280,10 @@ class HubServer:
         with self.lock:
             self._ratio = (p, kinds, random.Random(seed), re.compile(path) if path else None, retry_after) if p else None
 
-    def create_repo(self, repo_id: str, *, repo_type: str = "model", private: bool = True) -> Repo:
+    def create_repo(self, repo_id: str, *, repo_type: str = "model", private: bool = True,
+                    xet: bool | None = None) -> Repo:
         with self.lock:
-            repo = Repo(repo_type, repo_id, private)
+            repo = Repo(repo_type, repo_id, private, xet=self.xet if xet is None else xet)
             attrs = b"*.pt filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
             self.store_blob(attrs)
             oid = self._new_commit(repo, None, "initial commit", {".gitattributes": Entry(len(attrs), git_blob_oid(attrs))})
@@ -305,6 +324,11 @@ class HubServer:
         """Flip bytes of the stored LFS object behind `path` (what a broken storage node would serve)."""
         e = self.files(repo_id, repo_type=repo_type)[path]
         assert e.lfs, f"{path} is not an LFS file"
+        if e.xet:
+            self.cas.corrupt(e.xet)
+            with contextlib.suppress(OSError):
+                (self.root / "xetfiles" / e.lfs).unlink()
+            return
         p = self.lfs_path(e.lfs)
         data = bytearray(p.read_bytes())
         data[: min(16, len(data))] = bytes(b ^ 0xFF for b in data[:16])
@@ -415,6 +439,8 @@ class _Handler(BaseHTTPRequestHandler):
                                  fault.headers)
             if kind == "cdn":
                 self._cdn()
+            elif kind == "cas":
+                self.hub.cas.handle(self)
             else:
                 self._api()
         except _HTTPError as e:
@@ -583,6 +609,9 @@ class _Handler(BaseHTTPRequestHandler):
         mc = re.fullmatch(r"commit/([^/]+)", rest)
         if mc and m == "POST":
             return self._commit(self._repo(rtype, repo_id, write=True), mc.group(1))
+        mx = re.fullmatch(r"xet-(read|write)-token/([^/]+)", rest)
+        if mx and m == "GET":
+            return self._xet_token(self._repo(rtype, repo_id, write=mx.group(1) == "write"), mx.group(1))
         mb = re.fullmatch(r"branch/([^/]+)", rest)
         if mb and m == "POST":
             repo = self._repo(rtype, repo_id, write=True)
@@ -598,7 +627,18 @@ class _Handler(BaseHTTPRequestHandler):
         d: dict[str, Any] = {"type": "file", "oid": e.oid, "size": e.size, "path": path}
         if e.lfs:
             d["lfs"] = {"oid": e.lfs, "size": e.size, "pointerSize": len(lfs_pointer(e.lfs, e.size))}
+        if e.xet:
+            d["xetHash"] = e.xet
         return d
+
+    def _xet_token(self, repo: Repo, scope: str) -> None:
+        """A short-lived CAS token for the repo (the Hub's xet-read-token / xet-write-token)."""
+        if not repo.xet:
+            raise _HTTPError(404, None, "This repository does not use Xet storage")
+        tok, exp = self.hub.cas.issue_token(scope)
+        self._json({"casUrl": self.hub.cas_url, "accessToken": tok, "exp": exp},
+                   headers={"X-Xet-Cas-Url": self.hub.cas_url, "X-Xet-Access-Token": tok,
+                            "X-Xet-Token-Expiration": str(exp)})
 
     def _list_tree(self, repo: Repo, rev: str, path: str) -> None:
         rev = unquote(rev)
@@ -712,6 +752,12 @@ class _Handler(BaseHTTPRequestHandler):
                     tree[v["path"]] = Entry(len(data), oid)
                 elif key == "lfsFile":
                     p = self.hub.lfs_path(v["oid"])
+                    xf = self.hub.cas.file_by_sha256(v["oid"]) if repo.xet else None
+                    if xf is not None and not p.is_file():
+                        size = xf.size
+                        tree[v["path"]] = Entry(size, git_blob_oid(lfs_pointer(v["oid"], size)), v["oid"],
+                                                xet=xf.file_hash)
+                        continue
                     if not p.is_file():
                         raise _HTTPError(422, None, f"LFS object {v['oid']} for {v['path']} was not uploaded")
                     size = p.stat().st_size
@@ -737,8 +783,14 @@ class _Handler(BaseHTTPRequestHandler):
         if e is None:
             raise _HTTPError(404, "EntryNotFound", f"{path} does not exist on \"{rev}\"", {"X-Repo-Commit": oid})
         headers = {"X-Repo-Commit": oid, "Accept-Ranges": "bytes"}
+        if e.xet:
+            prefix = "" if rtype == "model" else f"{rtype}s/"
+            headers.update({"X-Xet-Hash": e.xet,
+                            "Link": f"<{self.hub.endpoint}/api/{prefix or 'models/'}{repo.repo_id}/xet-read-token/"
+                                    f"{oid}>; rel=\"xet-auth\""})
         if e.lfs:
-            headers.update({"Location": f"{self.hub.cdn}/lfs/{e.lfs}?X-Amz-Signature={uuid.uuid4().hex}",
+            where = "xet" if e.xet else "lfs"
+            headers.update({"Location": f"{self.hub.cdn}/{where}/{e.lfs}?X-Amz-Signature={uuid.uuid4().hex}",
                             "X-Linked-Etag": f'"{e.lfs}"', "X-Linked-Size": str(e.size), "ETag": f'"{e.oid}"'})
             return self._send(302, b"", headers=headers)
         headers["ETag"] = f'"{e.oid}"'
@@ -759,9 +811,25 @@ class _Handler(BaseHTTPRequestHandler):
         md = re.fullmatch(r"/lfs/([0-9a-f]{64})", p)
         if md and m in ("GET", "HEAD"):
             return self._serve_file(self.hub.lfs_path(md.group(1)))
+        mx = re.fullmatch(r"/xet/([0-9a-f]{64})", p)
+        if mx and m in ("GET", "HEAD"):
+            return self._serve_file(self._xet_bytes(mx.group(1)))
         if mp and m in ("GET", "HEAD"):
             return self._serve_file(self.hub.root / "plain" / mp.group(1))
         raise _HTTPError(404, None, f"no route for {m} {p}")
+
+    def _xet_bytes(self, sha256: str) -> Path:
+        """A Xet-backed file's bytes, rebuilt from its xorbs once and kept (the Hub's download bridge)."""
+        dst = self.hub.root / "xetfiles" / sha256
+        if not dst.is_file():
+            fi = self.hub.cas.file_by_sha256(sha256)
+            if fi is None:
+                raise _HTTPError(404, None, "NoSuchKey")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.hub.root / "tmp" / uuid.uuid4().hex
+            tmp.write_bytes(self.hub.cas.reconstruct(fi.file_hash))
+            os.replace(tmp, dst)
+        return dst
 
     def _store(self, dst: Path, *, expect: str | None) -> None:
         """Receive the body to a temporary file while hashing it (as a content-addressed store does)."""
