@@ -161,6 +161,12 @@ class _Server(ThreadingHTTPServer):
             self._conn_threads = [x for x in getattr(self, "_conn_threads", []) if x.is_alive()] + [t]
         t.start()
 
+    def handle_error(self, request, client_address) -> None:
+        import sys
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # a client that went away (killed, or a keep-alive connection reset): nothing to report
+        super().handle_error(request, client_address)
+
     def server_close(self) -> None:
         super().server_close()
         with self._conns_lock:

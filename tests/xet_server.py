@@ -7,8 +7,10 @@ headers), and ``hf_xet`` then talks to this server with ``Authorization: Bearer 
 
 The routes are the ones ``hf_xet`` 1.8 calls (seen on the wire, and in xet-core's own local CAS server):
 
-* ``GET /v1/chunks/{prefix}/{chunk}`` — global dedup: the shard that holds a chunk whose hash is eligible
-  (the client asks for the first chunk of a file and for chunks whose hash is 0 mod 1024), else 404.
+* ``GET /v1/chunks/{prefix}/{chunk}`` — global dedup (the client asks for the first chunk of a file and for
+  chunks whose hash is 0 mod 1024): always 404 here. The real CAS answers a full shard (footer, lookup tables,
+  keyed chunk hashes) that this server does not build; the client's own shard cache (``HF_XET_CACHE``) still
+  dedups against what it uploaded before, and ``xorb-grants`` against every stored xorb.
 * ``POST /v1/xorb-grants/{prefix}/{xorb}`` (body ``{"length", "checksum"}``) — 200 when the xorb is already
   stored (the client then does not send it: this is what makes a restart after a kill cheap), 404 when no grant
   is offered (the client falls back to the direct upload below).
@@ -31,8 +33,8 @@ The server does not recompute Merkle hashes (it trusts the client's keys) but it
 refuses malformed ones, and can rebuild a file's bytes (LZ4 / byte grouping, ``lz4`` package) for the Hub's
 plain download path and for tests. Counters: :attr:`XetCAS.xorb_bytes_received` (every xorb body byte,
 complete or not: what a restart after a kill costs), ``xorb_uploads``, ``shard_uploads``, ``dedup_queries``,
-``grants``. ``pause_xorb_at`` holds a xorb upload once that many bytes of it arrived (``paused`` / ``gate``, as
-``HubServer.pause_lfs_at``). Faults use the Hub's vocabulary: ``hub.inject(port="cas", ...)`` and ``hub.ratio``.
+``grants``. ``pause_xorb_at`` holds a xorb upload once that many bytes of it arrived and ``pause_after_stored``
+xorbs are stored (``paused`` / ``gate``, as ``HubServer.pause_lfs_at``). Faults use the Hub's vocabulary: ``hub.inject(port="cas", ...)`` and ``hub.ratio``.
 """
 from __future__ import annotations
 
@@ -199,15 +201,17 @@ class XetCAS:
         self.files: dict[str, FileInfo] = {}
         self.by_sha256: dict[str, str] = {}            # sha256 -> xet file hash
         self.xorbs: dict[str, XorbInfo] = {}
-        self.chunk_shard: dict[str, str] = {}          # chunk hash -> shard id holding it (global dedup)
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (scope "read"/"write", expiry)
         self.xorb_bytes_received = 0
         self.xorb_uploads: list[tuple[str, int, bool]] = []   # (xorb, bytes received, complete) per POST
         self.shard_uploads: list[int] = []                    # size of every accepted shard
-        self.dedup_queries: list[tuple[str, bool]] = []       # (chunk, found)
+        self.dedup_queries: list[str] = []                    # chunk hashes asked for (global dedup)
         self.grants: list[tuple[str, bool]] = []              # (xorb, already stored)
         self.served_bytes = 0
+        self.xorbs_in_flight = 0                              # xorb POST bodies being received now
         self.pause_xorb_at: int | None = None
+        #: pause_xorb_at arms only once this many xorbs are stored (to cut a later xorb of a large file)
+        self.pause_after_stored = 0
         self.paused = threading.Event()
         self.gate = threading.Event()
         self.url = ""
@@ -303,11 +307,8 @@ class XetCAS:
         mc = re.fullmatch(r"/v1/chunks/([\w-]+)/([0-9a-f]{64})", p)
         if mc and m == "GET":
             with self.lock:
-                sid = self.chunk_shard.get(mc.group(2))
-                self.dedup_queries.append((mc.group(2), sid is not None))
-            if sid is None:
-                raise _HTTPError(404, None, "Shard not found")
-            return h._send(200, (self.root / "shards" / sid).read_bytes(), ctype="application/octet-stream")
+                self.dedup_queries.append(mc.group(2))
+            raise _HTTPError(404, None, "Shard not found")
         if re.fullmatch(r"/v2/reconstructions/[0-9a-f]{64}", p) and m == "GET":
             raise _HTTPError(404, None, "V2 reconstruction is not offered")
         mr = re.fullmatch(r"/v1/reconstructions/([0-9a-f]{64})", p)
@@ -326,28 +327,20 @@ class XetCAS:
         raise _HTTPError(404, None, f"no route for {m} {p}")
 
     def _post_xorb(self, h: Any, xh: str) -> None:
-        from .hub_server import _CHUNK, _HTTPError
+        from .hub_server import _HTTPError
         h._body_read = True
         n = int(h.headers.get("Content-Length") or 0)
         buf = bytearray()
-        while len(buf) < n:
-            b = h.rfile.read(min(_CHUNK, n - len(buf)))
-            if not b:
-                break
-            buf += b
-            with self.lock:
-                self.xorb_bytes_received += len(b)
-                hold = self.pause_xorb_at is not None and len(buf) >= self.pause_xorb_at
-                if hold:
-                    self.pause_xorb_at = None
-            if hold:
-                self.paused.set()
-                while not self.gate.wait(0.05) and self.hub._servers:
-                    pass
         with self.lock:
-            self.xorb_uploads.append((xh, len(buf), len(buf) == n))
-        if len(buf) != n:
-            raise _HTTPError(400, None, f"incomplete body: {len(buf)} of {n} bytes")
+            self.xorbs_in_flight += 1
+        try:
+            self._receive(h, buf, n)
+        finally:
+            with self.lock:
+                self.xorbs_in_flight -= 1
+                self.xorb_uploads.append((xh, len(buf), len(buf) == n))
+        if len(buf) != n:  # the client went away mid-body (a kill): nobody to answer
+            raise ConnectionResetError(f"incomplete body: {len(buf)} of {n} bytes")
         data = bytes(buf)
         try:
             info = parse_xorb(data)
@@ -362,11 +355,29 @@ class XetCAS:
                 self.xorbs[xh] = info
         h._json({"was_inserted": inserted})
 
+    def _receive(self, h: Any, buf: bytearray, n: int) -> None:
+        from .hub_server import _CHUNK
+        while len(buf) < n:
+            b = h.rfile.read(min(_CHUNK, n - len(buf)))
+            if not b:
+                break
+            buf += b
+            with self.lock:
+                self.xorb_bytes_received += len(b)
+                hold = (self.pause_xorb_at is not None and len(buf) >= self.pause_xorb_at
+                        and len(self.xorbs) >= self.pause_after_stored)
+                if hold:
+                    self.pause_xorb_at = None
+            if hold:
+                self.paused.set()
+                while not self.gate.wait(0.05) and self.hub._servers:
+                    pass
+
     def _post_shard(self, h: Any) -> None:
         from .hub_server import _HTTPError
         data = h._body()
         try:
-            files, xorbs = parse_shard(data)
+            files, _xorbs = parse_shard(data)
         except FormatError as e:
             raise _HTTPError(400, None, str(e))
         with self.lock:
@@ -380,12 +391,7 @@ class XetCAS:
                                          f"{s.xorb}, which has {len(x.chunks)}")
                     if sum(u for (_a, _b, _c, u) in x.chunks[s.chunk_start:s.chunk_end]) != s.unpacked:
                         raise _HTTPError(400, None, f"shard segment size does not match xorb {s.xorb}")
-            sid = uuid.uuid4().hex
-            if xorbs:
-                (self.root / "shards" / sid).write_bytes(data)
-            for xh, chunks in xorbs.items():
-                for ch, _s, _l in chunks:
-                    self.chunk_shard.setdefault(ch, sid)
+            (self.root / "shards" / uuid.uuid4().hex).write_bytes(data)
             for fi in files:
                 self.files[fi.file_hash] = fi
                 if fi.sha256:

@@ -213,6 +213,36 @@ def _response_of(e: BaseException) -> Any:
         r = getattr(x, "response", None)
         if r is not None and getattr(r, "status_code", None) is not None:
             return r
+    return _xet_response(e)
+
+
+# hf_xet (the Xet transfer under huggingface_hub) raises builtins.ConnectionError / RuntimeError carrying only a
+# line such as "Server error: Request error: HTTP status server error (503 Service Unavailable), domain: <url>"
+_XET_STATUS = re.compile(r"HTTP status (?:client|server) error \((\d{3})[^)]*\)(?:, domain: (\S+))?")
+
+
+@dataclass
+class _XetResponse:
+    """What an hf_xet error says of the HTTP answer behind it: a status (no headers, no body)."""
+    status_code: int
+    url: str
+    headers: dict[str, str]
+
+    def json(self) -> Any:
+        return {}
+
+
+def _xet_response(e: BaseException) -> _XetResponse | None:
+    for x in _chain(e):
+        if type(x).__module__ not in ("builtins", "hf_xet") and "xet" not in type(x).__name__.lower():
+            continue
+        m = _XET_STATUS.search(str(x))
+        if m:
+            url = (m.group(2) or "").split("?", 1)[0]
+            where = "Xet storage" if "/api/" not in url else "Xet token endpoint"
+            return _XetResponse(int(m.group(1)), url, {"X-Error-Message": where})
+        if type(x).__name__ == "XetAuthenticationError":
+            return _XetResponse(401, "", {"X-Error-Message": redact(str(x))[:200]})
     return None
 
 

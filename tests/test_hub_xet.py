@@ -1,0 +1,351 @@
+"""The Hub tier on the Xet path: the real huggingface_hub + hf_xet against tests/hub_server.py with Xet on
+(HubServer(xet=True): the CAS of tests/xet_server.py). The classic-LFS twin of each test is in
+tests/test_remote_hub.py and tests/test_sync_remotes.py."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from colabkit.fsutil import hash_file
+from colabkit.ledger import Ledger
+from colabkit.remotes.hub import HubRemote
+
+from .hub_server import QUOTA_MESSAGE, HubServer, _no_tqdm_monitor, isolate_hf_home
+from .remote_contract import FaultContract, RemoteContract
+from .test_sync import wait_for
+from .test_sync_remotes import _added_per_path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO = "alice/ckpt"
+MiB = 1024 * 1024
+#: hf_xet's own retries, short for tests (read when the process's Xet session starts)
+XET_ENV = {"HF_HUB_DISABLE_XET": "0", "HF_XET_TELEMETRY_ENABLED": "0", "HF_XET_CLIENT_RETRY_BASE_DELAY": "10ms",
+           "HF_XET_CLIENT_RETRY_MAX_ATTEMPTS": "3"}
+for _k, _v in XET_ENV.items():
+    if _k != "HF_HUB_DISABLE_XET":
+        os.environ.setdefault(_k, _v)
+
+
+@pytest.fixture
+def xet_hub(tmp_path_factory, monkeypatch) -> HubServer:
+    """A started Xet-enabled HubServer; huggingface_hub may use hf_xet for this test."""
+    from huggingface_hub import constants
+    isolate_hf_home(monkeypatch, tmp_path_factory.mktemp("hf_home"))
+    _no_tqdm_monitor()
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "0")
+    srv = HubServer(tmp_path_factory.mktemp("hub_blobs"), xet=True).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def token_env(monkeypatch, xet_hub: HubServer) -> str:
+    monkeypatch.setenv("HF_TOKEN", xet_hub.WRITE_TOKEN)
+    return xet_hub.WRITE_TOKEN
+
+
+def make_remote(srv: HubServer, **kw) -> HubRemote:
+    kw.setdefault("endpoint", srv.endpoint)
+    return HubRemote(kw.pop("name", "hub"), kw.pop("repo_id", REPO), **kw)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def random_checkpoint(root: Path, size: int, *, step: int = 1, data: bytes | None = None) -> Path:
+    """A checkpoint of random bytes (no chunk repeats: what Xet cannot dedup within the file) and its manifest."""
+    p = root / "checkpoints" / f"v01_step_{step:08d}.pt"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    with open(p, "wb") as f:
+        if data is not None:
+            f.write(data)
+            h.update(data)
+        else:
+            for _ in range(size // MiB):
+                b = os.urandom(MiB)
+                f.write(b)
+                h.update(b)
+    (p.parent / (p.name + ".json")).write_text(json.dumps(
+        {"format": 1, "step": step, "size": p.stat().st_size, "sha256": h.hexdigest(), "file": p.name}))
+    return p
+
+
+# -- the contract, on the Xet path ------------------------------------------------------------------------
+class TestXetHubRemoteContract(RemoteContract):
+    @pytest.fixture
+    def remote(self, xet_hub: HubServer, token_env) -> HubRemote:
+        return make_remote(xet_hub, path_prefix="runs")
+
+
+def test_put_goes_through_the_cas_and_get_verifies_the_bytes(xet_hub: HubServer, token_env, tmp_path: Path):
+    """An LFS-sized file goes to the CAS as xorbs + a shard (no LFS batch, no LFS PUT), the commit names its
+    sha256, the tree lists it with its xetHash, and a download (the resolve redirect, rebuilt from the xorbs)
+    is verified against the sha256."""
+    data = os.urandom(3 * MiB) + bytes(2 * MiB)        # part of it compresses (LZ4 chunks)
+    r = make_remote(xet_hub)
+    rec = r.put(_write(tmp_path / "m.pt", data), "ck/m.pt")
+    assert rec.sha256 == hashlib.sha256(data).hexdigest()
+    assert xet_hub.count("POST", r"/objects/batch") == 0 and xet_hub.lfs_uploads == []
+    assert xet_hub.count("POST", r"^/v1/xorbs/", port="cas") >= 1
+    assert len(xet_hub.cas.shard_uploads) == 1
+    e = xet_hub.files(REPO)["ck/m.pt"]
+    assert e.lfs == rec.sha256 and e.xet and xet_hub.cas.files[e.xet].size == len(data)
+    assert xet_hub.cas.xorb_bytes_received < len(data), "the zero half was not compressed"
+    got = r.get("ck/m.pt", tmp_path / "back.pt")
+    assert (tmp_path / "back.pt").read_bytes() == data and got.sha256 == rec.sha256
+
+
+def test_hf_xet_downloads_a_xet_file_from_the_cas(xet_hub: HubServer, token_env, tmp_path: Path):
+    """huggingface_hub's own download of a Xet-backed file (resolve HEAD → X-Xet-Hash, xet-read-token, CAS
+    reconstruction, xorb range GETs) returns the bytes that were uploaded."""
+    from huggingface_hub import hf_hub_download
+    data = os.urandom(2 * MiB + 12345)
+    make_remote(xet_hub).put(_write(tmp_path / "w.pt", data), "ck/w.pt")
+    p = hf_hub_download(REPO, "ck/w.pt", endpoint=xet_hub.endpoint, token=xet_hub.WRITE_TOKEN,
+                        cache_dir=str(tmp_path / "cache"))
+    assert Path(p).read_bytes() == data
+    assert xet_hub.count("GET", r"/xet-read-token/") >= 1
+    assert xet_hub.count("GET", r"^/v1/reconstructions/", port="cas") == 1
+    assert xet_hub.cas.served_bytes >= len(data)
+
+
+def test_corrupt_cas_copy_is_refused_and_nothing_is_left(xet_hub: HubServer, token_env, tmp_path: Path):
+    """sha256 verification still happens on the Xet path: bytes the CAS rebuilt wrong are refused."""
+    from colabkit.errors import IntegrityError
+    data = os.urandom(1 * MiB)
+    make_remote(xet_hub).put(_write(tmp_path / "c.pt", data), "ck/c.pt")
+    xet_hub.corrupt(REPO, "ck/c.pt")
+    with pytest.raises(IntegrityError) as ei:
+        make_remote(xet_hub).get("ck/c.pt", tmp_path / "out" / "c.pt")
+    assert "does not match its recorded hash" in str(ei.value)
+    assert not (tmp_path / "out" / "c.pt").exists()
+
+
+def test_cas_refuses_a_shard_naming_a_xorb_it_does_not_hold(xet_hub: HubServer, token_env, tmp_path: Path):
+    """The server checks what it is given: a shard whose file refers to a missing xorb is a 400."""
+    import urllib.error
+    import urllib.request
+    from .xet_server import SHARD_TAG, xet_raw
+    tok, _exp = xet_hub.cas.issue_token("write")
+    xh = "ab" * 32
+    body = (SHARD_TAG + (2).to_bytes(8, "little") + bytes(8)
+            + xet_raw("cd" * 32) + (0).to_bytes(4, "little") + (1).to_bytes(4, "little") + bytes(8)
+            + xet_raw(xh) + bytes(4) + (10).to_bytes(4, "little") + (0).to_bytes(4, "little")
+            + (1).to_bytes(4, "little") + b"\xff" * 32 + bytes(16) + b"\xff" * 32 + bytes(16))
+    req = urllib.request.Request(f"{xet_hub.cas_url}/v1/shards", data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {tok}"})
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(req, timeout=10)
+    assert ei.value.code == 400
+    assert json.loads(ei.value.read())["error"] == f"shard refers to xorb {xh}, which was not uploaded"
+    assert xet_hub.cas.files == {}
+
+
+def test_cas_tokens_are_checked(xet_hub: HubServer, token_env):
+    import urllib.error
+    import urllib.request
+    read, _ = xet_hub.cas.issue_token("read")
+    for auth, code in ((None, 401), ("Bearer nope", 401), (f"Bearer {read}", 403)):
+        req = urllib.request.Request(f"{xet_hub.cas_url}/v1/xorbs/default/{'00' * 32}", data=b"x", method="POST",
+                                     headers={"Authorization": auth} if auth else {})
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(req, timeout=10)
+        assert ei.value.code == code
+
+
+# -- faults on the CAS endpoints -----------------------------------------------------------------------------
+class _XetFaults:
+    """The fault table on the Xet path: the upload's CAS calls (xorbs POST, shards POST) and the token the
+    upload needs (put), the download's resolve lookup and the bridge GET (get), the tree listing (list). A 401 or
+    403 comes from the token endpoint (hf_xet reports only the status); the storage-quota refusal from the commit
+    (the Xet path sends no LFS batch, and hf_xet would drop the message)."""
+
+    kinds = ("503", "500", "429", "drop", "auth", "permission", "quota")
+    ROUTES = {"put": [("POST", r"^/v1/(xorbs|shards)", "cas"), ("GET", r"/xet-write-token/", "hub")],
+              "get": [("HEAD", r"/resolve/", "hub"), ("GET", r"^/xet/", "cdn")],
+              "list": [("GET", r"/tree/", "hub")]}
+
+    def __init__(self, srv: HubServer) -> None:
+        self.srv = srv
+
+    def inject(self, kind: str, op: str, times: int) -> None:
+        routes = self.ROUTES[op]
+        if kind == "quota":
+            self.srv.inject(method="POST", path=r"/commit/", status=403, message=QUOTA_MESSAGE, times=times)
+            return
+        if kind in ("auth", "permission"):   # what the Hub answers when the token cannot have a CAS token
+            routes = [("GET", r"/xet-write-token/", "hub")] if op == "put" else [("HEAD", r"/resolve/", "hub")]
+        for method, path, port in routes:
+            if kind == "drop":
+                self.srv.inject(method=method, path=path, port=port, drop=True, times=times)
+            else:
+                status, msg = {"503": (503, None), "500": (500, None), "429": (429, None),
+                               "auth": (401, "Invalid credentials in Authorization header"),
+                               "permission": (403, "You don't have the rights to write to this repo")}[kind]
+                self.srv.inject(method=method, path=path, port=port, status=status, message=msg, times=times,
+                                headers={"Retry-After": "0"} if status in (429, 500, 503) else None)
+
+    def clear(self) -> None:
+        self.srv.faults.clear()
+
+
+class TestXetHubRemoteFaults(FaultContract):
+    @pytest.fixture
+    def remote(self, xet_hub: HubServer, token_env) -> HubRemote:
+        xet_hub.create_repo(REPO)
+        return make_remote(xet_hub, sleep=lambda s: None, max_attempts=2)
+
+    @pytest.fixture
+    def faults(self, xet_hub: HubServer) -> _XetFaults:
+        return _XetFaults(xet_hub)
+
+
+def test_cas_faults_under_a_ratio_are_retried_to_success(xet_hub: HubServer, token_env, tmp_path: Path):
+    """30 % of CAS requests faulted (5xx, 429, dropped connections): the upload and the download get through,
+    nothing is committed twice."""
+    r = make_remote(xet_hub, max_attempts=8, sleep=lambda s: None)
+    xet_hub.create_repo(REPO)
+    data = os.urandom(2 * MiB)
+    xet_hub.inject(method="POST", path=r"^/v1/xorbs/", port="cas", status=503, times=1)
+    xet_hub.inject(method="POST", path=r"^/v1/shards", port="cas", drop=True, times=1)
+    xet_hub.inject(method="POST", path=r"^/v1/xorb-grants/", port="cas", status=429, headers={"Retry-After": "0"})
+    xet_hub.ratio(0.3, seed=5, path=r"^/v1/|^/xorb/")
+    try:
+        rec = r.put(_write(tmp_path / "f.pt", data), "ck/f.pt")
+    finally:
+        xet_hub.ratio(0)
+    assert [k for k in xet_hub.injected if k[1] == "cas"], ("no CAS fault was injected", xet_hub.injected, [r for r in xet_hub.requests if r[0] == "cas"])
+    assert rec.sha256 == hashlib.sha256(data).hexdigest()
+    assert r.get("ck/f.pt", tmp_path / "b.pt").sha256 == rec.sha256
+    msgs = xet_hub.commit_messages(REPO)
+    assert sum("ck/f.pt" in m or "f.pt" in m for m in msgs) <= 1
+
+
+# -- kill -9 mid-upload, and a second checkpoint that differs a little ------------------------------------------
+def _sync_cmd(root: Path) -> list[str]:
+    return [sys.executable, "-m", "colabkit", "sync", "once", "--config", str(root / "colabkit.yaml")]
+
+
+def _project(root: Path, srv: HubServer) -> None:
+    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "hub": {"repo_id": "alice/weights", "endpoint": srv.endpoint},
+        "tiers": [{"name": "hub", "remote": "hub", "every": 3600, "latest_only": False}],
+        "sync": {"settle": 0.1}}))
+
+
+def test_xet_upload_killed_mid_way_resends_only_the_xorb_in_flight(xet_hub: HubServer, tmp_path, monkeypatch):
+    """kill -9 of `sync once` while the second xorb of a 144 MiB checkpoint is on the wire, then a clean pass:
+    the restart asks the CAS for an upload grant per xorb, the one already stored is not sent again, and only
+    the xorb that was cut goes again (classic LFS sends the whole file again: see test_sync_remotes.py).
+    Nothing is lost or duplicated."""
+    monkeypatch.setenv("HF_TOKEN", xet_hub.WRITE_TOKEN)
+    root = tmp_path / "proj"
+    _project(root, xet_hub)
+    size = 144 * MiB
+    src = random_checkpoint(root, size)
+    env = {**os.environ, **XET_ENV, "PYTHONPATH": str(REPO_ROOT), "HF_HOME": str(tmp_path / "hf")}
+    xet_hub.cas.pause_after_stored, xet_hub.cas.pause_xorb_at = 1, 8 * MiB
+    child = subprocess.Popen(_sync_cmd(root), cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert xet_hub.cas.paused.wait(120), "the second xorb never got under way"
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        child.stdout.close()
+        child.stderr.close()
+        xet_hub.cas.gate.set()
+    wait_for(lambda: xet_hub.cas.xorbs_in_flight == 0 and any(not c for (_x, _n, c) in xet_hub.cas.xorb_uploads),
+             timeout=30, what="the server to end the cut xorb uploads")
+    stored_before = dict(xet_hub.cas.xorbs)
+    first = xet_hub.cas.xorb_bytes_received
+    grants_before = len(xet_hub.cas.grants)
+    assert len(stored_before) >= 1 and first < size
+    again = subprocess.run(_sync_cmd(root), cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    resent = xet_hub.cas.xorb_bytes_received - first
+    print("uploads", [(x[:8], n, c) for x, n, c in xet_hub.cas.xorb_uploads],
+          "grants", [(x[:8], h) for x, h in xet_hub.cas.grants])
+    stored_size = sum(x.size for x in stored_before.values())
+    # what the restart sent: everything but the xorbs already stored (their grants said so)
+    assert resent <= size - stored_size + MiB, (resent, size, stored_size)
+    restart_grants = xet_hub.cas.grants[grants_before:]
+    assert {x for (x, have) in restart_grants if have} == set(stored_before), restart_grants
+    total = xet_hub.cas.xorb_bytes_received
+    print(f"xet restart: sent {total} for {size} bytes needed = {total / size:.3f}")
+    sha = hash_file(src).sha256
+    tree = xet_hub.files("alice/weights")
+    assert tree["checkpoints/v01_step_00000001.pt"].lfs == sha
+    assert xet_hub.cas.reconstruct(tree["checkpoints/v01_step_00000001.pt"].xet) == src.read_bytes()
+    added = _added_per_path(xet_hub.repos[("model", "alice/weights")])
+    assert added["checkpoints/v01_step_00000001.pt"] == 1 and added["checkpoints/v01_step_00000001.pt.json"] == 1
+    led = Ledger.load(root / ".colabkit", "hub")
+    assert led.inflight == {} and led.verified_copy("checkpoints/v01_step_00000001.pt", sha)
+
+
+def test_a_checkpoint_that_differs_a_little_uploads_only_the_changed_chunks(xet_hub: HubServer, tmp_path,
+                                                                            monkeypatch):
+    """Two checkpoints of 24 MiB that differ in 256 KiB in the middle, synced one after the other from the same
+    machine (the xet cache under HF_HOME kept): the second sends a small fraction of its size."""
+    monkeypatch.setenv("HF_TOKEN", xet_hub.WRITE_TOKEN)
+    root = tmp_path / "proj"
+    _project(root, xet_hub)
+    base = bytearray(os.urandom(24 * MiB))
+    random_checkpoint(root, len(base), step=1, data=bytes(base))
+    env = {**os.environ, **XET_ENV, "PYTHONPATH": str(REPO_ROOT), "HF_HOME": str(tmp_path / "hf")}
+    one = subprocess.run(_sync_cmd(root), cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    first = xet_hub.cas.xorb_bytes_received
+    assert first >= len(base)
+    base[12 * MiB:12 * MiB + 256 * 1024] = os.urandom(256 * 1024)
+    random_checkpoint(root, len(base), step=2, data=bytes(base))
+    two = subprocess.run(_sync_cmd(root), cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    second = xet_hub.cas.xorb_bytes_received - first
+    print(f"xet dedup: second checkpoint sent {second} of {len(base)} bytes = {second / len(base):.4f}")
+    assert second < len(base) // 20, second
+    tree = xet_hub.files("alice/weights")
+    e = tree["checkpoints/v01_step_00000002.pt"]
+    assert xet_hub.cas.reconstruct(e.xet) == bytes(base)
+
+
+def test_hf_xet_errors_are_classified_by_their_status_with_a_clear_message(xet_hub: HubServer, token_env,
+                                                                           tmp_path: Path):
+    """hf_xet reports a failed CAS call as a ConnectionError carrying only the HTTP status: a persistent 503 on
+    the xorb upload is transient and says so; a 401 on the CAS token is an auth error naming the token."""
+    from colabkit.errors import RemoteAuthError, TransientRemoteError
+    r = make_remote(xet_hub, sleep=lambda s: None, max_attempts=2)
+    xet_hub.create_repo(REPO)
+    xet_hub.inject(method="POST", path=r"^/v1/xorbs/", port="cas", status=503, times=10_000)
+    with pytest.raises(TransientRemoteError) as ei:
+        r.put(_write(tmp_path / "a.pt", os.urandom(200_000)), "ck/a.pt")
+    assert str(ei.value) == ("hub: uploading 1 file(s) to model repo 'alice/ckpt' failed: the Hub answered HTTP 503 "
+                             "(Xet storage); it will be retried")
+    xet_hub.faults.clear()
+    xet_hub.inject(method="GET", path=r"/xet-write-token/", status=401, times=10_000)
+    with pytest.raises(RemoteAuthError) as ei:
+        r.put(_write(tmp_path / "b.pt", os.urandom(200_000)), "ck/b.pt")
+    assert str(ei.value) == ("hub: uploading 1 file(s) to model repo 'alice/ckpt' failed: the Hugging Face token from "
+                             "the HF_TOKEN environment variable was rejected (HTTP 401 (Xet token endpoint)); create a token "
+                             "with write access "
+                             f"at {xet_hub.endpoint}/settings/tokens and set it as HF_TOKEN")
+    assert "ck/a.pt" not in xet_hub.files(REPO) and "ck/b.pt" not in xet_hub.files(REPO)
