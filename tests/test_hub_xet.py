@@ -349,3 +349,21 @@ def test_hf_xet_errors_are_classified_by_their_status_with_a_clear_message(xet_h
                              "with write access "
                              f"at {xet_hub.endpoint}/settings/tokens and set it as HF_TOKEN")
     assert "ck/a.pt" not in xet_hub.files(REPO) and "ck/b.pt" not in xet_hub.files(REPO)
+
+
+def test_a_checkpoint_that_changed_after_its_digest_is_not_kept(xet_hub: HubServer, token_env, tmp_path: Path):
+    """hf_xet writes a sha256 it is given into the shard unchecked (hf_xet 1.8), so colabkit does not hand its
+    digest over on the Xet path: the sha256 hf_xet computes while chunking is what the commit names, and a file
+    rewritten (same size) after its digest was taken does not verify; the copy is removed."""
+    from colabkit.errors import IntegrityError
+    from colabkit.fsutil import FileDigest
+    src = _write(tmp_path / "m.pt", os.urandom(300_000))
+    stale = hash_file(src)
+    src.write_bytes(os.urandom(300_000))
+    r = make_remote(xet_hub)
+    with pytest.raises(IntegrityError) as ei:
+        r.put(src, "ck/m.pt", digest=FileDigest(stale.size, stale.sha256, stale.md5))
+    assert str(ei.value) == ("hub: ck/m.pt did not verify after upload: it changed while it was uploaded; "
+                             "it will be retried")
+    assert r.list() == []
+    assert stale.sha256 not in xet_hub.cas.by_sha256, "the stale sha256 labels other bytes in the CAS"

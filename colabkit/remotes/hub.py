@@ -2,7 +2,10 @@
 
 Every file due in one sync tick goes up in **one commit** (:meth:`HubRemote.put_many`); large files take
 whichever transfer the library picks (Xet or LFS); content the repo already holds is not sent again.
-Listings come from the repo tree: LFS files carry their sha256, so verification uses sha256.
+Listings come from the repo tree: LFS files carry their sha256, so verification uses sha256 (on the Xet path
+too: the commit names the sha256 hf_xet computed, the tree lists it, and a download streams the resolve
+redirect, which the Hub's bridge serves rebuilt, and checks it). hf_xet's own errors carry only an HTTP
+status; they are classified by it like any other Hub answer (see ``_xet_response``).
 
 Small regular (non-LFS) files have only a git blob oid (a sha1 of ``"blob <size>\\0" + content``) in the
 tree. colabkit verifies them by computing that oid from the local bytes (after an upload) or from the
@@ -230,6 +233,15 @@ class _XetResponse:
 
     def json(self) -> Any:
         return {}
+
+
+def _xet_in_use() -> bool:
+    """Whether huggingface_hub uploads LFS-sized files through hf_xet in this process."""
+    try:
+        from huggingface_hub.utils import is_xet_available
+    except ImportError:  # a huggingface_hub from before Xet
+        return False
+    return bool(is_xet_available())
 
 
 def _xet_response(e: BaseException) -> _XetResponse | None:
@@ -811,12 +823,18 @@ class HubRemote(Remote):
     def _commit(self, adds: list[_Local], deletes: list[str], message: str) -> None:
         hf = _hf()
         ops: list[Any] = []
+        xet = _xet_in_use()
         for it in adds:
             op = hf.CommitOperationAdd(path_in_repo=it.full, path_or_fileobj=str(it.local))
-            # hand over the sha256 we already have, so the library does not read the file again for it
-            with contextlib.suppress(Exception):
-                if not getattr(op.upload_info, "is_hashed", True):
-                    op.upload_info.sha256 = bytes.fromhex(it.digest.sha256)
+            # classic LFS: hand over the sha256 we already have, so the library does not read the file again for
+            # it (the LFS storage checks it against the bytes). Not on the Xet path: hf_xet reads the file anyway
+            # and would write a given sha256 into the shard unchecked, so bytes that changed since the digest was
+            # taken would carry the old sha256 and pass the check after the commit; its own is computed in the
+            # same read
+            if not xet:
+                with contextlib.suppress(Exception):
+                    if not getattr(op.upload_info, "is_hashed", True):
+                        op.upload_info.sha256 = bytes.fromhex(it.digest.sha256)
             ops.append(op)
         ops.extend(hf.CommitOperationDelete(path_in_repo=p) for p in deletes)
         if not ops:
