@@ -33,6 +33,18 @@ def best_of(n: int, fn: Callable[[], Any]) -> float:
     return min(timed(fn) for _ in range(n))
 
 
+def alternating(rounds: int, contenders: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """Run every contender once per round, in turn, `rounds` times; each returns the seconds it measured.
+
+    Alternating rounds put a neighbour's load on every contender alike, where measuring one contender's rounds
+    and then the other's lets a burst of load fall on one side only. Take ``min`` of each list (best of N)."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            times[name].append(fn())
+    return times
+
+
 def median_of(n: int, fn: Callable[[], Any]) -> float:
     return statistics.median(timed(fn) for _ in range(n))
 
