@@ -266,7 +266,7 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, *,
         except OSError:
             big = False
         if big:
-            _pipelined(fin, fout, h, progress, writeback=_writeback_starter(fout) if durable else None)
+            _pipelined(fin, fout, h, progress, durable=durable)
         else:
             while True:
                 buf = fin.read(CHUNK)
@@ -281,39 +281,23 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, *,
     return h.digest()
 
 
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _writeback_starter(f: IO[Any]) -> Callable[[int, int], None] | None:
-    """A function that asks the kernel to start writing `f`'s range (offset, length) to disk now, without
-    waiting (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that the fsync at the end of a large durable
-    copy waits only for the last chunks instead of the whole file (256 MB here: 0.27 s -> 0.18 s); None where
-    the call does not exist. A failure (a file system that does not support it) turns it off for that file:
-    the final fsync still makes the copy durable."""
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing `nbytes` at `offset` to disk now, without waiting (Linux
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so the fsync at the end of a large write waits only for its
+    last chunks instead of the whole file (a 256 MB copy here: ~0.27 s -> ~0.18 s). A no-op where unavailable;
+    a failure only loses the head start (the final fsync still makes the file durable)."""
     import ctypes
     fn = linux_libc("sync_file_range", (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint))
-    if fn is None:
-        return None
-    try:
-        fd = f.fileno()
-    except (OSError, ValueError):
-        return None
-    broken = False
-
-    def start(offset: int, length: int) -> None:
-        nonlocal broken
-        if not broken and fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
-            broken = True
-
-    return start
+    if fn is not None:
+        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE
 
 
 def _pipelined(fin: IO[bytes], fout: IO[Any], h: "_Hasher", progress: Callable[[int], None] | None, *,
-               writeback: Callable[[int, int], None] | None = None) -> None:
+               durable: bool = False) -> None:
     """Copy `fin` to `fout` while a helper thread hashes each buffer already written (hashlib releases the
     GIL): a large copy takes about as long as the slower of the two, not their sum. The digest is still of
-    exactly the bytes written. `writeback(offset, length)`, if given, is called after each buffer is written
-    (see :func:`_writeback_starter`)."""
+    exactly the bytes written. A `durable` copy starts the write-back of each buffer as it goes
+    (:func:`start_writeback`)."""
     import queue
     free: "queue.Queue[bytearray]" = queue.Queue()
     full: "queue.Queue[tuple[bytearray, int] | None]" = queue.Queue()
@@ -345,9 +329,9 @@ def _pipelined(fin: IO[bytes], fout: IO[Any], h: "_Hasher", progress: Callable[[
                 break
             fout.write(memoryview(buf)[:n])
             full.put((buf, n))
-            if writeback is not None:
+            if durable:
                 fout.flush()
-                writeback(offset, n)
+                start_writeback(fout.fileno(), offset, n)
             offset += n
             if progress:
                 progress(n)

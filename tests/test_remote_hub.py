@@ -567,3 +567,30 @@ def test_hf_endpoint_set_after_import_is_honoured_for_every_call(hub_server: Hub
     r.get("a.pt", tmp_path / "b.pt")
     assert (tmp_path / "b.pt").read_bytes() == data
     assert hub_server.count("HEAD", r"/resolve/") == 1
+
+
+@pytest.mark.parametrize("fault", ["503", "drop"])
+@pytest.mark.parametrize("op", ["put", "check_access"])
+def test_faulted_repo_creation_is_transient_not_missing(hub_server: HubServer, token_env, tmp_path: Path, op, fault):
+    """A repo that does not exist yet is created on first use; a 503 on that creation is the Hub failing for a
+    moment (retried on the next tick), never 'the repo does not exist' (which reads as a wrong repo id)."""
+    if fault == "drop":
+        hub_server.inject(method="POST", path=r"/api/repos/create", drop=True, times=100)
+    else:
+        hub_server.inject(method="POST", path=r"/api/repos/create", status=503, times=100,
+                          headers={"Retry-After": "0"})
+    r = make_remote(hub_server, sleep=lambda s: None, max_attempts=2)
+    with pytest.raises(TransientRemoteError) as ei:
+        if op == "put":
+            r.put(_write(tmp_path / "a.pt", b"\0" * 10), "a.pt")
+        else:
+            r.check_access()
+    assert ei.value.kind == "transient"
+    assert str(ei.value).startswith(f"hub: creating model repo '{REPO}' failed: "
+                                    + ("the Hub answered HTTP 503" if fault == "503" else "the connection to")), \
+        str(ei.value)
+    hub_server.faults.clear()
+    if op == "put":
+        assert r.put(tmp_path / "a.pt", "a.pt").size == 10   # the next tick creates the repo and uploads
+    else:
+        r.check_access()

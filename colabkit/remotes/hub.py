@@ -26,6 +26,7 @@ import os
 import posixpath
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from collections import OrderedDict
@@ -196,8 +197,26 @@ def hub_endpoint(configured: str | None = None) -> str:
 
 
 # -- error classification ------------------------------------------------------------------------------
+_handling = threading.local()   # per thread: the exceptions being handled when a call to the Hub began
+
+
+@contextlib.contextmanager
+def _calling() -> Iterator[None]:
+    """Mark the exception being handled (if any) when a call to the Hub begins: an error the call raises
+    has it as its ``__context__`` (Python links them), but it is not the call's own cause. Without this, a
+    connection dropped while creating a repo after a lookup answered "not found" read as "not found"."""
+    outer = sys.exc_info()[1]
+    stack = _handling.__dict__.setdefault("outer", [])
+    stack.append(outer)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
 def _chain(e: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
+    """`e` and the exceptions it was raised from (causes and contexts), not those of a caller (see _calling)."""
+    seen: set[int] = {id(x) for x in getattr(_handling, "outer", ()) if x is not None and x is not e}
     stack = [e]
     while stack:
         x = stack.pop()
@@ -515,13 +534,14 @@ class HubRemote(Remote):
         return int(resp.status_code), resp.headers.get("X-Error-Code") or ""
 
     def _call(self, fn: Any, *args: Any, action: str, path: str | None = None, **kwargs: Any) -> Any:
-        try:
-            with _quiet():
-                return fn(*args, **kwargs)
-        except RemoteError:
-            raise
-        except Exception as e:
-            raise self._wrap(e, action=action, path=path) from e
+        with _calling():
+            try:
+                with _quiet():
+                    return fn(*args, **kwargs)
+            except RemoteError:
+                raise
+            except Exception as e:
+                raise self._wrap(e, action=action, path=path) from e
 
     def close(self) -> None:
         """Stop waiting between retries (a call in flight gives up at its next try). The remote stays usable:
@@ -545,6 +565,10 @@ class HubRemote(Remote):
     def _retrying(self, fn: Any, *, action: str, path: str | None = None) -> Any:
         """Run the idempotent `fn` (a lookup, a listing, a download), retrying transient failures with
         back-off (``Retry-After`` honoured) up to `max_attempts` tries; other failures are raised at once."""
+        with _calling():
+            return self._retrying_loop(fn, action=action, path=path)
+
+    def _retrying_loop(self, fn: Any, *, action: str, path: str | None) -> Any:
         attempt = 0
         stop = self._stop
         while True:
