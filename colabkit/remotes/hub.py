@@ -109,9 +109,52 @@ _QUIET_DEPTH = 0
 _QUIET_RESTORE = False
 
 
+_in_call = threading.local()   # .depth > 0 while this thread is inside a remote call (see _quiet)
+
+
+class _ToColabkitLog(logging.Filter):
+    """On huggingface_hub's own stderr handler: a record logged while this thread is inside a colabkit remote
+    call (its retries: "Retrying in 1s [Retry 1/5]") goes to colabkit's log at debug level instead of being
+    printed, so a background sync never writes into the notebook cell that happens to be running. Records from
+    the user's own huggingface_hub calls print as before."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(_in_call, "depth", 0) <= 0:
+            return True
+        log.debug("huggingface_hub: %s", record.getMessage())
+        return False
+
+
+_FILTER = _ToColabkitLog()
+
+
+def _route_hub_logs() -> None:
+    """Put :class:`_ToColabkitLog` on huggingface_hub's handlers (it adds its own StreamHandler on first use)."""
+    try:
+        from huggingface_hub.utils import logging as hf_logging
+        root = hf_logging.get_logger("huggingface_hub")
+    except (ImportError, AttributeError):  # pragma: no cover - very old huggingface_hub
+        return
+    for h in root.handlers:
+        if _FILTER not in h.filters:
+            h.addFilter(_FILTER)
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence huggingface_hub's progress bars while a remote call runs (it may run in a background thread)."""
+    """Silence huggingface_hub's progress bars and route its log records to colabkit's log while a remote call
+    runs (it may run in a background thread)."""
+    _route_hub_logs()
+    _in_call.depth = getattr(_in_call, "depth", 0) + 1
+    try:
+        with _progress_bars_off():
+            yield
+    finally:
+        _in_call.depth -= 1
+
+
+@contextlib.contextmanager
+def _progress_bars_off() -> Iterator[None]:
     global _QUIET_DEPTH, _QUIET_RESTORE
     try:
         from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
