@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .common import WORK, alternating, result, write_results
+from .common import WORK, alternating, main, result
 
 SIZE = int(os.environ.get("COLABKIT_BENCH_DIST_BYTES", 256 * 1024 * 1024))
 ROUNDS = int(os.environ.get("COLABKIT_BENCH_DIST_ROUNDS", 3))
@@ -161,4 +161,4 @@ def async_save_rows() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    write_results(sync_folder_rows() if sys.argv[1:] == ["sync_folder"] else run())
+    main(sync_folder_rows() if sys.argv[1:] == ["sync_folder"] else run())

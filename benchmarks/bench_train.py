@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import WORK, alternating, result, write_results
+from .common import WORK, alternating, main, result
 
 STEPS = int(os.environ.get("COLABKIT_BENCH_TRAIN_STEPS", 20000))
 ROUNDS = int(os.environ.get("COLABKIT_BENCH_TRAIN_ROUNDS", 3))
@@ -86,8 +86,4 @@ def run() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    records = run()
-    write_results(records)
-    for r in records:
-        print(f"{r['name']}: {r['value']:.2f}s vs {r['baseline']:.2f}s -> ratio {r['ratio']} "
-              f"({'PASS' if r['pass'] else 'FAIL'}); {r['notes']}")
+    main(run())

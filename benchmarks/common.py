@@ -74,6 +74,19 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
+def report(records: list[dict[str, Any]]) -> None:
+    """One line per figure: what `make bench` and each benchmark run alone print."""
+    for r in records:
+        print(f"   {r['name']}: ratio {r['ratio']} (target {'>=' if r.get('higher_is_better') else '<='} "
+              f"{r['target']}) {'PASS' if r['pass'] else 'FAIL'}; {r.get('notes', '')}", flush=True)
+
+
+def main(records: list[dict[str, Any]]) -> None:
+    """What a benchmark run alone (``python -m benchmarks.bench_x``) does with its figures."""
+    write_results(records)
+    report(records)
+
+
 def write_results(records: list[dict[str, Any]], *, path: Path = RESULTS) -> None:
     """Merge `records` into results.json by name (other benchmarks' figures are kept)."""
     existing: dict[str, Any] = {}
