@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from .errors import ColabkitError, ConfigError, OutOfMemoryError, PreflightError, TrainError
 from .events import LineParser
 from .fsutil import atomic_write_json, atomic_write_text, free_bytes
+from .launch import Child, Launch, oom_text
 from .runtime import cli_form, command
 
 if TYPE_CHECKING:
@@ -75,10 +76,6 @@ HISTORY_POINTS = 300
 ESTIMATE_MIN_WINDOW = 2.0
 ESTIMATE_MAX_WINDOW = 60.0
 
-# what a run that ran out of memory prints (PyTorch, the CUDA caching allocator, cuBLAS, Python)
-_OOM_TEXT = [re.compile(p, re.MULTILINE) for p in (
-    r"CUDA out of memory", r"CUDA error: out of memory", r"torch\.(?:cuda\.)?OutOfMemoryError",
-    r"CUBLAS_STATUS_ALLOC_FAILED", r"^\s*MemoryError\b", r"\bMemoryError:", r"Cannot allocate memory")]
 _STEPS_ARG = re.compile(r"^--(?:steps|total[-_]steps|max[-_]steps|num[-_]steps|iters|max[-_]iters)(?:=(\d+))?$")
 
 # Runs in the child before train.py: caps GPU memory, then runs the script as `python train.py` would.
@@ -489,20 +486,6 @@ def oom_advice(tier: int | None, gpu: str | None, experiment: str) -> str:
     return "reduce the batch size or the data held in memory, or move the run to a machine with more memory"
 
 
-def _oom_kills() -> int | None:
-    """The kernel OOM killer's count for this cgroup (v2 or v1), or None where it cannot be read."""
-    for p, key in (("/sys/fs/cgroup/memory.events", "oom_kill"), ("/sys/fs/cgroup/memory/memory.oom_control",
-                                                                  "oom_kill")):
-        try:
-            for line in Path(p).read_text().splitlines():
-                name, _, value = line.partition(" ")
-                if name == key:
-                    return int(value)
-        except (OSError, ValueError):
-            continue
-    return None
-
-
 def _total_from_args(args: Sequence[str]) -> int | None:
     for i, a in enumerate(args):
         m = _STEPS_ARG.match(a)
@@ -588,13 +571,10 @@ class Job:
                  on_line: Callable[[str], None] | None, on_warning: Callable[[str], None] | None,
                  python: str | None = None, resume_policy: str = "auto",
                  listeners: Sequence[Listener] = (), output_dir: str | os.PathLike | None = None,
-                 name: str | None = None, run: str | None = None, launch: "Launch | None" = None) -> None:
-        from .launch import Launch
+                 name: str | None = None, run: str | None = None, launch: Launch | None = None) -> None:
         self.experiment = experiment
         #: one process, or a torchrun group of ranks supervised as one job (see :mod:`colabkit.launch`)
         self.launch = launch or Launch()
-        self._ranks: set[int] = set()   # the ranks' pids under torchrun (each leads a session of its own)
-        self._oom_text: str | None = None
         #: the job's name in the registry and its job file: the experiment, or e.g. ``v01.cooldown_200``
         self.key = name or experiment
         #: the run's stable identity for triggers: ``main``, or a cooldown's folder name
@@ -641,10 +621,8 @@ class Job:
         self._stop = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen | None = None
+        self._child: Child | None = None   # the current attempt's process (or torchrun group)
         self._thread: threading.Thread | None = None
-        self._kill_at: float | None = None
-        self._killed_by_us = False
         self._interrupted = False
         self._estimate_checked = False
         self._job_file_written = 0.0
@@ -658,6 +636,13 @@ class Job:
         return not self._done.is_set()
 
     @property
+    def ranks(self) -> set[int]:
+        """The pids of the current attempt's ranks under torchrun (empty for one process)."""
+        with self._lock:
+            child = self._child
+        return set(child.ranks) if child is not None else set()
+
+    @property
     def job_file(self) -> Path:
         return self.config.state_dir / "jobs" / f"{self.key}.json"
 
@@ -668,7 +653,7 @@ class Job:
             d = {"experiment": self.experiment, "key": self.key, "run_id": self.run_id, "state": self.state,
                  "attempt": att.number if att else None, "restarts": max(0, len(self.attempts) - 1),
                  "max_restarts": self.max_restarts, "pid": os.getpid(),
-                 "child_pid": self._proc.pid if self._proc is not None and self._proc.poll() is None else None,
+                 "child_pid": self._child.pid if self._child is not None else None,
                  "log": att.log if att else None, "log_dir": str(self.log_dir), "started": self.started,
                  "elapsed": time.time() - self.started, "background": self.background, "host": socket.gethostname(),
                  "estimate": self.estimate, "warnings": list(self.warnings), "data": dict(self.pre.data),
@@ -739,6 +724,7 @@ class Job:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             self._stop_file.unlink()
+        self._sweep_logs()
         for w in self.warnings:
             self._warn(w, record=False)
         restore = None
@@ -844,24 +830,19 @@ class Job:
             env.update(self.launch.env())
         if self.config.source is not None:
             env.setdefault("COLABKIT_CONFIG", str(self.config.source))
-        oom_before = _oom_kills()
-        self._killed_by_us = False
         self._interrupted = False
-        self._kill_at = None
-        self._ranks = set()
-        self._oom_text = None  # the first OOM text a rank printed in this attempt
+        child = Child(distributed=self.launch.distributed, grace=self.grace)
         header = (f"# colabkit %train {self.experiment} run {self.run_id} attempt {n} on {socket.gethostname()} "
                   f"at {_stamp(att.started)}: {shlex.join([Path(self.python).name, *shown])}\n")
         with open(log_path, "ab", buffering=0) as logf:
             logf.write(header.encode())
             try:
-                proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, start_new_session=True, bufsize=0)
+                proc = child.spawn(cmd, cwd=self.cwd, env=env)
             except OSError as e:
                 raise TrainError(f"{self.experiment}: cannot start {self.python}: {e.strerror}; check the "
                                  "interpreter") from None
             with self._lock:
-                self._proc = proc
+                self._child = child
             att.pid = proc.pid
             # recorded as it starts, not only as it ends: a preemption kills this process too, and the journal
             # must still know where the attempt ran and what it resumed from
@@ -875,11 +856,11 @@ class Job:
                 att.outcome, att.detail = "stopped", "interrupted"
                 self._stop.set()
                 self._terminate_now()
-                self._close_attempt(att, proc)
+                self._close_attempt(att, child)
                 raise
-            rc = self._close_attempt(att, proc)
+            rc = self._close_attempt(att, child)
         att.exit_code = rc
-        att.outcome, att.detail = self._classify(att, rc, stalled, oom_before)
+        att.outcome, att.detail = self._classify(child, rc, stalled)
         if self._interrupted:
             att.detail = f"interrupted (exit code {rc})"
         with contextlib.suppress(OSError):
@@ -923,17 +904,17 @@ class Job:
                 next_check = now + tick
                 # every tick, busy or idle: escalate a stop, notice a stall or an exit whose pipe a grandchild holds
                 alive = proc.poll() is None
-                if alive and self.launch.distributed:
-                    self._track_ranks(proc)
-                if self._kill_at is not None and now >= self._kill_at and alive:
-                    self._signal(signal.SIGKILL)
-                    self._kill_at = None
+                child = self._child
+                assert child is not None
+                if alive:
+                    child.track_ranks()
+                    child.escalate(now)
                 if not alive:
                     exited_at = exited_at or now
                     if now - exited_at > 1.0:
                         self._signal(signal.SIGKILL)  # its leftover children, still holding the pipe
                         break
-                if self._stop.is_set() and self._kill_at is None and alive and not self._killed_by_us:
+                if self._stop.is_set() and child.kill_at is None and alive and not child.killed_by_us:
                     self._signal(signal.SIGTERM)
                 if not self._stop.is_set() and self._stop_file.exists():
                     log.warning("%s: stop requested from another process", self.experiment)
@@ -977,12 +958,11 @@ class Job:
             from .launch import split_rank
             rank, body = split_rank(text)
             parse = rank == 0
-            if rank is not None and self._oom_text is None:
+            child = self._child
+            if rank is not None and child is not None and child.oom_seen is None:
                 # any rank's OOM, remembered as it is printed: torchrun's failure report that follows can push
                 # it out of the tail the exit is classified from
-                m = next((m for m in (p.search(body) for p in _OOM_TEXT) if m), None)
-                if m:
-                    self._oom_text = m.group(0).strip()
+                child.oom_seen = oom_text(body)
             if parse:
                 segs = [split_rank(seg)[1] for seg in segs]
         for seg in segs:
@@ -1051,109 +1031,57 @@ class Job:
                        f"{format_duration(projected)}, against an estimate of {format_duration(self.estimate)} "
                        "(off by more than 50%); update the estimate and tell whoever is waiting for it")
 
-    def _classify(self, att: Attempt, rc: int, stalled: bool, oom_before: int | None) -> tuple[str, str]:
+    def _classify(self, child: Child, rc: int, stalled: bool) -> tuple[str, str]:
         if not self._stop.is_set() and self._stop_file.exists():  # `train stop` from another process
             self._stop.set()
         if self._stop.is_set():
             return "stopped", f"stopped (exit code {rc})"
         if stalled:
             return "stalled", f"stalled (no output for {self.stall_after:g}s; killed, exit code {rc})"
-        if rc == 0:
-            return "finished", "finished (exit code 0)"
-        tail = "\n".join(list(self._tail)[-40:])
-        failed = None
-        if self.launch.distributed:
-            from .launch import failed_rank, strip_ranks
-            tail = strip_ranks(tail)
-            failed = failed_rank(tail)
-        m = next((m for m in (p.search(tail) for p in _OOM_TEXT) if m), None)
-        if m or self._oom_text:
-            text = m.group(0).strip() if m else self._oom_text
-            return "oom", f"exit code {rc}, {text!r} in its output"
-        if rc in (-signal.SIGKILL, 137) and not self._killed_by_us:
-            after = _oom_kills()
-            if oom_before is None or after is None or after > oom_before:
-                return "oom", f"killed by SIGKILL (exit code {rc}), which is what the kernel's OOM killer does"
-        if failed is not None:  # torchrun ended the group because a rank failed
-            rank, code = failed
-            if code == -signal.SIGKILL and not self._killed_by_us:
-                after = _oom_kills()
-                if oom_before is None or after is None or after > oom_before:
-                    return "oom", (f"rank {rank} killed by SIGKILL (torchrun exit code {rc}), which is what the "
-                                   "kernel's OOM killer does")
-            how = f"exit code {code}"
-            if code < 0:
-                with contextlib.suppress(ValueError):
-                    how = f"killed by {signal.Signals(-code).name}"
-            return "crashed", f"rank {rank} {how} (torchrun exit code {rc})"
-        if rc < 0:
-            with contextlib.suppress(ValueError):
-                return "crashed", f"killed by {signal.Signals(-rc).name} (exit code {rc})"
-        return "crashed", f"exited with code {rc}"
+        return child.classify(rc, "\n".join(list(self._tail)[-40:]), oom_seen=child.oom_seen)
 
-    def _close_attempt(self, att: Attempt, proc: subprocess.Popen) -> int:
-        try:
-            rc = proc.wait(timeout=max(self.grace, 1.0))
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-            rc = proc.wait()
-        if self._ranks:  # ranks torchrun left behind (it was killed before it could end them): nothing stays
-            from .launch import alive, signal_groups
-            left = alive(self._ranks)
-            if left:
-                signal_groups(left, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            assert proc.stdout is not None
-            proc.stdout.close()
+    def _close_attempt(self, att: Attempt, child: Child) -> int:
+        rc = child.close()
         att.ended = time.time()
         att.exit_code = rc
         return rc
 
     def _signal(self, sig: int) -> None:
-        """Signal the child's process group (it has its own session: a kernel interrupt never reaches it)."""
+        """Signal the current attempt's child (see :meth:`colabkit.launch.Child.signal`)."""
         with self._lock:
-            proc = self._proc
-        if proc is None or proc.returncode is not None and sig != signal.SIGKILL:
-            return
-        if sig in (signal.SIGTERM, signal.SIGKILL):
-            self._killed_by_us = True
-        if sig == signal.SIGTERM and self._kill_at is None:
-            self._kill_at = time.monotonic() + self.grace
-        if self.launch.distributed:
-            # torchrun puts every rank in a session of its own: signal each rank's group as well as torchrun's
-            from .launch import signal_groups
-            if proc.returncode is None:
-                self._track_ranks(proc)
-            signal_groups(self._ranks, sig)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-
-    def _track_ranks(self, proc: subprocess.Popen) -> None:
-        from .launch import child_pids
-        self._ranks.update(child_pids(proc.pid))
+            child = self._child
+        if child is not None:
+            child.grace = self.grace   # stop(grace=...) may have changed it
+            child.signal(sig)
 
     def _terminate_now(self) -> None:
         """SIGTERM, wait up to `grace`, SIGKILL: used where nobody pumps the output any more."""
         with self._lock:
-            proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        self._signal(signal.SIGTERM)
+            child = self._child
+        if child is not None:
+            child.grace = self.grace
+            child.terminate_now()
+
+    def _sweep_logs(self) -> None:
+        """Remove the temporaries runners that were killed left in this experiment's log folders (a pip freeze
+        half written, a run.json never renamed); never one a live process is writing."""
+        from .fsutil import sweep_temporaries
         try:
-            proc.wait(timeout=self.grace)
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
+            gone = sweep_temporaries(self.log_dir.parent)
+        except Exception as e:   # hygiene never stops a run
+            log.debug("%s: sweeping %s failed: %s", self.experiment, self.log_dir.parent, e)
+            return
+        for path, _ in gone:
+            log.info("%s: removed %s, left by a run that was killed", self.experiment, path)
 
     # -- pip freeze ----------------------------------------------------------------------------------------
     def _start_freeze(self) -> None:
         """``pip freeze`` of the child's interpreter, taken as the run starts: it runs beside the first attempt
         (it costs about a second, which the training need not wait for) and lands in the log folder as
         frozen_requirements.txt once pip exits (at the latest when the run ends)."""
-        from .fsutil import TMP_PREFIX
+        from .fsutil import temp_prefix
         dest = self.log_dir / "frozen_requirements.txt"
-        tmp = self.log_dir / f"{TMP_PREFIX}frozen_requirements.txt"
+        tmp = self.log_dir / f"{temp_prefix(dest.name)}freeze"   # names its writer: swept if this process dies
         try:
             f = open(tmp, "wb")
         except OSError as e:
