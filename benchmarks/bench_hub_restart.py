@@ -14,7 +14,7 @@ the xorbs (≤ 64 MiB each) that were on the wire.
 Dedup rows (``hub_dedup_bytes_classic`` / ``hub_dedup_bytes_xet``): a second checkpoint of SIZE bytes that
 differs from the first in 1 % of its bytes (one contiguous region): bytes received for it ÷ SIZE.
 
-    python -m benchmarks.run hub_restart
+    python -m benchmarks.run hub_restart      # or: python -m benchmarks.bench_hub_restart
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .common import WORK, result, write_results
+from .common import WORK, main, result
 
 MiB = 1024 * 1024
 SIZE = int(os.environ.get("COLABKIT_BENCH_RESTART_BYTES", 160 * MiB))
@@ -191,7 +191,4 @@ def run() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    recs = run()
-    write_results(recs)
-    for r in recs:
-        print(r["name"], r["ratio"], r["notes"])
+    main(run())
