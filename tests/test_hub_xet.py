@@ -367,3 +367,39 @@ def test_a_checkpoint_that_changed_after_its_digest_is_not_kept(xet_hub: HubServ
                              "it will be retried")
     assert r.list() == []
     assert stale.sha256 not in xet_hub.cas.by_sha256, "the stale sha256 labels other bytes in the CAS"
+
+
+@pytest.mark.parametrize("rng", ["bytes=0-", "bytes=100000-2999999", "bytes=-70000", "bytes=1048575-1048576"])
+def test_cas_reconstruction_of_a_range_rebuilds_exactly_those_bytes(xet_hub: HubServer, token_env, tmp_path: Path,
+                                                                    rng: str):
+    """The reconstruction answer for a byte range (what hf_xet asks for a segment of a large file): the terms'
+    chunks, fetched by their url_range and unpacked, minus offset_into_first_range, are exactly the range."""
+    import urllib.request
+    from .xet_server import decompress_chunk
+    data = os.urandom(2 * MiB) + bytes(1 * MiB) + os.urandom(100_000)
+    make_remote(xet_hub).put(_write(tmp_path / "r.pt", data), "ck/r.pt")
+    fh = xet_hub.files(REPO)["ck/r.pt"].xet
+    tok, _ = xet_hub.cas.issue_token("read")
+    req = urllib.request.Request(f"{xet_hub.cas_url}/v1/reconstructions/{fh}",
+                                 headers={"Authorization": f"Bearer {tok}", "Range": rng})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        rec = json.loads(resp.read())
+    out = bytearray()
+    for term in rec["terms"]:
+        (fi,) = [f for f in rec["fetch_info"][term["hash"]] if f["range"] == term["range"]]
+        r = urllib.request.Request(fi["url"], headers={"Range": f"bytes={fi['url_range']['start']}-"
+                                                                f"{fi['url_range']['end']}"})
+        with urllib.request.urlopen(r, timeout=10) as resp:
+            raw = resp.read()
+        part, off = bytearray(), 0
+        while off < len(raw):
+            clen, ulen = int.from_bytes(raw[off + 1:off + 4], "little"), int.from_bytes(raw[off + 5:off + 8], "little")
+            part += decompress_chunk(raw[off + 4], raw[off + 8:off + 8 + clen], ulen)
+            off += 8 + clen
+        assert len(part) == term["unpacked_length"]
+        out += part
+    spec = rng.split("=", 1)[1]
+    a, b = spec.split("-")
+    start, end = (len(data) - int(b), len(data)) if not a else (int(a), int(b) + 1 if b else len(data))
+    got = bytes(out[rec["offset_into_first_range"]:][:end - start])
+    assert got == data[start:end]

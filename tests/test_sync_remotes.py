@@ -232,9 +232,9 @@ def test_hub_tier_under_30_percent_faults_on_every_call_uploads_everything_once(
 
 
 def test_classic_lfs_upload_killed_mid_way_restarts_from_byte_0(hub_server: HubServer, tmp_path, monkeypatch):
-    """The Hub's classic LFS path (what the test Hub speaks; it has no Xet) cannot resume a cut upload: after a
-    kill -9 mid-way, the restart sends the whole file again (bytes sent / needed = 1 + the part cut). Nothing is lost
-    or duplicated. docs/hub.md says what a Xet-enabled Hub saves instead."""
+    """The Hub's classic LFS path (HF_HUB_DISABLE_XET=1) cannot resume a cut upload: after a kill -9 mid-way, the
+    restart sends the whole file again (bytes sent / needed = 1 + the part cut). Nothing is lost or duplicated.
+    The Xet twin is tests/test_hub_xet.py::test_xet_upload_killed_mid_way_resends_only_the_xorb_in_flight."""
     monkeypatch.setenv("HF_TOKEN", hub_server.WRITE_TOKEN)
     root = tmp_path / "proj"
     src = big_checkpoint(root, 32 * MiB)   # more than socket buffers hold: the kill cuts the body

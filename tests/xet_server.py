@@ -439,10 +439,10 @@ class XetCAS:
                 first_offset = start - seg_first_pos
             unpacked = sum(info.chunks[ci][3] for ci in range(c0, c1))
             terms.append({"hash": seg.xorb, "unpacked_length": unpacked, "range": {"start": c0, "end": c1}})
-            fetch.setdefault(seg.xorb, []).append({
-                "range": {"start": c0, "end": c1},
-                "url": f"{self.url}/xorb/{seg.xorb}?sig={sig}",
-                "url_range": {"start": info.chunks[c0][0] - 8, "end": info.chunks[c1 - 1][1] - 1}})
+            fi = {"range": {"start": c0, "end": c1}, "url": f"{self.url}/xorb/{seg.xorb}?sig={sig}",
+                  "url_range": {"start": info.chunks[c0][0] - 8, "end": info.chunks[c1 - 1][1] - 1}}
+            if fi not in fetch.setdefault(seg.xorb, []):  # a chunk range the file uses twice is fetched once
+                fetch[seg.xorb].append(fi)
         h._json({"offset_into_first_range": first_offset or 0, "terms": terms, "fetch_info": fetch})
 
     def _serve_xorb(self, h: Any, xh: str) -> None:
