@@ -11,8 +11,9 @@ bytes needed, over all trials (one kill per trial: 2 is the most a kill can cost
 machine does. Classic LFS sends the whole file again after a cut (1 + the cut fraction); Xet sends again only
 the xorbs (≤ 64 MiB each) that were on the wire.
 
-Dedup rows (``hub_dedup_bytes_classic`` / ``hub_dedup_bytes_xet``): a second checkpoint of SIZE bytes that
-differs from the first in 1 % of its bytes (one contiguous region): bytes received for it ÷ SIZE.
+Dedup rows (``hub_dedup_bytes_classic`` / ``_xet`` / ``_xet_new_machine``): a second checkpoint of SIZE bytes
+that differs from the first in 1 % of its bytes (one contiguous region), uploaded from the same machine (xet
+cache kept) or from a new one (empty HF_HOME): bytes received for it ÷ SIZE.
 
     python -m benchmarks.run hub_restart      # or: python -m benchmarks.bench_hub_restart
 """
@@ -131,7 +132,7 @@ def _restart_trial(hs: Any, work: Path, xet: bool, frac: float, data: bytes) -> 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _dedup(hs: Any, work: Path, xet: bool, a: bytes, b: bytes) -> int:
+def _dedup(hs: Any, work: Path, xet: bool, a: bytes, b: bytes, *, new_machine: bool = False) -> int:
     srv = hs.HubServer(work / "srv", xet=xet).start()
     try:
         srv.create_repo("alice/weights")
@@ -144,6 +145,8 @@ def _dedup(hs: Any, work: Path, xet: bool, a: bytes, b: bytes) -> int:
         subprocess.run(cmd, cwd=root, env=env, capture_output=True, check=True, timeout=600)
         first = meter.received()
         _checkpoint(root, b, 2)
+        if new_machine:   # an empty xet cache: only the CAS's global-dedup answers say what it holds
+            env["HF_HOME"] = str(work / "hf-new-machine")
         subprocess.run(cmd, cwd=root, env=env, capture_output=True, check=True, timeout=600)
         return meter.received() - first
     finally:
@@ -171,20 +174,22 @@ def run() -> list[dict[str, Any]]:
                    else "classic LFS (HF_HUB_DISABLE_XET=1: the cut file is sent again from byte 0)")
             records.append(result(f"hub_restart_bytes_{path}", sent, needed, 2.0 if path == "classic" else 1.3,
                                   "bytes", notes=f"{how}; {TRIALS} trials of a {SIZE // MiB} MiB random checkpoint, "
-                                  f"{kills} kill -9 of `sync once` at uniform random points of the upload, then a clean "
-                                  "pass; bytes received by the test Hub's storage / bytes needed"))
+                                  f"{kills} kill -9 of `sync once` at uniform random points of the upload, then a "
+                                  "clean pass; bytes received by the test Hub's storage / bytes needed"))
         a = os.urandom(SIZE)
         cut = bytearray(a)
         n = SIZE // 100
         cut[SIZE // 2:SIZE // 2 + n] = os.urandom(n)
         b = bytes(cut)
-        for xet in (False, True):
-            got = _dedup(hs, base / f"d{int(xet)}", xet, a, b)
-            path = "xet" if xet else "classic"
+        for path, xet, new in (("classic", False, False), ("xet", True, False), ("xet_new_machine", True, True)):
+            got = _dedup(hs, base / f"d-{path}", xet, a, b, new_machine=new)
+            how = {"classic": "classic LFS",
+                   "xet": "Xet chunk dedup, from the machine that uploaded the first (its xet cache kept)",
+                   "xet_new_machine": "Xet chunk dedup from a new machine (empty xet cache; the CAS's global-dedup "
+                                      "answers)"}[path]
             records.append(result(f"hub_dedup_bytes_{path}", got, SIZE, 1.0 if not xet else 0.05, "bytes",
-                                  notes=f"{'Xet chunk dedup (the xet cache of the first upload kept)' if xet else 'classic LFS'}"
-                                  f": a second {SIZE // MiB} MiB checkpoint differing from the first in 1 % "
-                                  "(one region); bytes received for it / its size"))
+                                  notes=f"{how}: a second {SIZE // MiB} MiB checkpoint differing from the first in "
+                                  "1 % (one region); bytes received for it / its size"))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return records

@@ -223,7 +223,7 @@ class HubServer:
         self.endpoint = ""
         self.cdn = ""
         self.cas_url = ""
-        #: repos created from now on offer Xet; the CAS is started when any repo may use it
+        #: repos created from now on offer Xet (the CAS port is always served; only Xet repos hand out its tokens)
         self.xet = xet
         from .xet_server import XetCAS
         self.cas = XetCAS(self.root / "xet", self)

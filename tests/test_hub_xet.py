@@ -229,7 +229,7 @@ def test_cas_faults_under_a_ratio_are_retried_to_success(xet_hub: HubServer, tok
         rec = r.put(_write(tmp_path / "f.pt", data), "ck/f.pt")
     finally:
         xet_hub.ratio(0)
-    assert [k for k in xet_hub.injected if k[1] == "cas"], ("no CAS fault was injected", xet_hub.injected, [r for r in xet_hub.requests if r[0] == "cas"])
+    assert [k for k in xet_hub.injected if k[1] == "cas"], "no CAS fault was injected"
     assert rec.sha256 == hashlib.sha256(data).hexdigest()
     assert r.get("ck/f.pt", tmp_path / "b.pt").sha256 == rec.sha256
     msgs = xet_hub.commit_messages(REPO)
@@ -249,10 +249,13 @@ def _project(root: Path, srv: HubServer) -> None:
         "sync": {"settle": 0.1}}))
 
 
-def test_xet_upload_killed_mid_way_resends_only_the_xorb_in_flight(xet_hub: HubServer, tmp_path, monkeypatch):
-    """kill -9 of `sync once` while the second xorb of a 144 MiB checkpoint is on the wire, then a clean pass:
-    the restart asks the CAS for an upload grant per xorb, the one already stored is not sent again, and only
-    the xorb that was cut goes again (classic LFS sends the whole file again: see test_sync_remotes.py).
+@pytest.mark.parametrize("machine", ["same", "new"])
+def test_xet_upload_killed_mid_way_resends_only_the_xorb_in_flight(xet_hub: HubServer, tmp_path, monkeypatch,
+                                                                   machine: str):
+    """kill -9 of `sync once` while the second xorb of a 144 MiB checkpoint is on the wire, then a clean pass
+    (on the same machine, or on a new one with an empty xet cache, the checkpoint folder carried over): the
+    restart asks the CAS for an upload grant per xorb, the one already stored is not sent again, and only the
+    xorbs that were cut or not yet sent go (classic LFS sends the whole file again: see test_sync_remotes.py).
     Nothing is lost or duplicated."""
     monkeypatch.setenv("HF_TOKEN", xet_hub.WRITE_TOKEN)
     root = tmp_path / "proj"
@@ -280,11 +283,11 @@ def test_xet_upload_killed_mid_way_resends_only_the_xorb_in_flight(xet_hub: HubS
     first = xet_hub.cas.xorb_bytes_received
     grants_before = len(xet_hub.cas.grants)
     assert len(stored_before) >= 1 and first < size
+    if machine == "new":
+        env["HF_HOME"] = str(tmp_path / "hf-new-machine")
     again = subprocess.run(_sync_cmd(root), cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     resent = xet_hub.cas.xorb_bytes_received - first
-    print("uploads", [(x[:8], n, c) for x, n, c in xet_hub.cas.xorb_uploads],
-          "grants", [(x[:8], h) for x, h in xet_hub.cas.grants])
     stored_size = sum(x.size for x in stored_before.values())
     # what the restart sent: everything but the xorbs already stored (their grants said so)
     assert resent <= size - stored_size + MiB, (resent, size, stored_size)
@@ -302,10 +305,12 @@ def test_xet_upload_killed_mid_way_resends_only_the_xorb_in_flight(xet_hub: HubS
     assert led.inflight == {} and led.verified_copy("checkpoints/v01_step_00000001.pt", sha)
 
 
+@pytest.mark.parametrize("machine", ["same", "new"])
 def test_a_checkpoint_that_differs_a_little_uploads_only_the_changed_chunks(xet_hub: HubServer, tmp_path,
-                                                                            monkeypatch):
-    """Two checkpoints of 24 MiB that differ in 256 KiB in the middle, synced one after the other from the same
-    machine (the xet cache under HF_HOME kept): the second sends a small fraction of its size."""
+                                                                            monkeypatch, machine: str):
+    """Two checkpoints of 24 MiB that differ in 256 KiB in the middle, synced one after the other: the second
+    sends a small fraction of its size, from the same machine (the xet cache under HF_HOME kept) and from a new
+    one (an empty HF_HOME: the CAS's global-dedup answer tells the client which xorbs it holds)."""
     monkeypatch.setenv("HF_TOKEN", xet_hub.WRITE_TOKEN)
     root = tmp_path / "proj"
     _project(root, xet_hub)
@@ -318,11 +323,16 @@ def test_a_checkpoint_that_differs_a_little_uploads_only_the_changed_chunks(xet_
     assert first >= len(base)
     base[12 * MiB:12 * MiB + 256 * 1024] = os.urandom(256 * 1024)
     random_checkpoint(root, len(base), step=2, data=bytes(base))
+    if machine == "new":
+        env["HF_HOME"] = str(tmp_path / "hf-new-machine")
     two = subprocess.run(_sync_cmd(root), cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     second = xet_hub.cas.xorb_bytes_received - first
-    print(f"xet dedup: second checkpoint sent {second} of {len(base)} bytes = {second / len(base):.4f}")
+    print(f"xet dedup ({machine} machine): second checkpoint sent {second} of {len(base)} bytes = "
+          f"{second / len(base):.4f}")
     assert second < len(base) // 20, second
+    if machine == "new":
+        assert [c for (c, found) in xet_hub.cas.dedup_queries if found], xet_hub.cas.dedup_queries
     tree = xet_hub.files("alice/weights")
     e = tree["checkpoints/v01_step_00000002.pt"]
     assert xet_hub.cas.reconstruct(e.xet) == bytes(base)
@@ -345,8 +355,8 @@ def test_hf_xet_errors_are_classified_by_their_status_with_a_clear_message(xet_h
     with pytest.raises(RemoteAuthError) as ei:
         r.put(_write(tmp_path / "b.pt", os.urandom(200_000)), "ck/b.pt")
     assert str(ei.value) == ("hub: uploading 1 file(s) to model repo 'alice/ckpt' failed: the Hugging Face token from "
-                             "the HF_TOKEN environment variable was rejected (HTTP 401 (Xet token endpoint)); create a token "
-                             "with write access "
+                             "the HF_TOKEN environment variable was rejected (HTTP 401 (Xet token endpoint)); create a "
+                             "token with write access "
                              f"at {xet_hub.endpoint}/settings/tokens and set it as HF_TOKEN")
     assert "ck/a.pt" not in xet_hub.files(REPO) and "ck/b.pt" not in xet_hub.files(REPO)
 

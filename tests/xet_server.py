@@ -7,10 +7,10 @@ headers), and ``hf_xet`` then talks to this server with ``Authorization: Bearer 
 
 The routes are the ones ``hf_xet`` 1.8 calls (seen on the wire, and in xet-core's own local CAS server):
 
-* ``GET /v1/chunks/{prefix}/{chunk}`` — global dedup (the client asks for the first chunk of a file and for
-  chunks whose hash is 0 mod 1024): always 404 here. The real CAS answers a full shard (footer, lookup tables,
-  keyed chunk hashes) that this server does not build; the client's own shard cache (``HF_XET_CACHE``) still
-  dedups against what it uploaded before, and ``xorb-grants`` against every stored xorb.
+* ``GET /v1/chunks/{prefix}/{chunk}`` — global dedup (the client asks for the first chunk of a file and for a
+  sample of chunks): a full shard (header, the xorb-info section of the shard upload that listed the chunk, lookup
+  tables, footer; no file info; chunk hashes not keyed with an HMAC) when one did, else 404. ``global_dedup=False``
+  answers 404 always (the client then dedups only against its own shard cache, ``HF_XET_CACHE``).
 * ``POST /v1/xorb-grants/{prefix}/{xorb}`` (body ``{"length", "checksum"}``) — 200 when the xorb is already
   stored (the client then does not send it: this is what makes a restart after a kill cheap), 404 when no grant
   is offered (the client falls back to the direct upload below).
@@ -34,7 +34,8 @@ refuses malformed ones, and can rebuild a file's bytes (LZ4 / byte grouping, ``l
 plain download path and for tests. Counters: :attr:`XetCAS.xorb_bytes_received` (every xorb body byte,
 complete or not: what a restart after a kill costs), ``xorb_uploads``, ``shard_uploads``, ``dedup_queries``,
 ``grants``. ``pause_xorb_at`` holds a xorb upload once that many bytes of it arrived and ``pause_after_stored``
-xorbs are stored (``paused`` / ``gate``, as ``HubServer.pause_lfs_at``). Faults use the Hub's vocabulary: ``hub.inject(port="cas", ...)`` and ``hub.ratio``.
+xorbs are stored (``paused`` / ``gate``, as ``HubServer.pause_lfs_at``). Faults use the Hub's vocabulary:
+``hub.inject(port="cas", ...)`` and ``hub.ratio``.
 """
 from __future__ import annotations
 
@@ -116,8 +117,9 @@ def parse_xorb(data: bytes) -> XorbInfo:
     return info
 
 
-def parse_shard(data: bytes) -> tuple[list[FileInfo], dict[str, list[tuple[str, int, int]]]]:
-    """(files, xorbs) of a shard; xorbs map a xorb hash to its chunks (hash, unpacked start, unpacked length)."""
+def parse_shard(data: bytes) -> tuple[list[FileInfo], dict[str, tuple[list[tuple[str, int, int]], bytes]]]:
+    """(files, xorbs) of a shard; xorbs map a xorb hash to its chunks (hash, unpacked start, unpacked length) and
+    the raw bytes of its block in the xorb-info section (header + chunk entries)."""
     if len(data) < 48 or data[:32] != SHARD_TAG:
         raise FormatError("not a shard: wrong magic number")
     (version, _footer_size) = struct.unpack("<QQ", data[32:48])
@@ -153,8 +155,9 @@ def parse_shard(data: bytes) -> tuple[list[FileInfo], dict[str, list[tuple[str, 
             sr, _ = entry()
             sha = xet_hex(sr)
         files.append(FileInfo(xet_hex(raw), segs, sha))
-    xorbs: dict[str, list[tuple[str, int, int]]] = {}
+    xorbs: dict[str, tuple[list[tuple[str, int, int]], bytes]] = {}
     while off < len(data):
+        begin = off
         raw, (_flags, n, _nb, _nd) = entry()
         if raw == _BOOKEND:
             break
@@ -162,8 +165,44 @@ def parse_shard(data: bytes) -> tuple[list[FileInfo], dict[str, list[tuple[str, 
         for _ in range(n):
             cr, (start, ulen, _cf, _u) = entry()
             chunks.append((xet_hex(cr), start, ulen))
-        xorbs[xet_hex(raw)] = chunks
+        xorbs[xet_hex(raw)] = (chunks, data[begin:off])
     return files, xorbs
+
+
+def dedup_shard(blocks: list[bytes]) -> bytes:
+    """A full shard (header, empty file section, the xorb-info blocks, lookup tables, footer) for a global-dedup
+    answer: what the client imports into its shard cache to dedup against xorbs it did not upload itself."""
+    def words(raw: bytes) -> tuple[int, ...]:
+        return struct.unpack("<4Q", raw[:32])
+    blocks = sorted(blocks, key=words)             # xorbs in hash order (the lookup tables are searched sorted)
+    out = bytearray(SHARD_TAG + struct.pack("<QQ", 2, 200))
+    file_info_offset = len(out)
+    out += _BOOKEND + bytes(16)                    # no file info: only what dedup needs
+    xorb_info_offset = len(out)
+    xorb_keys, chunk_keys = [], []
+    index = nbytes = ndisk = 0
+    for block in blocks:
+        _flags, n, nb, nd = struct.unpack("<IIII", block[32:48])
+        out += block
+        xorb_keys.append((words(block)[0], index))
+        chunk_keys += [(words(block[48 + 48 * i:80 + 48 * i])[0], index, i) for i in range(n)]
+        index += 1 + n
+        nbytes, ndisk = nbytes + nb, ndisk + nd
+    out += _BOOKEND + bytes(16)
+    file_lookup_offset = len(out)                  # no files
+    xorb_lookup_offset = len(out)
+    for k, i in xorb_keys:                         # (truncated hash = first u64 word, entry index)
+        out += struct.pack("<QI", k, i)
+    chunk_lookup_offset = len(out)
+    for k, xi, ci in sorted(chunk_keys):
+        out += struct.pack("<QII", k, xi, ci)
+    footer_offset = len(out)
+    out += struct.pack("<9Q", 1, file_info_offset, xorb_info_offset, file_lookup_offset, 0, xorb_lookup_offset,
+                       len(xorb_keys), chunk_lookup_offset, len(chunk_keys))
+    out += bytes(32)                               # no HMAC key: chunk hashes in the clear
+    out += struct.pack("<2Q", int(time.time()), 2**64 - 1) + bytes(48)
+    out += struct.pack("<4Q", ndisk, nbytes, nbytes, footer_offset)
+    return bytes(out)
 
 
 def decompress_chunk(scheme: int, payload: bytes, unpacked: int) -> bytes:
@@ -202,10 +241,14 @@ class XetCAS:
         self.by_sha256: dict[str, str] = {}            # sha256 -> xet file hash
         self.xorbs: dict[str, XorbInfo] = {}
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (scope "read"/"write", expiry)
+        self.shard_blocks: dict[str, list[bytes]] = {}  # uploaded shard -> its xorb-info blocks
+        self.chunk_shard: dict[str, str] = {}           # chunk hash -> the shard upload that listed it
+        #: answer global-dedup queries (else always 404)
+        self.global_dedup = True
         self.xorb_bytes_received = 0
         self.xorb_uploads: list[tuple[str, int, bool]] = []   # (xorb, bytes received, complete) per POST
         self.shard_uploads: list[int] = []                    # size of every accepted shard
-        self.dedup_queries: list[str] = []                    # chunk hashes asked for (global dedup)
+        self.dedup_queries: list[tuple[str, bool]] = []       # (chunk asked for, answered with a shard)
         self.grants: list[tuple[str, bool]] = []              # (xorb, already stored)
         self.served_bytes = 0
         self.xorbs_in_flight = 0                              # xorb POST bodies being received now
@@ -307,8 +350,12 @@ class XetCAS:
         mc = re.fullmatch(r"/v1/chunks/([\w-]+)/([0-9a-f]{64})", p)
         if mc and m == "GET":
             with self.lock:
-                self.dedup_queries.append(mc.group(2))
-            raise _HTTPError(404, None, "Shard not found")
+                sid = self.chunk_shard.get(mc.group(2)) if self.global_dedup else None
+                self.dedup_queries.append((mc.group(2), sid is not None))
+                blocks = self.shard_blocks.get(sid) if sid else None
+            if not blocks:
+                raise _HTTPError(404, None, "Shard not found")
+            return h._send(200, dedup_shard(blocks), ctype="application/octet-stream")
         if re.fullmatch(r"/v2/reconstructions/[0-9a-f]{64}", p) and m == "GET":
             raise _HTTPError(404, None, "V2 reconstruction is not offered")
         mr = re.fullmatch(r"/v1/reconstructions/([0-9a-f]{64})", p)
@@ -377,7 +424,7 @@ class XetCAS:
         from .hub_server import _HTTPError
         data = h._body()
         try:
-            files, _xorbs = parse_shard(data)
+            files, xorbs = parse_shard(data)
         except FormatError as e:
             raise _HTTPError(400, None, str(e))
         with self.lock:
@@ -391,7 +438,12 @@ class XetCAS:
                                          f"{s.xorb}, which has {len(x.chunks)}")
                     if sum(u for (_a, _b, _c, u) in x.chunks[s.chunk_start:s.chunk_end]) != s.unpacked:
                         raise _HTTPError(400, None, f"shard segment size does not match xorb {s.xorb}")
-            (self.root / "shards" / uuid.uuid4().hex).write_bytes(data)
+            sid = uuid.uuid4().hex
+            (self.root / "shards" / sid).write_bytes(data)
+            self.shard_blocks[sid] = [block for xh, (_c, block) in xorbs.items() if xh in self.xorbs]
+            for xh, (chunks, _block) in xorbs.items():
+                for ch, _s, _l in chunks:
+                    self.chunk_shard.setdefault(ch, sid)
             for fi in files:
                 self.files[fi.file_hash] = fi
                 if fi.sha256:
