@@ -413,3 +413,17 @@ def test_cas_reconstruction_of_a_range_rebuilds_exactly_those_bytes(xet_hub: Hub
     start, end = (len(data) - int(b), len(data)) if not a else (int(a), int(b) + 1 if b else len(data))
     got = bytes(out[rec["offset_into_first_range"]:][:end - start])
     assert got == data[start:end]
+
+
+def test_hf_xet_download_cut_midway_is_retried_and_still_right(xet_hub: HubServer, token_env, tmp_path: Path):
+    """A xorb range download that breaks after 100 kB (and a 503 on the reconstruction query) is retried by
+    hf_xet; the file comes out whole."""
+    from huggingface_hub import hf_hub_download
+    data = os.urandom(3 * MiB)
+    make_remote(xet_hub).put(_write(tmp_path / "w.pt", data), "ck/w.pt")
+    xet_hub.inject(method="GET", path=r"^/xorb/", port="cas", drop_after=100_000, times=1)
+    xet_hub.inject(method="GET", path=r"^/v1/reconstructions/", port="cas", status=503, times=1)
+    p = hf_hub_download(REPO, "ck/w.pt", endpoint=xet_hub.endpoint, token=xet_hub.WRITE_TOKEN,
+                        cache_dir=str(tmp_path / "cache"))
+    assert Path(p).read_bytes() == data
+    assert all(f.hits == 1 for f in xet_hub.faults)

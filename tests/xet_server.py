@@ -24,8 +24,9 @@ The routes are the ones ``hf_xet`` 1.8 calls (seen on the wire, and in xet-core'
   length), bookend. Every xorb a file refers to must be stored first (else 400). Answer ``{"result": 1}``.
 * ``GET /v2/reconstructions/{file}`` → 404 (the client falls back), ``GET /v1/reconstructions/{file}``
   (``Range: bytes=a-b`` honoured) — ``{"offset_into_first_range", "terms": [{hash, unpacked_length,
-  range}], "fetch_info": {xorb: [{range, url, url_range}]}}``; the URLs point at ``GET /xorb/{xorb}`` here,
-  which serves the xorb's raw bytes for the ``Range`` header (the client decompresses).
+  range}], "fetch_info": {xorb: [{range, url, url_range}]}}``; the URLs point at ``GET /xorb/{xorb}`` here
+  which serves the xorb's raw bytes for the ``Range`` header (the client decompresses; a ``drop_after`` fault
+  cuts the body midway).
 * ``HEAD /v1/files/{file}`` (size), ``POST /v1/telemetry`` (accepted, ignored).
 
 Hashes are hex as xet writes them: each of the four little-endian u64 words of the 32 bytes as 16 hex digits.
@@ -498,25 +499,18 @@ class XetCAS:
         h._json({"offset_into_first_range": first_offset or 0, "terms": terms, "fetch_info": fetch})
 
     def _serve_xorb(self, h: Any, xh: str) -> None:
+        """The xorb's raw bytes for the ``Range`` asked (the storage behind fetch_info URLs; ``drop_after`` faults
+        cut it midway, as on the CDN)."""
         from .hub_server import _HTTPError
         p = self.xorb_path(xh)
         if not p.is_file():
             raise _HTTPError(404, None, "NoSuchKey")
-        data = p.read_bytes()
-        start, end = 0, len(data) - 1
-        status = 200
-        headers = {"Accept-Ranges": "bytes"}
-        rng = h.headers.get("Range")
-        if rng:
-            mr = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
-            if mr:
-                start = int(mr.group(1))
-                end = min(len(data) - 1, int(mr.group(2))) if mr.group(2) else len(data) - 1
-                if start > end:
-                    raise _HTTPError(416, None, "InvalidRange", {"Content-Range": f"bytes */{len(data)}"})
-                status = 206
-                headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        body = data[start:end + 1]
+        size = p.stat().st_size
+        n = size
+        mr = re.fullmatch(r"bytes=(\d+)-(\d*)", (h.headers.get("Range") or "").strip())
+        if mr:
+            end = min(size - 1, int(mr.group(2))) if mr.group(2) else size - 1
+            n = max(0, end - int(mr.group(1)) + 1)
         with self.lock:
-            self.served_bytes += len(body)
-        h._send(status, body, ctype="application/octet-stream", headers=headers)
+            self.served_bytes += n if h._drop_after is None else min(n, h._drop_after)
+        h._serve_file(p)
