@@ -427,3 +427,45 @@ def test_hf_xet_download_cut_midway_is_retried_and_still_right(xet_hub: HubServe
                         cache_dir=str(tmp_path / "cache"))
     assert Path(p).read_bytes() == data
     assert all(f.hits == 1 for f in xet_hub.faults)
+
+
+def test_sync_to_the_xet_hub_under_30_percent_faults_uploads_everything_once(xet_hub: HubServer, tmp_path,
+                                                                              monkeypatch):
+    """`sync once` of 10 checkpoints + manifests with 30 % of every request faulted on all three ports (the Hub
+    API, the CDN, the CAS: tokens, grants, xorbs, shards included): everything lands, once, verified and recorded."""
+    from colabkit import sync
+    from colabkit.config import load_config
+
+    from .test_sync import ckpt
+    monkeypatch.setenv("HF_TOKEN", xet_hub.WRITE_TOKEN)
+    root = tmp_path / "proj"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "hub": {"repo_id": "alice/weights", "endpoint": xet_hub.endpoint},
+        "tiers": [{"name": "hub", "remote": "hub", "every": 3600, "latest_only": False}],
+        "sync": {"settle": 0.1, "retry_initial": 0.01, "retry_max": 0.05}}))
+    files = [ckpt(root, s, size=200_000 + s) for s in range(1, 11)]
+    shas = {p: hashlib.sha256(p.read_bytes()).hexdigest() for f in files for p in (f, f.with_name(f.name + ".json"))}
+    xet_hub.create_repo("alice/weights")
+    cfg = load_config(start=root)
+    remote = HubRemote("hub", "alice/weights", endpoint=xet_hub.endpoint, max_attempts=4, retry_initial=0.01,
+                       retry_max=0.05, project="proj")
+    xet_hub.ratio(0.3, seed=11)
+    try:
+        res = sync.once(config=cfg, remotes={"hub": remote}, timeout=300)
+    finally:
+        xet_hub.ratio(0)
+    assert res["ok"], res
+    assert [k for k in xet_hub.injected if k[1] == "cas"], "no CAS request was faulted"
+    repo = xet_hub.repos[("model", "alice/weights")]
+    tree = repo.commits[repo.branches["main"]][2]
+    added = _added_per_path(repo)
+    led = Ledger.load(cfg.state_dir, "hub")
+    for f in files:
+        for p in (f, f.with_name(f.name + ".json")):
+            rp = cfg.remote_path(p)
+            assert rp in tree, f"{rp} was lost"
+            assert added[rp] == 1, f"{rp} was committed {added[rp]} times"
+            assert led.verified_copy(rp, shas[p]), f"{rp} is not recorded"
+        assert tree[cfg.remote_path(f)].xet, "a checkpoint did not go through Xet"
+    assert led.inflight == {}
