@@ -1784,6 +1784,38 @@ def once(paths: Sequence[str | os.PathLike] | None = None, *, config: "Config | 
     return group.stop(flush=True, timeout=timeout)
 
 
+class RunSync:
+    """Sync for the length of one ``%train`` run: started for the run's folders when the run starts, unless
+    ``%sync start`` already watches the project (that group is then only flushed at the end); stopped with a
+    settled flush when the run ends (the child has exited: nothing is being written)."""
+
+    def __init__(self, config: "Config", paths: Sequence[str | os.PathLike]) -> None:
+        self.config = config
+        self.paths = list(paths)
+        self._started = False
+
+    def start(self) -> None:
+        if status(config=self.config).get("groups"):  # %sync start already watches this project
+            return
+        start(self.paths, config=self.config)
+        self._started = True
+
+    def end(self) -> str | None:
+        """Flush (and stop what :meth:`start` started); a warning to show when not everything is up."""
+        try:
+            if self._started:
+                res = stop(flush=True, settled=True)
+            elif status(config=self.config).get("groups"):
+                res = flush(settled=True)
+            else:
+                return None
+        except ColabkitError as e:
+            return f"flushing sync at the end of the run failed: {e}"
+        if not res.get("ok", True):
+            return f"sync did not upload everything at the end of the run; see '{command('sync status')}'"
+        return None
+
+
 def watch(paths: Sequence[str | os.PathLike] | None = None, *, config: "Config | None" = None,
           every: float | None = None, tiers: Sequence[str] | None = None,
           on_start: Callable[[SyncGroup], None] | None = None, stop_event: threading.Event | None = None
