@@ -29,6 +29,10 @@ The routes are the ones ``hf_xet`` 1.8 calls (seen on the wire, and in xet-core'
   cuts the body midway).
 * ``HEAD /v1/files/{file}`` (size), ``POST /v1/telemetry`` (accepted, ignored).
 
+Not served (the client falls back or does not need them): the V2 shard and reconstruction APIs, upload grants
+that hand out a presigned URL (``xorb-commits``), the batch reconstruction query, HMAC-keyed chunk hashes in
+global-dedup answers; tokens are not scoped to a repo.
+
 Hashes are hex as xet writes them: each of the four little-endian u64 words of the 32 bytes as 16 hex digits.
 The server does not recompute Merkle hashes (it trusts the client's keys) but it parses every xorb and shard,
 refuses malformed ones, and can rebuild a file's bytes (LZ4 / byte grouping, ``lz4`` package) for the Hub's
