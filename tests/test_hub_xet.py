@@ -469,3 +469,61 @@ def test_sync_to_the_xet_hub_under_30_percent_faults_uploads_everything_once(xet
             assert led.verified_copy(rp, shas[p]), f"{rp} is not recorded"
         assert tree[cfg.remote_path(f)].xet, "a checkpoint did not go through Xet"
     assert led.inflight == {}
+
+
+def test_repeated_kills_of_a_multi_file_xet_upload_lose_and_duplicate_nothing(xet_hub: HubServer, tmp_path,
+                                                                             monkeypatch):
+    """Four 36 MiB checkpoints in one tick (xorbs span files), `sync once` killed with SIGKILL three times, each
+    time once one more xorb is stored and the next is on the wire, then a clean pass: every file lands once,
+    verified and recorded; no restart sends a stored xorb again (no xorb arrives whole twice), where classic LFS
+    sends every file that was not whole again after each kill."""
+    monkeypatch.setenv("HF_TOKEN", xet_hub.WRITE_TOKEN)
+    root = tmp_path / "proj"
+    _project(root, xet_hub)
+    srcs = [random_checkpoint(root, 36 * MiB, step=s) for s in (1, 2, 3, 4)]
+    size = sum(p.stat().st_size for p in srcs)
+    shas = {p.name: hash_file(p).sha256 for p in srcs}
+    env = {**os.environ, **XET_ENV, "PYTHONPATH": str(REPO_ROOT), "HF_HOME": str(tmp_path / "hf")}
+    kills = 0
+    for _ in range(3):
+        cas = xet_hub.cas
+        cas.paused.clear()
+        cas.gate.clear()
+        cas.pause_after_stored, cas.pause_xorb_at = len(cas.xorbs) + 1, 4 * MiB
+        grants_before = len(cas.grants)
+        stored = set(cas.xorbs)
+        child = subprocess.Popen(_sync_cmd(root), cwd=root, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        try:
+            while not cas.paused.wait(0.1) and child.poll() is None:
+                pass
+            if child.poll() is None:
+                child.send_signal(signal.SIGKILL)
+                assert child.wait(30) == -signal.SIGKILL
+                kills += 1
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
+            cas.gate.set()
+            cas.pause_xorb_at = None
+        wait_for(lambda: cas.xorbs_in_flight == 0, timeout=30, what="the cut xorb uploads to end")
+        assert not [x for (x, have) in cas.grants[grants_before:] if x in stored and not have], \
+            "a restart was not told that a stored xorb was stored"
+    assert kills >= 2, kills
+    again = subprocess.run(_sync_cmd(root), cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    total = xet_hub.cas.xorb_bytes_received
+    print(f"xet: {kills} kills, sent {total} for {size} bytes needed = {total / size:.3f}")
+    whole = [x for (x, _n, complete) in xet_hub.cas.xorb_uploads if complete]
+    assert len(whole) == len(set(whole)) == len(xet_hub.cas.xorbs), "a xorb was sent whole twice"
+    tree = xet_hub.files("alice/weights")
+    added = _added_per_path(xet_hub.repos[("model", "alice/weights")])
+    led = Ledger.load(root / ".colabkit", "hub")
+    for p in srcs:
+        rp = f"checkpoints/{p.name}"
+        assert added[rp] == 1 and added[rp + ".json"] == 1, added
+        assert tree[rp].lfs == shas[p.name]
+        assert hashlib.sha256(xet_hub.cas.reconstruct(tree[rp].xet)).hexdigest() == shas[p.name]
+        assert led.verified_copy(rp, shas[p.name])
+    assert led.inflight == {}
