@@ -762,7 +762,8 @@ class HubRemote(Remote):
         """Upload one file (a one-file :meth:`put_many` commit).
 
         `upload_state` is not used: huggingface_hub keeps no resumable session across processes (a Xet
-        upload skips the chunks the Hub already holds; an LFS upload is sent again). `progress` is called
+        upload does not send again the xorbs the Hub's CAS already holds, nor chunks it knows from an earlier
+        upload; an LFS upload is sent again from byte 0: docs/hub.md 5a). `progress` is called
         once, with the file's size, when the upload is verified.
         """
         rel = normalize_path(path)
