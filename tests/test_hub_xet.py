@@ -3,6 +3,7 @@
 tests/test_remote_hub.py and tests/test_sync_remotes.py."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -42,6 +43,9 @@ def xet_hub(tmp_path_factory, monkeypatch) -> HubServer:
     _no_tqdm_monitor()
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "0")
+    with contextlib.suppress(ImportError):   # CAS tokens huggingface_hub cached for an earlier server on this port
+        from huggingface_hub.utils import _xet
+        _xet.XET_CONNECTION_INFO_CACHE.clear()
     srv = HubServer(tmp_path_factory.mktemp("hub_blobs"), xet=True).start()
     try:
         yield srv
