@@ -1,0 +1,182 @@
+"""Elected upload, the parts that need no worker processes: the election, sync.workers, the claims per tier."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from colabkit.config import _build, default_uploaders
+from colabkit.elect import election_order, seeded_shuffle, waves
+from colabkit.errors import ConfigError
+from colabkit.remotes.local import LocalRemote
+from tests.hub_server import HubServer, hub_server  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- the election -------------------------------------------------------------------------------------
+def test_the_election_order_is_a_fixed_vector():
+    """Golden values: any change to the seed, the stream or the shuffle changes who uploads on every machine
+    of a running group (old and new colabkit would disagree), so it must be deliberate."""
+    assert election_order("v01", 100, 6) == [4, 1, 0, 5, 2, 3]
+    assert election_order("v01", 200, 6) == [0, 4, 1, 5, 3, 2]
+    assert election_order("run", 1, 10) == [6, 1, 3, 8, 0, 7, 4, 5, 2, 9]
+    assert seeded_shuffle("abcdef", b"seed") == seeded_shuffle(list("abcdef"), b"seed")
+    assert sorted(election_order("x", 5, 40)) == list(range(40))
+
+
+def test_the_election_is_the_same_in_other_processes_whatever_their_hash_seed():
+    code = ("import json; from colabkit.elect import election_order; "
+            "print(json.dumps([election_order(r, s, 7) for r in ('v01', 'ümlaut-run') for s in (0, 1, 10**12)]))")
+    outs = set()
+    for seed in ("0", "1", "12345", "random"):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": seed}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        outs.add(r.stdout.strip())
+    assert len(outs) == 1
+    here = json.dumps([election_order(r, s, 7) for r in ("v01", "ümlaut-run") for s in (0, 1, 10**12)])
+    assert outs == {here}
+
+
+def test_the_uploaders_change_from_checkpoint_to_checkpoint():
+    firsts = [tuple(election_order("v01", step, 6)[:2]) for step in range(100, 3100, 100)]
+    assert len(set(firsts)) >= 10
+    assert {w for pair in firsts for w in pair} == {0, 1, 2, 3, 4, 5}   # every worker takes its turn
+
+
+def test_waves_skip_workers_that_cannot_write():
+    order = [4, 1, 0, 5, 2, 3]
+    assert waves(order, None, 2) == {4: 0, 1: 0, 0: 1, 5: 1, 2: 2, 3: 2}
+    assert waves(order, {0, 1, 2, 3, 5}, 2) == {1: 0, 0: 0, 5: 1, 2: 1, 3: 2}
+
+
+def test_default_uploaders_are_a_third_of_the_group_rounded_down_between_1_and_16():
+    assert [default_uploaders(n) for n in (1, 2, 3, 5, 6, 8, 9, 48, 49, 100)] == [1, 1, 1, 1, 2, 2, 3, 16, 16, 16]
+
+
+# -- sync.workers ---------------------------------------------------------------------------------------
+def _workers(data, tmp_path, monkeypatch, **env):
+    for k in ("COLABKIT_WORKER_ID", "COLABKIT_WORKER_GROUP", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+              "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return _build({"project": "proj", "sync": {"workers": data}}, root=tmp_path, source=None).sync.workers
+
+
+def test_sync_workers_is_read_with_defaults_and_from_torchrun(tmp_path, monkeypatch):
+    w = _workers({"id": 2, "group": 6, "takeover_after": "10m"}, tmp_path, monkeypatch)
+    assert (w.id, w.group, w.uploaders, w.takeover_after, w.run) == (2, 6, 2, 600.0, "proj")
+    w = _workers({}, tmp_path, monkeypatch, GROUP_RANK="3", WORLD_SIZE="32", LOCAL_WORLD_SIZE="8",
+                 TORCHELASTIC_RUN_ID="job-7")
+    assert (w.id, w.group, w.uploaders, w.run) == (3, 4, 1, "job-7")
+    assert _build({"sync": {}}, root=tmp_path, source=None).sync.workers is None
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"id": 6, "group": 6}, "sync.workers.id: 6 must be below sync.workers.group (6); workers are numbered 0 to 5"),
+    ({"id": 0, "group": 0}, "sync.workers.group: 0 must be a whole number >= 1"),
+    ({"id": -1, "group": 3}, "sync.workers.id: -1 must be a whole number >= 0"),
+    ({"id": 0, "group": 6, "uploaders": 7}, "sync.workers.uploaders: 7 must be between 1 and sync.workers.group (6)"),
+    ({"id": 0, "group": 6, "uploaders": 0}, "sync.workers.uploaders: 0 must be a whole number >= 1"),
+    ({"id": 0, "group": 3, "takeover_after": 0},
+     "sync.workers.takeover_after: 0 must be longer than 0; use e.g. 30m"),
+    ({"id": 0, "group": 3, "takeover_after": "soon"},
+     "sync.workers.takeover_after: 'soon' is not a duration; use e.g. 90m or 2h"),
+    ({"id": 0, "group": 3, "takeovr_after": "1m"},
+     "sync.workers.takeovr_after: unknown key (did you mean 'takeover_after'?); allowed here: group, id, run, "
+     "takeover_after, uploaders"),
+    ({"group": 3}, "sync.workers.id: missing; give this worker's number, 0 to group - 1 (torchrun's GROUP_RANK), "
+                   "or set COLABKIT_WORKER_ID"),
+    ({"id": 0}, "sync.workers.group: missing; give the number of workers (e.g. torchrun's --nnodes), or set "
+                "COLABKIT_WORKER_GROUP"),
+    ({"id": 0, "group": 2, "run": "a/b"}, "sync.workers.run: 'a/b' must be a plain name (no '/', not starting "
+                                          "with '.')"),
+    ("all", "sync.workers: 'all' must be a mapping of keys"),
+])
+def test_bad_sync_workers_say_what_is_wrong(data, message, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError) as e:
+        _workers(data, tmp_path, monkeypatch)
+    assert str(e.value) == message
+
+
+# -- the claim per tier ------------------------------------------------------------------------------
+def test_a_local_claim_goes_to_exactly_one_of_many_racing_threads(tmp_path):
+    remote = LocalRemote("shared", tmp_path / "tier")
+    won: list[int] = []
+    start = threading.Barrier(8)
+
+    def race(i: int) -> None:
+        start.wait()
+        if remote.create_exclusive(".colabkit-workers/r/claims/c.claim", f"worker {i}\n".encode()):
+            won.append(i)
+    threads = [threading.Thread(target=race, args=(i,), name=f"race-{i}") for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(won) == 1
+    assert remote.read_bytes(".colabkit-workers/r/claims/c.claim") == f"worker {won[0]}\n".encode()
+    # records are not tier content, and no temporary is left beside the claim
+    assert remote.list() == []
+    assert os.listdir(tmp_path / "tier" / ".colabkit-workers" / "r" / "claims") == ["c.claim"]
+
+
+def _ckpt(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_two_uploaders_racing_to_the_same_final_commit_one_wins_no_duplicate_files(hub_server, tmp_path):
+    """Both read the same head and send the checkpoint; the Hub takes the first commit on that parent and
+    answers 412 to the second, which then finds the other's claim and cancels."""
+    from colabkit.remotes.hub import HubRemote
+    hub_server.create_repo("alice/ckpt")
+    a = HubRemote("hub", "alice/ckpt", endpoint=hub_server.endpoint, token=HubServer.WRITE_TOKEN, project="p")
+    b = HubRemote("hub", "alice/ckpt", endpoint=hub_server.endpoint, token=HubServer.WRITE_TOKEN, project="p")
+    data = os.urandom(3 * 1024 * 1024)
+    fa = _ckpt(tmp_path / "a" / "v01_step_00000100.pt", data)
+    fb = _ckpt(tmp_path / "b" / "v01_step_00000100.pt", data)
+    claim = ".colabkit-workers/r/claims/checkpoints/v01_step_00000100/abcd.claim"
+    hub_server.pause_lfs_at = 1024 * 1024       # A's upload is held once 1 MiB has arrived
+    res: dict[str, object] = {}
+    ta = threading.Thread(target=lambda: res.__setitem__("a", a.put_claimed(
+        [(fa, "checkpoints/v01_step_00000100.pt")], claim=claim, record=b'{"worker": 0}\n')), name="uploader-a")
+    ta.start()
+    try:
+        assert hub_server.paused.wait(30)
+        # B reads the same head (A has not committed), sends its copy and commits first
+        res["b"] = b.put_claimed([(fb, "checkpoints/v01_step_00000100.pt")], claim=claim, record=b'{"worker": 1}\n')
+    finally:
+        hub_server.gate.set()
+        ta.join(60)
+    assert res["b"] is not None and res["a"] is None
+    refused = [r for r in hub_server.requests if r[1] == "POST" and "/commit/" in r[2] and r[3] == 412]
+    assert len(refused) == 1
+    files = hub_server.files("alice/ckpt")
+    assert sorted(files) == [".colabkit-workers/r/claims/checkpoints/v01_step_00000100/abcd.claim",
+                             ".gitattributes", "checkpoints/v01_step_00000100.pt"]
+    assert b.read_bytes(claim) == b'{"worker": 1}\n'
+    assert [r.path for r in a.list()] == ["checkpoints/v01_step_00000100.pt"]   # records are not tier content
+    assert len(hub_server.commit_messages("alice/ckpt")) == 2   # the initial commit and B's: nothing from A
+
+
+def test_a_hub_claim_is_exclusive_and_survives_an_unrelated_commit_in_between(hub_server, tmp_path):
+    from colabkit.remotes.hub import HubRemote
+    hub_server.create_repo("alice/ckpt")
+    r = HubRemote("hub", "alice/ckpt", endpoint=hub_server.endpoint, token=HubServer.WRITE_TOKEN)
+    # the branch moved between reading the head and committing (another checkpoint's commit): look again
+    hub_server.inject(method="POST", path=r"/commit/", status=412,
+                      message="A commit has happened since. Please refresh and try again.")
+    assert r.create_exclusive(".colabkit-workers/r/leases/x/t.lease-0", b"0\n") is True
+    assert len([x for x in hub_server.injected if x[0] == "412"]) == 1
+    assert r.create_exclusive(".colabkit-workers/r/leases/x/t.lease-0", b"1\n") is False
+    assert r.read_bytes(".colabkit-workers/r/leases/x/t.lease-0") == b"0\n"
+    assert r.read_bytes(".colabkit-workers/r/leases/x/t.lease-1") is None
