@@ -180,7 +180,7 @@ class TierElection:
             self.excluded = (f"worker {self.w.id} cannot write to tier {self.tier!r} ({redact(str(e))}): it is "
                              f"excluded from the upload elections of run {self.w.run!r} on that tier; the other "
                              "workers upload its checkpoints there")
-            log.warning("%s", self.excluded)
+            log.info("%s", self.excluded)   # the caller says it (start notes, preflight warnings)
             return self.excluded
         self.member = True
         self.excluded = None

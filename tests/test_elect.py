@@ -180,3 +180,31 @@ def test_a_hub_claim_is_exclusive_and_survives_an_unrelated_commit_in_between(hu
     assert r.create_exclusive(".colabkit-workers/r/leases/x/t.lease-0", b"1\n") is False
     assert r.read_bytes(".colabkit-workers/r/leases/x/t.lease-0") == b"0\n"
     assert r.read_bytes(".colabkit-workers/r/leases/x/t.lease-1") is None
+
+
+def test_train_preflight_of_a_worker_that_cannot_write_excludes_it_instead_of_stopping(hub_server, tmp_path,
+                                                                                      monkeypatch):
+    """%train's preflight with sync.workers: the write proof is the membership record; a read-only token is
+    a warning that says the worker is excluded from that tier's elections, and the run still starts."""
+    import yaml
+
+    from colabkit.config import load_config
+    from colabkit.runner import preflight
+    hub_server.create_repo("alice/ckpt")
+    root = tmp_path / "proj"
+    (root / "experiments" / "v01").mkdir(parents=True)
+    (root / "experiments" / "v01" / "train.py").write_text("print('hi')\n")
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "project": "p", "hub": {"repo_id": "alice/ckpt", "endpoint": hub_server.endpoint},
+        "tiers": [{"name": "hub", "remote": "hub"}, {"name": "shared", "remote": "local", "path": str(tmp_path / "t")}],
+        "train": {"min_free_disk": 0},
+        "sync": {"workers": {"id": 4, "group": 6}}}))
+    monkeypatch.setenv("HF_TOKEN", HubServer.READ_TOKEN)
+    pre = preflight("v01", config=load_config(start=root), check_tiers=True)
+    assert pre.tiers_checked == ["shared"]
+    assert ("worker 4 cannot write to tier 'hub' (hub: uploading 1 file(s) to model repo 'alice/ckpt' failed: the "
+            "token from the HF_TOKEN environment variable may not write to model repo 'alice/ckpt' (HTTP 403 (This "
+            "token does not have write access)); use a token with write access to it): it is excluded from the "
+            "upload elections of run 'p' on that tier; the other workers upload its checkpoints there") in pre.warnings
+    assert (tmp_path / "t" / ".colabkit-workers" / "p" / "members" / "worker-00004.member").is_file()
+    assert not [p for p in hub_server.files("alice/ckpt") if p.startswith(".colabkit-workers/")]
