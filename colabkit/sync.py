@@ -1139,6 +1139,10 @@ class TierSyncer(threading.Thread):
             except FATAL as e:
                 self._set_fatal(e)
                 return [], False
+            except IntegrityError as e:   # a file changed while it was uploaded: again once it settles
+                _activity.info("%s: %s", self.tier.name, e)
+                self._backoff(None)
+                return rest, False
             except (RemoteError, OSError) as e:
                 self._record_error(e)
                 self._backoff(getattr(e, "retry_after", None))

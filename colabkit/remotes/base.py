@@ -205,9 +205,13 @@ class Remote(abc.ABC):
         at the same paths). Remotes with commits do both in one commit that only one caller can win (the Hub).
         `progress` may raise to stop the upload at the next chunk boundary."""
         digests = digests or {}
-        if self.stat(claim) is not None:
-            return None
-        recs = [self.put(local, path, digest=digests.get(path), progress=progress) for local, path in items]
+        recs = []
+        for local, path in items:
+            if self.stat(claim) is not None:   # another worker won before this file: stop here
+                return None
+            recs.append(self.put(local, path, digest=digests.get(path), progress=progress))
+        if progress is not None:
+            progress(0)
         return recs if self.create_exclusive(claim, record) else None
 
     # -- defaults -----------------------------------------------------------------------------
