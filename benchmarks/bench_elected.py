@@ -23,7 +23,7 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from .common import WORK, result, write_results  # noqa: E402
+from .common import WORK, main, result  # noqa: E402
 
 SIZE = int(os.environ.get("COLABKIT_BENCH_ELECTED_BYTES", 4 * 1024 * 1024))
 CHECKPOINTS = 10
@@ -70,7 +70,4 @@ def run() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    recs = run()
-    write_results(recs)
-    for r in recs:
-        print(r)
+    main(run())
