@@ -17,9 +17,11 @@ through one mechanism for each checkpoint (a checkpoint file with its manifest, 
 * **The claim**: the first worker whose copy is complete and verified records it in a way two workers cannot
   both win: the Hub commits the files and the claim record in one commit on the head it read
   (``create_commit(parent_commit=...)``; the second commit on the same parent is refused with HTTP 412); a
-  local folder creates the claim with ``link()`` (fails when it exists). Another uploader of the same
-  checkpoint stops at its next chunk boundary (it watches for the claim), cleans up (a temporary file; LFS
-  objects already sent are left to the Hub's collection) and records the checkpoint as held by the tier.
+  local folder creates the claim with ``link()`` (fails when it exists); Drive, which has no exclusive create,
+  takes a claim file per worker, the first created (``createdTime``, then id) winning, checked after the
+  upload and once more a moment later, the losers deleting theirs. Another uploader of the same
+  checkpoint stops at its next chunk boundary (it watches for the claim), cleans up (a temporary file, a Drive
+  resumable session; LFS objects already sent are left to the Hub's collection) and records the checkpoint as held by the tier.
 * **Watching**: every other worker looks for the claim and the copy on each tick (every few seconds); once the
   tier holds exactly its local bytes, its ledger records them as held, ``uploaded_by`` the winner, so
   retention may delete the local copy on every worker.

@@ -14,6 +14,7 @@ from colabkit.config import _build, default_uploaders
 from colabkit.elect import election_order, seeded_shuffle, waves
 from colabkit.errors import ConfigError
 from colabkit.remotes.local import LocalRemote
+from tests.drive_server import drive_server  # noqa: F401  (fixture)
 from tests.hub_server import HubServer, hub_server  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,3 +209,55 @@ def test_train_preflight_of_a_worker_that_cannot_write_excludes_it_instead_of_st
             "upload elections of run 'p' on that tier; the other workers upload its checkpoints there") in pre.warnings
     assert (tmp_path / "t" / ".colabkit-workers" / "p" / "members" / "worker-00004.member").is_file()
     assert not [p for p in hub_server.files("alice/ckpt") if p.startswith(".colabkit-workers/")]
+
+
+# -- Drive: no exclusive create, so a claim file per worker and the first created wins ------------------------
+def test_a_drive_claim_goes_to_exactly_one_of_many_racing_workers_and_the_losers_delete_theirs(drive_server,
+                                                                                               tmp_path):
+    from tests.test_remote_drive import make_remote
+    remote = make_remote(drive_server, tmp_path, claim_settle=0.2)
+    won: list[int] = []
+    start = threading.Barrier(6)
+
+    def race(i: int) -> None:
+        start.wait()
+        if remote.create_exclusive(".colabkit-workers/r/claims/ckpt/t.claim", f"worker {i}\n".encode()):
+            won.append(i)
+    threads = [threading.Thread(target=race, args=(i,), name=f"drive-race-{i}") for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert len(won) == 1
+        copies = [f for f in drive_server.files.values() if f.name == "t.claim" and not f.trashed]
+        assert len(copies) == 1
+        assert remote.read_bytes(".colabkit-workers/r/claims/ckpt/t.claim") == f"worker {won[0]}\n".encode()
+        assert remote.list() == []   # records are not tier content
+    finally:
+        remote.close()
+
+
+def test_a_cancelled_drive_upload_ends_its_resumable_session_and_leaves_no_file(drive_server, tmp_path):
+    from colabkit.errors import UploadCancelled
+    from tests.test_remote_drive import big_file, make_remote
+    remote = make_remote(drive_server, tmp_path, claim_settle=0.05)
+    src = big_file(tmp_path / "v01_step_00000100.pt", 6 * 1024 * 1024)
+    claim = ".colabkit-workers/r/claims/checkpoints/v01_step_00000100.pt/t.claim"
+    calls = []
+
+    def progress(n: int) -> None:   # another worker's copy wins while this one is uploading
+        calls.append(n)
+        if len(calls) == 2:
+            assert remote.create_exclusive(claim, b'{"worker": 1}\n')
+        if remote.stat(claim) is not None:
+            raise UploadCancelled("another worker's copy won")
+    try:
+        with pytest.raises(UploadCancelled):
+            remote.put_claimed([(src, "checkpoints/v01_step_00000100.pt")], claim=claim, record=b'{"worker": 0}\n',
+                               progress=progress)
+        assert len(drive_server.aborted_sessions) == 1 and not drive_server.sessions
+        assert remote.stat("checkpoints/v01_step_00000100.pt") is None
+        assert 0 < sum(calls) < 6 * 1024 * 1024
+    finally:
+        remote.close()

@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from colabkit.ledger import Ledger
+from tests.drive_server import drive_server  # noqa: F401  (fixture)
 from tests.hub_server import HubServer, hub_server  # noqa: F401  (fixture)
 from tests.test_sync import wait_for
 
@@ -24,18 +26,29 @@ RUN = "elect"
 class Workers:
     """`group` worker processes running `colabkit sync watch`; stopped (SIGTERM, then SIGKILL) at the end."""
 
-    def __init__(self, tmp: Path, hub: HubServer, group: int, *, takeover_after: float,
-                 tokens: dict[int, str] | None = None) -> None:
+    def __init__(self, tmp: Path, hub: HubServer | None, group: int, *, takeover_after: float,
+                 tokens: dict[int, str] | None = None, drive: Any = None) -> None:
+        """`drive`: a DriveServer; the first tier is then a Drive folder instead of the Hub."""
         self.tmp, self.hub, self.group = tmp, hub, group
         self.shared = tmp / "shared-tier"
         self.roots = [tmp / f"worker{i}" for i in range(group)]
         self.procs: dict[int, subprocess.Popen] = {}
+        first = "drive" if drive is not None else "hub"
+        self.tiers = (first, "shared")
+        extra: dict[str, Any] = {}
+        if drive is not None:
+            folder = drive.create_folder("colabkit", share_with={drive.SA_EMAIL: "writer"}, shared_drive=True)
+            key = drive.write_service_account(tmp / "keys" / "sa.json")
+            extra["drive"] = {"folder_id": folder, "credentials": str(key), "endpoint": drive.endpoint,
+                              "chunk_size": "1MiB"}
+            self.folder = folder
+        else:
+            extra["hub"] = {"repo_id": "alice/ckpt", "endpoint": hub.endpoint}
         for i, root in enumerate(self.roots):
             (root / "checkpoints").mkdir(parents=True)
             (root / "colabkit.yaml").write_text(yaml.safe_dump({
-                "project": RUN,
-                "hub": {"repo_id": "alice/ckpt", "endpoint": hub.endpoint},
-                "tiers": [{"name": "hub", "remote": "hub", "every": 1, "include": ["*.pt", "*.pt.json"],
+                "project": RUN, **extra,
+                "tiers": [{"name": first, "remote": first, "every": 1, "include": ["*.pt", "*.pt.json"],
                            "exclude": [], "latest_only": False},
                           {"name": "shared", "remote": "local", "path": str(self.shared), "every": 1,
                            "include": ["*.pt", "*.pt.json"], "exclude": [], "latest_only": False}],
@@ -85,7 +98,7 @@ class Workers:
 
     def held_everywhere(self, rel: str, workers=None) -> bool:
         return all(rel in self.ledger(i, t).entries and rel + ".json" in self.ledger(i, t).entries
-                   for i in (workers if workers is not None else range(self.group)) for t in ("hub", "shared"))
+                   for i in (workers if workers is not None else range(self.group)) for t in self.tiers)
 
     def stop(self, i: int, timeout: float = 90) -> int:
         p = self.procs[i]
@@ -208,6 +221,37 @@ def test_a_worker_with_a_read_only_token_is_excluded_and_says_so(hub_server, tmp
         assert any(election_order(RUN, s, 3)[0] == 2 for s in range(1, 5))
         for rel, _ in saved:
             assert w.ledger(2, "hub").entries[rel]["uploaded_by"] in (0, 1)
+        for i in range(3):
+            assert w.stop(i) == 0, w.out(i)[-3000:]
+    finally:
+        w.close()
+
+
+def test_workers_with_a_drive_tier_upload_each_checkpoint_once_there(drive_server, tmp_path):
+    """Drive has no exclusive create: the claim is a file per worker, the first created wins, the losers delete
+    theirs. One copy of each checkpoint, about one checkpoint's bytes sent, every worker's ledger holding it."""
+    w = Workers(tmp_path, None, 3, takeover_after=20, drive=drive_server)
+    try:
+        w.start_all()
+        size, saved = 3 * MiB, []
+        for step in (7, 8):
+            rel, data = w.save(step, size)
+            saved.append((rel, data))
+            wait_for(lambda: w.held_everywhere(rel), 120, f"every worker to hold {rel} on both tiers")
+        live = [f for f in drive_server.files.values() if not f.trashed and not f.mimeType.endswith(".folder")]
+        for rel, data in saved:
+            name = rel.rsplit("/", 1)[1]
+            copies = [f for f in live if f.name == name]
+            assert len(copies) == 1 and copies[0].md5 == hashlib.md5(data).hexdigest()
+            assert len([f for f in live if f.name == name + ".json"]) == 1
+        claims = [f for f in live if f.name.endswith(".claim")]
+        assert len(claims) == 2
+        sent = 0
+        for cr in drive_server.content_ranges:
+            if cr.startswith("bytes ") and not cr.startswith("bytes */"):
+                a, b = cr.split()[1].split("/")[0].split("-")
+                sent += int(b) - int(a) + 1
+        assert sent <= 1.25 * size * len(saved), sent
         for i in range(3):
             assert w.stop(i) == 0, w.out(i)[-3000:]
     finally:
