@@ -21,7 +21,8 @@ through one mechanism for each checkpoint (a checkpoint file with its manifest, 
   takes a claim file per worker, the first created (``createdTime``, then id) winning, checked after the
   upload and once more a moment later, the losers deleting theirs. Another uploader of the same
   checkpoint stops at its next chunk boundary (it watches for the claim), cleans up (a temporary file, a Drive
-  resumable session; LFS objects already sent are left to the Hub's collection) and records the checkpoint as held by the tier.
+  resumable session; LFS objects already sent are left to the Hub's collection) and records the checkpoint
+  as held by the tier.
 * **Watching**: every other worker looks for the claim and the copy on each tick (every few seconds); once the
   tier holds exactly its local bytes, its ledger records them as held, ``uploaded_by`` the winner, so
   retention may delete the local copy on every worker.

@@ -124,7 +124,8 @@ def _claims(hub: HubServer, shared: Path) -> tuple[dict[str, int], dict[str, int
     hub_claims = {}
     for path, e in hub.files("alice/ckpt").items():
         if path.startswith(prefix):
-            hub_claims[path[len(prefix):].rsplit("/", 1)[0]] = json.loads((hub.root / "git" / e.oid).read_bytes())["worker"]
+            rec = json.loads((hub.root / "git" / e.oid).read_bytes())
+            hub_claims[path[len(prefix):].rsplit("/", 1)[0]] = rec["worker"]
     local_claims = {}
     base = shared / prefix
     for p in base.rglob("*.claim") if base.exists() else []:
@@ -178,7 +179,8 @@ def test_kill_9_of_the_elected_uploader_mid_upload_another_takes_over(hub_server
         rel, data = w.save(500, 8 * MiB)
         assert hub_server.paused.wait(60), "no upload started"
         lease0 = next(p for p in hub_server.files("alice/ckpt") if p.endswith(".lease-0") and "/leases/" in p)
-        victim = json.loads((hub_server.root / "git" / hub_server.files("alice/ckpt")[lease0].oid).read_bytes())["worker"]
+        oid = hub_server.files("alice/ckpt")[lease0].oid
+        victim = json.loads((hub_server.root / "git" / oid).read_bytes())["worker"]
         w.procs[victim].send_signal(signal.SIGKILL)
         assert w.procs[victim].wait(30) == -signal.SIGKILL
         hub_server.gate.set()
