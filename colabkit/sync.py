@@ -21,7 +21,9 @@ not an error: a Drive tier counts what it uploaded per rolling 24 h (the ledger)
 too; status says ``paused until HH:MM`` and the tier resumes by itself. Files a tier will never upload
 (``max_file_size``, their manifests, older checkpoints under ``latest_only``) are ``skipped``, with the reason.
 After a tick records a checkpoint, local checkpoints beyond ``retention.keep_local`` that the required tiers
-hold are deleted (:func:`colabkit.retention.prune`).
+hold are deleted (:func:`colabkit.retention.prune`). With ``sync.workers`` (several machines holding the same
+checkpoints), each checkpoint goes through an election first (:mod:`colabkit.elect`): a tier uploads it only
+under this worker's lease, and records another worker's verified copy instead (``uploaded_by``).
 
 Example:
     >>> from colabkit import sync
@@ -159,6 +161,12 @@ def tier_notes(t: Mapping[str, Any]) -> list[str]:
         out.append(f"{t.get('paused') or 'paused'}: {t.get('pause_reason') or ''}".rstrip(": "))
     if t.get("skipped"):
         out.append(f"skipped {t['skipped']} ({describe_skipped(t.get('skipped_files') or {})})")
+    w = t.get("workers") or {}
+    if w.get("excluded"):
+        out.append(f"worker {w.get('id')} is excluded from this tier's upload elections (it cannot write here)")
+    if w.get("watching"):
+        n = len(w["watching"])
+        out.append(f"watching for {n} checkpoint{'s' if n != 1 else ''} another worker uploads")
     return out
 
 

@@ -162,7 +162,11 @@ def test_six_workers_upload_each_checkpoint_once_per_tier_and_take_turns(hub_ser
         for rel, _ in saved:
             by = {w.ledger(i, "hub").entries[rel].get("uploaded_by") for i in range(6)}
             assert by == {hub_claims[rel]}
-        assert len(set(hub_claims.values())) > 1 or len(set(local_claims.values())) > 1
+        from colabkit.elect import election_order
+        for (rel, _), step in zip(saved, (100, 200, 300, 400)):   # wave 0 uploaded each (no takeover needed)
+            assert hub_claims[rel] in election_order(RUN, step, 6)[:2]
+            assert local_claims[rel] in election_order(RUN, step, 6)[:2]
+        assert len(set(hub_claims.values())) > 1 and len(set(local_claims.values())) > 1
         for i in range(6):
             assert w.stop(i) == 0, w.out(i)[-3000:]
             assert "stopped: everything due is uploaded" in w.out(i)
@@ -181,6 +185,16 @@ def test_kill_9_of_the_elected_uploader_mid_upload_another_takes_over(hub_server
         lease0 = next(p for p in hub_server.files("alice/ckpt") if p.endswith(".lease-0") and "/leases/" in p)
         oid = hub_server.files("alice/ckpt")[lease0].oid
         victim = json.loads((hub_server.root / "git" / oid).read_bytes())["worker"]
+        other = next(i for i in range(4) if i != victim)
+
+        def says_watching():   # what `colabkit sync status` shows of another worker meanwhile
+            from colabkit.config import load_config
+            from colabkit.sync import persisted_status, tier_notes
+            snaps = persisted_status(config=load_config(start=w.roots[other]))
+            hub = snaps[-1]["tiers"]["hub"] if snaps else {}
+            return hub.get("state") == "watching" and \
+                "watching for 1 checkpoint another worker uploads" in tier_notes(hub)
+        wait_for(says_watching, 30, f"worker {other} to say it is watching")
         w.procs[victim].send_signal(signal.SIGKILL)
         assert w.procs[victim].wait(30) == -signal.SIGKILL
         hub_server.gate.set()
@@ -220,7 +234,11 @@ def test_a_worker_with_a_read_only_token_is_excluded_and_says_so(hub_server, tmp
         assert sorted(os.listdir(w.shared / ".colabkit-workers" / RUN / "members")) == [
             "worker-00000.member", "worker-00001.member", "worker-00002.member"]
         from colabkit.elect import election_order
-        assert any(election_order(RUN, s, 3)[0] == 2 for s in range(1, 5))
+        for (rel, _), step in zip(saved, range(1, 5)):   # one uploader per checkpoint: the first who can write
+            order = election_order(RUN, step, 3)
+            assert hub_claims[rel] == [i for i in order if i != 2][0]
+            assert local_claims[rel] == order[0]
+        assert 2 in [election_order(RUN, s, 3)[0] for s in range(1, 5)]   # worker 2 was elected, and skipped
         for rel, _ in saved:
             assert w.ledger(2, "hub").entries[rel]["uploaded_by"] in (0, 1)
         for i in range(3):
