@@ -190,7 +190,7 @@ def test_train_preflight_of_a_worker_that_cannot_write_excludes_it_instead_of_st
     import yaml
 
     from colabkit.config import load_config
-    from colabkit.runner import preflight
+    from colabkit.preflight import preflight
     hub_server.create_repo("alice/ckpt")
     root = tmp_path / "proj"
     (root / "experiments" / "v01").mkdir(parents=True)

@@ -79,9 +79,9 @@ def test_kill_of_one_rank_restarts_the_group_and_ends_bit_for_bit_equal(ip, tmp_
     job = runner.train("v01", config=cfg, background=True, sync=False, resume="none", nproc_per_node=2,
                        args=[*ARGS, "--step-delay", "0.1"])
     try:
-        wait_for(lambda: job.progress.checkpoint_path is not None and len(job._ranks) == 2, 120)
+        wait_for(lambda: job.progress.checkpoint_path is not None and len(job.ranks) == 2, 120)
         first_ck = job.progress.checkpoint_path
-        victim = max(job._ranks)  # the second rank torchrun started
+        victim = max(job.ranks)  # the second rank torchrun started
         os.kill(victim, signal.SIGKILL)
         res = job.wait(300)
     finally:
@@ -96,7 +96,7 @@ def test_kill_of_one_rank_restarts_the_group_and_ends_bit_for_bit_equal(ip, tmp_
     got, want = weights(proj / "experiments/v01/checkpoints/v01_step_00000060.pt"), weights(ref_ck / "v01_step_00000060.pt")
     assert got.keys() == want.keys()
     assert all(got[k].dtype == want[k].dtype and bool((got[k] == want[k]).all()) for k in got)
-    assert launch.alive(job._ranks) == []
+    assert launch.alive(job.ranks) == []
 
 
 def test_sigterm_to_train_reaches_every_rank_and_leaves_no_process(tmp_path):
