@@ -27,7 +27,7 @@ class Workers:
     """`group` worker processes running `colabkit sync watch`; stopped (SIGTERM, then SIGKILL) at the end."""
 
     def __init__(self, tmp: Path, hub: HubServer | None, group: int, *, takeover_after: float,
-                 tokens: dict[int, str] | None = None, drive: Any = None) -> None:
+                 tokens: dict[int, str] | None = None, drive: Any = None, keep_local: int = 20) -> None:
         """`drive`: a DriveServer; the first tier is then a Drive folder instead of the Hub."""
         self.tmp, self.hub, self.group = tmp, hub, group
         self.shared = tmp / "shared-tier"
@@ -52,7 +52,7 @@ class Workers:
                            "exclude": [], "latest_only": False},
                           {"name": "shared", "remote": "local", "path": str(self.shared), "every": 1,
                            "include": ["*.pt", "*.pt.json"], "exclude": [], "latest_only": False}],
-                "retention": {"keep_local": 20},
+                "retention": {"keep_local": keep_local},
                 "sync": {"settle": 0.1, "watch": ["checkpoints"], "flush_timeout": 60,
                          "workers": {"id": i, "group": group, "takeover_after": takeover_after}}}))
         self.tokens = tokens or {}
@@ -135,7 +135,7 @@ def _claims(hub: HubServer, shared: Path) -> tuple[dict[str, int], dict[str, int
 
 def test_six_workers_upload_each_checkpoint_once_per_tier_and_take_turns(hub_server, tmp_path):
     hub_server.create_repo("alice/ckpt")
-    w = Workers(tmp_path, hub_server, 6, takeover_after=20)
+    w = Workers(tmp_path, hub_server, 6, takeover_after=20, keep_local=2)
     try:
         w.start_all()
         members = [p for p in hub_server.files("alice/ckpt") if "/members/" in p]
@@ -167,6 +167,11 @@ def test_six_workers_upload_each_checkpoint_once_per_tier_and_take_turns(hub_ser
             assert hub_claims[rel] in election_order(RUN, step, 6)[:2]
             assert local_claims[rel] in election_order(RUN, step, 6)[:2]
         assert len(set(hub_claims.values())) > 1 and len(set(local_claims.values())) > 1
+        # retention deletes the older local copies on every worker, uploader or not: the tiers hold them
+        newest = sorted(p.rsplit("/", 1)[1] for p, _ in saved[-2:])
+        for i in range(6):
+            wait_for(lambda i=i: sorted(p.name for p in (w.roots[i] / "checkpoints").glob("*.pt")) == newest, 30,
+                     f"worker {i} to keep only its 2 newest checkpoints")
         for i in range(6):
             assert w.stop(i) == 0, w.out(i)[-3000:]
             assert "stopped: everything due is uploaded" in w.out(i)
