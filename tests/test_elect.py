@@ -261,3 +261,15 @@ def test_a_cancelled_drive_upload_ends_its_resumable_session_and_leaves_no_file(
         assert 0 < sum(calls) < 6 * 1024 * 1024
     finally:
         remote.close()
+
+
+def test_an_elected_hub_upload_keeps_the_tiers_keep_in_the_same_commit(hub_server, tmp_path):
+    from colabkit.remotes.hub import HubRemote
+    hub_server.create_repo("alice/ckpt")
+    r = HubRemote("hub", "alice/ckpt", endpoint=hub_server.endpoint, token=HubServer.WRITE_TOKEN, keep=2)
+    for step in (1, 2, 3):
+        f = _ckpt(tmp_path / f"v01_step_{step:08d}.pt", os.urandom(1000))
+        assert r.put_claimed([(f, f"checkpoints/{f.name}")], claim=f".colabkit-workers/r/claims/{step}.claim",
+                             record=b"0\n") is not None
+    assert [x.path for x in r.list()] == ["checkpoints/v01_step_00000002.pt", "checkpoints/v01_step_00000003.pt"]
+    assert hub_server.commit_messages("alice/ckpt")[0].endswith("(1 file, 1 old removed)")

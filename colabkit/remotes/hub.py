@@ -1202,7 +1202,9 @@ class HubRemote(Remote):
                 if progress is not None:
                     progress(0)   # the content is up; the commit decides: a loser may stop here
                 ops.append(hf.CommitOperationAdd(path_in_repo=claim_full, path_or_fileobj=record))
-                msg = self._message([it.path for it in adds], []) if adds else f"colabkit: claim {claim}"
+                deletions = self._keep_deletions([it.full for it in its]) if self.keep and its else []
+                ops.extend(hf.CommitOperationDelete(path_in_repo=p) for p in deletions)
+                msg = self._message([it.path for it in adds], deletions) if adds else f"colabkit: claim {claim}"
                 try:
                     with _quiet():
                         self.api.create_commit(self.repo_id, operations=ops, commit_message=msg,
