@@ -99,6 +99,72 @@ def test_kill_of_one_rank_restarts_the_group_and_ends_bit_for_bit_equal(ip, tmp_
     assert launch.alive(job._ranks) == []
 
 
+def folder_state(path: Path) -> dict:
+    """A sharded checkpoint folder read whole into one process (DCP reads every rank's shards)."""
+    from colabkit.checkpoints import Checkpointer
+    return Checkpointer(path.parent, prefix="v01").load(path)
+
+
+def flat(d: dict, pre: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+    return out
+
+
+def same_bits(a: dict, b: dict) -> list[str]:
+    """The keys whose values differ (tensors: dtype and every bit)."""
+    import torch
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys()
+    return [k for k in fa if not (fa[k].dtype == fb[k].dtype and torch.equal(fa[k], fb[k]) if torch.is_tensor(fa[k])
+                                  else fa[k] == fb[k])]
+
+
+@pytest.mark.magic
+def test_sharded_template_kill_of_one_rank_resumes_the_group_from_its_newest_folder(ip, tmp_path, monkeypatch,
+                                                                                     capsys):
+    sharded = [*ARGS, "--sharded"]
+    # the uninterrupted run, through the magic: FSDP2 over a CPU mesh of 2 ranks, a checkpoint folder every 20 steps
+    ref = make_project(tmp_path / "ref")
+    monkeypatch.chdir(ref)
+    ip.run_line_magic("train", "v01 --nproc-per-node 2 --no-sync --resume none -- " + " ".join(sharded))
+    out = capsys.readouterr().out.splitlines()
+    assert "training 577 parameters on 2 ranks (gloo, sharded with FSDP2) from step 0 to 60" in out
+    assert [x.split(" loss ")[0] for x in out if x.startswith("step ")] == [f"step {s}" for s in range(10, 61, 10)]
+    assert out[-3].startswith("v01: finished · step 60/60 · loss ") and " · 1 attempt · " in out[-3]
+    ref_ck = ref / "experiments/v01/checkpoints"
+    names = [f"v01_step_000000{s}" for s in (20, 40, 60)]
+    assert sorted(p.name for p in ref_ck.iterdir() if p.name != "latest") == names
+    for n in names:  # one folder per checkpoint: each rank's shards, DCP's metadata, colabkit's manifest
+        assert sorted(os.listdir(ref_ck / n)) == [".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                  "colabkit-manifest.json"]
+
+    # the same run, one rank killed with SIGKILL once the first folder is in place
+    proj = make_project(tmp_path / "proj")
+    cfg = load_config(proj / "colabkit.yaml")
+    job = runner.train("v01", config=cfg, background=True, sync=False, resume="none", nproc_per_node=2,
+                       args=[*sharded, "--step-delay", "0.1"])
+    try:
+        wait_for(lambda: job.progress.checkpoint_path is not None and len(job._ranks) == 2, 120)
+        first_ck = job.progress.checkpoint_path
+        os.kill(max(job._ranks), signal.SIGKILL)
+        res = job.wait(300)
+    finally:
+        job.stop(timeout=60)
+    assert res is not None and res.ok, job.status()
+    a1, a2 = res.attempts
+    assert a1.outcome == "crashed" and a1.detail.endswith(" killed by SIGKILL (torchrun exit code 1)"), a1.detail
+    assert Path(first_ck).name == "v01_step_00000020"
+    assert a2.resume_from is not None and Path(a2.resume_from).name in names[:2] and Path(a2.resume_from).is_dir()
+    log2 = next((proj / "experiments/v01/logs").glob("*/*.attempt2.log")).read_text()
+    assert f"[rank0]:resumed from {a2.resume_from} at step {Path(a2.resume_from).name[-2:]}" in log2
+    ck = proj / "experiments/v01/checkpoints"
+    assert sorted(p.name for p in ck.iterdir() if p.name != "latest") == names  # no temporary folder left
+    assert same_bits(folder_state(ck / names[-1]), folder_state(ref_ck / names[-1])) == []
+    assert launch.alive(job._ranks) == []
+
+
 def test_sigterm_to_train_reaches_every_rank_and_leaves_no_process(tmp_path):
     proj = make_project(tmp_path / "proj")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
