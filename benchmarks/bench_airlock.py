@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import WORK, best_of, result, write_results  # noqa: E402
+from benchmarks.common import WORK, best_of, main, result  # noqa: E402
 
 TOTAL = 200 * 1000 * 1000
 RUNS = 3
@@ -122,4 +122,4 @@ def run() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    write_results(run())
+    main(run())

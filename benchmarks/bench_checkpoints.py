@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import WORK, result, write_results
+from .common import WORK, main, result
 
 SIZE = int(os.environ.get("COLABKIT_BENCH_CKPT_BYTES", 256 * 1024 * 1024))
 ROUNDS = int(os.environ.get("COLABKIT_BENCH_CKPT_ROUNDS", 5))
@@ -67,4 +67,4 @@ def run() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    write_results(run())
+    main(run())

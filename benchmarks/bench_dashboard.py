@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import WORK, result, write_results
+from .common import WORK, main, result
 
 STEPS = int(os.environ.get("COLABKIT_BENCH_DASH_STEPS", 6000))
 ROUNDS = int(os.environ.get("COLABKIT_BENCH_DASH_ROUNDS", 3))
@@ -156,7 +156,4 @@ def run() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    records = run()
-    write_results(records)
-    for r in records:
-        print(f"{r['name']}: ratio {r['ratio']} ({'PASS' if r['pass'] else 'FAIL'}); {r['notes']}")
+    main(run())

@@ -25,7 +25,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from .common import WORK, result, write_results  # noqa: E402
+from .common import WORK, main, result  # noqa: E402
 
 SIZE = int(os.environ.get("COLABKIT_BENCH_DATA_BYTES", 256 * 1024 * 1024))
 SHARDS = 4
@@ -164,4 +164,4 @@ def run() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    write_results(run())
+    main(run())

@@ -21,7 +21,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import WORK, result, timed, write_results  # noqa: E402
+from benchmarks.common import WORK, main, result, timed  # noqa: E402
 from colabkit.fsutil import hash_file  # noqa: E402
 
 SIZE = 256 * 1000 * 1000
@@ -173,7 +173,4 @@ def run() -> list[dict]:
 
 
 if __name__ == "__main__":
-    recs = run()
-    for r in recs:
-        print(r)
-    write_results(recs)
+    main(run())

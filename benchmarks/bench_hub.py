@@ -25,7 +25,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from .common import WORK, result, write_results  # noqa: E402
+from .common import WORK, main, result  # noqa: E402
 
 SIZE = int(os.environ.get("COLABKIT_BENCH_HUB_BYTES", 256 * 1024 * 1024))
 ROUNDS = int(os.environ.get("COLABKIT_BENCH_HUB_ROUNDS", 7))
@@ -126,4 +126,4 @@ def run() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    write_results(run())
+    main(run())

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import WORK, result, write_results  # noqa: E402
+from benchmarks.common import WORK, main, result  # noqa: E402
 
 CKPT_COUNT = 4
 CKPT_SIZE = 250 * 1000 * 1000          # 4 x 250 MB = 1 GB
@@ -214,4 +214,4 @@ def run() -> list[dict]:
 
 
 if __name__ == "__main__":
-    write_results(run())
+    main(run())

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import WORK, result, write_results
+from .common import WORK, alternating, main, result
 
 STEPS = int(os.environ.get("COLABKIT_BENCH_TORCHRUN_STEPS", 1000))
 ROUNDS = int(os.environ.get("COLABKIT_BENCH_TORCHRUN_ROUNDS", 3))
@@ -75,10 +75,8 @@ def run() -> list[dict[str, Any]]:
     work = Path(tempfile.mkdtemp(prefix="bench-torchrun-", dir=WORK))
     try:
         root = _project(work)
-        base, via = [], []
-        for _ in range(ROUNDS):
-            base.append(_direct(root))
-            via.append(_runner(root))
+        t = alternating(ROUNDS, {"direct": lambda: _direct(root), "runner": lambda: _runner(root)})
+        base, via = t["direct"], t["runner"]
         notes = (f"templates/train_ddp.py on 2 gloo ranks (CPU, 1 thread each), {STEPS} steps, rank 0 prints every "
                  f"10 steps, checkpoint every 500; best of {ROUNDS} alternating rounds: direct torchrun "
                  f"{[round(x, 2) for x in base]} s, %train --nproc-per-node 2 {[round(x, 2) for x in via]} s")
@@ -88,8 +86,4 @@ def run() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    records = run()
-    write_results(records)
-    for r in records:
-        print(f"{r['name']}: {r['value']:.2f}s vs {r['baseline']:.2f}s -> ratio {r['ratio']} "
-              f"({'PASS' if r['pass'] else 'FAIL'}); {r['notes']}")
+    main(run())

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import WORK, result, write_results
+from .common import WORK, alternating, main, result
 
 STEPS = int(os.environ.get("COLABKIT_BENCH_TRAIN_STEPS", 20000))
 ROUNDS = int(os.environ.get("COLABKIT_BENCH_TRAIN_ROUNDS", 3))
@@ -70,11 +70,9 @@ def run() -> list[dict[str, Any]]:
     work = Path(tempfile.mkdtemp(prefix="bench-train-", dir=WORK))
     try:
         plain, synced = _project(work, sync=False), _project(work, sync=True)
-        base, via, via_sync = [], [], []
-        for _ in range(ROUNDS):
-            base.append(_direct(plain))
-            via.append(_runner(plain, sync=False))
-            via_sync.append(_runner(synced, sync=True))
+        t = alternating(ROUNDS, {"direct": lambda: _direct(plain), "runner": lambda: _runner(plain, sync=False),
+                                 "runner+sync": lambda: _runner(synced, sync=True)})
+        base, via, via_sync = t["direct"], t["runner"], t["runner+sync"]
         b = min(base)
         notes = (f"template train.py, {STEPS} steps on CPU (1 thread), a line every 10 steps, checkpoint every 2000; "
                  f"best of {ROUNDS} alternating rounds: direct {[round(x, 2) for x in base]} s, "
@@ -88,8 +86,4 @@ def run() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    records = run()
-    write_results(records)
-    for r in records:
-        print(f"{r['name']}: {r['value']:.2f}s vs {r['baseline']:.2f}s -> ratio {r['ratio']} "
-              f"({'PASS' if r['pass'] else 'FAIL'}); {r['notes']}")
+    main(run())

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .common import WORK, result, write_results
+from .common import WORK, main, result
 
 LINES = int(os.environ.get("COLABKIT_BENCH_TRIGGER_LINES", 1_000_000))
 ROUNDS = int(os.environ.get("COLABKIT_BENCH_TRIGGER_ROUNDS", 3))
@@ -192,8 +192,4 @@ def run() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    records = run()
-    write_results(records)
-    for r in records:
-        print(f"{r['name']}: {r['value']:.2f}s vs {r['baseline']:.2f}s -> ratio {r['ratio']} "
-              f"({'PASS' if r['pass'] else 'FAIL'}); {r['notes']}")
+    main(run())

@@ -33,6 +33,18 @@ def best_of(n: int, fn: Callable[[], Any]) -> float:
     return min(timed(fn) for _ in range(n))
 
 
+def alternating(rounds: int, contenders: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """Run every contender once per round, in turn, `rounds` times; each returns the seconds it measured.
+
+    Alternating rounds put a neighbour's load on every contender alike, where measuring one contender's rounds
+    and then the other's lets a burst of load fall on one side only. Take ``min`` of each list (best of N)."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            times[name].append(fn())
+    return times
+
+
 def median_of(n: int, fn: Callable[[], Any]) -> float:
     return statistics.median(timed(fn) for _ in range(n))
 
@@ -60,6 +72,19 @@ def machine() -> dict[str, Any]:
         pass
     return {"cpu": cpu, "cores": cores, "memory_bytes": mem, "python": platform.python_version(),
             "platform": platform.platform()}
+
+
+def report(records: list[dict[str, Any]]) -> None:
+    """One line per figure: what `make bench` and each benchmark run alone print."""
+    for r in records:
+        print(f"   {r['name']}: ratio {r['ratio']} (target {'>=' if r.get('higher_is_better') else '<='} "
+              f"{r['target']}) {'PASS' if r['pass'] else 'FAIL'}; {r.get('notes', '')}", flush=True)
+
+
+def main(records: list[dict[str, Any]]) -> None:
+    """What a benchmark run alone (``python -m benchmarks.bench_x``) does with its figures."""
+    write_results(records)
+    report(records)
 
 
 def write_results(records: list[dict[str, Any]], *, path: Path = RESULTS) -> None:

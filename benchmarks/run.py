@@ -12,7 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import RESULTS, write_results
+from .common import RESULTS, report, write_results
 
 
 def table(path: Path = RESULTS) -> str:
@@ -48,9 +48,7 @@ def main(argv: list[str]) -> int:
             failed.append(name)
             continue
         write_results(records)
-        for r in records:
-            print(f"   {r['name']}: ratio {r['ratio']} (target {'>=' if r.get('higher_is_better') else '<='} "
-                  f"{r['target']}) {'PASS' if r['pass'] else 'FAIL'}", flush=True)
+        report(records)
         print(f"   ({time.perf_counter() - t0:.0f}s)", flush=True)
     if failed:
         print(f"benchmarks that raised: {', '.join(failed)}", file=sys.stderr)

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from .errors import CheckpointError, DiskFullError, IntegrityError, MissingDependencyError, NoCheckpointError
-from .fsutil import TMP_PREFIX, atomic_write_json, free_bytes, fsync_dir, is_temporary, linux_libc
+from .fsutil import TMP_PREFIX, atomic_write_json, free_bytes, fsync_dir, is_temporary, start_writeback
 from .runtime import command
 
 log = logging.getLogger(__name__)
@@ -392,16 +392,6 @@ class _HashingWriter:
         except OSError as e:
             self.error = e
             raise
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to start writing `nbytes` at `offset` to disk now, without waiting (Linux
-    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so the fsync at the end of a large write has little left
-    to do. A no-op where unavailable."""
-    import ctypes
-    fn = linux_libc("sync_file_range", (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint))
-    if fn is not None:
-        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; failures only lose the head start
 
 
 def _is_no_space(e: BaseException | None) -> bool:

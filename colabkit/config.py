@@ -49,6 +49,21 @@ def parse_duration(value: Any, *, key: str = "duration") -> float:
     return float(m.group(1)) * _DUR_FACTOR[unit]
 
 
+def check_every(seconds: float, *, key: str = "every") -> float:
+    """`seconds` if it is a usable sync interval (longer than 0: a pass scans every watched file, and with no
+    pause between passes a sync kept a CPU busy for nothing, as ``every: 0`` did).
+
+    Raises:
+        ConfigError: ``tiers[0].every: 0 must be longer than 0 ...``.
+    """
+    if seconds <= 0:
+        from .runtime import command
+        raise ConfigError(f"{key}: {duration_setting(seconds)} must be longer than 0 (with no pause between passes "
+                          f"a sync keeps a CPU busy scanning); use e.g. 5m, or `{command('sync flush')}` to upload "
+                          "now", key=key, value=seconds)
+    return seconds
+
+
 def parse_size(value: Any, *, key: str = "size") -> int:
     """Bytes from a number or a string such as ``20GB``, ``512MiB``, ``100k``.
 
@@ -668,6 +683,11 @@ class _Reader:
         v = self.raw(name, default)
         return None if v is None else parse_duration(v, key=self.key(name))
 
+    def interval(self, name: str, default: float | None) -> float | None:
+        """A tier's `every`: a duration longer than 0 (see :func:`check_every`)."""
+        v = self.duration(name, default)
+        return None if v is None else check_every(v, key=self.key(name))
+
     def size(self, name: str, default: int | None) -> int | None:
         v = self.raw(name, default)
         return None if v is None else parse_size(v, key=self.key(name))
@@ -709,7 +729,7 @@ def _tier(data: Any, index: int, default: TierConfig | None) -> TierConfig:
                    choices=_REMOTES)
     t = TierConfig(
         name=name, remote=remote, path=r.str("path", base.path),
-        every=r.duration("every", base.every),
+        every=r.interval("every", base.every),
         include=r.strings("include", base.include), exclude=r.strings("exclude", base.exclude),
         max_file_size=r.size("max_file_size", base.max_file_size),
         latest_only=r.bool("latest_only", base.latest_only), keep=r.int("keep", base.keep, minimum=1))

@@ -739,6 +739,7 @@ class Job:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             self._stop_file.unlink()
+        self._sweep_logs()
         for w in self.warnings:
             self._warn(w, record=False)
         restore = None
@@ -1146,14 +1147,26 @@ class Job:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
 
+    def _sweep_logs(self) -> None:
+        """Remove the temporaries runners that were killed left in this experiment's log folders (a pip freeze
+        half written, a run.json never renamed); never one a live process is writing."""
+        from .fsutil import sweep_temporaries
+        try:
+            gone = sweep_temporaries(self.log_dir.parent)
+        except Exception as e:   # hygiene never stops a run
+            log.debug("%s: sweeping %s failed: %s", self.experiment, self.log_dir.parent, e)
+            return
+        for path, _ in gone:
+            log.info("%s: removed %s, left by a run that was killed", self.experiment, path)
+
     # -- pip freeze ----------------------------------------------------------------------------------------
     def _start_freeze(self) -> None:
         """``pip freeze`` of the child's interpreter, taken as the run starts: it runs beside the first attempt
         (it costs about a second, which the training need not wait for) and lands in the log folder as
         frozen_requirements.txt once pip exits (at the latest when the run ends)."""
-        from .fsutil import TMP_PREFIX
+        from .fsutil import temp_prefix
         dest = self.log_dir / "frozen_requirements.txt"
-        tmp = self.log_dir / f"{TMP_PREFIX}frozen_requirements.txt"
+        tmp = self.log_dir / f"{temp_prefix(dest.name)}freeze"   # names its writer: swept if this process dies
         try:
             f = open(tmp, "wb")
         except OSError as e:

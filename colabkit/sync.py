@@ -1344,6 +1344,9 @@ class SyncGroup:
         if not selected:
             raise SyncError("no sync tiers are configured; add a 'tiers:' list to colabkit.yaml "
                             f"(see '{command('config show')}')")
+        if every is not None:
+            from .config import check_every
+            check_every(float(every), key="every")
         remotes = dict(remotes or {})
         self.syncers: list[TierSyncer] = []
         self._skip: set[str] = set()

@@ -57,6 +57,9 @@ CONFIG = [
      "tiers[0].include: 5 must be a list of strings"),
     ("tier every not a duration", {"tiers": [{"name": "a", "remote": "hub", "every": "often"}]},
      "tiers[0].every: 'often' is not a duration; use e.g. 90m or 2h"),
+    ("tier every zero (a busy loop)", {"tiers": [{"name": "a", "remote": "hub", "every": 0}]},
+     "tiers[0].every: 0s must be longer than 0 (with no pause between passes a sync keeps a CPU busy scanning); "
+     "use e.g. 5m, or `colabkit sync flush` to upload now"),
     ("train.max_restarts negative", {"train": {"max_restarts": -1}},
      "train.max_restarts: -1 must be a whole number >= 0"),
     ("train.grace not a duration", {"train": {"grace": "a bit"}},

@@ -620,3 +620,66 @@ def test_hf_endpoint_set_after_import_is_honoured_for_every_call(hub_server: Hub
     r.get("a.pt", tmp_path / "b.pt")
     assert (tmp_path / "b.pt").read_bytes() == data
     assert hub_server.count("HEAD", r"/resolve/") == 1
+
+
+@pytest.mark.parametrize("fault", ["503", "drop"])
+@pytest.mark.parametrize("op", ["put", "check_access"])
+def test_faulted_repo_creation_is_transient_not_missing(hub_server: HubServer, token_env, tmp_path: Path, op, fault):
+    """A repo that does not exist yet is created on first use; a 503 on that creation is the Hub failing for a
+    moment (retried on the next tick), never 'the repo does not exist' (which reads as a wrong repo id)."""
+    if fault == "drop":
+        hub_server.inject(method="POST", path=r"/api/repos/create", drop=True, times=100)
+    else:
+        hub_server.inject(method="POST", path=r"/api/repos/create", status=503, times=100,
+                          headers={"Retry-After": "0"})
+    r = make_remote(hub_server, sleep=lambda s: None, max_attempts=2)
+    with pytest.raises(TransientRemoteError) as ei:
+        if op == "put":
+            r.put(_write(tmp_path / "a.pt", b"\0" * 10), "a.pt")
+        else:
+            r.check_access()
+    assert ei.value.kind == "transient"
+    assert str(ei.value).startswith(f"hub: creating model repo '{REPO}' failed: "
+                                    + ("the Hub answered HTTP 503" if fault == "503" else "the connection to")), \
+        str(ei.value)
+    hub_server.faults.clear()
+    if op == "put":
+        assert r.put(tmp_path / "a.pt", "a.pt").size == 10   # the next tick creates the repo and uploads
+    else:
+        r.check_access()
+
+
+def test_huggingface_hub_retry_warnings_do_not_print_from_a_sync_thread(hub_server: HubServer, token_env,
+                                                                        tmp_path: Path, caplog):
+    """huggingface_hub retries some calls itself and warns through its own stderr handler; from colabkit's
+    background sync that text landed in whatever notebook cell was running (training output). It goes to
+    colabkit's log instead, at debug level, and a warning the user's own code gets from huggingface_hub still
+    prints as before."""
+    import io
+    import logging
+    import threading
+    from huggingface_hub.utils import logging as hf_logging
+    hf_root = hf_logging.get_logger("huggingface_hub")
+    assert hf_root.handlers, "huggingface_hub has no handler of its own any more: re-check what prints its warnings"
+    printed = io.StringIO()   # what huggingface_hub's own handler would print to stderr
+    old = [h.setStream(printed) for h in hf_root.handlers if isinstance(h, logging.StreamHandler)]
+    try:
+        hub_server.create_repo(REPO)
+        hub_server.inject(method="PUT", port="cdn", path=r"/lfs-upload/", status=503, headers={"Retry-After": "0"})
+        r = make_remote(hub_server)
+        caplog.set_level(logging.DEBUG, logger="colabkit")
+        t = threading.Thread(target=r.put, args=(_write(tmp_path / "a.pt", os.urandom(200_000)), "a.pt"),
+                             name="colabkit-sync-hub")
+        t.start()
+        t.join(60)
+        assert not t.is_alive()
+        assert hub_server.count("PUT", r"/lfs-upload/") == 2, "huggingface_hub did not retry: the test proves nothing"
+        assert "Retry" not in printed.getvalue(), printed.getvalue()
+        assert any("[Retry 1/" in rec.getMessage() and rec.levelno == logging.DEBUG
+                   and rec.name.startswith("colabkit") for rec in caplog.records), \
+            [rec.getMessage() for rec in caplog.records]
+        hf_logging.get_logger("huggingface_hub.utils._http").warning("a warning outside colabkit")
+        assert "a warning outside colabkit" in printed.getvalue()
+    finally:
+        for h, stream in zip([h for h in hf_root.handlers if isinstance(h, logging.StreamHandler)], old):
+            h.setStream(stream)

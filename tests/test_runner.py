@@ -84,6 +84,27 @@ def test_run_streams_lines_writes_logs_freeze_and_run_json(project):
     assert job["state"] == "finished" and job["run_id"] == res.run_id
 
 
+def test_a_run_sweeps_what_a_killed_runner_left_in_the_log_folder(project):
+    """kill -9 of the runner while `pip freeze` wrote its temporary left `.colabkit-tmp-frozen_requirements.txt`
+    in that run's log folder for good. The next run removes temporaries of writers that are gone (never one a
+    live process is writing) and names its own by its writer."""
+    import subprocess
+    import sys
+    from colabkit.fsutil import TMP_PREFIX, owner_tag
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    old_run = project / "experiments" / "v01" / "logs" / "v01-20261201-000000"
+    old_run.mkdir(parents=True)
+    stale = old_run / f"{TMP_PREFIX}frozen_requirements.txt.{owner_tag(int(dead.stdout))}.abc"
+    stale.write_text("torch==2.13.0\n")
+    live = old_run / f"{TMP_PREFIX}run.json.{owner_tag()}.abc"
+    live.write_text("{}")
+    res = runner.train("v01", config=cfg_of(project), resume="none")
+    assert res.ok
+    assert not stale.exists(), "a dead writer's temporary was left in the log folder"
+    assert live.exists(), "a live writer's temporary was removed"
+    assert [p.name for p in res.log_dir.iterdir() if p.name.startswith(TMP_PREFIX)] == []
+
+
 def test_airlock_import_reads_run_json(project):
     """The airlock engineer's log import summarises host and attempts from the run.json this writes."""
     from colabkit.airlock import summarize_run

@@ -412,3 +412,14 @@ def test_growing_log_goes_up_every_tick_and_a_settled_stop_takes_the_rest_at_onc
         t.join(330)
     assert result["ok"] is True
     assert (tmp_path / "remote_backup" / "logs" / "run.json").read_text() == '{"state": "finished"}\n'
+
+
+def test_an_interval_of_zero_is_refused_before_anything_starts(project):
+    """`every: 0` made each syncer scan without a pause, a CPU kept busy for nothing."""
+    from colabkit.errors import ConfigError
+    cfg = load_config(start=project)
+    with pytest.raises(ConfigError) as ei:
+        sync.start(config=cfg, every=0)
+    assert str(ei.value) == ("every: 0s must be longer than 0 (with no pause between passes a sync keeps a CPU busy "
+                             "scanning); use e.g. 5m, or `colabkit sync flush` to upload now")
+    assert sync.status()["running"] is False

@@ -26,6 +26,7 @@ import os
 import posixpath
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from collections import OrderedDict
@@ -108,9 +109,52 @@ _QUIET_DEPTH = 0
 _QUIET_RESTORE = False
 
 
+_in_call = threading.local()   # .depth > 0 while this thread is inside a remote call (see _quiet)
+
+
+class _ToColabkitLog(logging.Filter):
+    """On huggingface_hub's own stderr handler: a record logged while this thread is inside a colabkit remote
+    call (its retries: "Retrying in 1s [Retry 1/5]") goes to colabkit's log at debug level instead of being
+    printed, so a background sync never writes into the notebook cell that happens to be running. Records from
+    the user's own huggingface_hub calls print as before."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(_in_call, "depth", 0) <= 0:
+            return True
+        log.debug("huggingface_hub: %s", record.getMessage())
+        return False
+
+
+_FILTER = _ToColabkitLog()
+
+
+def _route_hub_logs() -> None:
+    """Put :class:`_ToColabkitLog` on huggingface_hub's handlers (it adds its own StreamHandler on first use)."""
+    try:
+        from huggingface_hub.utils import logging as hf_logging
+        root = hf_logging.get_logger("huggingface_hub")
+    except (ImportError, AttributeError):  # pragma: no cover - very old huggingface_hub
+        return
+    for h in root.handlers:
+        if _FILTER not in h.filters:
+            h.addFilter(_FILTER)
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence huggingface_hub's progress bars while a remote call runs (it may run in a background thread)."""
+    """Silence huggingface_hub's progress bars and route its log records to colabkit's log while a remote call
+    runs (it may run in a background thread)."""
+    _route_hub_logs()
+    _in_call.depth = getattr(_in_call, "depth", 0) + 1
+    try:
+        with _progress_bars_off():
+            yield
+    finally:
+        _in_call.depth -= 1
+
+
+@contextlib.contextmanager
+def _progress_bars_off() -> Iterator[None]:
     global _QUIET_DEPTH, _QUIET_RESTORE
     try:
         from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
@@ -196,8 +240,26 @@ def hub_endpoint(configured: str | None = None) -> str:
 
 
 # -- error classification ------------------------------------------------------------------------------
+_handling = threading.local()   # per thread: the exceptions being handled when a call to the Hub began
+
+
+@contextlib.contextmanager
+def _calling() -> Iterator[None]:
+    """Mark the exception being handled (if any) when a call to the Hub begins: an error the call raises
+    has it as its ``__context__`` (Python links them), but it is not the call's own cause. Without this, a
+    connection dropped while creating a repo after a lookup answered "not found" read as "not found"."""
+    outer = sys.exc_info()[1]
+    stack = _handling.__dict__.setdefault("outer", [])
+    stack.append(outer)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
 def _chain(e: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
+    """`e` and the exceptions it was raised from (causes and contexts), not those of a caller (see _calling)."""
+    seen: set[int] = {id(x) for x in getattr(_handling, "outer", ()) if x is not None and x is not e}
     stack = [e]
     while stack:
         x = stack.pop()
@@ -515,13 +577,14 @@ class HubRemote(Remote):
         return int(resp.status_code), resp.headers.get("X-Error-Code") or ""
 
     def _call(self, fn: Any, *args: Any, action: str, path: str | None = None, **kwargs: Any) -> Any:
-        try:
-            with _quiet():
-                return fn(*args, **kwargs)
-        except RemoteError:
-            raise
-        except Exception as e:
-            raise self._wrap(e, action=action, path=path) from e
+        with _calling():
+            try:
+                with _quiet():
+                    return fn(*args, **kwargs)
+            except RemoteError:
+                raise
+            except Exception as e:
+                raise self._wrap(e, action=action, path=path) from e
 
     def close(self) -> None:
         """Stop waiting between retries (a call in flight gives up at its next try). The remote stays usable:
@@ -545,6 +608,10 @@ class HubRemote(Remote):
     def _retrying(self, fn: Any, *, action: str, path: str | None = None) -> Any:
         """Run the idempotent `fn` (a lookup, a listing, a download), retrying transient failures with
         back-off (``Retry-After`` honoured) up to `max_attempts` tries; other failures are raised at once."""
+        with _calling():
+            return self._retrying_loop(fn, action=action, path=path)
+
+    def _retrying_loop(self, fn: Any, *, action: str, path: str | None) -> Any:
         attempt = 0
         stop = self._stop
         while True:
