@@ -1,7 +1,8 @@
 """%train --nproc-per-node N: a real torchrun group (gloo, CPU) of templates/train_ddp.py supervised as one job.
 
 Real processes and real signals: a kill -9 of one rank restarts the whole group from the newest verified
-checkpoint and ends bit-for-bit equal to an uninterrupted run; SIGTERM leaves no rank running; two nodes on one
+checkpoint and ends bit-for-bit equal to an uninterrupted run (DDP with checkpoint files, and --sharded: FSDP2 on a
+CPU mesh with checkpoint folders); SIGTERM leaves no rank running; two nodes on one
 machine (a static rendezvous on 127.0.0.1) form one group, each node supervised by its own colabkit."""
 from __future__ import annotations
 
