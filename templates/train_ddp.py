@@ -2,7 +2,8 @@
 
 Run it through ``%train v01 --nproc-per-node 2`` (or ``colabkit train v01 --nproc-per-node auto``), which starts
 ``python -m torch.distributed.run --standalone --nproc-per-node N --max-restarts 0 train.py ARGS`` and supervises
-the whole group as one job; or directly with ``torchrun --standalone --nproc-per-node 2 train_ddp.py``.
+the whole group as one job; or directly with ``torchrun --standalone --nproc-per-node 2 train_ddp.py``. Started
+without torchrun (``%train v01``, ``python train_ddp.py``) it runs as a group of one process.
 
 Two ways to spread the model over the ranks:
 
@@ -90,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dist.init_process_group(backend)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:  # started without torchrun (plain `%train v01`): a group of this one process
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     model = make_model(torch, args.features, args.hidden, args.seed).to(device)
     if args.sharded:
         from torch.distributed.device_mesh import init_device_mesh

@@ -165,6 +165,16 @@ def test_sharded_template_kill_of_one_rank_resumes_the_group_from_its_newest_fol
     assert same_bits(folder_state(ck / names[-1]), folder_state(ref_ck / names[-1])) == []
     assert launch.alive(job._ranks) == []
 
+    # the 2 ranks' folder resumes in one process (no torchrun: a group of one): DCP reshards it onto its mesh
+    one = make_project(tmp_path / "one")
+    res = runner.train("v01", config=load_config(one / "colabkit.yaml"), sync=False, nproc_per_node=1,
+                       resume=str(ref_ck / names[1]), args=[*sharded, "--steps", "50"])
+    assert res.ok and res.attempts[0].resume_from == str(ref_ck / names[1])
+    log1 = next((one / "experiments/v01/logs").glob("*/*.attempt1.log")).read_text()
+    assert "training 577 parameters on 1 ranks (gloo, sharded with FSDP2) from step 40 to 50" in log1
+    assert sorted(os.listdir(one / "experiments/v01/checkpoints/v01_step_00000050")) == [
+        ".metadata", "__0_0.distcp", "colabkit-manifest.json"]
+
 
 def test_sigterm_to_train_reaches_every_rank_and_leaves_no_process(tmp_path):
     proj = make_project(tmp_path / "proj")
