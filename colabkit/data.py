@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import http.client
 import json
@@ -34,7 +33,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import tarfile
 import threading
 import time
@@ -44,16 +42,16 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from .errors import (ColabkitError, ConfigError, DataError, DiskFullError, IntegrityError, RemoteError,
-                     RemoteNotFoundError, TransientRemoteError)
+from .errors import (ColabkitError, ConfigError, DataError, DiskFullError, IntegrityError, RemoteNotFoundError,
+                     TransientRemoteError)
 from .fsutil import (CHUNK, TMP_PREFIX, atomic_copy, atomic_write_json, free_bytes, fsync_dir, hash_file,
                      is_temporary)
 from .runtime import command
 
 if TYPE_CHECKING:
-    from .config import Config, DataSetConfig
+    from .config import Config
     from .remotes.base import RemoteFile
 
 log = logging.getLogger(__name__)
@@ -190,7 +188,6 @@ class DriveSource(Source):
         self._others: list[Any] = []
 
     def items(self) -> list[Item]:
-        from .remotes.base import RemoteFile
         out: list[tuple[Any, RemoteFile, str]] = []   # (remote, record, rel)
         if self.is_id:
             rec, folder = self.remote.lookup(self.target)

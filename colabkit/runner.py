@@ -2,16 +2,16 @@
 
 What one call does, in order:
 
-1. **Preflight** (each failure is a :class:`~colabkit.errors.PreflightError` that says what to do): the
+1. **Preflight** (:mod:`colabkit.preflight`; each failure is a :class:`~colabkit.errors.PreflightError` that says what to do): the
    experiment and its ``train.py`` exist; the GPU's memory tier (an L4-class GPU is Tier 1, where a job is
    capped at 20 GB; a larger ``--max-vram`` is refused with the advice to move to Tier 2); free disk against
    ``train.min_free_disk``; ``train.data_paths`` on a network/FUSE mount (a warning: pre-fetch to local disk);
    write access to every sync tier; the checkpoint to resume from.
-2. ``pip freeze`` (taken as the run starts, beside the first attempt) into ``frozen_requirements.txt`` in the
+2. ``pip freeze`` (:mod:`colabkit.freeze`, taken as the run starts, beside the first attempt) into ``frozen_requirements.txt`` in the
    run's log folder ``experiments/vXX/logs/<run id>/``, beside one log per attempt (``<run id>.attempt1.log``) and ``run.json``
    (host, GPU, attempts, exit codes, last step; ``%airlock import`` reads it).
 3. Background sync of the checkpoint and log folders (``colabkit.sync``), flushed when the run ends.
-4. The child: its own process group, output streamed line by line to the caller (the cell, the terminal) and
+4. The child (:class:`colabkit.launch.Child`): its own process group, output streamed line by line to the caller (the cell, the terminal) and
    to the attempt's log; progress (step, loss, rate, ETA, last checkpoint) read from the lines by
    :mod:`colabkit.events`. The child runs a small bootstrap before ``train.py`` that caps its GPU memory
    (``torch.cuda.set_per_process_memory_fraction`` from ``COLABKIT_MAX_VRAM``), so an oversize job fails
@@ -53,7 +53,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .errors import ColabkitError, ConfigError, OutOfMemoryError, PreflightError, TrainError
 from .events import LineParser
-from .fsutil import atomic_write_json, atomic_write_text, free_bytes
+from .freeze import Freeze
+from .fsutil import atomic_write_json, atomic_write_text
+from .launch import Child, Launch, oom_text
+from .preflight import Preflight, _check_name, oom_advice, preflight
 from .runtime import cli_form, command
 
 if TYPE_CHECKING:
@@ -62,7 +65,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-SCRIPT = "train.py"
 #: how many of the last log lines an error message shows
 TAIL_LINES = 15
 #: the longest back-off between two attempts, in seconds (the first is train.restart_backoff)
@@ -75,10 +77,6 @@ HISTORY_POINTS = 300
 ESTIMATE_MIN_WINDOW = 2.0
 ESTIMATE_MAX_WINDOW = 60.0
 
-# what a run that ran out of memory prints (PyTorch, the CUDA caching allocator, cuBLAS, Python)
-_OOM_TEXT = [re.compile(p, re.MULTILINE) for p in (
-    r"CUDA out of memory", r"CUDA error: out of memory", r"torch\.(?:cuda\.)?OutOfMemoryError",
-    r"CUBLAS_STATUS_ALLOC_FAILED", r"^\s*MemoryError\b", r"\bMemoryError:", r"Cannot allocate memory")]
 _STEPS_ARG = re.compile(r"^--(?:steps|total[-_]steps|max[-_]steps|num[-_]steps|iters|max[-_]iters)(?:=(\d+))?$")
 
 # Runs in the child before train.py: caps GPU memory, then runs the script as `python train.py` would.
@@ -304,6 +302,29 @@ class Progress:
             return None
         return max(0.0, (self.total_steps - self.step) / r)
 
+    def against_estimate(self, estimate: float, *, elapsed: float, first_step: int) -> tuple[bool, str | None]:
+        """Compare the measured pace with `estimate` (seconds for the whole run): ``(decided, warning)``.
+
+        Not decided until the pace was measured over 5% of the estimate (at least ESTIMATE_MIN_WINDOW, at most
+        ESTIMATE_MAX_WINDOW) and 5% of the steps: a pace read off a fraction of a second of steps says nothing
+        about hours, and a toy run that ends before then is not warned about. The warning says the projected
+        duration when it is off by more than half."""
+        if not self.total_steps:
+            return True, ("--estimate needs the total number of steps to compare the pace (pass --total-steps N "
+                          "or set train.total_steps)")
+        remaining_at_start = self.total_steps - first_step
+        window = min(max(0.05 * estimate, ESTIMATE_MIN_WINDOW), ESTIMATE_MAX_WINDOW)
+        if self.rate is None or self.measured_steps < max(2, 0.05 * remaining_at_start) or \
+                self.measured_seconds < window:
+            return False, None
+        from .config import format_duration
+        projected = elapsed + (self.eta or 0.0)
+        if abs(projected - estimate) <= 0.5 * estimate:
+            return True, None
+        return True, (f"at the measured pace ({self.rate:.3g} steps/s) the run takes about "
+                      f"{format_duration(projected)}, against an estimate of {format_duration(estimate)} "
+                      "(off by more than 50%); update the estimate and tell whoever is waiting for it")
+
     def as_dict(self) -> dict[str, Any]:
         return {"step": self.step, "total_steps": self.total_steps, "loss": self.loss, "rate": self.rate,
                 "eta": self.eta, "checkpoint_step": self.checkpoint_step, "checkpoint": self.checkpoint_path,
@@ -311,198 +332,6 @@ class Progress:
 
 
 # -- preflight ------------------------------------------------------------------------------------------
-@dataclass
-class Preflight:
-    """What the checks before a run found.
-
-    Attributes:
-        script: the train.py to run.
-        gpu: the first GPU's name (None without one); tier: its memory tier.
-        max_vram: the cap passed to the child in bytes (None: no cap).
-        warnings: things worth telling the user that do not stop the run.
-    """
-
-    experiment: str
-    experiment_dir: Path
-    script: Path
-    gpu: str | None
-    gpu_memory: int | None
-    tier: int | None
-    max_vram: int | None
-    free_disk: int
-    warnings: list[str] = field(default_factory=list)
-    tiers_checked: list[str] = field(default_factory=list)
-    data: dict[str, str] = field(default_factory=dict)    # train.data name -> local path (COLABKIT_DATA_<NAME>)
-    #: every visible GPU: {"index", "name", "memory", "tier"}; nproc_per_node: the ranks this node runs
-    gpus: list[dict[str, Any]] = field(default_factory=list)
-    nproc_per_node: int = 1
-
-    def data_env(self) -> dict[str, str]:
-        from .data import env_name
-        return {f"COLABKIT_DATA_{env_name(n)}": p for n, p in self.data.items()}
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["experiment_dir"], d["script"] = str(self.experiment_dir), str(self.script)
-        return d
-
-
-def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int | str | None = None,
-              check_tiers: bool = True, script: str | os.PathLike | None = None,
-              allow_network_data: bool = False, nproc_per_node: int | str | None = None) -> Preflight:
-    """The checks before a run starts, without starting anything.
-
-    Args:
-        experiment: ``vXX``.
-        config: the configuration (default: loaded from the working directory).
-        max_vram: the GPU memory cap in bytes (or ``20GB``); default ``train.max_vram``, else 20 GB on Tier 1.
-        check_tiers: check write access to every sync tier (``Remote.check_access``).
-        script: run this file instead of ``experiments/<experiment>/train.py``.
-        allow_network_data: let ``train.data_paths`` on a network/FUSE mount through (with a warning).
-        nproc_per_node: ranks to start on this node (``auto``: one per visible GPU, 1 without; default
-            ``train.nproc_per_node``); each GPU the ranks use is checked.
-    Returns:
-        A :class:`Preflight` (its ``warnings`` list what did not stop the run; ``data`` the local path of each
-        data set ``train.data`` names).
-    Raises:
-        PreflightError: saying what failed and what to do.
-    """
-    from . import runtime
-    from .config import format_size, load_config, parse_size
-    cfg = config if config is not None else load_config()
-    exp_dir = cfg.require_experiment(experiment)  # the one check of every command that takes an experiment
-    path = Path(script).expanduser() if script is not None else exp_dir / SCRIPT
-    if not path.is_absolute():
-        path = exp_dir / path
-    if not path.is_file():
-        raise PreflightError(f"{experiment}: no {path.name} in {path.parent}; put the training script there "
-                             f"('{command('init')}' writes a template) or pull the experiment's bundle with "
-                             f"'{command('airlock pull ' + experiment)}'")
-
-    warnings: list[str] = []
-    gpus = runtime.gpus()
-    gpu = gpus[0] if gpus else None
-    from .launch import parse_nproc
-    nproc = parse_nproc(nproc_per_node if nproc_per_node is not None else cfg.train.nproc_per_node)
-    if nproc == "auto":
-        nproc = max(1, len(gpus))
-    assert isinstance(nproc, int)
-    if gpus and nproc > len(gpus):
-        raise PreflightError(f"{experiment}: --nproc-per-node {nproc} but this machine has {len(gpus)} GPU"
-                             f"{'s' if len(gpus) != 1 else ''} ({', '.join(g.name for g in gpus)}); one rank per "
-                             "GPU: lower --nproc-per-node, or use --nproc-per-node auto")
-    if not gpus and nproc > 1:
-        warnings.append(f"no GPU found: the {nproc} ranks run on the CPU (use the gloo backend in train.py)")
-    cap = parse_size(max_vram, key="--max-vram") if max_vram is not None else cfg.train.max_vram
-    # every GPU a rank uses gets the same checks (the cap applies per process, on its own GPU)
-    for gpu in (gpus[:nproc] if gpus else []):
-        if gpu.tier == 1:
-            limit = runtime.TIER1_DEFAULT_CAP
-            if cap is not None and cap > limit:
-                raise PreflightError(
-                    f"{experiment}: --max-vram {format_size(cap)} is more than a Tier 1 job may use "
-                    f"({gpu.name}, {format_size(gpu.memory_total)}: jobs are capped at {format_size(limit)}); "
-                    f"move this run to Tier 2 (an A100 80 GB: '{command('airlock export ' + experiment)}', then pull and "
-                    "train it on the cluster), or lower --max-vram")
-            cap = cap if cap is not None else limit
-        if cap is not None and cap > gpu.memory_total:
-            raise PreflightError(
-                f"{experiment}: --max-vram {format_size(cap)} is more than this {gpu.name} has "
-                f"({format_size(gpu.memory_total)}); lower --max-vram or move the run to a larger GPU")
-    if not gpus and cap is not None:
-        warnings.append(f"no GPU found: --max-vram {format_size(cap)} has nothing to cap")
-        cap = None
-    gpu = gpus[0] if gpus else None
-
-    ck_dir = cfg.checkpoint_dir(experiment)
-    free = free_bytes(ck_dir)
-    if free < cfg.train.min_free_disk:
-        raise PreflightError(
-            f"{experiment}: only {format_size(free)} free on the disk of {ck_dir} (train.min_free_disk is "
-            f"{format_size(cfg.train.min_free_disk)}); free space first (old checkpoints are pruned once a "
-            f"remote holds them: '{command('sync flush')}'), or lower train.min_free_disk in colabkit.yaml")
-
-    for d in cfg.train.data_paths:
-        p = Path(d).expanduser()
-        p = p if p.is_absolute() else cfg.root / p
-        if runtime.is_network_path(p):
-            if not allow_network_data:
-                raise PreflightError(
-                    f"{experiment}: data path {p} is on a network/FUSE mount: training from it is slow and stalls "
-                    "when the mount hiccups. Pre-fetch it to the local SSD "
-                    f"('{command('data fetch NAME --source PATH')}', and "
-                    "list NAME in train.data), or pass --allow-network-data to train from the mount anyway")
-            warnings.append(f"data path {p} is on a network/FUSE mount: training from it is slow and stalls "
-                            "when the mount hiccups; pre-fetch it to local SSD (/content/ or /mnt/) before "
-                            "train.py starts and point train.data_paths there")
-        elif not p.exists():
-            warnings.append(f"data path {p} does not exist (train.data_paths); pre-fetch the data there first")
-
-    data_paths: dict[str, str] = {}
-    if cfg.train.data:
-        from .data import ready
-        from .errors import DataError
-        try:
-            found = ready(cfg.train.data, config=cfg)
-        except DataError as e:
-            raise PreflightError(f"{experiment}: {e}") from None
-        for n, p in found.items():
-            if runtime.is_network_path(p) and not allow_network_data:  # pragma: no cover - the cache refuses it
-                raise PreflightError(f"{experiment}: data set {n} at {p} is on a network/FUSE mount; fetch it to "
-                                     "the local SSD, or pass --allow-network-data")
-            data_paths[n] = str(p)
-
-    checked: list[str] = []
-    if check_tiers:
-        from .remotes import open_remote
-        from .secrets import redact
-        for t in cfg.tiers:
-            try:
-                with open_remote(cfg, t) as r:
-                    r.check_access()
-            except (ColabkitError, OSError) as e:
-                raise PreflightError(
-                    f"{experiment}: cannot write to sync tier {t.name!r}: {redact(str(e))}; fix its access "
-                    f"('{command('config show')}' shows what is configured) or run with --no-sync") from None
-            checked.append(t.name)
-    return Preflight(experiment=experiment, experiment_dir=exp_dir, script=path, gpu=gpu.name if gpu else None,
-                     gpu_memory=gpu.memory_total if gpu else None, tier=gpu.tier if gpu else None, max_vram=cap,
-                     free_disk=free, warnings=warnings, tiers_checked=checked, data=data_paths,
-                     gpus=[{"index": i, "name": g.name, "memory": g.memory_total, "tier": g.tier}
-                           for i, g in enumerate(gpus)], nproc_per_node=nproc)
-
-
-def _check_name(experiment: str) -> None:
-    from .config import check_experiment_name
-    check_experiment_name(experiment)
-
-
-def oom_advice(tier: int | None, gpu: str | None, experiment: str) -> str:
-    """What to do after running out of memory, by hardware tier."""
-    if tier == 1:
-        return (f"this is a Tier 1 GPU ({gpu}, jobs capped at 20 GB): reduce the batch size or the model, or "
-                f"move the run to Tier 2 (an A100 80 GB: '{command('airlock export ' + experiment)}', then pull and train it "
-                "on the cluster)")
-    if tier == 2:
-        return ("reduce the batch size (gradient accumulation keeps the effective batch), use mixed precision or "
-                "activation checkpointing")
-    return "reduce the batch size or the data held in memory, or move the run to a machine with more memory"
-
-
-def _oom_kills() -> int | None:
-    """The kernel OOM killer's count for this cgroup (v2 or v1), or None where it cannot be read."""
-    for p, key in (("/sys/fs/cgroup/memory.events", "oom_kill"), ("/sys/fs/cgroup/memory/memory.oom_control",
-                                                                  "oom_kill")):
-        try:
-            for line in Path(p).read_text().splitlines():
-                name, _, value = line.partition(" ")
-                if name == key:
-                    return int(value)
-        except (OSError, ValueError):
-            continue
-    return None
-
-
 def _total_from_args(args: Sequence[str]) -> int | None:
     for i, a in enumerate(args):
         m = _STEPS_ARG.match(a)
@@ -516,27 +345,6 @@ def _total_from_args(args: Sequence[str]) -> int | None:
 
 def _stamp(t: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t if t is not None else time.time()))
-
-
-def pip_freeze(dest: Path, *, python: str | None = None, timeout: float = 120.0) -> Path:
-    """``pip freeze`` of the interpreter the child runs, written atomically to `dest`.
-
-    Falls back to the installed distributions' names and versions when pip itself is missing.
-    """
-    exe = python or sys.executable
-    try:
-        out = subprocess.run([exe, "-m", "pip", "freeze", "--disable-pip-version-check"], capture_output=True,
-                             text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        text = out.stdout if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        text = None
-    if text is None:
-        from importlib import metadata
-        names = sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions()
-                        if d.metadata and d.metadata["Name"]}, key=str.lower)
-        text = "# pip is not available: installed distributions\n" + "\n".join(names) + "\n"
-    atomic_write_text(dest, text)
-    return dest
 
 
 def _sigterm_as_interrupt() -> Callable[[], None] | None:
@@ -588,13 +396,10 @@ class Job:
                  on_line: Callable[[str], None] | None, on_warning: Callable[[str], None] | None,
                  python: str | None = None, resume_policy: str = "auto",
                  listeners: Sequence[Listener] = (), output_dir: str | os.PathLike | None = None,
-                 name: str | None = None, run: str | None = None, launch: "Launch | None" = None) -> None:
-        from .launch import Launch
+                 name: str | None = None, run: str | None = None, launch: Launch | None = None) -> None:
         self.experiment = experiment
         #: one process, or a torchrun group of ranks supervised as one job (see :mod:`colabkit.launch`)
         self.launch = launch or Launch()
-        self._ranks: set[int] = set()   # the ranks' pids under torchrun (each leads a session of its own)
-        self._oom_text: str | None = None
         #: the job's name in the registry and its job file: the experiment, or e.g. ``v01.cooldown_200``
         self.key = name or experiment
         #: the run's stable identity for triggers: ``main``, or a cooldown's folder name
@@ -641,21 +446,26 @@ class Job:
         self._stop = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen | None = None
+        self._child: Child | None = None   # the current attempt's process (or torchrun group)
         self._thread: threading.Thread | None = None
-        self._kill_at: float | None = None
-        self._killed_by_us = False
         self._interrupted = False
         self._estimate_checked = False
         self._job_file_written = 0.0
-        self._sync_started = False
-        self._freeze: tuple[subprocess.Popen, Any, Path, Path] | None = None
+        self._sync: Any = None   # a colabkit.sync.RunSync while sync runs for this run
+        self._freeze = Freeze(self.log_dir, python=self.python, warn=lambda t: self._warn(f"{experiment}: {t}"))
         self._stop_file = config.state_dir / "jobs" / f"{self.key}.stop"
 
     # -- public ----------------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
         return not self._done.is_set()
+
+    @property
+    def ranks(self) -> set[int]:
+        """The pids of the current attempt's ranks under torchrun (empty for one process)."""
+        with self._lock:
+            child = self._child
+        return set(child.ranks) if child is not None else set()
 
     @property
     def job_file(self) -> Path:
@@ -668,7 +478,7 @@ class Job:
             d = {"experiment": self.experiment, "key": self.key, "run_id": self.run_id, "state": self.state,
                  "attempt": att.number if att else None, "restarts": max(0, len(self.attempts) - 1),
                  "max_restarts": self.max_restarts, "pid": os.getpid(),
-                 "child_pid": self._proc.pid if self._proc is not None and self._proc.poll() is None else None,
+                 "child_pid": self._child.pid if self._child is not None else None,
                  "log": att.log if att else None, "log_dir": str(self.log_dir), "started": self.started,
                  "elapsed": time.time() - self.started, "background": self.background, "host": socket.gethostname(),
                  "estimate": self.estimate, "warnings": list(self.warnings), "data": dict(self.pre.data),
@@ -744,7 +554,7 @@ class Job:
             self._warn(w, record=False)
         restore = None
         try:
-            self._start_freeze()
+            self._freeze.start()
             self._start_sync()
             if not self.background:
                 restore = _sigterm_as_interrupt()  # after sync's own handler, which it then chains to
@@ -763,7 +573,7 @@ class Job:
         finally:
             if restore is not None:
                 restore()
-            self._finish_freeze(wait=True)
+            self._freeze.finish(wait=True)
             self._end_sync()
             self._done.set()
         if self.error is not None:
@@ -845,24 +655,19 @@ class Job:
             env.update(self.launch.env())
         if self.config.source is not None:
             env.setdefault("COLABKIT_CONFIG", str(self.config.source))
-        oom_before = _oom_kills()
-        self._killed_by_us = False
         self._interrupted = False
-        self._kill_at = None
-        self._ranks = set()
-        self._oom_text = None  # the first OOM text a rank printed in this attempt
+        child = Child(distributed=self.launch.distributed, grace=self.grace)
         header = (f"# colabkit %train {self.experiment} run {self.run_id} attempt {n} on {socket.gethostname()} "
                   f"at {_stamp(att.started)}: {shlex.join([Path(self.python).name, *shown])}\n")
         with open(log_path, "ab", buffering=0) as logf:
             logf.write(header.encode())
             try:
-                proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, start_new_session=True, bufsize=0)
+                proc = child.spawn(cmd, cwd=self.cwd, env=env)
             except OSError as e:
                 raise TrainError(f"{self.experiment}: cannot start {self.python}: {e.strerror}; check the "
                                  "interpreter") from None
             with self._lock:
-                self._proc = proc
+                self._child = child
             att.pid = proc.pid
             # recorded as it starts, not only as it ends: a preemption kills this process too, and the journal
             # must still know where the attempt ran and what it resumed from
@@ -876,11 +681,11 @@ class Job:
                 att.outcome, att.detail = "stopped", "interrupted"
                 self._stop.set()
                 self._terminate_now()
-                self._close_attempt(att, proc)
+                self._close_attempt(att, child)
                 raise
-            rc = self._close_attempt(att, proc)
+            rc = self._close_attempt(att, child)
         att.exit_code = rc
-        att.outcome, att.detail = self._classify(att, rc, stalled, oom_before)
+        att.outcome, att.detail = self._classify(child, rc, stalled)
         if self._interrupted:
             att.detail = f"interrupted (exit code {rc})"
         with contextlib.suppress(OSError):
@@ -924,17 +729,17 @@ class Job:
                 next_check = now + tick
                 # every tick, busy or idle: escalate a stop, notice a stall or an exit whose pipe a grandchild holds
                 alive = proc.poll() is None
-                if alive and self.launch.distributed:
-                    self._track_ranks(proc)
-                if self._kill_at is not None and now >= self._kill_at and alive:
-                    self._signal(signal.SIGKILL)
-                    self._kill_at = None
+                child = self._child
+                assert child is not None
+                if alive:
+                    child.track_ranks()
+                    child.escalate(now)
                 if not alive:
                     exited_at = exited_at or now
                     if now - exited_at > 1.0:
                         self._signal(signal.SIGKILL)  # its leftover children, still holding the pipe
                         break
-                if self._stop.is_set() and self._kill_at is None and alive and not self._killed_by_us:
+                if self._stop.is_set() and child.kill_at is None and alive and not child.killed_by_us:
                     self._signal(signal.SIGTERM)
                 if not self._stop.is_set() and self._stop_file.exists():
                     log.warning("%s: stop requested from another process", self.experiment)
@@ -951,8 +756,8 @@ class Job:
                         self._signal(signal.SIGTERM)
                 if time.time() - self._job_file_written > JOB_FILE_INTERVAL:
                     self._write_job_file()
-                if self._freeze is not None:
-                    self._finish_freeze()
+                if self._freeze.pending:
+                    self._freeze.finish()
             except KeyboardInterrupt:
                 # Ctrl-C / interrupting the kernel: stop the child but keep reading, so its last words reach
                 # the log; a second interrupt kills it at once
@@ -978,12 +783,11 @@ class Job:
             from .launch import split_rank
             rank, body = split_rank(text)
             parse = rank == 0
-            if rank is not None and self._oom_text is None:
+            child = self._child
+            if rank is not None and child is not None and child.oom_seen is None:
                 # any rank's OOM, remembered as it is printed: torchrun's failure report that follows can push
                 # it out of the tail the exit is classified from
-                m = next((m for m in (p.search(body) for p in _OOM_TEXT) if m), None)
-                if m:
-                    self._oom_text = m.group(0).strip()
+                child.oom_seen = oom_text(body)
             if parse:
                 segs = [split_rank(seg)[1] for seg in segs]
         for seg in segs:
@@ -1029,123 +833,43 @@ class Job:
             self._call(fn, [ev], "", att)
 
     def _check_estimate(self) -> None:
-        p = self.progress
-        if not p.total_steps:
-            self._estimate_checked = True
-            self._warn(f"{self.experiment}: --estimate needs the total number of steps to compare the pace "
-                       "(pass --total-steps N or set train.total_steps)")
-            return
-        remaining_at_start = p.total_steps - (self.attempts[0].first_step or 0)
-        # a pace read off a fraction of a second of steps says nothing about hours: compare only once it was
-        # measured over 5% of the estimate (at least ESTIMATE_MIN_WINDOW, at most ESTIMATE_MAX_WINDOW) and 5% of
-        # the steps; a toy run that ends before then is not warned about
-        window = min(max(0.05 * (self.estimate or 0.0), ESTIMATE_MIN_WINDOW), ESTIMATE_MAX_WINDOW)
-        if (p.rate is None or p.measured_steps < max(2, 0.05 * remaining_at_start)
-                or p.measured_seconds < window):
-            return
-        self._estimate_checked = True
-        from .config import format_duration
-        projected = (time.time() - self.started) + (p.eta or 0.0)
         assert self.estimate is not None
-        if abs(projected - self.estimate) > 0.5 * self.estimate:
-            self._warn(f"{self.experiment}: at the measured pace ({p.rate:.3g} steps/s) the run takes about "
-                       f"{format_duration(projected)}, against an estimate of {format_duration(self.estimate)} "
-                       "(off by more than 50%); update the estimate and tell whoever is waiting for it")
+        done, text = self.progress.against_estimate(self.estimate, elapsed=time.time() - self.started,
+                                                    first_step=self.attempts[0].first_step or 0)
+        self._estimate_checked = done
+        if text:
+            self._warn(f"{self.experiment}: {text}")
 
-    def _classify(self, att: Attempt, rc: int, stalled: bool, oom_before: int | None) -> tuple[str, str]:
+    def _classify(self, child: Child, rc: int, stalled: bool) -> tuple[str, str]:
         if not self._stop.is_set() and self._stop_file.exists():  # `train stop` from another process
             self._stop.set()
         if self._stop.is_set():
             return "stopped", f"stopped (exit code {rc})"
         if stalled:
             return "stalled", f"stalled (no output for {self.stall_after:g}s; killed, exit code {rc})"
-        if rc == 0:
-            return "finished", "finished (exit code 0)"
-        tail = "\n".join(list(self._tail)[-40:])
-        failed = None
-        if self.launch.distributed:
-            from .launch import failed_rank, strip_ranks
-            tail = strip_ranks(tail)
-            failed = failed_rank(tail)
-        m = next((m for m in (p.search(tail) for p in _OOM_TEXT) if m), None)
-        if m or self._oom_text:
-            text = m.group(0).strip() if m else self._oom_text
-            return "oom", f"exit code {rc}, {text!r} in its output"
-        if rc in (-signal.SIGKILL, 137) and not self._killed_by_us:
-            after = _oom_kills()
-            if oom_before is None or after is None or after > oom_before:
-                return "oom", f"killed by SIGKILL (exit code {rc}), which is what the kernel's OOM killer does"
-        if failed is not None:  # torchrun ended the group because a rank failed
-            rank, code = failed
-            if code == -signal.SIGKILL and not self._killed_by_us:
-                after = _oom_kills()
-                if oom_before is None or after is None or after > oom_before:
-                    return "oom", (f"rank {rank} killed by SIGKILL (torchrun exit code {rc}), which is what the "
-                                   "kernel's OOM killer does")
-            how = f"exit code {code}"
-            if code < 0:
-                with contextlib.suppress(ValueError):
-                    how = f"killed by {signal.Signals(-code).name}"
-            return "crashed", f"rank {rank} {how} (torchrun exit code {rc})"
-        if rc < 0:
-            with contextlib.suppress(ValueError):
-                return "crashed", f"killed by {signal.Signals(-rc).name} (exit code {rc})"
-        return "crashed", f"exited with code {rc}"
+        return child.classify(rc, "\n".join(list(self._tail)[-40:]), oom_seen=child.oom_seen)
 
-    def _close_attempt(self, att: Attempt, proc: subprocess.Popen) -> int:
-        try:
-            rc = proc.wait(timeout=max(self.grace, 1.0))
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-            rc = proc.wait()
-        if self._ranks:  # ranks torchrun left behind (it was killed before it could end them): nothing stays
-            from .launch import alive, signal_groups
-            left = alive(self._ranks)
-            if left:
-                signal_groups(left, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            assert proc.stdout is not None
-            proc.stdout.close()
+    def _close_attempt(self, att: Attempt, child: Child) -> int:
+        rc = child.close()
         att.ended = time.time()
         att.exit_code = rc
         return rc
 
     def _signal(self, sig: int) -> None:
-        """Signal the child's process group (it has its own session: a kernel interrupt never reaches it)."""
+        """Signal the current attempt's child (see :meth:`colabkit.launch.Child.signal`)."""
         with self._lock:
-            proc = self._proc
-        if proc is None or proc.returncode is not None and sig != signal.SIGKILL:
-            return
-        if sig in (signal.SIGTERM, signal.SIGKILL):
-            self._killed_by_us = True
-        if sig == signal.SIGTERM and self._kill_at is None:
-            self._kill_at = time.monotonic() + self.grace
-        if self.launch.distributed:
-            # torchrun puts every rank in a session of its own: signal each rank's group as well as torchrun's
-            from .launch import signal_groups
-            if proc.returncode is None:
-                self._track_ranks(proc)
-            signal_groups(self._ranks, sig)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-
-    def _track_ranks(self, proc: subprocess.Popen) -> None:
-        from .launch import child_pids
-        self._ranks.update(child_pids(proc.pid))
+            child = self._child
+        if child is not None:
+            child.grace = self.grace   # stop(grace=...) may have changed it
+            child.signal(sig)
 
     def _terminate_now(self) -> None:
         """SIGTERM, wait up to `grace`, SIGKILL: used where nobody pumps the output any more."""
         with self._lock:
-            proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        self._signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=self.grace)
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
+            child = self._child
+        if child is not None:
+            child.grace = self.grace
+            child.terminate_now()
 
     def _sweep_logs(self) -> None:
         """Remove the temporaries runners that were killed left in this experiment's log folders (a pip freeze
@@ -1158,56 +882,6 @@ class Job:
             return
         for path, _ in gone:
             log.info("%s: removed %s, left by a run that was killed", self.experiment, path)
-
-    # -- pip freeze ----------------------------------------------------------------------------------------
-    def _start_freeze(self) -> None:
-        """``pip freeze`` of the child's interpreter, taken as the run starts: it runs beside the first attempt
-        (it costs about a second, which the training need not wait for) and lands in the log folder as
-        frozen_requirements.txt once pip exits (at the latest when the run ends)."""
-        from .fsutil import temp_prefix
-        dest = self.log_dir / "frozen_requirements.txt"
-        tmp = self.log_dir / f"{temp_prefix(dest.name)}freeze"   # names its writer: swept if this process dies
-        try:
-            f = open(tmp, "wb")
-        except OSError as e:
-            self._warn(f"{self.experiment}: cannot write {tmp}: {e.strerror}")
-            return
-        try:
-            proc = subprocess.Popen([self.python, "-m", "pip", "freeze", "--disable-pip-version-check"], stdout=f,
-                                    stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
-        except OSError:
-            f.close()
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            pip_freeze(dest, python=self.python)  # falls back to the installed distributions
-            return
-        self._freeze = (proc, f, tmp, dest)
-
-    def _finish_freeze(self, *, wait: bool = False) -> None:
-        if self._freeze is None:
-            return
-        proc, f, tmp, dest = self._freeze
-        if not wait and proc.poll() is None:
-            return
-        self._freeze = None
-        try:
-            rc = proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-        try:
-            f.flush()
-            os.fsync(f.fileno())
-        except OSError:
-            rc = rc or 1
-        finally:
-            f.close()
-        if rc == 0:
-            os.replace(tmp, dest)
-        else:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            pip_freeze(dest, python=self.python)
 
     # -- checkpoints, sync, state -------------------------------------------------------------------------
     def _newest_checkpoint(self) -> str | None:
@@ -1240,34 +914,17 @@ class Job:
         if not self.sync_enabled or not self.config.tiers:
             return
         try:
-            from . import sync
+            from .sync import RunSync
         except ImportError:
             return
-        running = sync.status(config=self.config).get("groups") or []
-        if running:  # %sync start already watches this project: flush it at the end instead
-            return
-        sync.start([self.checkpoint_dir, self.log_dir.parent], config=self.config)
-        self._sync_started = True
+        self._sync = RunSync(self.config, [self.checkpoint_dir, self.log_dir.parent])
+        self._sync.start()
 
     def _end_sync(self) -> None:
-        if not self.sync_enabled or not self.config.tiers:
-            return
-        try:
-            from . import sync
-        except ImportError:
-            return
-        try:
-            if self._sync_started:
-                res = sync.stop(flush=True, settled=True)  # the child has exited: nothing is being written
-            elif sync.status(config=self.config).get("groups"):
-                res = sync.flush(settled=True)
-            else:
-                return
-            if not res.get("ok", True):
-                self._warn(f"{self.experiment}: sync did not upload everything at the end of the run; "
-                           f"see '{command('sync status')}'", record=True)
-        except ColabkitError as e:
-            self._warn(f"{self.experiment}: flushing sync at the end of the run failed: {e}")
+        if self._sync is not None:
+            warning = self._sync.end()
+            if warning:
+                self._warn(f"{self.experiment}: {warning}")
 
     def _set_state(self, state: str) -> None:
         with self._lock:

@@ -109,7 +109,6 @@ def colab_secret(name: str, *, timeout: float = 2.0) -> str | None:
             import google.colab  # noqa: F401  (only importable on Colab)
         except Exception:
             return None
-    import concurrent.futures
     import threading
 
     result: dict[str, Any] = {}

@@ -52,9 +52,8 @@ import subprocess
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from .config import TRIGGER_STATES, TriggerRule, format_duration, parse_triggers
 from .errors import ColabkitError, ConfigError, TriggerError

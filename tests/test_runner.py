@@ -497,7 +497,8 @@ def test_cli_in_another_process_sees_and_stops_a_background_job(project):
 def test_sigkill_is_out_of_memory_only_when_the_oom_killer_counted_it(project):
     """A SIGKILL nobody in colabkit sent: the cgroup's oom_kill counter tells whether the OOM killer did it."""
     make_project(project, "sigkill_self.py")
-    if runner._oom_kills() is None:  # no cgroup counter to ask: every such SIGKILL counts as out of memory
+    from colabkit.launch import oom_kills
+    if oom_kills() is None:  # no cgroup counter to ask: every such SIGKILL counts as out of memory
         with pytest.raises(OutOfMemoryError, match=r"^v01: the run ran out of memory \(attempt 1: killed by SIGKILL "
                                                    r"\(exit code -9\), which is what the kernel's OOM killer does\)"):
             runner.train("v01", config=cfg_of(project), resume="none")

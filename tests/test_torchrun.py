@@ -80,9 +80,9 @@ def test_kill_of_one_rank_restarts_the_group_and_ends_bit_for_bit_equal(ip, tmp_
     job = runner.train("v01", config=cfg, background=True, sync=False, resume="none", nproc_per_node=2,
                        args=[*ARGS, "--step-delay", "0.1"])
     try:
-        wait_for(lambda: job.progress.checkpoint_path is not None and len(job._ranks) == 2, 120)
+        wait_for(lambda: job.progress.checkpoint_path is not None and len(job.ranks) == 2, 120)
         first_ck = job.progress.checkpoint_path
-        victim = max(job._ranks)  # the second rank torchrun started
+        victim = max(job.ranks)  # the second rank torchrun started
         os.kill(victim, signal.SIGKILL)
         res = job.wait(300)
     finally:
@@ -97,7 +97,7 @@ def test_kill_of_one_rank_restarts_the_group_and_ends_bit_for_bit_equal(ip, tmp_
     got, want = weights(proj / "experiments/v01/checkpoints/v01_step_00000060.pt"), weights(ref_ck / "v01_step_00000060.pt")
     assert got.keys() == want.keys()
     assert all(got[k].dtype == want[k].dtype and bool((got[k] == want[k]).all()) for k in got)
-    assert launch.alive(job._ranks) == []
+    assert launch.alive(job.ranks) == []
 
 
 def folder_state(path: Path) -> dict:
@@ -147,9 +147,9 @@ def test_sharded_template_kill_of_one_rank_resumes_the_group_from_its_newest_fol
     job = runner.train("v01", config=cfg, background=True, sync=False, resume="none", nproc_per_node=2,
                        args=[*sharded, "--step-delay", "0.1"])
     try:
-        wait_for(lambda: job.progress.checkpoint_path is not None and len(job._ranks) == 2, 120)
+        wait_for(lambda: job.progress.checkpoint_path is not None and len(job.ranks) == 2, 120)
         first_ck = job.progress.checkpoint_path
-        os.kill(max(job._ranks), signal.SIGKILL)
+        os.kill(max(job.ranks), signal.SIGKILL)
         res = job.wait(300)
     finally:
         job.stop(timeout=60)
@@ -163,7 +163,7 @@ def test_sharded_template_kill_of_one_rank_resumes_the_group_from_its_newest_fol
     ck = proj / "experiments/v01/checkpoints"
     assert sorted(p.name for p in ck.iterdir() if p.name != "latest") == names  # no temporary folder left
     assert same_bits(folder_state(ck / names[-1]), folder_state(ref_ck / names[-1])) == []
-    assert launch.alive(job._ranks) == []
+    assert launch.alive(job.ranks) == []
 
     # the 2 ranks' folder resumes in one process (no torchrun: a group of one): DCP reshards it onto its mesh
     one = make_project(tmp_path / "one")
