@@ -451,7 +451,7 @@ class Job:
         self._interrupted = False
         self._estimate_checked = False
         self._job_file_written = 0.0
-        self._sync_started = False
+        self._sync: Any = None   # a colabkit.sync.RunSync while sync runs for this run
         self._freeze = Freeze(self.log_dir, python=self.python, warn=lambda t: self._warn(f"{experiment}: {t}"))
         self._stop_file = config.state_dir / "jobs" / f"{self.key}.stop"
 
@@ -914,34 +914,17 @@ class Job:
         if not self.sync_enabled or not self.config.tiers:
             return
         try:
-            from . import sync
+            from .sync import RunSync
         except ImportError:
             return
-        running = sync.status(config=self.config).get("groups") or []
-        if running:  # %sync start already watches this project: flush it at the end instead
-            return
-        sync.start([self.checkpoint_dir, self.log_dir.parent], config=self.config)
-        self._sync_started = True
+        self._sync = RunSync(self.config, [self.checkpoint_dir, self.log_dir.parent])
+        self._sync.start()
 
     def _end_sync(self) -> None:
-        if not self.sync_enabled or not self.config.tiers:
-            return
-        try:
-            from . import sync
-        except ImportError:
-            return
-        try:
-            if self._sync_started:
-                res = sync.stop(flush=True, settled=True)  # the child has exited: nothing is being written
-            elif sync.status(config=self.config).get("groups"):
-                res = sync.flush(settled=True)
-            else:
-                return
-            if not res.get("ok", True):
-                self._warn(f"{self.experiment}: sync did not upload everything at the end of the run; "
-                           f"see '{command('sync status')}'", record=True)
-        except ColabkitError as e:
-            self._warn(f"{self.experiment}: flushing sync at the end of the run failed: {e}")
+        if self._sync is not None:
+            warning = self._sync.end()
+            if warning:
+                self._warn(f"{self.experiment}: {warning}")
 
     def _set_state(self, state: str) -> None:
         with self._lock:

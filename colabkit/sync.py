@@ -958,7 +958,19 @@ class TierSyncer(threading.Thread):
             self._pending = {f.rel: f.size for f, _ in due}
             self._pending.update({f.rel: f.size for f in unsettled})
             self.snap["last_tick"] = time.time()
+        refused = len(self._bad_units)
         ok = self._upload(due)
+        while ok and self.tier.latest_only and len(self._bad_units) > refused:
+            # the newest checkpoint, which latest_only had chosen over the older ones, was refused as corrupt
+            # while it went up: choose again now, or the newest good one waits for the next tick (hours)
+            refused = len(self._bad_units)
+            files, units = self._scan()
+            again, still = self._select(files, final=final, units=units, settled=settled)
+            again = [(f, s) for f, s in again if f.unit not in self._bad_units]
+            with self._lock:
+                self._pending.update({f.rel: f.size for f, _ in again})
+            unsettled = still
+            ok = self._upload(again)
         self._finish_units()
         if self._ckpt_recorded:
             # retention in the default flow: the verified copies just recorded may let older checkpoints go
@@ -1344,7 +1356,12 @@ class TierSyncer(threading.Thread):
         rec = self.remote.put(Path(f.path), remote_path, digest=digest,
                               upload_state=self.ledger.upload_state(f.rel))
         if rec.sha256 is not None and rec.sha256 != sha:
-            # the manifest and the bytes disagree: do not record a copy that is not what the manifest says
+            # the manifest and the bytes disagree: do not record (or keep) a copy that is not what it says
+            try:
+                self.remote.delete(rec.path)
+            except Exception as e:   # a copy no manifest vouches for is never a resume candidate: say, carry on
+                log.warning("%s: could not remove %s, which does not match its manifest: %s", self.tier.name,
+                            rec.path, _fmt_err(e))
             raise IntegrityError(f"{self.tier.name}: {f.rel} does not match its manifest's sha256 "
                                  f"({rec.sha256} vs {sha}); it will be retried when it changes",
                                  path=f.rel, expected=sha, actual=rec.sha256)
@@ -2014,6 +2031,38 @@ def once(paths: Sequence[str | os.PathLike] | None = None, *, config: "Config | 
     group._make_observer = lambda: None  # type: ignore[method-assign]
     group.start()
     return group.stop(flush=True, timeout=timeout)
+
+
+class RunSync:
+    """Sync for the length of one ``%train`` run: started for the run's folders when the run starts, unless
+    ``%sync start`` already watches the project (that group is then only flushed at the end); stopped with a
+    settled flush when the run ends (the child has exited: nothing is being written)."""
+
+    def __init__(self, config: "Config", paths: Sequence[str | os.PathLike]) -> None:
+        self.config = config
+        self.paths = list(paths)
+        self._started = False
+
+    def start(self) -> None:
+        if status(config=self.config).get("groups"):  # %sync start already watches this project
+            return
+        start(self.paths, config=self.config)
+        self._started = True
+
+    def end(self) -> str | None:
+        """Flush (and stop what :meth:`start` started); a warning to show when not everything is up."""
+        try:
+            if self._started:
+                res = stop(flush=True, settled=True)
+            elif status(config=self.config).get("groups"):
+                res = flush(settled=True)
+            else:
+                return None
+        except ColabkitError as e:
+            return f"flushing sync at the end of the run failed: {e}"
+        if not res.get("ok", True):
+            return f"sync did not upload everything at the end of the run; see '{command('sync status')}'"
+        return None
 
 
 def watch(paths: Sequence[str | os.PathLike] | None = None, *, config: "Config | None" = None,

@@ -928,13 +928,16 @@ class HubRemote(Remote):
         return " ".join(parts)
 
     def _keep_deletions(self, fulls: list[str]) -> list[str]:
-        """Repo paths of checkpoints beyond `keep` in the folders of `fulls` (with the new ones counted)."""
-        folders = sorted({posixpath.dirname(f) for f in fulls if _CHECKPOINT.match(posixpath.basename(f))})
+        """Repo paths of checkpoints beyond `keep` in the folders of `fulls` (with the new ones counted). A
+        checkpoint folder goes whole or not at all; one that is being written to in this commit stays."""
+        folders = {posixpath.dirname(f) for f in fulls if _CHECKPOINT.match(posixpath.basename(f))}
+        unit_parents = {u[0] for f in fulls if (u := _folder_unit_of(f)) is not None}
         present: set[str] = set(fulls)
-        for folder in folders:
+        for folder in sorted(folders | unit_parents):
             def tree(folder: str = folder) -> list[Any]:
-                try:
-                    return list(self.api.list_repo_tree(self.repo_id, path_in_repo=folder or None, recursive=False,
+                try:  # a parent of checkpoint folders: their files too
+                    return list(self.api.list_repo_tree(self.repo_id, path_in_repo=folder or None,
+                                                        recursive=folder in unit_parents,
                                                         revision=self.revision, repo_type=self.repo_type))
                 except Exception as e:
                     status, code = self._code(e)
@@ -945,8 +948,8 @@ class HubRemote(Remote):
                 if type(f).__name__ == "RepoFile" or hasattr(f, "blob_id"):
                     present.add(f.path)
         adding = set(fulls)
-        return [p for p in prune_plan(sorted(present), keep=self.keep or 0, only_folders=set(folders))
-                if p not in adding]
+        units = _prune_units(sorted(present), keep=self.keep or 0, only_folders=folders | unit_parents)
+        return sorted(p for unit in units if not adding.intersection(unit) for p in unit)
 
     def prune(self, *, keep: int | None = None) -> list[str]:
         """Delete checkpoints beyond `keep` per series from the tip, in one commit; history keeps them.
@@ -1281,10 +1284,38 @@ def prune_plan(paths: Iterable[str], *, keep: int, only_folders: set[str] | None
     """Which of `paths` to delete so each checkpoint series keeps its `keep` highest steps.
 
     A series is the files of one folder whose names differ only in the step number
-    (``v68_step_00001200.pt``, ``v68_step_00001400.pt``); a ``.json`` sidecar goes with its checkpoint.
+    (``v68_step_00001200.pt``, ``v68_step_00001400.pt``); a ``.json`` sidecar goes with its checkpoint. A
+    checkpoint folder (``v68_step_00001200/``, ``checkpoint-300/``, ``iter_0001200/``: complete by its manifest
+    or marker, see :func:`colabkit.distributed.listing_kind`) is one checkpoint of the series of the folders
+    beside it with the same name but the step, and all its files go together; a folder that is not complete
+    is neither counted nor deleted.
     """
+    return sorted(p for unit in _prune_units(paths, keep=keep, only_folders=only_folders) for p in unit)
+
+
+def _folder_unit_of(path: str) -> tuple[str, str] | None:
+    """(parent, folder name) of the checkpoint folder `path` lies in: its first step-named folder."""
+    from ..distributed import folder_step
+    parts = path.split("/")
+    for i in range(len(parts) - 1):
+        if folder_step(parts[i]) is not None:
+            return "/".join(parts[:i]), parts[i]
+    return None
+
+
+def _prune_units(paths: Iterable[str], *, keep: int, only_folders: set[str] | None = None) -> list[list[str]]:
+    """:func:`prune_plan`, one list of paths per checkpoint to delete (a file with its sidecar, or a folder)."""
+    from ..distributed import MEGATRON_TRACKER, folder_step, listing_kind
+    paths = list(paths)
+    have = set(paths)
     series: dict[tuple[str, str, str], dict[int, list[str]]] = {}
+    folders: dict[tuple[str, str], list[str]] = {}
     for p in paths:
+        unit = _folder_unit_of(p)
+        if unit is not None:
+            if only_folders is None or unit[0] in only_folders:
+                folders.setdefault(unit, []).append(p)
+            continue
         folder, base = posixpath.split(p)
         if only_folders is not None and folder not in only_folders:
             continue
@@ -1293,11 +1324,19 @@ def prune_plan(paths: Iterable[str], *, keep: int, only_folders: set[str] | None
             continue
         key = (folder, m.group("stem"), m.group("ext"))
         series.setdefault(key, {}).setdefault(int(m.group("step")), []).append(p)
-    doomed: list[str] = []
+    for (parent, name), files in folders.items():
+        inside = [f[len(name) + 1 + (len(parent) + 1 if parent else 0):] for f in files]
+        tracker = f"{parent}/{MEGATRON_TRACKER}" if parent else MEGATRON_TRACKER
+        if listing_kind(name, inside, tracked=tracker in have) is None:
+            continue  # not complete (or not a checkpoint): neither counted nor removed
+        step = folder_step(name)
+        stem = re.sub(r"\d+(?!.*\d)", "", name)
+        series.setdefault((parent, stem, "/"), {}).setdefault(step, []).extend(files)
+    doomed: list[list[str]] = []
     for steps in series.values():
         for step in sorted(steps, reverse=True)[keep:]:
-            doomed.extend(steps[step])
-    return sorted(doomed)
+            doomed.append(sorted(steps[step]))
+    return doomed
 
 
 def _url_quirk(e: BaseException | None) -> bool:
