@@ -273,3 +273,25 @@ def test_an_elected_hub_upload_keeps_the_tiers_keep_in_the_same_commit(hub_serve
                              record=b"0\n") is not None
     assert [x.path for x in r.list()] == ["checkpoints/v01_step_00000002.pt", "checkpoints/v01_step_00000003.pt"]
     assert hub_server.commit_messages("alice/ckpt")[0].endswith("(1 file, 1 old removed)")
+
+
+def test_a_cancelled_local_copy_stops_at_a_chunk_boundary_and_leaves_nothing(tmp_path):
+    from colabkit.errors import UploadCancelled
+    remote = LocalRemote("shared", tmp_path / "tier")
+    src = _ckpt(tmp_path / "v01_step_00000100.pt", os.urandom(24 * 1024 * 1024))
+    claim = ".colabkit-workers/r/claims/checkpoints/v01_step_00000100.pt/t.claim"
+    sent = []
+
+    def progress(n: int) -> None:   # another worker's claim appears once the copy has begun
+        sent.append(n)
+        if len(sent) == 2:
+            assert remote.create_exclusive(claim, b'{"worker": 1}\n')
+        if remote.stat(claim) is not None:
+            raise UploadCancelled("another worker's copy won")
+    with pytest.raises(UploadCancelled):
+        remote.put_claimed([(src, "checkpoints/v01_step_00000100.pt")], claim=claim, record=b'{"worker": 0}\n',
+                           progress=progress)
+    assert 0 < sum(sent) < src.stat().st_size
+    assert remote.list() == []
+    left = [p.relative_to(tmp_path / "tier").as_posix() for p in (tmp_path / "tier").rglob("*") if p.is_file()]
+    assert [p for p in left if not p.startswith(".colabkit-digests/")] == [claim]   # no temporary, no copy
