@@ -213,6 +213,23 @@ class ResumeConfig:
 
 
 @dataclass(frozen=True)
+class WorkersConfig:
+    """``sync.workers``: this machine is one of `group` workers holding the same checkpoints (see
+    docs/distributed.md, "Elected upload"); a few of them, chosen per checkpoint, upload it."""
+
+    id: int                                 # this worker, 0 .. group-1 (default: GROUP_RANK under torchrun)
+    group: int                              # how many workers (default: WORLD_SIZE / LOCAL_WORLD_SIZE)
+    uploaders: int                          # elected per checkpoint (default: a third of the group, 1..16)
+    takeover_after: float = 1800.0          # the next workers take over when no verified copy appears by then
+    run: str = ""                           # what the workers share (default: TORCHELASTIC_RUN_ID, else project)
+
+
+def default_uploaders(group: int) -> int:
+    """A third of the group (rounded down, as Psyche does), at least 1, at most 16."""
+    return max(1, min(16, group // 3))
+
+
+@dataclass(frozen=True)
 class SyncConfig:
     watch: tuple[str, ...] = ("checkpoints", "logs", "journal.md")
     settle: float = 5.0                     # a file without a manifest is complete once stable this long
@@ -221,6 +238,7 @@ class SyncConfig:
     retry_initial: float = 5.0
     retry_max: float = 600.0
     flush_timeout: float = 600.0            # deadline for the flush at exit / SIGTERM
+    workers: WorkersConfig | None = None    # elected upload among several workers (None: this one uploads all)
 
 
 @dataclass(frozen=True)
@@ -718,6 +736,58 @@ class _Reader:
 _REMOTES = ("local", "drive", "hub")
 
 
+def _env_int(*names: str) -> tuple[int | None, str | None]:
+    for n in names:
+        v = (os.environ.get(n) or "").strip()
+        if v:
+            try:
+                return int(v), n
+            except ValueError:
+                raise ConfigError(f"{n}={v!r} (the environment) is not a whole number", key=n, value=v) from None
+    return None, None
+
+
+def _workers(w: "_Reader", raw: Any, *, project: str) -> WorkersConfig | None:
+    """``sync.workers``: id and group (given, or from torchrun's environment), uploaders, takeover_after."""
+    if raw is None:
+        return None
+    gid, gsrc = _env_int("COLABKIT_WORKER_ID", "GROUP_RANK")
+    group_env, _ = _env_int("COLABKIT_WORKER_GROUP")
+    if group_env is None:
+        ws, _ = _env_int("WORLD_SIZE")
+        lws, _ = _env_int("LOCAL_WORLD_SIZE")
+        if ws and lws and ws % lws == 0:
+            group_env = ws // lws
+    group = w.int("group", group_env, minimum=1)
+    if group is None:
+        raise ConfigError("sync.workers.group: missing; give the number of workers (e.g. torchrun's --nnodes), "
+                          "or set COLABKIT_WORKER_GROUP", key="sync.workers.group", value=None)
+    wid = w.int("id", gid, minimum=0)
+    if wid is None:
+        raise ConfigError("sync.workers.id: missing; give this worker's number, 0 to group - 1 (torchrun's "
+                          "GROUP_RANK), or set COLABKIT_WORKER_ID", key="sync.workers.id", value=None)
+    if wid >= group:
+        raise ConfigError(f"sync.workers.id: {wid} must be below sync.workers.group ({group}); workers are numbered "
+                          f"0 to {group - 1}", key="sync.workers.id", value=wid)
+    up = w.int("uploaders", default_uploaders(group), minimum=1)
+    if up > group:
+        raise ConfigError(f"sync.workers.uploaders: {up} must be between 1 and sync.workers.group ({group})",
+                          key="sync.workers.uploaders", value=up)
+    takeover = w.duration("takeover_after", WorkersConfig.takeover_after)
+    if takeover <= 0:
+        raise ConfigError(f"sync.workers.takeover_after: {w.raw('takeover_after', None)!r} must be longer than 0; "
+                          "use e.g. 30m", key="sync.workers.takeover_after", value=takeover)
+    run = w.str("run", None) or (os.environ.get("TORCHELASTIC_RUN_ID") or "").strip() or project
+    if not run:
+        raise ConfigError("sync.workers.run: missing and there is no project name; give the run a name every "
+                          "worker shares", key="sync.workers.run", value=None)
+    if "/" in run or run.startswith("."):
+        raise ConfigError(f"sync.workers.run: {run!r} must be a plain name (no '/', not starting with '.')",
+                          key="sync.workers.run", value=run)
+    w.done()
+    return WorkersConfig(id=wid, group=group, uploaders=up, takeover_after=takeover, run=run)
+
+
 def _tier(data: Any, index: int, default: TierConfig | None) -> TierConfig:
     r = _Reader(data, f"tiers[{index}]")
     name = r.str("name", default.name if default else None)
@@ -814,7 +884,8 @@ def _build(data: Mapping[str, Any], *, root: Path, source: Path | None) -> Confi
         poll=s.raw("poll", None), poll_interval=s.duration("poll_interval", SyncConfig.poll_interval),
         retry_initial=s.duration("retry_initial", SyncConfig.retry_initial),
         retry_max=s.duration("retry_max", SyncConfig.retry_max),
-        flush_timeout=s.duration("flush_timeout", SyncConfig.flush_timeout))
+        flush_timeout=s.duration("flush_timeout", SyncConfig.flush_timeout),
+        workers=_workers(s.section("workers"), s.raw("workers", None), project=top.str("project", None) or root.name))
     for name in ("poll_interval", "retry_initial", "retry_max", "flush_timeout"):
         if getattr(sync, name) <= 0:
             raise ConfigError(f"sync.{name}: {s.raw(name, None)!r} must be longer than 0; use e.g. 10s",

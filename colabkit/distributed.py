@@ -40,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import CheckpointError, IntegrityError, NoCheckpointError
 from .fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, is_temporary
@@ -243,6 +243,36 @@ def classify_folder(folder: str | os.PathLike, *, any_name: bool = False) -> Che
     if _safetensors_index(folder) is not None or (folder / "model.safetensors").is_file():
         files = _listing(folder)
         return CheckpointUnit(folder, step, "safetensors", sum(s for _, s in files), None, files)
+    return None
+
+
+def listing_kind(name: str, names: Iterable[str], *, tracked: int | str | bool | None = None) -> str | None:
+    """The kind of checkpoint folder a tier's listing shows, or None when it is not a complete one.
+
+    The same markers :func:`classify_folder` reads on disk, judged from names alone (a remote tier has no file
+    to open): `names` are the paths of the folder's files relative to it (POSIX separators). ``iter_N`` is
+    Megatron's only when `tracked` says the parent holds ``latest_checkpointed_iteration.txt`` (its iteration,
+    ``"release"``, or True when present but not read) and N is not beyond it.
+
+    Example:
+        >>> listing_kind("checkpoint-300", [".metadata", "__0_0.distcp"])
+        'dcp'
+    """
+    step = folder_step(name)
+    if step is None:
+        return None
+    top = {n for n in names if "/" not in n}
+    if FOLDER_MANIFEST in top:
+        return "folder"
+    if name.startswith("iter_"):
+        if tracked is None or tracked is False or (isinstance(tracked, int) and not isinstance(tracked, bool)
+                                                   and step > tracked):
+            return None
+        return "megatron"
+    if DCP_METADATA in top:
+        return "dcp"
+    if "model.safetensors" in top or any(n.endswith(".safetensors.index.json") for n in top):
+        return "safetensors"
     return None
 
 

@@ -142,6 +142,11 @@ class RemoteUploadCapError(RemoteQuotaError):
     frees itself: the sync tier pauses and tries again later (``retry_after`` seconds, when known)."""
 
 
+class UploadCancelled(ColabkitError):
+    """An elected upload stopped at a chunk boundary because another worker's verified copy won (see
+    :mod:`colabkit.elect`); what it had started is cleaned up. Not a failure: the tier holds the checkpoint."""
+
+
 class CheckpointError(ColabkitError):
     """A checkpoint could not be written or read."""
 

@@ -171,7 +171,16 @@ def preflight(experiment: str, *, config: "Config | None" = None, max_vram: int 
         for t in cfg.tiers:
             try:
                 with open_remote(cfg, t) as r:
-                    r.check_access()
+                    if cfg.sync.workers is not None and getattr(r, "supports_claims", False):
+                        # one of several workers: the proof of write access is its membership record on
+                        # the tier (colabkit.elect); a worker that cannot write is excluded, not stopped
+                        from .elect import TierElection
+                        note = TierElection(cfg.sync.workers, r, t.name).join()
+                        if note:
+                            warnings.append(note)
+                            continue
+                    else:
+                        r.check_access()
             except (ColabkitError, OSError) as e:
                 raise PreflightError(
                     f"{experiment}: cannot write to sync tier {t.name!r}: {redact(str(e))}; fix its access "

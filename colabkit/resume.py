@@ -125,6 +125,9 @@ class Candidate:
     #: a checkpoint folder (a sharded save): its files' RemoteFile records by path inside the folder (remotes)
     folder: bool = False
     records: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: a folder's kind (colabkit.distributed.CheckpointUnit.kind): ``folder`` has a manifest; ``dcp``,
+    #: ``safetensors`` and ``megatron`` (other tools' folders) are verified by loading once fetched
+    kind: str | None = None
 
     @property
     def local(self) -> bool:
@@ -137,7 +140,7 @@ class Candidate:
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source, "step": self.step, "path": self.path, "size": self.size,
                 "sha256": self.sha256, "verified": self.verified, "manifest": self.manifest is not None,
-                "folder": self.folder}
+                "folder": self.folder, "kind": self.kind if self.folder else "file"}
 
 
 @dataclass
@@ -372,7 +375,7 @@ def _ask_local(directory: Path) -> SourceReport:
     for info in reversed(infos):
         if getattr(info, "is_folder", False):
             c = Candidate(LOCAL, info.step, str(info.path), info.size, None,
-                          manifest=dict(info.manifest) if info.manifest else None, folder=True)
+                          manifest=dict(info.manifest) if info.manifest else None, folder=True, kind=info.kind)
         else:
             if hasattr(info, "is_folder"):
                 info = info.info()
@@ -414,17 +417,21 @@ def _ask_remote(cfg: "Config", name: str, remote: "Remote | None", prefix: str,
             step = step_of(base)
             if step is not None:
                 cands.append((step, f))
-        folders = _remote_folders(files, prefix)
-        for fpath, (manifest_rec, recs) in folders.items():
-            from .distributed import folder_step
-            cands.append((folder_step(posixpath.basename(fpath)) or 0, manifest_rec))
-        cands.sort(key=lambda x: (x[0], x[1].path), reverse=True)
         with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "resume-") as tmp:
+            tracked = _remote_tracker(remote, files, prefix, Path(tmp), retry, name)
+            folders = _remote_folders(files, prefix, tracked=tracked)
+            for fpath, (key_rec, recs, kind) in folders.items():
+                from .distributed import folder_step
+                cands.append((folder_step(posixpath.basename(fpath)) or 0, key_rec))
+            cands.sort(key=lambda x: (x[0], x[1].path), reverse=True)
+            stands_for = {id(v[0]): k for k, v in folders.items()}
             for step, f in cands:
-                fpath = posixpath.dirname(f.path)
-                if fpath in folders and folders[fpath][0] is f:
-                    c = Candidate(name, step, fpath, sum(r.size for r in folders[fpath][1].values()), record=f,
-                                  manifest_record=f, folder=True, records=folders[fpath][1])
+                fpath = stands_for.get(id(f))
+                if fpath is not None:
+                    key_rec, recs, kind = folders[fpath]
+                    c = Candidate(name, step, fpath, sum(r.size for r in recs.values()), record=key_rec,
+                                  manifest_record=key_rec if kind == "folder" else None, folder=True, records=recs,
+                                  kind=kind)
                 else:
                     c = Candidate(name, step, f.path, f.size, record=f, manifest_record=by_path.get(f.path + ".json"))
                 if rep.newest is None:
@@ -451,11 +458,36 @@ def _ask_remote(cfg: "Config", name: str, remote: "Remote | None", prefix: str,
     return rep
 
 
-def _remote_folders(files: Sequence["RemoteFile"], prefix: str) -> dict[str, tuple[Any, dict[str, Any]]]:
-    """The checkpoint folders of a tier's listing directly under `prefix`: {folder path: (its manifest's
-    record, {path inside the folder: record})}. Only folders whose manifest is there (sync uploads it last)."""
-    from .distributed import FOLDER_MANIFEST, folder_step
-    out: dict[str, tuple[Any, dict[str, Any]]] = {}
+def _remote_tracker(remote: "Remote", files: Sequence["RemoteFile"], prefix: str, tmp: Path, retry: "_Retry",
+                    name: str) -> int | str | None:
+    """The iteration in the tier's ``latest_checkpointed_iteration.txt`` under `prefix` (Megatron's tracker),
+    read only when an ``iter_N/`` folder is there; None without one (or unreadable)."""
+    from .distributed import MEGATRON_TRACKER
+    tracker = f"{prefix}/{MEGATRON_TRACKER}" if prefix else MEGATRON_TRACKER
+    rec = next((f for f in files if f.path == tracker), None)
+    if rec is None or not any(f.path[len(prefix) + 1 if prefix else 0:].startswith("iter_") for f in files):
+        return None
+    dst = tmp / MEGATRON_TRACKER
+    retry.run(lambda: remote.get(rec.path, dst, expected=rec), f"{name}: reading {rec.path}")
+    text = dst.read_text(encoding="utf-8", errors="replace").strip()
+    if text == "release":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        log.warning("%s: %s holds %r, not an iteration: its iter_N folders are not resume candidates", name,
+                    rec.path, text[:40])
+        return None
+
+
+def _remote_folders(files: Sequence["RemoteFile"], prefix: str, *, tracked: int | str | None = None
+                    ) -> dict[str, tuple[Any, dict[str, Any], str]]:
+    """The checkpoint folders of a tier's listing directly under `prefix`: {folder path: (the record that stands
+    for it, {path inside the folder: record}, kind)}. A colabkit folder only once its manifest is there (sync
+    uploads it last; the manifest's record stands for it); another tool's folder once its marker is (DCP's
+    ``.metadata``, the safetensors index, Megatron's tracker beside it: :func:`colabkit.distributed.listing_kind`)."""
+    from .distributed import FOLDER_MANIFEST, folder_step, listing_kind
+    out: dict[str, tuple[Any, dict[str, Any], str]] = {}
     inside: dict[str, dict[str, Any]] = {}
     for f in files:
         rest = f.path[len(prefix) + 1:] if prefix and f.path.startswith(prefix + "/") else (
@@ -468,8 +500,11 @@ def _remote_folders(files: Sequence["RemoteFile"], prefix: str) -> dict[str, tup
         fpath = f"{prefix}/{top}" if prefix else top
         inside.setdefault(fpath, {})[sub] = f
     for fpath, recs in inside.items():
-        if FOLDER_MANIFEST in recs:
-            out[fpath] = (recs[FOLDER_MANIFEST], recs)
+        kind = listing_kind(posixpath.basename(fpath), recs, tracked=tracked)
+        if kind == "folder":
+            out[fpath] = (recs[FOLDER_MANIFEST], recs, kind)
+        elif kind is not None:
+            out[fpath] = (recs[sorted(recs)[0]], recs, kind)
     return out
 
 
@@ -507,6 +542,9 @@ def _check_remote_folder(remote: "Remote", c: Candidate, tmp: Path) -> None:
 
 def _check_remote_candidate(remote: "Remote", c: Candidate, tmp: Path) -> None:
     """Read a remote candidate's manifest; refuse it when the record disagrees with the manifest."""
+    if c.folder and c.kind not in (None, "folder"):
+        c.verified = False  # another tool's folder: no hashes to check against; verified by loading once fetched
+        return
     if c.folder:
         return _check_remote_folder(remote, c, tmp)
     if c.manifest_record is None:
@@ -733,10 +771,15 @@ def _fetch_folder(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict
                   progress: bool) -> Path:
     """A checkpoint folder, whole: every file fetched into a temporary folder and checked against the sha256
     its manifest records while it is copied, the manifest written last, then the folder renamed into place
-    (a partial fetch never sits under the final name). The folder's path goes to train.py."""
+    (a partial fetch never sits under the final name). The folder's path goes to train.py.
+
+    Another tool's folder (no manifest) is fetched file by file, each checked against the tier's record of it,
+    then verified by loading (:func:`colabkit.distributed.verify_unit`) before it is renamed into place."""
     import shutil
     from .distributed import FOLDER_MANIFEST, classify_folder, verify_unit
     from .fsutil import fsync_dir
+    if c.folder and c.kind not in (None, "folder"):
+        return _fetch_foreign_folder(plan, c, target_dir, opened)
     if c.local:
         src = Path(c.path)
         if not c.verified:
@@ -813,6 +856,95 @@ def _fetch_folder(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict
     log.info("fetched checkpoint folder %s step %d (%d files) from %s to %s", final.name, c.step,
              len(c.manifest["files"]), c.source, final)
     return final
+
+
+def _fetch_foreign_folder(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[str, Any]) -> Path:
+    """Another tool's folder (DCP, safetensors, Megatron): fetched whole into a temporary folder (each file
+    checked against the tier's record of it: size, and the sha256 / md5 / git id the tier keeps), verified by
+    loading, then renamed into place. A Megatron ``iter_N/`` gets the tracker beside it, so that it is a
+    checkpoint there too (and Megatron's own ``--load`` finds it)."""
+    import shutil
+    from .distributed import CheckpointUnit, classify_folder, verify_unit
+    from .fsutil import fsync_dir
+    name = posixpath.basename(c.path.replace(os.sep, "/"))
+    final = target_dir / name
+    if c.local:
+        src = Path(c.path)
+        unit = classify_folder(src, any_name=True)
+        if unit is None:
+            raise IntegrityError(f"{src} is no longer a complete checkpoint folder", path=str(src))
+        if not c.verified:
+            verify_unit(unit)
+            c.verified = True
+        if src.parent.resolve() == target_dir.resolve():
+            return src
+        listing = {rel: size for rel, size in unit.files}
+    else:
+        listing = {rel: rec.size for rel, rec in c.records.items()}
+        have = classify_folder(final, any_name=True) if final.is_dir() else None
+        if have is not None and have.kind == c.kind and dict(have.files) == listing:
+            with contextlib.suppress(IntegrityError):   # already here, as the tier holds it
+                verify_unit(have)
+                log.info("%s already holds %s, verified by loading", target_dir, name)
+                _point_foreign(final, c)
+                return final
+    target_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target_dir / f"{TMP_PREFIX}{name}.resume{os.getpid()}-{threading.get_ident() % 10**6}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    ok = False
+    try:
+        remote = None
+        if not c.local:
+            remote = plan.remotes.get(c.source) or opened.get(c.source)
+            if remote is None:
+                from .remotes import open_remote
+                remote = opened[c.source] = open_remote(plan.config, c.source)
+        for rel in sorted(listing):
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if c.local:
+                shutil.copyfile(Path(c.path) / rel, dst)
+            else:
+                remote.get(c.records[rel].path, dst, expected=c.records[rel])
+            size = dst.stat().st_size
+            if size != listing[rel]:
+                raise IntegrityError(f"{c.source}: {c.path}/{rel} is {size} bytes, the tier listed "
+                                     f"{listing[rel]}; the copy was discarded", path=f"{c.path}/{rel}")
+        unit = CheckpointUnit(tmp, c.step, c.kind or "dcp", sum(listing.values()), None,
+                              tuple(sorted(listing.items())))
+        try:
+            verify_unit(unit)
+        except IntegrityError as e:
+            raise IntegrityError(f"{c.source}: {c.path} does not load once fetched ({e}); the copy was "
+                                 "discarded", path=c.path) from e
+        fsync_dir(tmp)
+        if final.exists():
+            old = target_dir / f"{TMP_PREFIX}{final.name}.replaced{os.getpid()}-0"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(target_dir)
+        ok = True
+    finally:
+        if not ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+    c.verified = True
+    _point_foreign(final, c)
+    log.info("fetched %s folder %s step %d (%d files) from %s to %s, verified by loading", c.kind, name, c.step,
+             len(listing), c.source, final)
+    return final
+
+
+def _point_foreign(folder: Path, c: Candidate) -> None:
+    """``latest``, and for a Megatron folder the tracker beside it unless it already names this iteration or a
+    later one (Megatron writes its tracker after a save; without it the folder is no checkpoint)."""
+    from .distributed import MEGATRON_TRACKER, _megatron_tracker
+    if c.kind == "megatron":
+        tracked = _megatron_tracker(folder.parent)
+        if tracked is None or (isinstance(tracked, int) and tracked < c.step):
+            atomic_write_bytes(folder.parent / MEGATRON_TRACKER, f"{c.step}".encode(), durable=False)
+    _point_latest(folder, c.step)
 
 
 def _point_latest(folder: Path, step: int) -> None:

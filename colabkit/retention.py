@@ -344,7 +344,11 @@ def make_room(directory: str | os.PathLike, needed: int, *, config: "Config | No
     for c in order:
         if free_bytes(directory) >= needed:
             break
-        freed += _delete(c)
+        n = _delete(c)
+        freed += n
+        if n and not c.eligible:
+            log.info("disk guard: deleted %s inside retention.keep_local (it has verified copies) to keep %d bytes "
+                     "free in %s", c.path.name, needed, directory)
     free = free_bytes(directory)
     if free >= needed:
         _note(directory, "pruned" if freed else "ok", free, f"freed {freed} bytes")

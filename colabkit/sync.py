@@ -21,7 +21,9 @@ not an error: a Drive tier counts what it uploaded per rolling 24 h (the ledger)
 too; status says ``paused until HH:MM`` and the tier resumes by itself. Files a tier will never upload
 (``max_file_size``, their manifests, older checkpoints under ``latest_only``) are ``skipped``, with the reason.
 After a tick records a checkpoint, local checkpoints beyond ``retention.keep_local`` that the required tiers
-hold are deleted (:func:`colabkit.retention.prune`).
+hold are deleted (:func:`colabkit.retention.prune`). With ``sync.workers`` (several machines holding the same
+checkpoints), each checkpoint goes through an election first (:mod:`colabkit.elect`): a tier uploads it only
+under this worker's lease, and records another worker's verified copy instead (``uploaded_by``).
 
 Example:
     >>> from colabkit import sync
@@ -159,6 +161,12 @@ def tier_notes(t: Mapping[str, Any]) -> list[str]:
         out.append(f"{t.get('paused') or 'paused'}: {t.get('pause_reason') or ''}".rstrip(": "))
     if t.get("skipped"):
         out.append(f"skipped {t['skipped']} ({describe_skipped(t.get('skipped_files') or {})})")
+    w = t.get("workers") or {}
+    if w.get("excluded"):
+        out.append(f"worker {w.get('id')} is excluded from this tier's upload elections (it cannot write here)")
+    if w.get("watching"):
+        n = len(w["watching"])
+        out.append(f"watching for {n} checkpoint{'s' if n != 1 else ''} another worker uploads")
     return out
 
 
@@ -426,12 +434,15 @@ class TierSyncer(threading.Thread):
         self._unit_key_of: dict[str, str] = {}      # rel of a file in a checkpoint folder -> the folder's key
         self._units: dict[str, FolderUnit] = {}     # the complete checkpoint folders of the current tick
         self._bad_units: dict[str, tuple[Any, str]] = {}  # key -> (the files' stat when refused, why)
+        self.elect: Any = None                      # a colabkit.elect.TierElection with sync.workers
+        self._watching: dict[str, str] = {}         # elected checkpoints another worker uploads: key -> what we wait for
         self.snap: dict[str, Any] = {
             "tier": tier.name, "remote": remote.describe() if remote else None, "state": "starting",
             "every": self.every, "last_upload": None, "last_tick": None, "next_due": None, "pending_files": 0,
             "pending_bytes": 0, "last_error": None, "last_error_at": None, "last_error_kind": None,
             "uploaded": 0, "uploaded_bytes": 0,
-            "skipped": 0, "errors": 0, "retry_at": None, "current": None, "last_uploaded": None}
+            "skipped": 0, "errors": 0, "retry_at": None, "current": None, "last_uploaded": None,
+            "held_by_others": 0, "cancelled": 0}
         if open_error is not None:
             self._set_fatal(open_error)
 
@@ -454,6 +465,12 @@ class TierSyncer(threading.Thread):
             s["paused"] = f"paused until {_hhmm(paused)}" if paused else None
             s["pause_reason"] = self._pause_reason if paused else None
             s["deferred_files"] = len(self._deferred) if paused else 0
+            if self.elect is not None:
+                s["workers"] = {"id": self.elect.w.id, "group": self.elect.w.group, "run": self.elect.w.run,
+                                "member": self.elect.member, "excluded": self.elect.excluded,
+                                "watching": dict(self._watching)}
+                if self._watching and s["state"] in ("idle", "retrying"):
+                    s["state"] = "watching"
             if paused and s["state"] in ("idle", "scanning"):
                 s["state"] = "paused"
             now_m, now = time.monotonic(), time.time()
@@ -903,6 +920,9 @@ class TierSyncer(threading.Thread):
                                md5=None, remote_id=None, local_size=size, local_mtime_ns=mtime_ns)
             with self.ledger.lock:
                 self.ledger.entries[key]["files"] = len(files)
+                by = {(self.ledger.entries.get(f.rel) or {}).get("uploaded_by") for f in files}
+                if len(by) == 1 and None not in by:   # elected upload: the worker whose copy the tier holds
+                    self.ledger.entries[key]["uploaded_by"] = by.pop()
             self.ledger.save()
             self._ckpt_recorded = True
             _activity.info("%s: checkpoint folder %s complete (%d files, %d bytes)", self.tier.name, key,
@@ -938,7 +958,19 @@ class TierSyncer(threading.Thread):
             self._pending = {f.rel: f.size for f, _ in due}
             self._pending.update({f.rel: f.size for f in unsettled})
             self.snap["last_tick"] = time.time()
+        refused = len(self._bad_units)
         ok = self._upload(due)
+        while ok and self.tier.latest_only and len(self._bad_units) > refused:
+            # the newest checkpoint, which latest_only had chosen over the older ones, was refused as corrupt
+            # while it went up: choose again now, or the newest good one waits for the next tick (hours)
+            refused = len(self._bad_units)
+            files, units = self._scan()
+            again, still = self._select(files, final=final, units=units, settled=settled)
+            again = [(f, s) for f, s in again if f.unit not in self._bad_units]
+            with self._lock:
+                self._pending.update({f.rel: f.size for f, _ in again})
+            unsettled = still
+            ok = self._upload(again)
         self._finish_units()
         if self._ckpt_recorded:
             # retention in the default flow: the verified copies just recorded may let older checkpoints go
@@ -952,13 +984,25 @@ class TierSyncer(threading.Thread):
                 self.snap["last_error_kind"] = None
                 self.snap["retry_at"] = None
             if self.fatal is None:
-                self.snap["state"] = "retrying" if self._next_attempt > time.monotonic() else "idle"
+                self.snap["state"] = ("watching" if self._watching else
+                                      "retrying" if self._next_attempt > time.monotonic() else "idle")
             self.snap["current"] = None
         self.group.persist_status(force=bool(due) or not ok)
         return ok and not unsettled
 
     def _upload(self, due: list[tuple[LocalFile, str | None]]) -> bool:
-        """Upload `due` in order. Returns True when nothing is left but what a daily upload cap defers."""
+        """Upload `due` in order. Returns True when nothing is left but what a daily upload cap defers.
+
+        With ``sync.workers``, checkpoints go through the election first (:meth:`_upload_elected`)."""
+        if self.elect is None:
+            self._watching = {}
+            return self._upload_plain(due)
+        due, ok = self._upload_elected(due)
+        if self.fatal is not None:
+            return False
+        return self._upload_plain(due) and ok
+
+    def _upload_plain(self, due: list[tuple[LocalFile, str | None]]) -> bool:
         now = time.time()
         with self._lock:
             self._deferred = {}
@@ -1028,6 +1072,187 @@ class TierSyncer(threading.Thread):
         finally:
             with self._lock:
                 self._deferred = deferred
+
+    # -- elected upload (sync.workers; colabkit.elect) ----------------------------------------------
+    def _elected_groups(self, due: list[tuple[LocalFile, str | None]]
+                        ) -> tuple[dict[str, tuple[int, str, list[tuple[LocalFile, str | None]]]],
+                                   list[tuple[LocalFile, str | None]]]:
+        """({checkpoint key: (step, its local path, its due files)}, the other due files). A checkpoint is a
+        checkpoint folder, or a checkpoint file with its manifest (keyed by the data file)."""
+        groups: dict[str, tuple[int, str, list[tuple[LocalFile, str | None]]]] = {}
+        rest: list[tuple[LocalFile, str | None]] = []
+        for f, sha in due:
+            if f.unit is not None:
+                u = self._units.get(f.unit)
+                if u is None:
+                    rest.append((f, sha))
+                    continue
+                groups.setdefault(f.unit, (u.step, u.path, []))[2].append((f, sha))
+                continue
+            base = os.path.basename(f.path)
+            if f.path.endswith(".json"):
+                step, key, data = _step_of(base[:-5]), f.rel[:-5], f.path[:-5]
+            else:
+                step, key, data = _step_of(base), f.rel, f.path
+            if step is None:
+                rest.append((f, sha))
+                continue
+            groups.setdefault(key, (step, data, []))[2].append((f, sha))
+        return groups, rest
+
+    def _content_tag(self, key: str, local: str) -> str:
+        """What keys a checkpoint's claim: its content (not its manifest, whose timestamps differ per worker)."""
+        from .elect import content_tag
+        u = self._units.get(key)
+        if u is None:
+            size = os.stat(local).st_size
+            return content_tag(_manifest_sha(local, size) or hash_file(local).sha256)
+        import hashlib
+        h = hashlib.sha256()
+        if u.unit is not None and u.unit.manifest is not None:
+            for m in sorted(u.unit.manifest["files"], key=lambda m: m["path"]):
+                h.update(f"{m['path']}\0{m['size']}\0{m['sha256']}\n".encode())
+        else:
+            marker = u.marker()
+            for f in sorted(u.files, key=lambda f: f.rel):
+                h.update(f"{f.rel[len(key):]}\0{f.size}\n".encode())
+                if marker is not None and f.rel == key + marker:
+                    h.update(hash_file(f.path).sha256.encode())
+        return content_tag(h.hexdigest())
+
+    def _upload_elected(self, due: list[tuple[LocalFile, str | None]]
+                        ) -> tuple[list[tuple[LocalFile, str | None]], bool]:
+        """Each due checkpoint: record it when another worker's verified copy is on the tier, upload it when
+        this worker holds its lease, else leave it pending and look again soon. Returns (the other due
+        files, whether nothing elected is left waiting)."""
+        groups, rest = self._elected_groups(due)
+        watching: dict[str, str] = {}
+        ok = True
+        for key, (step, local, files) in groups.items():
+            if self._stop_evt.is_set():
+                return rest, False
+            try:
+                rkey = self.group.config.remote_path(local)
+                tag = self._content_tag(key, local)
+                d = self.elect.decide(rkey, tag, step)
+                if d.action == "held":
+                    if not self._record_held(key, files, by=d.by):
+                        watching[key] = "the claimed copy does not verify yet"
+                        ok = False
+                    else:
+                        self.elect.forget(rkey, tag)
+                    continue
+                if d.action == "wait":
+                    watching[key] = d.note
+                    ok = False
+                    continue
+                won = self._upload_claimed(key, rkey, tag, files)
+                if won is None:   # another worker's copy won meanwhile
+                    with self._lock:
+                        self.snap["cancelled"] += 1
+                    claim = self.elect.claim_of(rkey, tag) or {}
+                    if not self._record_held(key, files, by=claim.get("worker")):
+                        watching[key] = "the claimed copy does not verify yet"
+                        ok = False
+                    continue
+                self.elect.forget(rkey, tag)
+            except FATAL as e:
+                self._set_fatal(e)
+                return [], False
+            except IntegrityError as e:   # a file changed while it was uploaded: again once it settles
+                _activity.info("%s: %s", self.tier.name, e)
+                self._backoff(None)
+                return rest, False
+            except (RemoteError, OSError) as e:
+                self._record_error(e)
+                self._backoff(getattr(e, "retry_after", None))
+                return rest, False
+        with self._lock:
+            self._watching = watching
+        if watching:
+            poll = self.elect.poll_interval()
+            self._next_due = min(self._next_due, time.monotonic() + poll)
+            self._next_attempt = max(self._next_attempt, time.monotonic() + poll)   # a flush looks again then
+        return rest, ok
+
+    def _digest_of(self, f: LocalFile, sha: str | None) -> FileDigest:
+        return FileDigest(f.size, sha, None) if sha is not None else hash_file(f.path)
+
+    def _record_held(self, key: str, files: list[tuple[LocalFile, str | None]], *, by: Any) -> bool:
+        """Record the due files of checkpoint `key` as held when the tier holds exactly their bytes (a
+        manifest, whose timestamps differ per worker: the winner's copy of it). False while it does not."""
+        from .distributed import FOLDER_MANIFEST
+        items, manifests = [], []
+        for f, sha in files:
+            rp = self.group.config.remote_path(f.path)
+            is_manifest = (f.unit is None and f.path.endswith(".json")) or f.rel == (f.unit or "") + FOLDER_MANIFEST
+            (manifests if is_manifest else items).append((f, rp, self._digest_of(f, sha) if not is_manifest else None))
+        got = self.remote.holds([(Path(f.path), rp, d) for f, rp, d in items]) if items else {}
+        if any(got.get(rp) is None for _f, rp, _d in items):
+            return False
+        mrecs = self.remote.stat_many([rp for _f, rp, _d in manifests]) if manifests else {}
+        if any(mrecs.get(rp) is None for _f, rp, _d in manifests):
+            return False
+        for f, rp, d in items + manifests:
+            rec = got.get(rp) or mrecs.get(rp)
+            self.ledger.record(f.rel, remote_path=rp, size=rec.size, sha256=rec.sha256 or (d.sha256 if d else None),
+                               md5=rec.md5, remote_id=rec.id, local_size=f.size, local_mtime_ns=f.mtime_ns, save=False)
+            with self.ledger.lock:
+                self.ledger.entries[f.rel]["uploaded_by"] = by
+            with self._lock:
+                self._pending.pop(f.rel, None)
+        self.ledger.save()
+        self._ckpt_recorded = True
+        with self._lock:
+            self.snap["held_by_others"] += 1
+        _activity.info("%s: %s is held by the tier (uploaded by worker %s); not uploaded by this one",
+                       self.tier.name, key, by)
+        return True
+
+    def _upload_claimed(self, key: str, rkey: str, tag: str, files: list[tuple[LocalFile, str | None]]
+                        ) -> list[Any] | None:
+        """Upload checkpoint `key` under this worker's lease, and claim it (one commit on the Hub). None when
+        another worker's claim won first (this upload stopped at a chunk boundary and cleaned up)."""
+        from .errors import UploadCancelled
+        items, digests, metas = [], {}, []
+        for f, sha in files:
+            rp = self.group.config.remote_path(f.path)
+            d = FileDigest(f.size, sha, None) if sha is not None else hash_file(f.path)
+            items.append((Path(f.path), rp))
+            digests[rp] = d
+            metas.append((f, d))
+            self.ledger.begin(f.rel, remote_path=rp, size=f.size, sha256=d.sha256, save=False)
+        self.ledger.save()
+        claim = self.elect.claim_path(rkey, tag)
+        last = [time.monotonic()]
+
+        def progress(_n: int) -> None:   # at each chunk boundary: has another worker's copy won?
+            now = time.monotonic()
+            if _n == 0 or now - last[0] >= min(1.0, self.elect.poll_interval()):
+                last[0] = now
+                if self._stop_evt.is_set() or self.elect.claimed(rkey, tag):
+                    raise UploadCancelled(f"{self.tier.name}: {key}: another worker's copy won")
+        with self._lock:
+            self.snap["current"] = key
+            self.snap["state"] = "uploading"
+        try:
+            recs = self.remote.put_claimed(items, claim=claim, record=self.elect.record(key=rkey, tag=tag),
+                                           digests=digests, progress=progress)
+        except UploadCancelled:
+            recs = None
+        if recs is None:
+            for f, _d in metas:
+                self.ledger.abandon(f.rel, save=False)
+            self.ledger.save()
+            _activity.info("%s: %s: another worker's copy won; this upload stopped", self.tier.name, key)
+            return None
+        for (f, d), rec in zip(metas, recs):
+            self._recorded(f, rec, d.sha256, d)
+            with self.ledger.lock:
+                self.ledger.entries[f.rel]["uploaded_by"] = self.elect.w.id
+        self.ledger.save()
+        _activity.info("%s: worker %d uploaded and claimed %s", self.tier.name, self.elect.w.id, key)
+        return recs
 
     # -- a daily upload cap (Drive) ----------------------------------------------------------------
     def _daily_cap(self) -> int | None:
@@ -1131,7 +1356,12 @@ class TierSyncer(threading.Thread):
         rec = self.remote.put(Path(f.path), remote_path, digest=digest,
                               upload_state=self.ledger.upload_state(f.rel))
         if rec.sha256 is not None and rec.sha256 != sha:
-            # the manifest and the bytes disagree: do not record a copy that is not what the manifest says
+            # the manifest and the bytes disagree: do not record (or keep) a copy that is not what it says
+            try:
+                self.remote.delete(rec.path)
+            except Exception as e:   # a copy no manifest vouches for is never a resume candidate: say, carry on
+                log.warning("%s: could not remove %s, which does not match its manifest: %s", self.tier.name,
+                            rec.path, _fmt_err(e))
             raise IntegrityError(f"{self.tier.name}: {f.rel} does not match its manifest's sha256 "
                                  f"({rec.sha256} vs {sha}); it will be retried when it changes",
                                  path=f.rel, expected=sha, actual=rec.sha256)
@@ -1364,6 +1594,19 @@ class SyncGroup:
             s = TierSyncer(self, t, remote, Ledger.load(config.state_dir, t.name),
                            every=float(every if every is not None else t.every), open_error=err)
             self.syncers.append(s)
+        self.notes: list[str] = []       # what start() has to say (a worker excluded from elections, ...)
+        if config.sync.workers is not None:
+            from .elect import TierElection
+            for s in self.syncers:
+                if s.remote is None or s.fatal is not None:
+                    continue
+                if not getattr(s.remote, "supports_claims", False):
+                    note = (f"tier {s.tier.name!r}: elected upload is not available for {s.remote.kind} tiers yet "
+                            "(local and hub tiers only); every worker uploads its checkpoints to it")
+                    self.notes.append(note)
+                    log.warning("%s", note)
+                    continue
+                s.elect = TierElection(config.sync.workers, s.remote, s.tier.name)
         self.observer: Any = None
         self.poll = bool(config.sync.poll) if config.sync.poll is not None else None
         self._guard_lock = threading.Lock()
@@ -1462,6 +1705,12 @@ class SyncGroup:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self._log_path = self.config.state_dir / "logs" / "sync.log"
         _attach_log(self._log_path)
+        for s in self.syncers:
+            # before joining: prove write access by publishing the membership record (colabkit.elect)
+            if s.elect is not None:
+                note = s.elect.join()
+                if note:
+                    self.notes.append(note)
         self.observer = self._make_observer()
         self.started_at = time.time()
         for s in self.syncers:
@@ -1592,7 +1841,7 @@ class SyncGroup:
         from . import retention
         g = retention.guard_status()
         mine = {d: v for d, v in g.items() if d in self._ckpt_dirs}
-        return {"running": self.running, "watching": list(self.key), "pid": os.getpid(),
+        return {"running": self.running, "watching": list(self.key), "pid": os.getpid(), "notes": list(self.notes),
                 "polling": getattr(self, "polling", None), "started_at": self.started_at,
                 "tiers": {s.tier.name: s.snapshot() for s in self.syncers}, "disk": mine}
 

@@ -1,16 +1,26 @@
-"""The DDP variant of the template: the same tiny deterministic MLP, trained on every rank of a torchrun group.
+"""The torchrun variant of the template: the same tiny deterministic MLP, trained on every rank of a group.
 
 Run it through ``%train v01 --nproc-per-node 2`` (or ``colabkit train v01 --nproc-per-node auto``), which starts
 ``python -m torch.distributed.run --standalone --nproc-per-node N --max-restarts 0 train.py ARGS`` and supervises
-the whole group as one job; or directly with ``torchrun --standalone --nproc-per-node 2 train_ddp.py``.
+the whole group as one job; or directly with ``torchrun --standalone --nproc-per-node 2 train_ddp.py``. Started
+without torchrun (``%train v01``, ``python train_ddp.py``) it runs as a group of one process.
 
-Every rank builds the same model (seeded), wraps it in ``DistributedDataParallel`` and trains on its own slice
-of the step's batch; DDP averages the gradients, so every rank holds the same weights. Global rank 0 prints the
-progress lines and writes the checkpoints (``Checkpointer.save`` returns at once on the other ranks); every rank
-resumes from ``--resume-from`` / ``COLABKIT_RESUME_FROM``. A run interrupted at any point and resumed from its
-last checkpoint ends with the same weights, bit for bit, as a run that was never interrupted (same world size).
+Two ways to spread the model over the ranks:
 
-Backend: nccl when every rank has a GPU, else gloo (CPU).
+- DDP (the default): every rank builds the same model (seeded), wraps it in ``DistributedDataParallel`` and trains
+  on its own slice of the step's batch; DDP averages the gradients, so every rank holds the same weights. Global
+  rank 0 writes the checkpoint *files* (``Checkpointer.save`` returns at once on the other ranks).
+- ``--sharded``: FSDP2 (``fully_shard``) over a device mesh of every rank: each parameter and its optimizer state
+  are DTensors split across the ranks (each rank holds its shards only), gradients are reduce-scattered. Every
+  rank writes its own shards: ``Checkpointer.save`` writes a checkpoint *folder* through
+  ``torch.distributed.checkpoint`` (``v01_step_00000100/`` with colabkit's manifest), and a resume loads a folder
+  into the model's sharded state dict (resharding to another world size where DCP can).
+
+Global rank 0 prints the progress lines; every rank resumes from ``--resume-from`` / ``COLABKIT_RESUME_FROM``. A run
+interrupted at any point and resumed from its last checkpoint ends with the same weights, bit for bit, as a run
+that was never interrupted (same world size, same mode).
+
+Backend: nccl when every rank has a GPU, else gloo (CPU; FSDP2 runs there too, on a CPU mesh).
 """
 from __future__ import annotations
 
@@ -36,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--features", type=int, default=16)
     p.add_argument("--backend", default="auto", help="auto (nccl with GPUs, else gloo), nccl or gloo")
+    p.add_argument("--sharded", action="store_true",
+                   help="shard the model over the ranks with FSDP2 (DTensors) and save checkpoint folders (DCP) "
+                        "instead of replicating it with DDP")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch per rank (0: torch's default)")
     p.add_argument("--step-delay", type=float, default=0.0,
                    help="seconds to wait after each step (to make a toy run last; 0 in real runs)")
@@ -78,22 +91,48 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dist.init_process_group(backend)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:  # started without torchrun (plain `%train v01`): a group of this one process
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     model = make_model(torch, args.features, args.hidden, args.seed).to(device)
-    ddp = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    opt = torch.optim.Adam(ddp.parameters(), lr=args.lr)
+    if args.sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)   # each layer's parameters become DTensors sharded on dim 0
+        net = fully_shard(model, mesh=mesh)
+    else:
+        net = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     ckpt = Checkpointer(args.checkpoint_dir, prefix=args.prefix)
+
+    def state_to_save(step: int) -> dict:
+        if args.sharded:  # this rank's shards of the model and of Adam's moments
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+            model_sd, optim_sd = get_state_dict(model, opt)
+            return {"step": step, "model": model_sd, "optim": optim_sd}
+        return {"step": step, "model": model.state_dict(), "optim": opt.state_dict()}
 
     step = 0
     if args.resume_from:
-        state = ckpt.load(args.resume_from, map_location=device)  # on every rank; verified against its manifest
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
+        if args.sharded:
+            # every rank loads its shards of the folder into the sharded state dict (DCP, collectively)
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+            state = ckpt.load(args.resume_from, state=state_to_save(0))
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            state = ckpt.load(args.resume_from, map_location=device)  # every rank; verified against its manifest
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optim"])
         step = int(state["step"])
         if rank == 0:
             print(f"resumed from {args.resume_from} at step {step}", flush=True)
     if rank == 0:
-        print(f"training {sum(p.numel() for p in model.parameters())} parameters on {world} ranks ({backend}) "
+        how = f"{backend}, sharded with FSDP2" if args.sharded else backend
+        print(f"training {sum(p.numel() for p in model.parameters())} parameters on {world} ranks ({how}) "
               f"from step {step} to {args.steps}", flush=True)
 
     loss_fn = torch.nn.MSELoss()
@@ -101,15 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         x, y = batch(torch, step + 1, seed=args.seed, batch_size=args.batch_size, features=args.features,
                      rank=rank, world=world, device=device)
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(ddp(x), y)
-        loss.backward()  # DDP averages the gradients across the ranks here
+        loss = loss_fn(net(x), y)
+        loss.backward()  # DDP all-reduces (FSDP2 reduce-scatters) the gradients, averaged across the ranks
         opt.step()
         step += 1
         if rank == 0 and (step % args.log_every == 0 or step == args.steps):
             print(f"step {step} loss {loss.item():.6f}", flush=True)
         if step % args.save_every == 0 or step == args.steps:
-            # replicated state: rank 0 writes it, the other ranks return at once
-            path = ckpt.save(step, {"step": step, "model": model.state_dict(), "optim": opt.state_dict()})
+            # DDP (replicated): rank 0 writes a file, the other ranks return at once;
+            # sharded: every rank writes its shards into one folder, rank 0 adds the manifest (a collective)
+            path = ckpt.save(step, state_to_save(step))
             if rank == 0:
                 print(f"saved checkpoint at iteration {step} to {path}", flush=True)
         if args.step_delay:

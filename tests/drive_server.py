@@ -28,7 +28,8 @@ What it speaks (the subset colabkit and gdown use, with Drive's real shapes):
   a null value removes a key, 124 bytes per key + value) and survive a content update, as on Drive.
 - ``/upload/drive/v3/files[/<id>]``: ``uploadType=multipart`` and ``uploadType=resumable`` (200 + Location to
   start; PUT chunks answered 308 with ``Range`` while incomplete; ``Content-Range: bytes */N`` status
-  queries). Like Drive, a chunk cut off mid-way keeps only whole 256 KiB units.
+  queries). Like Drive, a chunk cut off mid-way keeps only whole 256 KiB units. ``DELETE`` on a session URI
+  ends it (499, as Google's upload protocol answers; listed in ``aborted_sessions``).
 - ``/uc?id=...&export=download``: drive.google.com's public download page for gdown (the file for a public
   file, an HTML sign-in page otherwise).
 
@@ -381,6 +382,7 @@ class DriveServer:
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.files: dict[str, DFile] = {}
         self.sessions: dict[str, Session] = {}
+        self.aborted_sessions: list[str] = []   # resumable sessions a client ended with DELETE
         self.tokens: dict[str, tuple[str, float]] = {}          # access token -> (principal, expiry)
         self.principals: dict[str, str] = {}                    # email -> service_account | user
         self.uploaded: dict[str, int] = {}                      # bytes uploaded per principal
@@ -645,6 +647,16 @@ class DriveServer:
             who = self._auth(h)
             if path.startswith("/upload/drive/v3/files"):
                 fid = path[len("/upload/drive/v3/files"):].strip("/") or None
+                if method == "DELETE" and "upload_id" in query:   # cancel a resumable session (499, as Google's
+                    _drain(h, length)                                  # upload protocol answers)
+                    with self._lock:
+                        s = self.sessions.pop(query["upload_id"], None)
+                        if s is not None:
+                            self.aborted_sessions.append(query["upload_id"])
+                    if s is not None:
+                        with contextlib.suppress(OSError):
+                            s.path.unlink()
+                    return self._json(h, 499, {"error": {"code": 499, "message": "Client Closed Request"}})
                 if method == "PUT" or (method in ("POST", "PATCH") and "upload_id" in query):
                     return self._session_put(h, query, length, who, fault)
                 if query.get("uploadType") == "resumable":

@@ -307,6 +307,59 @@ def test_keep_removes_old_checkpoints_from_the_tip_in_the_same_commit(hub_server
     assert hub_server.count("POST", r"/commit/") == 3  # the deletions rode along with the upload
 
 
+def _folder(tmp: Path, name: str, files: dict[str, bytes], remote_dir: str) -> list[tuple[Path, str]]:
+    """A checkpoint folder's files as put_many items, the manifest (or marker) last, as sync sends them."""
+    last = [n for n in files if n in ("colabkit-manifest.json", ".metadata")]
+    return [(_write(tmp / name / n, files[n]), f"{remote_dir}/{name}/{n}") for n in
+            [n for n in files if n not in last] + last]
+
+
+def test_keep_counts_checkpoint_folders_as_units_and_removes_them_whole(hub_server: HubServer, token_env,
+                                                                        tmp_path: Path):
+    r = make_remote(hub_server, path_prefix="runs", keep=2)
+    ck = "v1/checkpoints"
+    # a folder that never got its manifest (an old tool's partial upload): not a checkpoint, never removed
+    r.put_many(_folder(tmp_path, "v1_step_000050", {"__0_0.distcp": b"x" * 10}, ck))
+    for s in (100, 200, 300):
+        files = {"__0_0.distcp": os.urandom(700), "__1_0.distcp": os.urandom(900), ".metadata": b"meta%d" % s,
+                 "colabkit-manifest.json": b'{"step": %d}' % s}
+        r.put_many(_folder(tmp_path, f"v1_step_{s:06d}", files, ck))
+    names = sorted({f.path.split("/")[2] for f in r.list()})
+    assert names == ["v1_step_000050", "v1_step_000200", "v1_step_000300"]
+    assert len([f for f in r.list() if "/v1_step_000200/" in f.path]) == 4  # every file of a kept folder
+    # the whole folder 100 left in the commit that added 300
+    assert hub_server.commit_messages(REPO)[0] == "colabkit v1: step 300 (4 files, 4 old removed)"
+    assert hub_server.count("POST", r"/commit/") == 4
+
+    # an old folder sent again (a retry after the newer ones got up) is beyond keep but being written: it stays
+    # whole in that commit rather than losing the files not sent again
+    again = _folder(tmp_path, "v1_step_000100", {"__0_0.distcp": b"a" * 700, "colabkit-manifest.json": b"{}"}, ck)
+    r.put_many(again[:1] + again[-1:])
+    assert sorted({f.path.split("/")[2] for f in r.list()}) == ["v1_step_000050", "v1_step_000100",
+                                                                "v1_step_000200", "v1_step_000300"]
+    assert r.prune() == [f"{ck}/v1_step_000100/__0_0.distcp", f"{ck}/v1_step_000100/colabkit-manifest.json"]
+    assert sorted({f.path.split("/")[2] for f in r.list()}) == ["v1_step_000050", "v1_step_000200",
+                                                                "v1_step_000300"]
+
+
+def test_prune_plan_counts_folders_other_tools_wrote_by_their_markers():
+    paths = ["c/checkpoint-100/model.safetensors", "c/checkpoint-100/config.json",
+             "c/checkpoint-200/model-00001-of-00002.safetensors", "c/checkpoint-200/model-00002-of-00002.safetensors",
+             "c/checkpoint-200/model.safetensors.index.json", "c/checkpoint-300/model-00001-of-00002.safetensors",
+             "c/checkpoint-400/.metadata", "c/checkpoint-400/__0_0.distcp",
+             "m/iter_0000100/mp_rank_00/model_optim_rng.pt", "m/iter_0000200/mp_rank_00/model_optim_rng.pt",
+             "m/latest_checkpointed_iteration.txt", "n/iter_0000100/mp_rank_00/model_optim_rng.pt",
+             "n/iter_0000200/mp_rank_00/model_optim_rng.pt",
+             "c/v1_step_1.pt", "c/v1_step_2.pt", "c/v1_step_3/colabkit-manifest.json", "c/v1_step_3/__0_0.distcp"]
+    # checkpoint-300 has no index (partial): not counted, not removed; n/ has no tracker: not Megatron's folders;
+    # a shard's digits are not a step; files and folders are separate series
+    assert prune_plan(paths, keep=1) == ["c/checkpoint-100/config.json", "c/checkpoint-100/model.safetensors",
+                                         "c/checkpoint-200/model-00001-of-00002.safetensors",
+                                         "c/checkpoint-200/model-00002-of-00002.safetensors",
+                                         "c/checkpoint-200/model.safetensors.index.json", "c/v1_step_1.pt",
+                                         "m/iter_0000100/mp_rank_00/model_optim_rng.pt"]
+
+
 def test_a_file_that_changed_after_its_digest_is_not_kept(hub_server: HubServer, token_env, tmp_path: Path):
     src = _write(tmp_path / "notes.txt", b"version 1\n")
     stale = hash_file(src)

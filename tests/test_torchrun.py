@@ -1,7 +1,8 @@
 """%train --nproc-per-node N: a real torchrun group (gloo, CPU) of templates/train_ddp.py supervised as one job.
 
 Real processes and real signals: a kill -9 of one rank restarts the whole group from the newest verified
-checkpoint and ends bit-for-bit equal to an uninterrupted run; SIGTERM leaves no rank running; two nodes on one
+checkpoint and ends bit-for-bit equal to an uninterrupted run (DDP with checkpoint files, and --sharded: FSDP2 on a
+CPU mesh with checkpoint folders); SIGTERM leaves no rank running; two nodes on one
 machine (a static rendezvous on 127.0.0.1) form one group, each node supervised by its own colabkit."""
 from __future__ import annotations
 
@@ -97,6 +98,82 @@ def test_kill_of_one_rank_restarts_the_group_and_ends_bit_for_bit_equal(ip, tmp_
     assert got.keys() == want.keys()
     assert all(got[k].dtype == want[k].dtype and bool((got[k] == want[k]).all()) for k in got)
     assert launch.alive(job.ranks) == []
+
+
+def folder_state(path: Path) -> dict:
+    """A sharded checkpoint folder read whole into one process (DCP reads every rank's shards)."""
+    from colabkit.checkpoints import Checkpointer
+    return Checkpointer(path.parent, prefix="v01").load(path)
+
+
+def flat(d: dict, pre: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+    return out
+
+
+def same_bits(a: dict, b: dict) -> list[str]:
+    """The keys whose values differ (tensors: dtype and every bit)."""
+    import torch
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys()
+    return [k for k in fa if not (fa[k].dtype == fb[k].dtype and torch.equal(fa[k], fb[k]) if torch.is_tensor(fa[k])
+                                  else fa[k] == fb[k])]
+
+
+@pytest.mark.magic
+def test_sharded_template_kill_of_one_rank_resumes_the_group_from_its_newest_folder(ip, tmp_path, monkeypatch,
+                                                                                     capsys):
+    sharded = [*ARGS, "--sharded"]
+    # the uninterrupted run, through the magic: FSDP2 over a CPU mesh of 2 ranks, a checkpoint folder every 20 steps
+    ref = make_project(tmp_path / "ref")
+    monkeypatch.chdir(ref)
+    ip.run_line_magic("train", "v01 --nproc-per-node 2 --no-sync --resume none -- " + " ".join(sharded))
+    out = capsys.readouterr().out.splitlines()
+    assert "training 577 parameters on 2 ranks (gloo, sharded with FSDP2) from step 0 to 60" in out
+    assert [x.split(" loss ")[0] for x in out if x.startswith("step ")] == [f"step {s}" for s in range(10, 61, 10)]
+    assert out[-3].startswith("v01: finished · step 60/60 · loss ") and " · 1 attempt · " in out[-3]
+    ref_ck = ref / "experiments/v01/checkpoints"
+    names = [f"v01_step_000000{s}" for s in (20, 40, 60)]
+    assert sorted(p.name for p in ref_ck.iterdir() if p.name != "latest") == names
+    for n in names:  # one folder per checkpoint: each rank's shards, DCP's metadata, colabkit's manifest
+        assert sorted(os.listdir(ref_ck / n)) == [".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                  "colabkit-manifest.json"]
+
+    # the same run, one rank killed with SIGKILL once the first folder is in place
+    proj = make_project(tmp_path / "proj")
+    cfg = load_config(proj / "colabkit.yaml")
+    job = runner.train("v01", config=cfg, background=True, sync=False, resume="none", nproc_per_node=2,
+                       args=[*sharded, "--step-delay", "0.1"])
+    try:
+        wait_for(lambda: job.progress.checkpoint_path is not None and len(job.ranks) == 2, 120)
+        first_ck = job.progress.checkpoint_path
+        os.kill(max(job.ranks), signal.SIGKILL)
+        res = job.wait(300)
+    finally:
+        job.stop(timeout=60)
+    assert res is not None and res.ok, job.status()
+    a1, a2 = res.attempts
+    assert a1.outcome == "crashed" and a1.detail.endswith(" killed by SIGKILL (torchrun exit code 1)"), a1.detail
+    assert Path(first_ck).name == "v01_step_00000020"
+    assert a2.resume_from is not None and Path(a2.resume_from).name in names[:2] and Path(a2.resume_from).is_dir()
+    log2 = next((proj / "experiments/v01/logs").glob("*/*.attempt2.log")).read_text()
+    assert f"[rank0]:resumed from {a2.resume_from} at step {Path(a2.resume_from).name[-2:]}" in log2
+    ck = proj / "experiments/v01/checkpoints"
+    assert sorted(p.name for p in ck.iterdir() if p.name != "latest") == names  # no temporary folder left
+    assert same_bits(folder_state(ck / names[-1]), folder_state(ref_ck / names[-1])) == []
+    assert launch.alive(job.ranks) == []
+
+    # the 2 ranks' folder resumes in one process (no torchrun: a group of one): DCP reshards it onto its mesh
+    one = make_project(tmp_path / "one")
+    res = runner.train("v01", config=load_config(one / "colabkit.yaml"), sync=False, nproc_per_node=1,
+                       resume=str(ref_ck / names[1]), args=[*sharded, "--steps", "50"])
+    assert res.ok and res.attempts[0].resume_from == str(ref_ck / names[1])
+    log1 = next((one / "experiments/v01/logs").glob("*/*.attempt1.log")).read_text()
+    assert "training 577 parameters on 1 ranks (gloo, sharded with FSDP2) from step 40 to 50" in log1
+    assert sorted(os.listdir(one / "experiments/v01/checkpoints/v01_step_00000050")) == [
+        ".metadata", "__0_0.distcp", "colabkit-manifest.json"]
 
 
 def test_sigterm_to_train_reaches_every_rank_and_leaves_no_process(tmp_path):

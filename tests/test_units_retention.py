@@ -75,3 +75,20 @@ def test_the_disk_guard_counts_folders_and_names_the_unsynced_ones(tmp_path):
     size = discover_units(ck)[0].size
     assert steps(ck) == [2]       # the sync tick already pruned beyond keep_local (the newest always stays)
     assert size > 0
+
+
+def test_the_disk_guard_says_when_it_deletes_inside_keep_local(tmp_path, caplog):
+    """The guard deleting a synced checkpoint the user asked to keep (keep_local) is worth a line in sync.log
+    (the soak counted only the guard's warnings and a sampled dip, and missed it under load)."""
+    import logging
+    root = project_with(tmp_path, keep_local=5)
+    cfg = load_config(start=root)
+    a, b = sharded(root, 1), sharded(root, 2)
+    assert sync.once(config=cfg, tiers=["mirror"])["ok"]
+    ck = root / "checkpoints"
+    assert steps(ck) == [1, 2]                      # keep_local 5: retention keeps both
+    with caplog.at_level(logging.INFO, logger="colabkit.retention"):
+        retention.make_room(ck, 10 ** 18, config=cfg)   # more than any disk: delete what may go
+    assert steps(ck) == [2]                         # the newest always stays
+    assert f"disk guard: deleted {a.name} inside retention.keep_local (it has verified copies) to keep " \
+           f"{10 ** 18} bytes free in {ck}" in caplog.text

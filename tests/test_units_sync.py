@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -219,6 +220,7 @@ def test_a_corrupted_shard_on_disk_keeps_its_folder_off_the_tier_and_says_why(tm
     assert res["ok"] and t["skipped_files"] == {"checkpoints/v01_step_00000100/": why}
     assert f"backup: checkpoint folder checkpoints/v01_step_00000100/ not uploaded: {why}" in caplog.text
     assert not (tmp_path / "remote" / "checkpoints" / folder.name / FOLDER_MANIFEST).exists()
+    assert not (tmp_path / "remote" / "checkpoints" / folder.name / shard.name).exists()
     assert Ledger.load(cfg.state_dir, "backup").get("checkpoints/v01_step_00000100/") is None
 
 
@@ -242,3 +244,29 @@ def test_hub_tier_refuses_a_folder_with_a_corrupted_shard(hub_server: HubServer,
     assert not any(p.startswith("checkpoints/v01_step_00000200/") for p in tree)
     assert sorted(p[len("checkpoints/v01_step_00000100/"):] for p in tree
                   if p.startswith("checkpoints/v01_step_00000100/")) == sorted(listed(good))
+
+
+def test_a_flush_that_refuses_the_newest_folder_uploads_the_newest_good_one_in_the_same_flush(tmp_path):
+    """latest_only picked the newest folder and dropped the older ones for it; when that newest folder was then
+    refused as corrupt during the upload, the flush ended with nothing due and the good older checkpoint stayed
+    off the tier ('latest_only: step 200 is newer') until the next tick, hours later. Seen under load, when the
+    flush was a syncer's first pass; here made certain by flushing before any regular tick."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    remote_dir = tmp_path / "tier"
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "tiers": [{"name": "t", "remote": "local", "path": str(remote_dir), "every": 3600, "latest_only": True}],
+        "sync": {"settle": 0.1}}))
+    good = sharded(root, 100)
+    bad = sharded(root, 200)
+    shard = next(p for p in bad.iterdir() if p.suffix == ".distcp")
+    _flip(shard)
+    cfg = load_config(start=root)
+    group = sync.SyncGroup(cfg, None, every=None)   # no thread started: the flush is the syncer's first pass
+    res = group.syncers[0]._flush(time.monotonic() + 30, settled=True)
+    assert res["skipped_files"] == {
+        "checkpoints/v01_step_00000200/": f"corrupted: {shard.name} does not match its manifest's sha256"}
+    assert sorted(p.name for p in (remote_dir / "checkpoints" / good.name).iterdir()) == listed(good)
+    held_bad = remote_dir / "checkpoints" / bad.name
+    assert not (held_bad / FOLDER_MANIFEST).exists() and not (held_bad / shard.name).exists(), \
+        "the corrupted shard was left on the tier"

@@ -122,6 +122,7 @@ def start(args: argparse.Namespace, ctx: Context) -> int:
 
     def text():
         yield f"sync started: watching {', '.join(st['watching'])}" + (" (polling)" if st.get("polling") else "")
+        yield from st.get("notes") or ()
         yield from tier_lines(st["tiers"])
     ctx.emit(st, text)
     return 0
@@ -157,6 +158,8 @@ def watch(args: argparse.Namespace, ctx: Context) -> int:
     def started(group):
         st = group.status()
         ctx.out(f"watching {', '.join(st['watching'])}; Ctrl-C or SIGTERM flushes and stops")
+        for note in st.get("notes") or ():
+            ctx.out(note)
         for line in tier_lines(st["tiers"]):
             ctx.out(line)
     res = sync.watch(args.paths or None, config=ctx.config(), every=args.every, tiers=args.tiers, on_start=started)

@@ -18,6 +18,9 @@ from ..fsutil import FileDigest, hash_file
 
 #: name of the marker file `check_access()` writes and deletes
 ACCESS_MARKER = ".colabkit-access-check"
+#: the folder on a tier holding the records of elected upload (members, leases, claims; see colabkit.elect);
+#: never part of what list("") reports
+WORKERS_DIR = ".colabkit-workers"
 
 Progress = Callable[[int], None]  # called with the number of bytes just transferred
 
@@ -151,6 +154,65 @@ class Remote(abc.ABC):
         Raises:
             RemoteError: with a message naming the fix.
         """
+
+    # -- elected upload (colabkit.elect) ------------------------------------------------------
+    #: whether :meth:`create_exclusive` is a real exclusive create on this remote (two callers never both win)
+    supports_claims: bool = False
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create the small file `path` holding `data` unless it exists: True when this call created it, False
+        when it was already there (another worker's). Two callers never both get True.
+
+        Raises:
+            RemoteError: on failure; NotImplementedError: this remote has no exclusive create.
+        """
+        raise NotImplementedError(f"{self.kind} remotes have no exclusive create")
+
+    def read_bytes(self, path: str) -> bytes | None:
+        """The content of the small file `path`, or None when it does not exist."""
+        import shutil
+        import tempfile
+        rec = self.stat(path)
+        if rec is None:
+            return None
+        d = tempfile.mkdtemp(prefix=".colabkit-tmp-read-")
+        try:
+            local = Path(d) / "record"
+            try:
+                self.get(path, local, expected=rec)
+            except FileNotFoundError:
+                return None
+            return local.read_bytes()
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def holds(self, items: Iterable[tuple[Path, str, FileDigest]]) -> dict[str, RemoteFile | None]:
+        """For (local file, remote path, its digest) triples: the remote's record of each path when it holds
+        exactly those bytes, else None (one lookup for all where the remote can)."""
+        items = list(items)
+        recs = self.stat_many([p for _l, p, _d in items])
+        out: dict[str, RemoteFile | None] = {}
+        for _local, path, digest in items:
+            rec = recs.get(normalize_path(path))
+            out[normalize_path(path)] = rec if rec is not None and rec.matches(digest) else None
+        return out
+
+    def put_claimed(self, items: list[tuple[Path, str]], *, claim: str, record: bytes,
+                    digests: dict[str, FileDigest] | None = None, progress: Progress | None = None
+                    ) -> list[RemoteFile] | None:
+        """Upload `items` and then create the record `claim` exclusively: the records of the uploaded files, or
+        None when `claim` already existed (another worker's copy won; what this call wrote is the same content
+        at the same paths). Remotes with commits do both in one commit that only one caller can win (the Hub).
+        `progress` may raise to stop the upload at the next chunk boundary."""
+        digests = digests or {}
+        recs = []
+        for local, path in items:
+            if self.stat(claim) is not None:   # another worker won before this file: stop here
+                return None
+            recs.append(self.put(local, path, digest=digests.get(path), progress=progress))
+        if progress is not None:
+            progress(0)
+        return recs if self.create_exclusive(claim, record) else None
 
     # -- defaults -----------------------------------------------------------------------------
     def stat(self, path: str) -> RemoteFile | None:

@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import (CredentialsError, IntegrityError, MissingDependencyError, RemoteAuthError, RemoteError,
                       RemoteNotFoundError, RemotePermissionError, RemoteQuotaError, RemoteUploadCapError,
-                      TransientRemoteError)
+                      TransientRemoteError, UploadCancelled)
 from ..fsutil import FileDigest, atomic_open, hash_file
 from ..secrets import redact
-from .base import ACCESS_MARKER, Progress, Remote, RemoteFile, UploadState, normalize_path
+from .base import ACCESS_MARKER, WORKERS_DIR, Progress, Remote, RemoteFile, UploadState, normalize_path
 
 if TYPE_CHECKING:
     from ..config import Config, TierConfig
@@ -704,6 +704,8 @@ class DriveRemote(Remote):
                 if f.get("mimeType") == FOLDER_MIME:
                     with self._lock:
                         self._folders.setdefault(p, f["id"])
+                    if p == WORKERS_DIR:
+                        continue   # elected-upload records (colabkit.elect) are not tier content
                     todo.append((p, f["id"]))
                 elif f["name"] != ACCESS_MARKER:
                     rec = self._record(p, f)
@@ -759,6 +761,16 @@ class DriveRemote(Remote):
                     # httplib2 silently resends a request whose answer was lost (a stale-connection retry),
                     # which can create the file twice: keep one file per name
                     dups = self._find_files(folder, parts[-1], rel)
+                if getattr(self._local, "shared_writers", False):
+                    # elected upload: another worker may be creating the same file right now; deleting each
+                    # other's copies could leave none. Keep the first created with these bytes; delete only ours
+                    if target is None:
+                        same = sorted((d for d in dups if d.get("md5Checksum") == written.md5),
+                                      key=lambda d: (d.get("createdTime") or "", d["id"]))
+                        if same and same[0]["id"] != rec.id:
+                            self._delete_id(rec.id, rel)
+                            rec = self._record(rel, same[0])
+                    dups = [d for d in dups if d["id"] != rec.id and d.get("md5Checksum") != written.md5]
                 for dup in dups:
                     if dup["id"] != rec.id:
                         self._delete_id(dup["id"], rel)
@@ -812,6 +824,8 @@ class DriveRemote(Remote):
                        digest: FileDigest | None, progress: Progress | None) -> tuple[dict[str, Any], FileDigest]:
         cls = _media_class()
         written = digest or hash_file(local)
+        if progress:
+            progress(0)   # an elected upload may be cancelled here, before a file is created
         with open(local, "rb") as fh:
             def send():
                 media = cls(fh, chunksize=self.chunk_size, resumable=False, hasher=None)
@@ -925,6 +939,12 @@ class DriveRemote(Remote):
                         upload_state.clear()
                     return resp, final()
                 except RemoteError:
+                    raise
+                except UploadCancelled:
+                    # another worker's copy won (colabkit.elect): end the session, forget it
+                    self._abort_session(req.resumable_uri or uri, rel)
+                    if upload_state is not None:
+                        upload_state.clear()
                     raise
                 except Exception as e:
                     f = _classify(e)
@@ -1050,6 +1070,82 @@ class DriveRemote(Remote):
             return
         for f in self._find_files(folder, parts[-1], rel):
             self._delete_id(f["id"], rel)
+
+    # -- elected upload (colabkit.elect) ----------------------------------------------------------------
+    supports_claims = True
+    #: a claim's creator looks again this long after winning, for an earlier claim files.list did not show yet
+    claim_settle = 2.0
+
+    def _claims(self, folder: str, name: str, rel: str) -> list[dict[str, Any]]:
+        hits = self._find_files(folder, name, rel)
+        return sorted(hits, key=lambda f: (f.get("createdTime") or "", f["id"]))
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Drive has no exclusive create (two files may share a name), so: create this worker's copy, list the
+        copies of that name, and the first created (lowest ``(createdTime, id)``) wins; a loser deletes its own
+        copy. The winner looks once more after :attr:`claim_settle`, for a copy created earlier that the listing
+        did not show yet, and gives up (deleting its copy) if one appears."""
+        import tempfile
+        rel = normalize_path(path)
+        parts = rel.split("/")
+        folder = self._folder(parts[:-1], create=True)
+        assert folder is not None
+        with tempfile.TemporaryDirectory(prefix=".colabkit-tmp-claim-") as d:
+            p = Path(d) / "claim"
+            p.write_bytes(data)
+            resp, _w = self._put_multipart(p, rel, folder, parts[-1], None, None, None)
+        mine = resp.get("id")
+        for look in (0, 1):
+            if look:
+                self._stop.wait(self.claim_settle)
+            hits = self._claims(folder, parts[-1], rel)
+            if hits and hits[0]["id"] != mine:
+                self._delete_id(mine, rel)
+                return False
+        return True
+
+    def read_bytes(self, path: str) -> bytes | None:
+        """The first created copy of `path` (a claim's winner), or None."""
+        import shutil
+        import tempfile
+        rel = normalize_path(path)
+        parts = rel.split("/")
+        folder = self._folder(parts[:-1], create=False)
+        if folder is None:
+            return None
+        hits = self._claims(folder, parts[-1], rel)
+        if not hits:
+            return None
+        d = tempfile.mkdtemp(prefix=".colabkit-tmp-read-")
+        try:
+            try:
+                self.get(rel, Path(d) / "record", expected=self._record(rel, hits[0]))
+            except RemoteNotFoundError:
+                return None
+            return (Path(d) / "record").read_bytes()
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def put_claimed(self, items: list[tuple[Path, str]], *, claim: str, record: bytes,
+                    digests: dict[str, FileDigest] | None = None, progress: Progress | None = None
+                    ) -> list[RemoteFile] | None:
+        """As :meth:`Remote.put_claimed`; a cancelled resumable upload ends its session. While it runs, a copy
+        another worker is creating under the same name at the same moment is kept, never deleted."""
+        self._local.shared_writers = True
+        try:
+            return super().put_claimed(items, claim=claim, record=record, digests=digests, progress=progress)
+        finally:
+            self._local.shared_writers = False
+
+    def _abort_session(self, uri: str | None, rel: str) -> None:
+        """Best effort: DELETE the resumable session URI (the Google upload protocol ends a session that way,
+        answering 499); an unused session also expires by itself. Nothing partial is ever a file on Drive."""
+        if not uri:
+            return
+        try:
+            self._session().delete(uri, timeout=self.timeout)
+        except Exception as e:   # the session expires anyway
+            log.debug("%s: ending the upload session of %s failed: %s", self.name, rel, e)
 
     def check_access(self) -> None:
         who = self._who()

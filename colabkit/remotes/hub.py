@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..errors import (ConfigError, IntegrityError, MissingDependencyError, RemoteAuthError, RemoteError,
-                      RemoteNotFoundError, RemotePermissionError, RemoteQuotaError, TransientRemoteError)
+                      RemoteNotFoundError, RemotePermissionError, RemoteQuotaError, TransientRemoteError,
+                      UploadCancelled)
 from ..fsutil import TMP_PREFIX, FileDigest, replace_copy
 from ..secrets import redact
-from .base import ACCESS_MARKER, Progress, Remote, RemoteFile, UploadState, normalize_path
+from .base import ACCESS_MARKER, WORKERS_DIR, Progress, Remote, RemoteFile, UploadState, normalize_path
 
 if TYPE_CHECKING:
     from ..config import Config, TierConfig
@@ -482,6 +483,7 @@ class HubRemote(Remote):
     """
 
     kind = "hub"
+    supports_claims = True   # create_commit(parent_commit=...): of two commits on the same parent one is refused
 
     def __init__(self, name: str, repo_id: str, *, repo_type: str = "model", revision: str = "main",
                  private: bool = True, endpoint: str | None = None, path_prefix: str = "", keep: int | None = None,
@@ -735,6 +737,8 @@ class HubRemote(Remote):
             rec = self._record(f)
             if rec is None or not self._visible(rec.path):
                 continue
+            if rec.path.startswith(WORKERS_DIR + "/") and not rel_prefix.startswith(WORKERS_DIR):
+                continue   # elected-upload records (colabkit.elect) are not tier content
             if rel_prefix and not (rec.path == rel_prefix or rec.path.startswith(rel_prefix + "/")):
                 continue
             out.append(rec)
@@ -973,13 +977,16 @@ class HubRemote(Remote):
         return " ".join(parts)
 
     def _keep_deletions(self, fulls: list[str]) -> list[str]:
-        """Repo paths of checkpoints beyond `keep` in the folders of `fulls` (with the new ones counted)."""
-        folders = sorted({posixpath.dirname(f) for f in fulls if _CHECKPOINT.match(posixpath.basename(f))})
+        """Repo paths of checkpoints beyond `keep` in the folders of `fulls` (with the new ones counted). A
+        checkpoint folder goes whole or not at all; one that is being written to in this commit stays."""
+        folders = {posixpath.dirname(f) for f in fulls if _CHECKPOINT.match(posixpath.basename(f))}
+        unit_parents = {u[0] for f in fulls if (u := _folder_unit_of(f)) is not None}
         present: set[str] = set(fulls)
-        for folder in folders:
+        for folder in sorted(folders | unit_parents):
             def tree(folder: str = folder) -> list[Any]:
-                try:
-                    return list(self.api.list_repo_tree(self.repo_id, path_in_repo=folder or None, recursive=False,
+                try:  # a parent of checkpoint folders: their files too
+                    return list(self.api.list_repo_tree(self.repo_id, path_in_repo=folder or None,
+                                                        recursive=folder in unit_parents,
                                                         revision=self.revision, repo_type=self.repo_type))
                 except Exception as e:
                     status, code = self._code(e)
@@ -990,8 +997,8 @@ class HubRemote(Remote):
                 if type(f).__name__ == "RepoFile" or hasattr(f, "blob_id"):
                     present.add(f.path)
         adding = set(fulls)
-        return [p for p in prune_plan(sorted(present), keep=self.keep or 0, only_folders=set(folders))
-                if p not in adding]
+        units = _prune_units(sorted(present), keep=self.keep or 0, only_folders=folders | unit_parents)
+        return sorted(p for unit in units if not adding.intersection(unit) for p in unit)
 
     def prune(self, *, keep: int | None = None) -> list[str]:
         """Delete checkpoints beyond `keep` per series from the tip, in one commit; history keeps them.
@@ -1169,15 +1176,195 @@ class HubRemote(Remote):
         except Exception as e:
             raise self._wrap(e, action=f"writing a test file to {self._where()}", path=ACCESS_MARKER) from e
 
+    # -- elected upload (colabkit.elect) -----------------------------------------------------------------
+    def _head(self) -> str | None:
+        """The commit the branch points at now (None: the repo or the branch does not exist yet)."""
+        def look() -> str | None:
+            try:
+                info = self.api.repo_info(self.repo_id, repo_type=self.repo_type, revision=self.revision)
+            except Exception as e:
+                status, code = self._code(e)
+                if code in ("RepoNotFound", "RevisionNotFound") or status == 404:
+                    return None
+                raise
+            return getattr(info, "sha", None)
+        return self._retrying(look, action=f"looking up the head of {self._where()}")
+
+    def holds(self, items: Iterable[tuple[Path, str, FileDigest]]) -> dict[str, RemoteFile | None]:
+        """As :meth:`Remote.holds`, in one paths-info call; a regular (non-LFS) file is compared by its git oid."""
+        its = [_Local(Path(local), normalize_path(p), self._full(normalize_path(p)), d) for local, p, d in items]
+        got = self._paths_info([it.full for it in its])
+        return {it.path: self._verified(it, got.get(it.full)) for it in its}
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """A commit adding `path` on the parent in which it does not exist (``parent_commit``): the Hub refuses
+        the second of two such commits (HTTP 412), so only one worker creates it."""
+        return self.put_claimed([], claim=path, record=data) is not None
+
+    def put_claimed(self, items: list[tuple[Path, str]], *, claim: str, record: bytes,
+                    digests: dict[str, FileDigest] | None = None, progress: Progress | None = None
+                    ) -> list[RemoteFile] | None:
+        """`items` and the record `claim` in **one commit on the head read before it** (``parent_commit``): if
+        another commit landed meanwhile the Hub answers 412 and this looks again: `claim` there (another
+        worker's commit won: None, and the LFS objects this call sent are left to the Hub's own collection) or
+        not (an unrelated commit: commit again on the new head). The LFS content goes up before the commit
+        (``preupload_lfs_files``), and `progress(0)` is called between the two: it may raise to cancel."""
+        hf = _hf()
+        digests = digests or {}
+        its = []
+        for local, path in items:
+            rel = normalize_path(path)
+            d = digests.get(rel) or digests.get(path) or _sha256_file(Path(local))
+            its.append(_Local(Path(local), rel, self._full(rel), d))
+        claim_full = self._full(normalize_path(claim))
+        stop = self._stop
+        attempt = 0
+        created = False
+        while True:
+            try:
+                head = self._head()
+                if head is None:
+                    if created:
+                        raise self.error(RemoteError, f"{self.name}: {self._where()} has no revision "
+                                         f"{self.revision!r} after creating it")
+                    self._create_repo()
+                    created = True
+                    continue
+                now = self._paths_info_at([claim_full] + [it.full for it in its], head)
+                if claim_full in now:
+                    mine = self._claim_is(claim_full, head, record)
+                    if not mine:
+                        return None
+                    recs = [self._verified(it, now.get(it.full)) for it in its]
+                    if all(r is not None for r in recs):
+                        return recs   # an earlier try of ours went through; its answer was lost
+                    return None
+                adds = [it for it in its if self._verified(it, now.get(it.full)) is None]
+                ops = []
+                for it in adds:
+                    op = hf.CommitOperationAdd(path_in_repo=it.full, path_or_fileobj=str(it.local))
+                    with contextlib.suppress(Exception):
+                        if not getattr(op.upload_info, "is_hashed", True):
+                            op.upload_info.sha256 = bytes.fromhex(it.digest.sha256)
+                    ops.append(op)
+                if ops and hasattr(self.api, "preupload_lfs_files"):
+                    with _quiet():
+                        self.api.preupload_lfs_files(self.repo_id, additions=ops, repo_type=self.repo_type,
+                                                     revision=self.revision)
+                if progress is not None:
+                    progress(0)   # the content is up; the commit decides: a loser may stop here
+                ops.append(hf.CommitOperationAdd(path_in_repo=claim_full, path_or_fileobj=record))
+                deletions = self._keep_deletions([it.full for it in its]) if self.keep and its else []
+                ops.extend(hf.CommitOperationDelete(path_in_repo=p) for p in deletions)
+                msg = self._message([it.path for it in adds], deletions) if adds else f"colabkit: claim {claim}"
+                try:
+                    with _quiet():
+                        self.api.create_commit(self.repo_id, operations=ops, commit_message=msg,
+                                               repo_type=self.repo_type, revision=self.revision, parent_commit=head)
+                except ValueError as e:
+                    if not _url_quirk(e):
+                        raise
+            except RemoteError as err:
+                if not err.transient:
+                    raise
+                attempt += 1
+                if attempt >= self.max_attempts or stop.is_set():
+                    raise
+                self._wait(self._delay(attempt, err), stop)
+                continue
+            except UploadCancelled:
+                raise
+            except Exception as e:
+                status, _code = self._code(e)
+                if status == 412:   # a commit landed since `head`: look again
+                    log.info("%s: %s moved while committing %s; looking again", self.name, self._where(), claim)
+                    continue
+                err = self._wrap(e, action=f"committing {claim} to {self._where()}", path=claim)
+                if not err.transient:
+                    raise err from e
+                attempt += 1
+                if attempt >= self.max_attempts or stop.is_set():
+                    raise err from e
+                self._wait(self._delay(attempt, err), stop)
+                continue
+            after = self._paths_info([it.full for it in its])
+            out = []
+            for it in its:
+                rec = self._verified(it, after.get(it.full))
+                if rec is None:
+                    raise IntegrityError(f"{self.name}: {it.path} did not verify after upload", path=it.path,
+                                         expected=it.digest.sha256, actual=None)
+                out.append(rec)
+            return out
+
+    def _paths_info_at(self, fulls: list[str], rev: str) -> dict[str, Any]:
+        def look() -> Any:
+            try:
+                return self.api.get_paths_info(self.repo_id, fulls, revision=rev, repo_type=self.repo_type)
+            except Exception as e:
+                status, code = self._code(e)
+                if code in ("RepoNotFound", "RevisionNotFound", "EntryNotFound") or status == 404:
+                    return []
+                raise
+        got = self._retrying(look, action=f"looking up {len(fulls)} file(s) in {self._where()}")
+        return {f.path: f for f in got if hasattr(f, "blob_id") or getattr(f, "lfs", None) is not None
+                or type(f).__name__ == "RepoFile"}
+
+    def _claim_is(self, full: str, rev: str, record: bytes) -> bool:
+        """Whether the claim at `full` (in commit `rev`) holds exactly `record`."""
+        entry = self._paths_info_at([full], rev).get(full)
+        return entry is not None and getattr(entry, "blob_id", None) == hashlib.sha1(
+            b"blob %d\0" % len(record) + record, usedforsecurity=False).hexdigest()
+
+    def read_bytes(self, path: str) -> bytes | None:
+        rel = normalize_path(path)
+        d = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "hub-read-"))
+        try:
+            try:
+                self.get(rel, d / "record")
+            except RemoteNotFoundError:
+                return None
+            return (d / "record").read_bytes()
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
 
 def prune_plan(paths: Iterable[str], *, keep: int, only_folders: set[str] | None = None) -> list[str]:
     """Which of `paths` to delete so each checkpoint series keeps its `keep` highest steps.
 
     A series is the files of one folder whose names differ only in the step number
-    (``v68_step_00001200.pt``, ``v68_step_00001400.pt``); a ``.json`` sidecar goes with its checkpoint.
+    (``v68_step_00001200.pt``, ``v68_step_00001400.pt``); a ``.json`` sidecar goes with its checkpoint. A
+    checkpoint folder (``v68_step_00001200/``, ``checkpoint-300/``, ``iter_0001200/``: complete by its manifest
+    or marker, see :func:`colabkit.distributed.listing_kind`) is one checkpoint of the series of the folders
+    beside it with the same name but the step, and all its files go together; a folder that is not complete
+    is neither counted nor deleted.
     """
+    return sorted(p for unit in _prune_units(paths, keep=keep, only_folders=only_folders) for p in unit)
+
+
+def _folder_unit_of(path: str) -> tuple[str, str] | None:
+    """(parent, folder name) of the checkpoint folder `path` lies in: its first step-named folder."""
+    from ..distributed import folder_step
+    parts = path.split("/")
+    for i in range(len(parts) - 1):
+        if folder_step(parts[i]) is not None:
+            return "/".join(parts[:i]), parts[i]
+    return None
+
+
+def _prune_units(paths: Iterable[str], *, keep: int, only_folders: set[str] | None = None) -> list[list[str]]:
+    """:func:`prune_plan`, one list of paths per checkpoint to delete (a file with its sidecar, or a folder)."""
+    from ..distributed import MEGATRON_TRACKER, folder_step, listing_kind
+    paths = list(paths)
+    have = set(paths)
     series: dict[tuple[str, str, str], dict[int, list[str]]] = {}
+    folders: dict[tuple[str, str], list[str]] = {}
     for p in paths:
+        unit = _folder_unit_of(p)
+        if unit is not None:
+            if only_folders is None or unit[0] in only_folders:
+                folders.setdefault(unit, []).append(p)
+            continue
         folder, base = posixpath.split(p)
         if only_folders is not None and folder not in only_folders:
             continue
@@ -1186,11 +1373,19 @@ def prune_plan(paths: Iterable[str], *, keep: int, only_folders: set[str] | None
             continue
         key = (folder, m.group("stem"), m.group("ext"))
         series.setdefault(key, {}).setdefault(int(m.group("step")), []).append(p)
-    doomed: list[str] = []
+    for (parent, name), files in folders.items():
+        inside = [f[len(name) + 1 + (len(parent) + 1 if parent else 0):] for f in files]
+        tracker = f"{parent}/{MEGATRON_TRACKER}" if parent else MEGATRON_TRACKER
+        if listing_kind(name, inside, tracked=tracker in have) is None:
+            continue  # not complete (or not a checkpoint): neither counted nor removed
+        step = folder_step(name)
+        stem = re.sub(r"\d+(?!.*\d)", "", name)
+        series.setdefault((parent, stem, "/"), {}).setdefault(step, []).extend(files)
+    doomed: list[list[str]] = []
     for steps in series.values():
         for step in sorted(steps, reverse=True)[keep:]:
-            doomed.extend(steps[step])
-    return sorted(doomed)
+            doomed.append(sorted(steps[step]))
+    return doomed
 
 
 def _url_quirk(e: BaseException | None) -> bool:

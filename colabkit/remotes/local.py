@@ -4,12 +4,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import uuid
 from pathlib import Path
 
 from ..errors import (IntegrityError, RemoteError, RemoteNotFoundError, RemotePermissionError, RemoteQuotaError,
                       TransientRemoteError)
 from ..fsutil import FileDigest, atomic_copy, fsync_dir, hash_file, is_temporary, temp_prefix
-from .base import ACCESS_MARKER, Progress, Remote, RemoteFile, UploadState, normalize_path
+from .base import ACCESS_MARKER, WORKERS_DIR, Progress, Remote, RemoteFile, UploadState, normalize_path
 
 # sidecar digests so list() does not re-hash every file; keyed by (size, mtime_ns)
 _DIGEST_DIR = ".colabkit-digests"
@@ -28,6 +29,7 @@ class LocalRemote(Remote):
     """
 
     kind = "local"
+    supports_claims = True
 
     def __init__(self, name: str, root: str | os.PathLike) -> None:
         super().__init__(name)
@@ -85,7 +87,8 @@ class LocalRemote(Remote):
             if not isinstance(e, FileNotFoundError):   # removed while walking: it holds nothing any more
                 raise self._wrap(e, prefix or None) from e
         for dirpath, dirnames, filenames in os.walk(base, onerror=failed):
-            dirnames[:] = [d for d in dirnames if d != _DIGEST_DIR]
+            dirnames[:] = [d for d in dirnames if d != _DIGEST_DIR
+                           and not (d == WORKERS_DIR and Path(dirpath) == self.root)]   # elected-upload records
             for fn in filenames:
                 if is_temporary(fn) or fn == ACCESS_MARKER:
                     continue
@@ -174,6 +177,39 @@ class LocalRemote(Remote):
                 break
             parent = parent.parent
         fsync_dir(full.parent if full.parent.exists() else self.root)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Write `data` to a temporary file, fsync it, then ``link()`` it to `path`: the link fails when `path`
+        exists, so of two workers creating the same record exactly one succeeds, and nobody ever sees a
+        partial record."""
+        rel = normalize_path(path)
+        dst = self.root / rel
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(temp_prefix(dst.name) + uuid.uuid4().hex[:8])
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, dst)
+            except FileExistsError:
+                return False
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            fsync_dir(dst.parent)
+            return True
+        except OSError as e:
+            raise self._wrap(e, rel) from e
+
+    def read_bytes(self, path: str) -> bytes | None:
+        try:
+            return (self.root / normalize_path(path)).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise self._wrap(e, normalize_path(path)) from e
 
     def check_access(self) -> None:
         marker = self.root / ACCESS_MARKER
