@@ -531,3 +531,19 @@ def test_repeated_kills_of_a_multi_file_xet_upload_lose_and_duplicate_nothing(xe
         assert hashlib.sha256(xet_hub.cas.reconstruct(tree[rp].xet)).hexdigest() == shas[p.name]
         assert led.verified_copy(rp, shas[p.name])
     assert led.inflight == {}
+
+
+def test_a_hub_without_xet_says_how_to_use_classic_lfs(xet_hub: HubServer, token_env, tmp_path: Path):
+    """A Hub (or repo) that offers no Xet answers 404 at the Xet token endpoint; huggingface_hub with hf_xet
+    still uploads through Xet, so the error says to turn it off, not that the repo does not exist."""
+    from colabkit.errors import RemoteError, RemoteNotFoundError
+    xet_hub.create_repo(REPO, xet=False)
+    r = make_remote(xet_hub, sleep=lambda s: None, max_attempts=2)
+    with pytest.raises(RemoteError) as ei:
+        r.put(_write(tmp_path / "a.pt", os.urandom(100_000)), "ck/a.pt")
+    assert not isinstance(ei.value, RemoteNotFoundError)
+    assert str(ei.value) == (f"hub: uploading 1 file(s) to model repo 'alice/ckpt' failed: {xet_hub.endpoint} offers "
+                             "no Xet storage for model repo 'alice/ckpt' (HTTP 404 at its Xet token endpoint), and "
+                             "huggingface_hub uploads through Xet when hf_xet is installed; set HF_HUB_DISABLE_XET=1 "
+                             "in the environment (before Python starts) to use classic LFS")
+    assert "ck/a.pt" not in xet_hub.files(REPO)

@@ -579,6 +579,11 @@ class HubRemote(Remote):
                                   f"({type(e).__name__}); it will be retried", path=path)
             return self.error(RemoteError, f"{what}: {redact(str(e)) or type(e).__name__}", path=path)
         status = int(resp.status_code)
+        if isinstance(resp, _XetResponse) and status == 404 and re.search(r"/xet-(write|read)-token/", resp.url):
+            return self.error(RemoteError, f"{what}: {self.endpoint} offers no Xet storage for {self._where()} "
+                              "(HTTP 404 at its Xet token endpoint), and huggingface_hub uploads through Xet when "
+                              "hf_xet is installed; set HF_HUB_DISABLE_XET=1 in the environment (before Python "
+                              "starts) to use classic LFS", path=path)
         code = resp.headers.get("X-Error-Code") or ""
         msg = _server_message(resp)
         detail = f" ({msg})" if msg else ""
