@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import CheckpointError, IntegrityError, NoCheckpointError
-from .fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, is_temporary
+from .fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, is_temporary, owner_alive, owner_tag
 from .runtime import command
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 _LOCK_NAME = ".colabkit-writing"
 #: a temporary folder without its lock file is left alone this long (its writer may be about to take the lock)
 _UNLOCKED_STALE_AFTER = 60.0
+# the save's token in a temporary folder's name: rank 0's owner tag (see colabkit.fsutil.owner_tag), then a nonce
+_TMP_OWNER = re.compile(r"\.([0-9a-f]{8}-\d+-\d+)-[0-9a-f]{6}-\d+$")
 _CHUNK = 8 * 1024 * 1024
 # HF Trainer's checkpoint-1200; every other step-carrying name goes through checkpoints.step_of
 _HF_STEP = re.compile(r"^checkpoint-(\d+)$")
@@ -655,13 +657,17 @@ def remove_stale_folders(directory: str | os.PathLike) -> list[Path]:
         if folder_step(e.name[len(TMP_PREFIX):].rsplit(".", 1)[0]) is None:
             continue
         lock = Path(e.path) / _LOCK_NAME
+        m = _TMP_OWNER.search(e.name)
+        owner = owner_alive(m.group(1)) if m else None
         try:
             fd = os.open(lock, os.O_RDONLY)
         except FileNotFoundError:
-            # the writer died before it took its lock or after it let go before the rename, or it has just
-            # made the folder and is about to lock it: only an old one is abandoned
+            # the writer died before it took its lock (another rank made the folder first) or after it let go
+            # before the rename, or it has just made the folder and is about to lock it: the name says whether
+            # the save's rank 0 is gone; where it cannot tell, only an old folder is abandoned
             try:
-                if time.time() - e.stat(follow_symlinks=False).st_mtime < _UNLOCKED_STALE_AFTER:
+                if owner is not False and \
+                        time.time() - e.stat(follow_symlinks=False).st_mtime < _UNLOCKED_STALE_AFTER:
                     continue
             except OSError:
                 continue
@@ -695,7 +701,8 @@ class DistributedSaver:
         self.group = None
         if d is not None and self.world > 1:
             self.group = d.new_group(backend="gloo")
-        token = uuid.uuid4().hex[:12]
+        # names the save's rank 0 (boot, pid, start time): a folder it left is known abandoned once it is gone
+        token = f"{owner_tag()}-{uuid.uuid4().hex[:6]}"
         if self.rank == 0:
             remove_stale_folders(ckpt.directory)
         if self.group is not None:

@@ -94,6 +94,15 @@ def temp_owner_alive(name: str) -> bool | None:
     m = _OWNER.search(name)
     if not m:
         return None
+    return owner_alive(f"{m.group(1)}-{m.group(2)}-{m.group(3)}")
+
+
+def owner_alive(tag: str) -> bool | None:
+    """Whether the process an :func:`owner_tag` names is alive: True / False, None when it cannot be told
+    (not a tag, or another machine or boot)."""
+    m = re.fullmatch(r"([0-9a-f]{8})-(\d+)-(\d+)", tag)
+    if not m:
+        return None
     boot, pid, start = m.group(1), int(m.group(2)), int(m.group(3))
     if boot != _boot_id():
         return None

@@ -200,8 +200,21 @@ def test_a_folder_without_its_manifest_or_under_a_temporary_name_is_not_a_checkp
     # v01_step_00000002 still has DCP's .metadata: discovered as a foreign DCP folder, verified by loading it
     assert [(u.name, u.kind) for u in discover_units(tmp_path)] == [("v01_step_00000001", "folder"),
                                                                       ("v01_step_00000002", "dcp")]
-    assert sorted(remove_stale_folders(tmp_path)) == [dead, old] and young.is_dir()
+    # named by the save's rank 0 (the token carries its owner tag): one whose rank 0 is gone is abandoned at once,
+    # lock or no lock (another rank made it before rank 0 took the lock, then the group was killed); one whose
+    # rank 0 lives is left to it
+    import subprocess
+    import sys
+    from colabkit.fsutil import owner_tag
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"{TMP_PREFIX}v01_step_00000006.{owner_tag(int(gone.stdout))}-abcdef-1"
+    orphan.mkdir()
+    (orphan / "__1_0.distcp").write_bytes(b"x" * 10)   # rank 1's shard; rank 0 never got to its lock
+    mine = tmp_path / f"{TMP_PREFIX}v01_step_00000007.{owner_tag()}-abcdef-2"
+    mine.mkdir()
+    assert sorted(remove_stale_folders(tmp_path)) == [dead, old, orphan] and young.is_dir() and mine.is_dir()
     young.rmdir()
+    mine.rmdir()
     (tmp_path / "v01_step_00000002" / ".metadata").unlink()
     assert [u.name for u in discover_units(tmp_path)] == ["v01_step_00000001"]
 
