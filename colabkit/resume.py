@@ -703,10 +703,7 @@ def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[st
         if c.manifest:
             atomic_write_json(manifest_path(dst), c.manifest, durable=False)
         return dst
-    remote = plan.remotes.get(c.source) or opened.get(c.source)
-    if remote is None:
-        from .remotes import open_remote
-        remote = opened[c.source] = open_remote(plan.config, c.source)
+    remote = _remote_of(plan, c, opened)
     if c.manifest_record is not None and c.manifest is None:
         with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "resume-", dir=_existing(target_dir)) as tmp:
             _check_remote_candidate(remote, c, Path(tmp))
@@ -799,19 +796,10 @@ def _fetch_folder(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict
                 log.info("%s already holds %s, verified", target_dir, final.name)
                 _point_latest(final, c.step)
                 return final
-    target_dir.mkdir(parents=True, exist_ok=True)
-    # named like a sharded save's temporary: never a checkpoint, swept when its writer is gone
-    tmp = target_dir / f"{TMP_PREFIX}{final.name}.resume{os.getpid()}-{threading.get_ident() % 10**6}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _folder_tmp(target_dir, final.name)
     ok = False
     try:
-        remote = None
-        if not c.local:
-            remote = plan.remotes.get(c.source) or opened.get(c.source)
-            if remote is None:
-                from .remotes import open_remote
-                remote = opened[c.source] = open_remote(plan.config, c.source)
+        remote = None if c.local else _remote_of(plan, c, opened)
         if remote is not None and c.manifest is None:   # a fallback whose manifest was not read yet
             with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "resume-", dir=target_dir) as t:
                 _check_remote_folder(remote, c, Path(t))
@@ -888,18 +876,10 @@ def _fetch_foreign_folder(plan: ResumePlan, c: Candidate, target_dir: Path, open
                 log.info("%s already holds %s, verified by loading", target_dir, name)
                 _point_foreign(final, c)
                 return final
-    target_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target_dir / f"{TMP_PREFIX}{name}.resume{os.getpid()}-{threading.get_ident() % 10**6}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _folder_tmp(target_dir, name)
     ok = False
     try:
-        remote = None
-        if not c.local:
-            remote = plan.remotes.get(c.source) or opened.get(c.source)
-            if remote is None:
-                from .remotes import open_remote
-                remote = opened[c.source] = open_remote(plan.config, c.source)
+        remote = None if c.local else _remote_of(plan, c, opened)
         for rel in sorted(listing):
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -945,6 +925,26 @@ def _point_foreign(folder: Path, c: Candidate) -> None:
         if tracked is None or (isinstance(tracked, int) and tracked < c.step):
             atomic_write_bytes(folder.parent / MEGATRON_TRACKER, f"{c.step}".encode(), durable=False)
     _point_latest(folder, c.step)
+
+
+def _folder_tmp(target_dir: Path, name: str) -> Path:
+    """An empty temporary folder in `target_dir` for fetching the folder `name` (named like a sharded save's
+    temporary: never a checkpoint, swept when its writer is gone)."""
+    import shutil
+    target_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target_dir / f"{TMP_PREFIX}{name}.resume{os.getpid()}-{threading.get_ident() % 10**6}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _remote_of(plan: ResumePlan, c: Candidate, opened: dict[str, Any]) -> Any:
+    """The remote `c` comes from: the plan's, one opened earlier in this fetch, or opened now (kept in `opened`)."""
+    remote = plan.remotes.get(c.source) or opened.get(c.source)
+    if remote is None:
+        from .remotes import open_remote
+        remote = opened[c.source] = open_remote(plan.config, c.source)
+    return remote
 
 
 def _point_latest(folder: Path, step: int) -> None:

@@ -704,19 +704,7 @@ class HubRemote(Remote):
         """The tree entries (files only) for exact repo paths; {} when the repo or revision does not exist."""
         if not fulls:
             return {}
-
-        def look() -> Any:
-            try:
-                return self.api.get_paths_info(self.repo_id, fulls, revision=self.revision, repo_type=self.repo_type)
-            except Exception as e:
-                status, code = self._code(e)
-                if code in ("RepoNotFound", "RevisionNotFound", "EntryNotFound") or status == 404:
-                    return []
-                raise
-        # one call for all of them (the Hub takes many paths per paths-info request), retried as a whole
-        got = self._retrying(look, action=f"looking up {len(fulls)} file(s) in {self._where()}")
-        return {f.path: f for f in got if hasattr(f, "blob_id") or getattr(f, "lfs", None) is not None
-                or type(f).__name__ == "RepoFile"}
+        return self._paths_info_at(fulls, self.revision)
 
     # -- interface ------------------------------------------------------------------------------------
     def list(self, prefix: str = "") -> list[RemoteFile]:
@@ -1303,6 +1291,8 @@ class HubRemote(Remote):
             return out
 
     def _paths_info_at(self, fulls: list[str], rev: str) -> dict[str, Any]:
+        """:meth:`_paths_info` at revision `rev` (a branch or a commit): one paths-info call for all of them
+        (the Hub takes many paths per request), retried as a whole."""
         def look() -> Any:
             try:
                 return self.api.get_paths_info(self.repo_id, fulls, revision=rev, repo_type=self.repo_type)
