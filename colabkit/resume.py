@@ -774,7 +774,6 @@ def _fetch_folder(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict
     then verified by loading (:func:`colabkit.distributed.verify_unit`) before it is renamed into place."""
     import shutil
     from .distributed import FOLDER_MANIFEST, classify_folder, verify_unit
-    from .fsutil import fsync_dir
     if c.folder and c.kind not in (None, "folder"):
         return _fetch_foreign_folder(plan, c, target_dir, opened)
     if c.local:
@@ -829,13 +828,7 @@ def _fetch_folder(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict
                                          path=rec.path)
         raw = c.manifest_bytes if c.manifest_bytes is not None else json.dumps(c.manifest).encode()
         atomic_write_bytes(tmp / FOLDER_MANIFEST, raw)   # last: the folder is complete from here
-        fsync_dir(tmp)
-        if final.exists():   # an older or broken local copy under the name: out of the way first
-            old = target_dir / f"{TMP_PREFIX}{final.name}.replaced{os.getpid()}-0"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(target_dir)
+        _into_place(tmp, final)
         ok = True
     finally:
         if not ok:
@@ -853,7 +846,6 @@ def _fetch_foreign_folder(plan: ResumePlan, c: Candidate, target_dir: Path, open
     checkpoint there too (and Megatron's own ``--load`` finds it)."""
     import shutil
     from .distributed import CheckpointUnit, classify_folder, verify_unit
-    from .fsutil import fsync_dir
     name = posixpath.basename(c.path.replace(os.sep, "/"))
     final = target_dir / name
     if c.local:
@@ -898,13 +890,7 @@ def _fetch_foreign_folder(plan: ResumePlan, c: Candidate, target_dir: Path, open
         except IntegrityError as e:
             raise IntegrityError(f"{c.source}: {c.path} does not load once fetched ({e}); the copy was "
                                  "discarded", path=c.path) from e
-        fsync_dir(tmp)
-        if final.exists():
-            old = target_dir / f"{TMP_PREFIX}{final.name}.replaced{os.getpid()}-0"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(target_dir)
+        _into_place(tmp, final)
         ok = True
     finally:
         if not ok:
@@ -936,6 +922,20 @@ def _folder_tmp(target_dir: Path, name: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
+
+
+def _into_place(tmp: Path, final: Path) -> None:
+    """Rename the fetched folder `tmp` to `final`, an older or broken local copy under that name moved out of the
+    way first (a partial fetch never sits under the final name)."""
+    import shutil
+    from .fsutil import fsync_dir
+    fsync_dir(tmp)
+    if final.exists():
+        old = final.parent / f"{TMP_PREFIX}{final.name}.replaced{os.getpid()}-0"
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 def _remote_of(plan: ResumePlan, c: Candidate, opened: dict[str, Any]) -> Any:
