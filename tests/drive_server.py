@@ -1175,19 +1175,30 @@ def _drain(h: _Handler, length: int) -> None:
 
 
 def _split_multipart(body: bytes, boundary: bytes) -> tuple[dict[str, Any], bytes]:
-    parts = body.split(b"--" + boundary)
+    """The parts of a multipart/related body. Its line ends are those of its first delimiter line (RFC 2046 says
+    CRLF; googleapiclient's email generator writes LF): a part's content is everything between its blank line
+    and the line end before the next delimiter, so content that itself ends in CR, or holds a blank line, is
+    kept byte for byte."""
+    dash = b"--" + boundary
+    start = body.find(dash)
+    if start < 0:
+        raise HTTPFail(400, "Empty multipart body", "badRequest")
+    after = start + len(dash)
+    nl = b"\r\n" if body.startswith(b"\r\n", after) else b"\n"
     found: list[bytes] = []
-    for p in parts[1:]:
-        if p.startswith(b"--"):
-            break
-        p = p[2:] if p.startswith(b"\r\n") else p[1:] if p.startswith(b"\n") else p
-        sep = b"\r\n\r\n" if b"\r\n\r\n" in p else b"\n\n"
-        _, _, content = p.partition(sep)
-        if content.endswith(b"\r\n"):
-            content = content[:-2]
-        elif content.endswith(b"\n"):
-            content = content[:-1]
-        found.append(content)
+    pos = after
+    while not body.startswith(b"--", pos):   # "--boundary--" closes the body
+        if not body.startswith(nl, pos):
+            raise HTTPFail(400, "Malformed multipart body", "badRequest")
+        head_end = body.find(nl + nl, pos)   # the part's headers end at its first blank line
+        if head_end < 0:
+            raise HTTPFail(400, "Multipart part without the blank line after its headers", "badRequest")
+        content_start = head_end + 2 * len(nl)
+        nxt = body.find(nl + dash, content_start - len(nl))
+        if nxt < 0:
+            raise HTTPFail(400, "Multipart body without its closing delimiter", "badRequest")
+        found.append(body[content_start:nxt] if nxt >= content_start else b"")
+        pos = nxt + len(nl) + len(dash)
     if not found:
         raise HTTPFail(400, "Empty multipart body", "badRequest")
     meta = json.loads(found[0] or b"{}")
