@@ -12,8 +12,9 @@ What one call does, in order:
    (host, GPU, attempts, exit codes, last step; ``%airlock import`` reads it).
 3. Background sync of the checkpoint and log folders (``colabkit.sync``), flushed when the run ends.
 4. The child (:class:`colabkit.launch.Child`): its own process group, output streamed line by line to the caller (the cell, the terminal) and
-   to the attempt's log; progress (step, loss, rate, ETA, last checkpoint) read from the lines by
-   :mod:`colabkit.events`. The child runs a small bootstrap before ``train.py`` that caps its GPU memory
+   to the attempt's log; each line read once by a :class:`colabkit.progress.LineFeed` (parsed by
+   :mod:`colabkit.events`), whose events go to the progress (step, loss, rate, ETA, last checkpoint) and to
+   every listener (triggers, the dashboard). The child runs a small bootstrap before ``train.py`` that caps its GPU memory
    (``torch.cuda.set_per_process_memory_fraction`` from ``COLABKIT_MAX_VRAM``), so an oversize job fails
    fast instead of taking the whole GPU.
 5. On a non-zero exit: restart from the newest local checkpoint, up to ``max_restarts`` times, with
@@ -49,14 +50,14 @@ import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import ColabkitError, ConfigError, OutOfMemoryError, PreflightError, TrainError
-from .events import LineParser
 from .freeze import Freeze
 from .fsutil import atomic_write_json, atomic_write_text
-from .launch import Child, Launch, oom_text
+from .launch import Child, Launch
 from .preflight import Preflight, _check_name, oom_advice, preflight
+from .progress import TAIL_KEPT, LineFeed, Listener, Progress
 from .runtime import cli_form, command
 
 if TYPE_CHECKING:
@@ -71,11 +72,6 @@ TAIL_LINES = 15
 MAX_BACKOFF = 600.0
 #: the job file of a running job is refreshed at most this often (seconds) while lines stream
 JOB_FILE_INTERVAL = 2.0
-#: the loss history keeps at most this many (step, loss) points: the whole run, evenly thinned
-HISTORY_POINTS = 300
-#: --estimate compares the pace once it was measured this long: 5% of the estimate, within these bounds (seconds)
-ESTIMATE_MIN_WINDOW = 2.0
-ESTIMATE_MAX_WINDOW = 60.0
 
 _STEPS_ARG = re.compile(r"^--(?:steps|total[-_]steps|max[-_]steps|num[-_]steps|iters|max[-_]iters)(?:=(\d+))?$")
 
@@ -186,151 +182,6 @@ class TrainResult:
                 "last_lines": list(self.last_lines), "elapsed": self.elapsed}
 
 
-class Progress:
-    """Progress read from the log lines: step, loss, rate over a sliding window, ETA, last checkpoint."""
-
-    def __init__(self, *, total_steps: int | None = None, window: int = 64,
-                 history: Iterable[Sequence[float]] = (), history_points: int = HISTORY_POINTS) -> None:
-        self.total_steps = total_steps
-        self.step: int | None = None
-        self.loss: float | None = None
-        self.checkpoint_step: int | None = None
-        self.checkpoint_path: str | None = None
-        self.updated: float | None = None
-        self._samples: deque[tuple[float, int]] = deque(maxlen=window)
-        self._first: tuple[float, int] | None = None  # the attempt's first step: how long the pace was measured
-        self._lock = threading.Lock()  # the pump thread writes while status() reads
-        # (step, loss) of the whole run, across attempts: when it holds `history_points`, every other point is
-        # dropped and only every `_stride`-th step is kept from then on, so it covers the run evenly
-        self._history_points = max(4, int(history_points))
-        self._history: list[tuple[int, float]] = []
-        self._stride = 1
-        self._newest: tuple[int, float] | None = None
-        for point in history:
-            with contextlib.suppress(TypeError, ValueError, IndexError):
-                self._add_point(int(point[0]), float(point[1]))
-
-    def new_attempt(self) -> None:
-        """A restart re-measures the pace (start-up time is not training time)."""
-        with self._lock:
-            self._samples.clear()
-            self._first = None
-
-    def observe(self, events: Iterable[Any], *, base: Path | None = None) -> None:
-        with self._lock:
-            self._observe(events, base)
-
-    def _observe(self, events: Iterable[Any], base: Path | None) -> None:
-        for e in events:
-            self.updated = e.time
-            if e.kind == "checkpoint":
-                self.checkpoint_step = e.step if e.step is not None else self.checkpoint_step
-                p = e.path
-                if p and base is not None and not os.path.isabs(p):
-                    p = str(base / p)
-                self.checkpoint_path = p or self.checkpoint_path
-            elif e.kind == "step" and e.step is not None:
-                self.step = e.step
-                total = e.values.get("total")
-                if isinstance(total, int) and total > 0 and self.total_steps is None:
-                    self.total_steps = total
-                if not self._samples or self._samples[-1][1] != e.step:
-                    self._samples.append((e.time, e.step))
-                    if self._first is None:
-                        self._first = (e.time, e.step)
-            elif e.kind == "loss" and e.loss is not None:
-                self.loss = e.loss
-                if self.step is not None:
-                    self._add_point(self.step, e.loss)
-
-    def _add_point(self, step: int, loss: float) -> None:
-        h = self._history
-        if self._newest is not None and step <= self._newest[0]:
-            self._newest = None
-        if h and step <= h[-1][0]:
-            # a resumed attempt repeats the steps after its checkpoint: its points replace the old ones
-            while h and h[-1][0] >= step:
-                h.pop()
-        if h and step - h[-1][0] < self._stride:
-            self._newest = (step, loss)  # drawn at the end of the curve until a kept point passes it
-            return
-        self._newest = None
-        h.append((step, loss))
-        if len(h) > self._history_points:
-            del h[1:-1:2]  # keep the first and the newest point
-            self._stride *= 2
-
-    @property
-    def history(self) -> list[tuple[int, float]]:
-        """The loss curve: (step, loss) points over the whole run (at most ``HISTORY_POINTS``)."""
-        with self._lock:
-            newest = self._newest
-            return list(self._history) + ([newest] if newest is not None else [])
-
-    @property
-    def rate(self) -> float | None:
-        """Steps per second over the recent window (None until two distinct steps were seen)."""
-        with self._lock:
-            if len(self._samples) < 2:
-                return None
-            (t0, s0), (t1, s1) = self._samples[0], self._samples[-1]
-        if t1 <= t0 or s1 <= s0:
-            return None
-        return (s1 - s0) / (t1 - t0)
-
-    @property
-    def measured_steps(self) -> int:
-        """Steps seen since this attempt's first step (the rate's window is shorter: the recent pace)."""
-        with self._lock:
-            if self._first is None or not self._samples:
-                return 0
-            return max(0, self._samples[-1][1] - self._first[1])
-
-    @property
-    def measured_seconds(self) -> float:
-        """Seconds since this attempt's first step (0 until two distinct steps were seen)."""
-        with self._lock:
-            if self._first is None or not self._samples:
-                return 0.0
-            return max(0.0, self._samples[-1][0] - self._first[0])
-
-    @property
-    def eta(self) -> float | None:
-        """Seconds to ``total_steps`` at the measured rate (None when either is unknown)."""
-        r = self.rate
-        if r is None or not self.total_steps or self.step is None:
-            return None
-        return max(0.0, (self.total_steps - self.step) / r)
-
-    def against_estimate(self, estimate: float, *, elapsed: float, first_step: int) -> tuple[bool, str | None]:
-        """Compare the measured pace with `estimate` (seconds for the whole run): ``(decided, warning)``.
-
-        Not decided until the pace was measured over 5% of the estimate (at least ESTIMATE_MIN_WINDOW, at most
-        ESTIMATE_MAX_WINDOW) and 5% of the steps: a pace read off a fraction of a second of steps says nothing
-        about hours, and a toy run that ends before then is not warned about. The warning says the projected
-        duration when it is off by more than half."""
-        if not self.total_steps:
-            return True, ("--estimate needs the total number of steps to compare the pace (pass --total-steps N "
-                          "or set train.total_steps)")
-        remaining_at_start = self.total_steps - first_step
-        window = min(max(0.05 * estimate, ESTIMATE_MIN_WINDOW), ESTIMATE_MAX_WINDOW)
-        if self.rate is None or self.measured_steps < max(2, 0.05 * remaining_at_start) or \
-                self.measured_seconds < window:
-            return False, None
-        from .config import format_duration
-        projected = elapsed + (self.eta or 0.0)
-        if abs(projected - estimate) <= 0.5 * estimate:
-            return True, None
-        return True, (f"at the measured pace ({self.rate:.3g} steps/s) the run takes about "
-                      f"{format_duration(projected)}, against an estimate of {format_duration(estimate)} "
-                      "(off by more than 50%); update the estimate and tell whoever is waiting for it")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "total_steps": self.total_steps, "loss": self.loss, "rate": self.rate,
-                "eta": self.eta, "checkpoint_step": self.checkpoint_step, "checkpoint": self.checkpoint_path,
-                "updated": self.updated, "history": [list(p) for p in self.history]}
-
-
 # -- preflight ------------------------------------------------------------------------------------------
 def _total_from_args(args: Sequence[str]) -> int | None:
     for i, a in enumerate(args):
@@ -369,8 +220,6 @@ def _sigterm_as_interrupt() -> Callable[[], None] | None:
 
 
 # -- the job ---------------------------------------------------------------------------------------------
-#: a line listener: called with (events, line, attempt)
-Listener = Callable[[Sequence[Any], str, Any], None]
 _jobs: dict[str, "Job"] = {}
 _jobs_lock = threading.Lock()
 _atexit_installed = False
@@ -404,9 +253,6 @@ class Job:
         self.key = name or experiment
         #: the run's stable identity for triggers: ``main``, or a cooldown's folder name
         self.run_name = run or "main"
-        #: called with (events, line, attempt) for every line the child prints, and with a ``state`` event
-        #: (finished, failed, oom, stalled, restarted, stopped) when the run changes state
-        self.listeners: list[Listener] = list(listeners)
         self.config = config
         self.pre = pre
         self.args = [str(a) for a in args]
@@ -418,7 +264,6 @@ class Job:
         self.grace = grace
         self.estimate = estimate
         self.sync_enabled = sync
-        self.on_line = on_line
         self.on_warning = on_warning
         # the child's own messages (a Checkpointer's errors) name commands as the user types them here
         self.command_form = "magic" if command("train").startswith("%") else "cli"
@@ -435,14 +280,15 @@ class Job:
         self.cwd = pre.experiment_dir
         self.progress = Progress(total_steps=total_steps or _total_from_args(self.args) or config.train.total_steps,
                                  history=_prior_history(self.job_file, resume_from))
-        self.parser = LineParser(config)
+        #: the one reader of the child's lines: parsed once, the events to the progress and every listener
+        self.feed = LineFeed(config, self.progress, listeners=listeners, on_line=on_line, base=self.cwd,
+                             distributed=self.launch.distributed, experiment=experiment)
         self.attempts: list[Attempt] = []
         self.warnings: list[str] = list(pre.warnings)
         self.state = "starting"
         self.result: TrainResult | None = None
         self.error: BaseException | None = None
         self.background = False
-        self._tail: deque[str] = deque(maxlen=200)
         self._stop = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -456,6 +302,12 @@ class Job:
         self._stop_file = config.state_dir / "jobs" / f"{self.key}.stop"
 
     # -- public ----------------------------------------------------------------------------------------
+    @property
+    def listeners(self) -> list[Listener]:
+        """Called with (events, line, attempt) for every line the child prints, and with a ``state`` event
+        (finished, failed, oom, stalled, restarted, stopped) when the run changes state; append to add one."""
+        return self.feed.listeners
+
     @property
     def running(self) -> bool:
         return not self._done.is_set()
@@ -490,10 +342,10 @@ class Job:
 
     def logs(self, n: int = 50) -> list[str]:
         """The last `n` lines the child printed (newest last; 0: the whole current attempt's log)."""
+        lines = self.feed.last()
         with self._lock:
-            lines = list(self._tail)
             log_path = self.attempts[-1].log if self.attempts else None
-        if (n == 0 or n > len(lines)) and log_path and len(lines) == self._tail.maxlen:
+        if (n == 0 or n > len(lines)) and log_path and len(lines) == TAIL_KEPT:
             with contextlib.suppress(OSError):
                 with open(log_path, "r", encoding="utf-8", errors="replace") as f:
                     return [x.rstrip("\n") for x in deque(f, maxlen=n or None)]
@@ -611,8 +463,8 @@ class Job:
             delay = min(self.restart_backoff * 2 ** (n - 1), max(self.restart_backoff, MAX_BACKOFF))
             resume_from = self._newest_checkpoint() or resume_from
             if att.outcome == "stalled":
-                self._emit_state("stalled", att)
-            self._emit_state("restarted", att, resume_from=resume_from)
+                self.feed.state("stalled", att)
+            self.feed.state("restarted", att, resume_from=resume_from)
             self._set_state("waiting")
             self._warn(f"{self.experiment}: attempt {n} {att.detail}; restarting in {delay:g}s "
                        f"({n}/{self.max_restarts} restarts) from "
@@ -773,64 +625,11 @@ class Job:
         return stalled
 
     def _line(self, text: str, att: Attempt) -> None:
-        # a tqdm bar redraws with \r: every segment is progress, the last one is what a terminal shows
-        segs = text.split("\r") if "\r" in text else [text]
-        base = self.cwd
-        parse = True
-        if self.launch.distributed:
-            # under torchrun: progress, the loss and the listeners (triggers) read global rank 0 only; every
-            # rank's line goes to the log and the tail (an OOM on any rank is seen there)
-            from .launch import split_rank
-            rank, body = split_rank(text)
-            parse = rank == 0
-            child = self._child
-            if rank is not None and child is not None and child.oom_seen is None:
-                # any rank's OOM, remembered as it is printed: torchrun's failure report that follows can push
-                # it out of the tail the exit is classified from
-                child.oom_seen = oom_text(body)
-            if parse:
-                segs = [split_rank(seg)[1] for seg in segs]
-        for seg in segs:
-            if seg and parse:
-                events = self.parser.parse(seg)
-                if events:
-                    self.progress.observe(events, base=base)
-                for fn in self.listeners:
-                    self._call(fn, events, seg, att)
-        shown = next((s for s in reversed(segs) if s), "")
-        with self._lock:
-            self._tail.append(shown)
-        step = self.progress.step
-        if step is not None:
-            if att.first_step is None:
-                att.first_step = step
-            att.last_step = step
-        if self.on_line is not None:
-            self.on_line(shown)
+        self.feed.line(text, att, self._child)
         if self.estimate and not self._estimate_checked:
             self._check_estimate()
         if time.time() - self._job_file_written > JOB_FILE_INTERVAL:
             self._write_job_file()
-
-    def _call(self, fn: Listener, events: Sequence[Any], line: str, att: Attempt | None) -> None:
-        try:
-            fn(events, line, att)
-        except Exception:  # a listener never stops the log stream
-            log.exception("%s: a line listener failed", self.experiment)
-
-    def _emit_state(self, state: str, att: Attempt | None, **values: Any) -> None:
-        """Tell the listeners the run's state changed (an event of kind ``state``; its line is empty)."""
-        if not self.listeners:
-            return
-        from .events import Event
-        vals = {"state": state, "attempt": att.number if att else None, "step": self.progress.step,
-                "path": self.progress.checkpoint_path, **values}
-        if att is not None:
-            vals.setdefault("exit_code", att.exit_code)
-            vals.setdefault("detail", att.detail)
-        ev = Event("state", vals, "")
-        for fn in list(self.listeners):
-            self._call(fn, [ev], "", att)
 
     def _check_estimate(self) -> None:
         assert self.estimate is not None
@@ -847,7 +646,7 @@ class Job:
             return "stopped", f"stopped (exit code {rc})"
         if stalled:
             return "stalled", f"stalled (no output for {self.stall_after:g}s; killed, exit code {rc})"
-        return child.classify(rc, "\n".join(list(self._tail)[-40:]), oom_seen=child.oom_seen)
+        return child.classify(rc, "\n".join(self.feed.last(40)), oom_seen=child.oom_seen)
 
     def _close_attempt(self, att: Attempt, child: Child) -> int:
         rc = child.close()
@@ -944,7 +743,7 @@ class Job:
             log.warning("%s", text)
 
     def _tail_text(self, att: Attempt) -> str:
-        lines = [x for x in list(self._tail)[-TAIL_LINES:]]
+        lines = self.feed.last(TAIL_LINES)
         if not lines:
             return f"It printed nothing (log: {att.log})."
         return f"Last lines of {att.log}:\n" + "\n".join("  " + x for x in lines)
@@ -960,13 +759,13 @@ class Job:
                 exit_code=last.exit_code if last else None, attempts=list(self.attempts), step=self.progress.step,
                 total_steps=self.progress.total_steps, loss=self.progress.loss, log_dir=self.log_dir,
                 last_checkpoint=self.progress.checkpoint_path, warnings=list(self.warnings),
-                last_lines=list(self._tail)[-TAIL_LINES:], elapsed=time.time() - self.started)
+                last_lines=self.feed.last(TAIL_LINES), elapsed=time.time() - self.started)
         self._write_run_json()
         self._write_job_file(force=True)
         with _jobs_lock:
             if _jobs.get(self.key) is self:
                 del _jobs[self.key]
-        self._emit_state(state, last, error=str(self.error) if self.error is not None else None)
+        self.feed.state(state, last, error=str(self.error) if self.error is not None else None)
 
     def _write_run_json(self) -> None:
         bundle = None
