@@ -64,6 +64,7 @@ def _driver(tmp_path: Path):
               "--no-first-run", "--disable-extensions", "--disable-background-networking",
               f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for a failure report
     service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
     return webdriver.Chrome(service=service, options=opts)
 
@@ -288,6 +289,9 @@ def _run(tmp_path: Path, argv: list[str], token_option: str, open_path: str, run
             folder.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(folder / f"failed-{shot}"))
             (folder / f"failed-{shot}.html").write_text(driver.page_source)
+            with contextlib.suppress(Exception):
+                (folder / f"failed-{shot}.console.txt").write_text(
+                    "\n".join(f"{e.get('level')} {e.get('message')}" for e in driver.get_log("browser")))
         raise
     finally:
         if driver is not None:
@@ -355,7 +359,19 @@ def test_classic_notebook6_ipywidgets7_renders_the_dashboard(tmp_path):
     def run_all(d):
         WebDriverWait(d, 120, poll_frequency=0.2).until(lambda d: d.execute_script(
             "return !!(window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel"
-            " && Jupyter.notebook.kernel.is_connected())"))
+            " && Jupyter.notebook.kernel.is_connected() && Jupyter.notebook.kernel.widget_manager)"))
+        # ipywidgets 7's classic front end, once connected, asks the kernel which widgets exist: through the
+        # "jupyter.widget.control" comm, or (a kernel that has not imported ipywidgets yet refuses that comm) a
+        # comm_info request on the shell channel. That answer is not ordered with the widgets' own comm_open
+        # messages (iopub): when it is still queued behind the cells, the manager re-creates widgets the cells are
+        # opening and their view stays empty. A person opens the page and clicks later; the test waits the same
+        # way: the same load again, which the kernel answers after the manager's own (both go through the shell
+        # channel in order), so once it has returned the manager's has been handled.
+        d.set_script_timeout(120)
+        loaded = d.execute_async_script("const done = arguments[arguments.length - 1];"
+                               "Jupyter.notebook.kernel.widget_manager._loadFromKernel()"
+                               ".then(() => done(true), e => done(String(e)));")
+        assert loaded is True, f"the widget manager could not load the kernel's widgets: {loaded}"
         d.execute_script("Jupyter.notebook.execute_all_cells();")
 
     _run(tmp_path, [str(py), "-m", "notebook"], "NotebookApp.token", "notebooks/dash.ipynb", run_all, "dashboard-notebook6.png")
