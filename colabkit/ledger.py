@@ -32,7 +32,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from .fsutil import atomic_write_bytes, atomic_write_json
 
@@ -99,6 +99,9 @@ class Ledger:
         self.entries: dict[str, dict[str, Any]] = {}
         self.inflight: dict[str, dict[str, Any]] = {}
         self.uploads: list[list[Any]] = []              # [time, bytes, relpath] of the last 24 h
+        #: files the tier deleted by itself (a Hub tier's ``keep``): not held (retention does not count them),
+        #: but not to be uploaded again while the local file is unchanged
+        self.pruned: dict[str, dict[str, Any]] = {}
         self._forgotten: set[str] = set()
         self.lock = threading.RLock()
 
@@ -115,6 +118,8 @@ class Ledger:
         led.entries = data.get("entries", {})
         led.inflight = data.get("inflight", {})
         led.uploads = _uploads(data)
+        pruned = data.get("pruned", {})
+        led.pruned = pruned if isinstance(pruned, dict) else {}
         return led
 
     def _read(self) -> dict[str, Any]:
@@ -176,13 +181,20 @@ class Ledger:
                     continue
                 if mine is None or float(e.get("uploaded_at") or 0) > float(mine.get("uploaded_at") or 0):
                     self.entries[rel] = e
+            for rel, e in (disk.get("pruned") or {}).items():
+                if rel not in self.pruned and rel not in self.entries:
+                    self.pruned[rel] = e
+            for rel in [r for r, p in self.pruned.items() if float((self.entries.get(r) or {}).get("uploaded_at")
+                                                                   or 0) > float(p.get("pruned_at") or 0)]:
+                del self.pruned[rel]   # uploaded again since the tier deleted it
             # the uploads of every process writing this ledger count towards the same cap
             seen = {tuple(u) for u in self.uploads}
             self.uploads += [u for u in _uploads(disk) if tuple(u) not in seen]
             since = time.time() - DAY
             self.uploads = sorted(u for u in self.uploads if u[0] > since)
             atomic_write_json(self.path, {"format": FORMAT, "tier": self.tier, "entries": self.entries,
-                                          "inflight": self.inflight, "uploads": self.uploads})
+                                          "inflight": self.inflight, "uploads": self.uploads,
+                                          "pruned": self.pruned})
 
     # -- queries ---------------------------------------------------------------------------------
     def get(self, relpath: str) -> dict[str, Any] | None:
@@ -199,9 +211,34 @@ class Ledger:
             return None
 
     def unchanged(self, relpath: str, size: int, mtime_ns: int) -> bool:
-        """True when the tier holds `relpath` as it was when last hashed (same local size and mtime)."""
-        e = self.entries.get(relpath)
+        """True when the tier holds `relpath` as it was when last hashed (same local size and mtime), or deleted
+        that very copy by itself (:meth:`pruned_on_tier`): either way there is nothing to upload."""
+        e = self.entries.get(relpath) or self.pruned.get(relpath)
         return bool(e) and e.get("local_size") == size and e.get("local_mtime_ns") == mtime_ns
+
+    def pruned_on_tier(self, remote_paths: Sequence[str]) -> list[str]:
+        """The tier deleted these paths by itself (a Hub tier's ``keep``): their entries stop counting as held
+        copies (retention and the disk guard go by them) and are kept aside, so the unchanged local files are not
+        uploaded again. A checkpoint folder whose every file went loses its folder entry too. Returns the
+        relpaths set aside."""
+        gone = set(remote_paths)
+        if not gone:
+            return []
+        with self.lock:
+            now = time.time()
+            moved = [rel for rel, e in self.entries.items() if e.get("remote_path") in gone and rel[-1:] != "/"]
+            for rel in moved:
+                self.pruned[rel] = {**self.entries.pop(rel), "pruned_at": now}
+                self._forgotten.add(rel)
+            for key in [k for k in self.entries if k[-1:] == "/"]:
+                if any(rel.startswith(key) for rel in moved) and not any(r.startswith(key) and r != key
+                                                                         for r in self.entries):
+                    self.pruned[key] = {**self.entries.pop(key), "pruned_at": now}
+                    self._forgotten.add(key)
+                    moved.append(key)
+            if moved:
+                self.save()
+            return moved
 
     def summary(self) -> dict[str, Any]:
         with self.lock:
@@ -261,6 +298,7 @@ class Ledger:
                  "uploaded_at": uploaded_at if uploaded_at is not None else time.time(),
                  "local_size": local_size, "local_mtime_ns": local_mtime_ns}
             self.entries[relpath] = e
+            self.pruned.pop(relpath, None)
             self._forgotten.discard(relpath)
             self.inflight.pop(relpath, None)
             if save:

@@ -720,17 +720,17 @@ class TierSyncer(threading.Thread):
         led = self.ledger
         due: list[tuple[LocalFile, str | None]] = []
         unsettled: list[LocalFile] = []
-        entries = led.entries
+        entries, pruned = led.entries, led.pruned   # pruned: deleted by the tier's keep, not to be sent again
         todo = []
         for f in files:  # the hot loop of an idle tick: one dict lookup per file
-            e = entries.get(f.rel)
+            e = entries.get(f.rel) or pruned.get(f.rel)
             if e is None or e.get("local_mtime_ns") != f.mtime_ns or e.get("local_size") != f.size:
                 todo.append(f)
         self._data_of = {}
         with self._lock:
             self._unit_key_of = {f.rel: f.unit for f in files if f.unit is not None}
         self._units = {}
-        if not todo and all(k in entries for k in units):
+        if not todo and all(k in entries or k in pruned for k in units):
             # an idle tick: everything is held (the newest per folder is unchanged too)
             with self._lock:
                 self._skipped = {}
@@ -907,6 +907,8 @@ class TierSyncer(threading.Thread):
                 files = [f for f in u.files if f.rel[len(key):] in names]
             if not all(self.ledger.unchanged(f.rel, f.size, f.mtime_ns) for f in files):
                 continue
+            if not any(f.rel in self.ledger.entries for f in files):
+                continue   # the tier's keep deleted it: unchanged here, not held there
             size = sum(f.size for f in files)
             mtime_ns = max(f.mtime_ns for f in files)
             e = self.ledger.entries.get(key)
@@ -994,13 +996,28 @@ class TierSyncer(threading.Thread):
         """Upload `due` in order. Returns True when nothing is left but what a daily upload cap defers.
 
         With ``sync.workers``, checkpoints go through the election first (:meth:`_upload_elected`)."""
-        if self.elect is None:
-            self._watching = {}
-            return self._upload_plain(due)
-        due, ok = self._upload_elected(due)
-        if self.fatal is not None:
-            return False
-        return self._upload_plain(due) and ok
+        try:
+            if self.elect is None:
+                self._watching = {}
+                return self._upload_plain(due)
+            due, ok = self._upload_elected(due)
+            if self.fatal is not None:
+                return False
+            return self._upload_plain(due) and ok
+        finally:
+            self._forget_pruned()
+
+    def _forget_pruned(self) -> None:
+        """What the tier deleted by itself in these uploads (a Hub tier's ``keep``) is no longer a held copy."""
+        gone = self.remote.take_deleted()
+        if not gone:
+            return
+        moved = self.ledger.pruned_on_tier(gone)
+        files = [r for r in moved if r[-1:] != "/"]
+        if files:
+            _activity.info("%s: the tier's keep removed %d older file(s) (%s); they no longer count as copies "
+                           "this tier holds", self.tier.name, len(files), ", ".join(files[:3])
+                           + (", ..." if len(files) > 3 else ""))
 
     def _upload_plain(self, due: list[tuple[LocalFile, str | None]]) -> bool:
         now = time.time()
@@ -1768,6 +1785,11 @@ class SyncGroup:
         thread. Safe to call twice."""
         if self._stopped:
             return self._stop_result or {"ok": True, "tiers": {}}
+        if self.started_at is None:   # never started: no thread, observer or log to stop, nothing to flush
+            self._stopped = True
+            self._close_remotes()
+            self._stop_result = {"ok": True, "tiers": {}}
+            return self._stop_result
         timeout = self.config.sync.flush_timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + timeout
         result = self.flush(timeout=timeout, settled=settled) if flush else {"ok": True, "tiers": {}}
@@ -1796,13 +1818,16 @@ class SyncGroup:
             if _registry.get(self.key) is self:
                 del _registry[self.key]
         _detach_log(self._log_path)
+        self._close_remotes()
+        _activity.info("sync stopped: %s", ", ".join(self.key))
+        self._stop_result = result
+        return result
+
+    def _close_remotes(self) -> None:
         for s in self.syncers:
             if s.remote is not None:
                 with contextlib.suppress(Exception):
                     s.remote.close()
-        _activity.info("sync stopped: %s", ", ".join(self.key))
-        self._stop_result = result
-        return result
 
     @property
     def running(self) -> bool:

@@ -64,3 +64,25 @@ def test_corrupt_ledger_is_set_aside(tmp_path, caplog):
     assert p.with_name("hub.json.corrupt").read_text() == "{not json"
     assert [r.getMessage() for r in caplog.records] == [
         f"ledger {p} is corrupt; moved aside to {p.with_name('hub.json.corrupt')}, starting empty"]
+
+
+def test_files_the_tier_deleted_by_itself_are_not_held_nor_sent_again_until_they_change(tmp_path):
+    led = Ledger.load(tmp_path, "hub")
+    for rel in ("ck/a_step_1/x.distcp", "ck/a_step_1/colabkit-manifest.json", "ck/a_step_2/x.distcp"):
+        led.record(rel, remote_path=rel, size=10, sha256="s" + rel, md5=None, remote_id=None, local_size=10,
+                   local_mtime_ns=5)
+    led.record("ck/a_step_1/", remote_path="ck/a_step_1", size=20, sha256=None, md5=None, remote_id=None,
+               local_size=20, local_mtime_ns=5)
+    moved = led.pruned_on_tier(["ck/a_step_1/x.distcp", "ck/a_step_1/colabkit-manifest.json"])
+    assert sorted(moved) == ["ck/a_step_1/", "ck/a_step_1/colabkit-manifest.json", "ck/a_step_1/x.distcp"]
+    again = Ledger.load(tmp_path, "hub")   # saved, and read back by another process
+    for lg in (led, again):
+        assert lg.get("ck/a_step_1/x.distcp") is None and lg.get("ck/a_step_1/") is None   # not held
+        assert lg.verified_copy("ck/a_step_1/x.distcp", "sck/a_step_1/x.distcp") is None
+        assert lg.unchanged("ck/a_step_1/x.distcp", 10, 5)          # the same local file: nothing to send
+        assert not lg.unchanged("ck/a_step_1/x.distcp", 10, 6)      # saved again: sent again
+        assert lg.get("ck/a_step_2/x.distcp") is not None
+    again.record("ck/a_step_1/x.distcp", remote_path="ck/a_step_1/x.distcp", size=10, sha256="new", md5=None,
+                 remote_id=None, local_size=10, local_mtime_ns=6)
+    assert "ck/a_step_1/x.distcp" not in again.pruned and again.verified_copy("ck/a_step_1/x.distcp", "new")
+    assert "ck/a_step_1/x.distcp" not in Ledger.load(tmp_path, "hub").pruned

@@ -649,6 +649,19 @@ def test_faulted_repo_creation_is_transient_not_missing(hub_server: HubServer, t
         r.check_access()
 
 
+@pytest.mark.parametrize("fault", ["503", "drop", "lost answer"])
+def test_a_single_fault_at_repo_creation_is_retried_at_once(hub_server: HubServer, token_env, tmp_path: Path,
+                                                            fault):
+    """check_access() on a first run creates the repo; one 503, dropped connection or lost answer there is
+    retried like every other call (it failed the preflight), and the repo is made once, private."""
+    hub_server.inject(method="POST", path=r"/api/repos/create", status=503 if fault == "503" else None,
+                      drop=fault == "drop", lose=fault == "lost answer")
+    make_remote(hub_server, sleep=lambda s: None).check_access()
+    assert hub_server.count("POST", r"/api/repos/create") == 2
+    repo = hub_server.repo(REPO)
+    assert repo is not None and repo.private is True
+
+
 def test_huggingface_hub_retry_warnings_do_not_print_from_a_sync_thread(hub_server: HubServer, token_env,
                                                                         tmp_path: Path, caplog):
     """huggingface_hub retries some calls itself and warns through its own stderr handler; from colabkit's

@@ -279,6 +279,16 @@ def test_start_again_replaces_and_stop_twice_is_fine(project):
     assert sync.status()["running"] is False
 
 
+def test_stopping_a_group_that_never_started_returns_at_once(project):
+    cfg = load_config(start=project)
+    g = sync.SyncGroup(cfg, every=3600)
+    t0 = time.monotonic()
+    res = g.stop(timeout=30)   # nothing was started: nothing to flush, no thread to wait for, no error
+    assert res["ok"] and res["tiers"] == {} and time.monotonic() - t0 < 10
+    assert not g.running and g.stop()["ok"]
+    assert not any(t.name.startswith("colabkit-sync") for t in threading.enumerate())
+
+
 def test_bad_inputs_have_clear_errors(project, tmp_path):
     cfg = load_config(start=project)
     with pytest.raises(SyncError) as e:

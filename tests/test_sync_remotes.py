@@ -153,6 +153,39 @@ def test_hub_tier_gets_a_ticks_files_in_one_commit(hub_server: HubServer, tmp_pa
     assert len(repo.commits) == n  # nothing new: no commit at all
 
 
+def test_what_a_hub_tiers_keep_deletes_no_longer_counts_as_held_and_is_not_sent_again(hub_server: HubServer,
+                                                                                     tmp_path, monkeypatch):
+    """A Hub tier with keep: 2 deletes older checkpoints in its upload commits. The ledger used to go on saying the
+    Hub held them, so the sync tick's pruning deleted the local file too: the checkpoint was gone everywhere."""
+    from colabkit.retention import assess
+    monkeypatch.setenv("HF_TOKEN", hub_server.WRITE_TOKEN)
+    root = tmp_path / "proj"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "colabkit.yaml").write_text(yaml.safe_dump({
+        "hub": {"repo_id": "alice/weights", "endpoint": hub_server.endpoint},
+        "tiers": [{"name": "hub", "remote": "hub", "every": 3600, "latest_only": False, "keep": 2}],
+        "retention": {"keep_local": 2, "require_remote": ["hub"]},
+        "sync": {"settle": 0.1}}))
+    cfg = load_config(start=root)
+    one, two = ckpt(root, 1), ckpt(root, 2)
+    assert sync.once(config=cfg)["ok"]
+    three = ckpt(root, 3)
+    assert sync.once(config=cfg)["ok"]   # the commit adding step 3 deletes step 1 on the Hub (keep 2)
+    repo = hub_server.repos[("model", "alice/weights")]
+    tree = repo.commits[repo.branches["main"]][2]
+    assert not any(k.endswith(one.name) for k in tree) and any(k.endswith(three.name) for k in tree)
+    assert one.exists(), "step 1 was deleted locally on the strength of a copy the Hub had just deleted"
+    led = Ledger.load(cfg.state_dir, "hub")
+    assert led.verified_copy(cfg.remote_path(one), hashlib.sha256(one.read_bytes()).hexdigest()) is None
+    assert led.verified_copy(cfg.remote_path(three), hashlib.sha256(three.read_bytes()).hexdigest())
+    held = {c.step: c.held_by for c in assess(root / "checkpoints", config=cfg)}
+    assert held == {1: (), 2: ("hub",), 3: ("hub",)}
+    n = len(repo.commits)
+    assert sync.once(config=cfg)["ok"]
+    assert len(repo.commits) == n, "step 1 was sent to the Hub again, to be deleted again"
+    assert one.exists() and two.exists() and three.exists()
+
+
 def test_drive_token_endpoint_outage_does_not_stop_the_tier(drive_server, tmp_path):
     """Three failed refreshes in a row (503 at the token endpoint) used to stop the Drive tier for the rest
     of the run with "the credentials were rejected". It is transient: the tier backs off and uploads."""

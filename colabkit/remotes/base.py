@@ -240,6 +240,11 @@ class Remote(abc.ABC):
         metadata update would have set). Returns the completed record; the default has nothing to finish."""
         return record
 
+    def take_deleted(self) -> list[str]:
+        """Tier paths this remote deleted by itself since the last call (a Hub tier's ``keep``, in its upload
+        commits), so that the ledger stops counting them as held. The default deletes nothing by itself."""
+        return []
+
     def describe(self) -> str:
         """A one-line description that is safe to print (no secret)."""
         return f"{self.kind} remote {self.name!r}"

@@ -507,6 +507,8 @@ class HubRemote(Remote):
         self.path_prefix = normalize_path(prefix) if prefix.strip("/") else ""
         self.keep = keep
         self.project = project
+        self._deleted: list[str] = []   # tier paths `keep` deleted in a commit, until take_deleted()
+        self._deleted_lock = threading.Lock()
         self._explicit_token = token
         self._require_token = require_token
         self._token: _Token | None = None
@@ -861,6 +863,7 @@ class HubRemote(Remote):
                         results[it.path] = rec
                     else:
                         still.append(it)
+                self._note_deleted([p for p in deletions if p not in now])   # the lost answer's commit did
                 to_add, deletions = still, [p for p in deletions if p in now]
                 if not to_add and not deletions:
                     return [], []
@@ -910,6 +913,7 @@ class HubRemote(Remote):
             try:
                 self._ensure_branch()
                 self._create_commit(ops, message)
+                self._note_deleted(deletes)
                 return
             except RemoteError:
                 raise
@@ -921,6 +925,15 @@ class HubRemote(Remote):
                            if isinstance(o, hf.CommitOperationAdd) else o for o in ops]
                     continue
                 raise self._wrap(e, action=action, path=path) from e
+
+    def _note_deleted(self, fulls: list[str]) -> None:
+        with self._deleted_lock:
+            self._deleted += [r for r in (self._rel(p) for p in fulls) if r]
+
+    def take_deleted(self) -> list[str]:
+        with self._deleted_lock:
+            out, self._deleted = self._deleted, []
+        return out
 
     def _create_commit(self, ops: list[Any], message: str) -> None:
         try:
@@ -951,8 +964,9 @@ class HubRemote(Remote):
     def _create_repo(self) -> None:
         log.info("%s: creating %s %s", self.name, "private" if self.private else "public", self._where())
         try:
-            self._call(self.api.create_repo, self.repo_id, repo_type=self.repo_type, private=self.private,
-                       exist_ok=True, action=f"creating {self._where()}")
+            # exist_ok: a retry after a lost answer finds the repo made (409) and goes on
+            self._retrying(lambda: self.api.create_repo(self.repo_id, repo_type=self.repo_type, private=self.private,
+                                                        exist_ok=True), action=f"creating {self._where()}")
         except RemoteError as e:
             if not _url_quirk(e.__cause__):
                 raise  # else: created; only the returned URL could not be parsed (see _create_commit)
@@ -1280,6 +1294,7 @@ class HubRemote(Remote):
                     raise err from e
                 self._wait(self._delay(attempt, err), stop)
                 continue
+            self._note_deleted(deletions)
             after = self._paths_info([it.full for it in its])
             out = []
             for it in its:
