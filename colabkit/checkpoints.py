@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -185,7 +186,9 @@ def verify(info: CheckpointInfo) -> None:
     A file verified before (a resume fetch hashes while it copies; an earlier verify) carries a record of
     that (:func:`colabkit.fsutil.record_verified`): while the file's size, mtime, inode and device are those
     recorded, its recorded sha256 is compared instead of reading the file again. A successful hash here
-    leaves such a record, so each byte is hashed once.
+    leaves such a record, so each byte is hashed once. A manifest that records block digests (the
+    Checkpointer's do) lets a machine with several cores check the blocks in parallel
+    (:func:`colabkit.fsutil.first_bad_block`) instead of running one sha256 stream over the whole file.
 
     Raises:
         IntegrityError: the file is truncated or corrupt; the message says how.
@@ -200,12 +203,14 @@ def verify(info: CheckpointInfo) -> None:
         known = verified_sha256(path, before)
         if known is not None and known == info.sha256 and before.st_size == info.manifest.get("size"):
             return   # hashed when it was written here or last verified, and not changed since
+        want_size = info.manifest.get("size")
+        if _verify_blocks(path, before, info):
+            return
         try:
             digest = hash_file(path)
             after = os.stat(path)
         except OSError as e:
             raise IntegrityError(f"{path}: cannot be read ({e.strerror or e})", path=str(path)) from e
-        want_size = info.manifest.get("size")
         if digest.size != want_size:
             raise IntegrityError(f"{path}: {digest.size} bytes, its manifest says {want_size} (truncated or partial)",
                                  path=str(path), expected=str(want_size), actual=str(digest.size))
@@ -218,6 +223,31 @@ def verify(info: CheckpointInfo) -> None:
         return
     _refuse_unreadable_manifest(path)
     _verify_plain(path)
+
+
+def _verify_blocks(path: Path, before: os.stat_result, info: CheckpointInfo) -> bool:
+    """Verify `path` by its manifest's block digests on several threads at once. False when that does not
+    apply (no block digests, one core, a file of one block, or a size the manifest does not describe: the
+    caller then hashes the whole file, whose error says what is wrong)."""
+    from .fsutil import _identity, first_bad_block, hash_workers, manifest_blocks, record_verified
+    size = info.manifest.get("size")
+    blocks = manifest_blocks(info.manifest, size) if isinstance(size, int) else None
+    workers = hash_workers()
+    if blocks is None or workers < 2 or len(blocks[1]) < 2 or before.st_size != size:
+        return False
+    block, digests = blocks
+    try:
+        bad = first_bad_block(path, block, digests, workers=workers)
+        after = os.stat(path)
+    except OSError as e:
+        raise IntegrityError(f"{path}: cannot be read ({e.strerror or e})", path=str(path)) from e
+    if bad is not None:
+        end = min(size, (bad + 1) * block)
+        raise IntegrityError(f"{path}: block {bad + 1} of {len(digests)} (bytes {bad * block}-{end}) does not match "
+                             f"its manifest's sha256 (corrupt)", path=str(path), expected=info.sha256)
+    if _identity(before) == _identity(after):   # not written to while it was read: remember the verification
+        record_verified(path, str(info.sha256))
+    return True
 
 
 def _refuse_unreadable_manifest(path: Path) -> None:
@@ -314,12 +344,36 @@ def _refuse_empty(path: Path) -> None:
                              "copy that failed)", path=str(path))
 
 
+def _to_memory(storage: Any, location: str) -> Any:
+    """map_location for :func:`_load`: a storage of the mapped file, copied into memory of its own."""
+    return storage.clone()
+
+
+def _torch_load(torch: Any, path: Path, *, map_location: Any, weights_only: bool) -> Any:
+    """``torch.load``, faster into CPU memory: the archive is mapped and each storage copied once into memory of
+    its own (``mmap=True`` with a map_location that clones), where a plain ``torch.load`` reads each record
+    through a buffer (256 MB here: ~60 ms instead of ~120 ms). The result is the same: tensors in ordinary
+    memory, storages shared as they were saved, nothing left mapped. Anything else (another map_location, a
+    file in the older pickle format, a file system that cannot map files) loads the plain way."""
+    if map_location in ("cpu", None) or (isinstance(map_location, torch.device) and map_location.type == "cpu"):
+        try:
+            is_zip = zipfile.is_zipfile(path)
+        except OSError:
+            is_zip = False
+        if is_zip:
+            try:
+                return torch.load(path, map_location=_to_memory, weights_only=weights_only, mmap=True)
+            except OSError as e:   # could not map it (some FUSE or network file systems)
+                log.debug("%s: cannot be memory-mapped (%s); reading it", path, e)
+    return torch.load(path, map_location=map_location, weights_only=weights_only)
+
+
 def _load(path: Path, *, map_location: Any, weights_only: bool) -> Any:
     _refuse_empty(path)
     torch = _torch("loading a checkpoint")
     import pickle
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
+        return _torch_load(torch, path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as e:
         if weights_only and "weights_only" in str(e).lower().replace(" ", "_"):
             # not corruption: the state holds an object weights_only refuses; do not fall back silently
@@ -365,11 +419,16 @@ def load_latest(directory: str | os.PathLike, *, map_location: Any = "cpu", weig
 
 # -- writing ---------------------------------------------------------------------------------------
 class _HashingWriter:
-    """A write-only file object for torch.save that hashes what it writes (one pass, no read-back)."""
+    """A write-only file object for torch.save that hashes what it writes (one pass, no read-back): the file's
+    sha256, and the sha256 of each :data:`~colabkit.fsutil.BLOCK`-byte block, which lets a reader with several
+    cores verify the file in parallel. The blocks of a large write are hashed on a helper thread while this one
+    hashes the whole (hashlib releases the GIL): the save takes no longer where a second core is free."""
 
     def __init__(self, f) -> None:
+        from .fsutil import BlockHasher
         self.f = f
         self.sha = hashlib.sha256()
+        self.blocks = BlockHasher()
         self.size = 0
         self.error: OSError | None = None
 
@@ -379,8 +438,20 @@ class _HashingWriter:
         except OSError as e:
             self.error = e
             raise
-        self.sha.update(data)
         size = len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+        helper = None
+        if size >= _KICK:
+            try:
+                helper = threading.Thread(target=self.blocks.update, args=(data,), daemon=True,
+                                          name="colabkit-block-hash")
+                helper.start()
+            except RuntimeError:   # no new thread at interpreter shutdown (an async save finishing): inline
+                helper = None
+        self.sha.update(data)
+        if helper is None:
+            self.blocks.update(data)
+        else:
+            helper.join()
         if size >= _KICK:  # a large record went straight to the file: start its writeback now
             start_writeback(self.f.fileno(), self.size, size)
         self.size += size
@@ -607,6 +678,8 @@ def _wait_all_at_exit() -> None:
             c.wait()
         except Exception as e:  # at exit nobody is left to raise to: make sure it is at least logged
             log.error("the last background checkpoint write failed: %s", e)
+    if "colabkit.distributed" in sys.modules:  # then the checkpoint process groups, while the interpreter can
+        sys.modules["colabkit.distributed"].release_groups()  # still run their threads (see there)
 
 
 class Checkpointer:
@@ -775,6 +848,9 @@ class Checkpointer:
         finally:
             self._closed = True
             self._pool.clear()
+            saver, self._distributed = self._distributed, None
+            if saver is not None and not saver.busy:
+                saver.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -849,7 +925,8 @@ class Checkpointer:
             try:
                 manifest = {"format": FORMAT, "step": step, "size": size, "sha256": digest_sha,
                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            "run_id": self.run_id, "colabkit_version": _version(), "file": final.name}
+                            "run_id": self.run_id, "colabkit_version": _version(), "file": final.name,
+                            "blocks": w.blocks.result()}
                 atomic_write_json(man, manifest)
                 atomic_write_json(self.directory / LATEST, {"format": FORMAT, "file": final.name, "step": step})
             except BaseException:

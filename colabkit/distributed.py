@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -686,6 +687,127 @@ def remove_stale_folders(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
+#: the savers holding a gloo process group colabkit made; their groups are released by Checkpointer.close() and,
+#: for the savers still holding one, before the interpreter exits (checkpoints' exit hook, after the last background
+#: write). A gloo worker thread frees a finished collective's tensors a moment after the collective returns, and
+#: freeing them needs the interpreter: when a script ends right after a collective (a load, then exit), the thread
+#: can meet an interpreter that is already shutting down and the process aborts ("terminate called without an
+#: active exception", exit -6: torchrun reports the rank failed). Dropping the last reference to a group joins its
+#: threads without holding the GIL, so they finish first. A saver whose write is still in flight keeps its group
+#: (joining it could wait for peers that will never come).
+_savers: "weakref.WeakSet[DistributedSaver]" = weakref.WeakSet()
+
+
+def release_groups() -> None:
+    """Release the process group of every saver that holds one and has no write in flight."""
+    for saver in list(_savers):
+        if not saver.busy:
+            saver.close()
+    import gc
+    gc.collect()  # a group held in a reference cycle (a Checkpointer and its saver) is freed now
+
+
+def _fits(obj: Any, copy: Any, torch: Any, depth: int = 0) -> bool:
+    """Whether the staging copy `copy` (made by :func:`_reusing_stager` from an earlier state) can take `obj`:
+    the same containers and keys, each tensor's shape and dtype, and for a DTensor its local shape, its mesh
+    (the object: the copy is built on it) and its placements. Plain values (a step, a learning rate) may change
+    between saves. Run on every async save while training waits: it compares, and allocates nothing."""
+    if depth > 64:
+        return False
+    if isinstance(obj, torch.Tensor):
+        if not isinstance(copy, torch.Tensor) or obj.shape != copy.shape or obj.dtype != copy.dtype:
+            return False
+        local = getattr(obj, "_local_tensor", None)
+        mine = getattr(copy, "_local_tensor", None)
+        if local is None or mine is None:   # a DTensor's copy is a DTensor, a plain tensor's a plain one
+            return local is None and mine is None
+        return (copy.device_mesh is obj.device_mesh and tuple(copy.placements) == tuple(obj.placements)
+                and mine.shape == local.shape)
+    if isinstance(obj, dict):
+        return (type(copy) is type(obj) and copy.keys() == obj.keys()
+                and all(_fits(v, copy[k], torch, depth + 1) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return (type(copy) is type(obj) and len(copy) == len(obj)
+                and all(_fits(v, c, torch, depth + 1) for v, c in zip(obj, copy)))
+    return not isinstance(copy, (torch.Tensor, dict, list, tuple))
+
+
+def _reusing_stager() -> Any:
+    """DCP's blocking stager for async saves, keeping its CPU copy of the state from one save to the next.
+
+    DCP's default staging allocates a new CPU copy of the state on every async save (for a CPU DTensor it
+    deep-copies each shard, then copies it again into a fresh buffer): page faults and two copies while the
+    training loop waits. This stager allocates the copy once and afterwards only copies into it, one memcpy per
+    byte; it allocates afresh when the state's structure changes (an optimizer state that appears after the
+    first step, a model resharded). Where CUDA is available the copy is pinned, so the device-to-host copy runs
+    at full speed. Reuse is safe: a save waits for the previous save's write before it stages again. The cost:
+    one CPU copy of this rank's state held for the Checkpointer's lifetime (DCP's staging needs that much memory
+    during every save anyway).
+    """
+    import torch
+    from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+    from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+    pin = torch.cuda.is_available()
+
+    class Unsupported(Exception):
+        pass
+
+    def cpu_empty(shape: tuple[int, ...], dtype: Any) -> Any:
+        t = torch.empty(shape, dtype=dtype)
+        return t.pin_memory() if pin and t.numel() else t   # an empty tensor cannot be pinned
+
+    def empty_like(obj: Any, depth: int = 0) -> Any:
+        # CPU buffers of the same structure. A DTensor's copy is built on the same mesh object (DCP's own
+        # _create_cpu_state_dict deep-copies a CPU DTensor, mesh included, which aborted processes at exit) and
+        # its local tensor is set afterwards: DTensor.from_local would move a CPU tensor onto a CUDA mesh's GPU
+        if depth > 64:
+            raise Unsupported("nested too deep")
+        if isinstance(obj, dict):
+            out = {k: empty_like(v, depth + 1) for k, v in obj.items()}
+            return out if type(obj) is dict else _rebuilt(obj, out)
+        if isinstance(obj, (list, tuple)):
+            items = [empty_like(v, depth + 1) for v in obj]
+            return items if type(obj) is list else _rebuilt(obj, items)
+        if isinstance(obj, Mapping):
+            raise Unsupported(type(obj).__name__)   # DCP copies into dicts only
+        if isinstance(obj, torch.Tensor):
+            if type(obj).__name__ == "ShardedTensor":
+                raise Unsupported("ShardedTensor")   # FSDP1's sharded state: its shards are DCP's to stage
+            local = getattr(obj, "_local_tensor", None)
+            if local is not None:
+                from torch.distributed.tensor import DTensor
+                meta = torch.empty(tuple(local.shape), dtype=local.dtype, device="meta")
+                d = DTensor.from_local(meta, obj.device_mesh, obj.placements, run_check=False,
+                                       shape=obj.shape, stride=obj.stride())
+                d._local_tensor = cpu_empty(tuple(local.shape), local.dtype)
+                return d
+            return cpu_empty(tuple(obj.shape), obj.dtype)
+        return obj
+
+    def _rebuilt(like: Any, content: Any) -> Any:
+        try:
+            return type(like)(content)
+        except Exception:   # a namedtuple, a container that cannot be made from its items
+            raise Unsupported(type(like).__name__) from None
+
+    class ReusingStager(BlockingAsyncStager):
+        def __init__(self) -> None:
+            super().__init__(cache_staged_state_dict=True)
+
+        def stage(self, state_dict: Any) -> Any:
+            if self.state_dict_cache is None or not _fits(state_dict, self.state_dict_cache, torch):
+                self.state_dict_cache = None   # the old copy is freed before the new one is made
+                try:
+                    self.state_dict_cache = empty_like(state_dict)
+                except Unsupported:   # staged DCP's own way, afresh on each save
+                    return _copy_state_dict(state_dict, _create_cpu_state_dict(state_dict, pin_memory=pin),
+                                            type_check=False)
+            return _copy_state_dict(state_dict, self.state_dict_cache, type_check=False)
+
+    return ReusingStager()
+
+
 class DistributedSaver:
     """The part of a :class:`~colabkit.checkpoints.Checkpointer` that runs under torch.distributed.
 
@@ -701,6 +823,7 @@ class DistributedSaver:
         self.group = None
         if d is not None and self.world > 1:
             self.group = d.new_group(backend="gloo")
+            _savers.add(self)
         # names the save's rank 0 (boot, pid, start time): a folder it left is known abandoned once it is gone
         token = f"{owner_tag()}-{uuid.uuid4().hex[:6]}"
         if self.rank == 0:
@@ -714,6 +837,7 @@ class DistributedSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._stager: Any = None   # made on the first async save (see _reusing_stager)
 
     # -- saving ------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, *, async_save: bool) -> Path:
@@ -729,7 +853,10 @@ class DistributedSaver:
             writer = dcp.FileSystemWriter(str(tmp))
             no_dist = self.group is None
             if async_save:
-                fut = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=no_dist)
+                if self._stager is None:
+                    self._stager = _reusing_stager()
+                fut = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=no_dist,
+                                     async_stager=self._stager)
             else:
                 dcp.save(state, storage_writer=writer, process_group=self.group, no_dist=no_dist)
                 fut = None
@@ -896,6 +1023,17 @@ class DistributedSaver:
     def busy(self) -> bool:
         t = self._thread
         return t is not None and t.is_alive()
+
+    def close(self) -> None:
+        """Release the checkpoint process group and the async saves' staging copy (after :meth:`wait`); a later
+        call makes a new saver."""
+        group, self.group = self.group, None
+        self._stager = None   # frees the staging copy of the state (see _reusing_stager)
+        _savers.discard(self)
+        d = _dist()
+        if group is not None and d is not None:
+            with contextlib.suppress(Exception):  # already destroyed (destroy_process_group() destroys every group)
+                d.destroy_process_group(group)
 
     # -- loading -----------------------------------------------------------------------------------
     def _choose(self) -> tuple[str, Any]:

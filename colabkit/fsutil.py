@@ -21,6 +21,7 @@ import errno
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,8 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
+log = logging.getLogger(__name__)
+
 TMP_PREFIX = ".colabkit-tmp-"
 CHUNK = 4 * 1024 * 1024
+#: a Checkpointer's manifest records, besides the file's sha256, the sha256 of each consecutive block of this
+#: many bytes (``"blocks": {"size": BLOCK, "sha256": [...]}``): one sha256 stream runs on one core, the blocks
+#: can be checked on all of them at once
+BLOCK = 16 * 1024 * 1024
+#: the buffers of a copy that hashes: small enough that what was just read is still in the core's cache when hashed
+BLOCK_READ = 1024 * 1024
+#: the buffers of a hashing copy in the sync engine (see pipe_hashed)
+_PIPE_BUF = 2 * 1024 * 1024
 
 
 def is_temporary(path: str | os.PathLike) -> bool:
@@ -303,52 +314,101 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
 
 def _pipelined(fin: IO[bytes], fout: IO[Any], h: "_Hasher", progress: Callable[[int], None] | None, *,
                durable: bool = False) -> None:
-    """Copy `fin` to `fout` while a helper thread hashes each buffer already written (hashlib releases the
-    GIL): a large copy takes about as long as the slower of the two, not their sum. The digest is still of
-    exactly the bytes written. A `durable` copy starts the write-back of each buffer as it goes
-    (:func:`start_writeback`)."""
+    """Copy `fin` to `fout` while a helper thread hashes each buffer already written (:func:`pipe_hashed`). A
+    `durable` copy starts the write-back of each buffer as it goes (:func:`start_writeback`)."""
+    offset = 0
+
+    def write(view: memoryview) -> None:
+        nonlocal offset
+        fout.write(view)
+        if durable:
+            fout.flush()
+            start_writeback(fout.fileno(), offset, len(view))
+        offset += len(view)
+
+    pipe_hashed(fin, write, update=h.update, progress=progress)
+
+
+def pipe_hashed(fin: IO[bytes], write: Callable[[memoryview], Any], *,
+                update: Callable[[memoryview], None] | None = None, blocks: tuple[int, list[str]] | None = None,
+                workers: int = 1, progress: Callable[[int], None] | None = None, buf_size: int = _PIPE_BUF
+                ) -> int | None:
+    """Copy `fin` (read with ``readinto``) through `write` (each buffer, in order) while helper threads hash each
+    buffer already written (hashlib releases the GIL): a large copy takes about as long as the slower of the two,
+    not their sum, and what is hashed is exactly what was written.
+
+    With `update`, one thread feeds every buffer to it in order (one sha256 stream). With `blocks` (the block size
+    and the sha256 a manifest records for each block, :func:`manifest_blocks`), `workers` threads each check a
+    share of the blocks, so the hashing runs on that many cores. `buf_size`: smaller buffers stay in the cache
+    between the copy and the hash (1 MiB: a 256 MB verified copy ~20 % faster here than with 4 MiB) but hand
+    over more often, which a syncer running at the lowest CPU priority beside training pays for (1 MiB halved
+    its throughput, 55 -> 25 MB/s); 2 MiB keeps both (65 MB/s there, within noise of 1 MiB alone).
+
+    Returns:
+        With `blocks`: the index of the first block whose bytes do not match (a block past the recorded ones
+        counts as not matching; the caller checks the size), None when all do. Else None.
+    """
     import queue
+    nq = max(1, min(workers, len(blocks[1]))) if blocks is not None else 1
+    block = blocks[0] if blocks is not None else 0
+    queues: "list[queue.Queue[tuple[bytearray | None, int, int, bool] | None]]" = [queue.Queue() for _ in range(nq)]
     free: "queue.Queue[bytearray]" = queue.Queue()
-    full: "queue.Queue[tuple[bytearray, int] | None]" = queue.Queue()
-    for _ in range(4):
-        free.put(bytearray(CHUNK))
+    for _ in range(4 * nq + 4):
+        free.put(bytearray(buf_size))
+    bad: list[int] = []
     failed: list[BaseException] = []
 
-    def hasher() -> None:
+    def hasher(q: "queue.Queue[tuple[bytearray | None, int, int, bool] | None]") -> None:
+        h, current = hashlib.sha256(), -1
         while True:
-            item = full.get()
+            item = q.get()
             if item is None:
                 return
-            buf, n = item
+            buf, n, blk, last = item
             try:
-                h.update(memoryview(buf)[:n])
+                if blocks is None:
+                    update(memoryview(buf)[:n])  # type: ignore[misc,index]
+                else:
+                    if blk != current:
+                        h, current = hashlib.sha256(), blk
+                    if buf is not None:
+                        h.update(memoryview(buf)[:n])
+                    if last and (blk >= len(blocks[1]) or h.hexdigest() != blocks[1][blk]):
+                        bad.append(blk)
             except BaseException as e:  # pragma: no cover - hashlib does not fail on bytes
                 failed.append(e)
-            free.put(buf)
+            if buf is not None:
+                free.put(buf)
 
-    t = threading.Thread(target=hasher, name="colabkit-copy-hash", daemon=True)
-    t.start()
+    threads = [threading.Thread(target=hasher, args=(q,), name=f"colabkit-copy-hash-{k}", daemon=True)
+               for k, q in enumerate(queues)]
+    for t in threads:
+        t.start()
     offset = 0
     try:
         while True:
             buf = free.get()
-            n = fin.readinto(buf)
+            want = min(len(buf), block - offset % block) if blocks is not None else len(buf)
+            n = fin.readinto(memoryview(buf)[:want])
             if not n:
                 free.put(buf)
                 break
-            fout.write(memoryview(buf)[:n])
-            full.put((buf, n))
-            if durable:
-                fout.flush()
-                start_writeback(fout.fileno(), offset, n)
+            write(memoryview(buf)[:n])
+            blk = offset // block if blocks is not None else 0
             offset += n
+            queues[blk % nq].put((buf, n, blk, blocks is not None and offset % block == 0))
             if progress:
                 progress(n)
+        if blocks is not None and offset % block:   # the last, shorter block ends here
+            queues[(offset // block) % nq].put((None, 0, offset // block, True))
     finally:
-        full.put(None)
-        t.join()
+        for q in queues:
+            q.put(None)
+        for t in threads:
+            t.join()
     if failed:  # pragma: no cover
         raise failed[0]
+    return min(bad) if bad else None
 
 
 @dataclass(frozen=True)
@@ -449,3 +509,91 @@ def verified_sha256(path: str | os.PathLike, st: os.stat_result | None = None) -
     if any(rec.get(k) != v for k, v in _identity(st).items()):
         return None
     return rec["sha256"]
+
+
+# -- block digests: verifying one file on several cores ------------------------------------------------
+
+
+def hash_workers() -> int:
+    """How many threads verify blocks at once: the cores this process may run on (at most 8);
+    ``COLABKIT_HASH_WORKERS`` overrides it (1 = one sha256 stream, as without block digests). A value that is
+    not a whole number of at least 1 is reported (once per value) and the default used."""
+    raw = os.environ.get("COLABKIT_HASH_WORKERS", "").strip()
+    if raw:
+        try:
+            n = int(raw)
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return min(64, n)
+        if raw not in _warned_hash_workers:
+            _warned_hash_workers.add(raw)
+            log.warning("COLABKIT_HASH_WORKERS=%r is not a number of threads (a whole number, at least 1, e.g. 4); "
+                        "verifying on %d (one per core, at most 8)", raw, _default_hash_workers())
+    return _default_hash_workers()
+
+
+_warned_hash_workers: set[str] = set()
+
+
+def _default_hash_workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+class BlockHasher:
+    """sha256 of each consecutive `block`-byte block of a stream of bytes (the last one may be shorter)."""
+
+    def __init__(self, block: int | None = None) -> None:
+        self.block = block or BLOCK
+        self.digests: list[str] = []
+        self._h = hashlib.sha256()
+        self._n = 0
+
+    def update(self, data: Any) -> None:
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        while mv.nbytes:
+            take = min(self.block - self._n, mv.nbytes)
+            self._h.update(mv[:take])
+            self._n += take
+            mv = mv[take:]
+            if self._n == self.block:
+                self.digests.append(self._h.hexdigest())
+                self._h, self._n = hashlib.sha256(), 0
+
+    def result(self) -> dict[str, Any]:
+        """``{"size": block, "sha256": [hex, ...]}`` as a manifest records it."""
+        return {"size": self.block, "sha256": self.digests + ([self._h.hexdigest()] if self._n else [])}
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def manifest_blocks(manifest: Any, size: int) -> tuple[int, list[str]] | None:
+    """The block size and digests a manifest records for a file of `size` bytes, or None when it records
+    none or they cannot describe such a file (a manifest from an older colabkit, or damaged: the file is then
+    verified by its whole sha256, as before)."""
+    rec = manifest.get("blocks") if isinstance(manifest, dict) else None
+    if not isinstance(rec, dict):
+        return None
+    block, digests = rec.get("size"), rec.get("sha256")
+    if not isinstance(block, int) or isinstance(block, bool) or block < BLOCK_READ or not isinstance(digests, list):
+        return None
+    if len(digests) != -(-size // block) or not all(isinstance(d, str) and _HEX64.fullmatch(d) for d in digests):
+        return None
+    return block, digests
+
+
+def first_bad_block(path: str | os.PathLike, block: int, digests: list[str], *, workers: int | None = None
+                    ) -> int | None:
+    """Hash the blocks of `path` on `workers` threads at once (:func:`pipe_hashed`, writing nowhere); the index
+    of the first block whose sha256 is not the one recorded, or None when every block matches. The caller
+    checks the size."""
+    with open(path, "rb", buffering=0) as f:
+        return pipe_hashed(f, lambda view: None, blocks=(block, digests), workers=workers or hash_workers(),
+                           buf_size=BLOCK_READ)

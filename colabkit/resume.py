@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .checkpoints import (LATEST, CheckpointInfo, discover, is_manifest, manifest_path, step_of,
                           verify, _verify_plain)
 from .errors import ColabkitError, ConfigError, IntegrityError, ResumeError, error_kind
-from .fsutil import (TMP_PREFIX, atomic_write_bytes, atomic_write_json, hash_file, record_verified, replace_copy,
-                     verified_sha256)
+from .fsutil import (TMP_PREFIX, atomic_write_bytes, atomic_write_json, hash_file, manifest_blocks, record_verified,
+                     replace_copy, verified_sha256)
 from .runtime import command
 
 if TYPE_CHECKING:
@@ -727,7 +727,8 @@ def _fetch_one(plan: ResumePlan, c: Candidate, target_dir: Path, opened: dict[st
         bar = _progress_bar(c, enabled=progress)
         try:
             copy_verified(remote.root / normalize_path(rec.path), dst, size=c.manifest["size"], sha256=c.sha256,
-                          progress=bar.update if bar else None, label=f"{c.source}: {rec.path}")
+                          progress=bar.update if bar else None, label=f"{c.source}: {rec.path}",
+                          blocks=manifest_blocks(c.manifest, c.manifest["size"]))
         finally:
             if bar is not None:
                 _close_bar(bar)
@@ -952,15 +953,16 @@ def _point_latest(folder: Path, step: int) -> None:
                       durable=False)
 
 
-_BUF = 8 * 1024 * 1024
-
-
 def copy_verified(src: str | os.PathLike, dst: str | os.PathLike, *, size: int, sha256: str,
-                  progress: Any = None, label: str | None = None) -> None:
+                  progress: Any = None, label: str | None = None, blocks: tuple[int, list[str]] | None = None
+                  ) -> None:
     """Copy `src` to `dst` atomically, checking the bytes written against `size` and `sha256`.
 
-    One read of the source: each buffer is written by this thread while a helper thread hashes it (hashlib
-    releases the GIL); sha256 only (the tier's md5 is not needed here). On a mismatch nothing is left at `dst`.
+    One read of the source: each buffer is written by this thread while helper threads hash it
+    (:func:`colabkit.fsutil.pipe_hashed`); sha256 only (the tier's md5 is not needed here). With `blocks` (the
+    block digests the manifest records, :func:`colabkit.fsutil.manifest_blocks`) and more than one core, the
+    blocks are checked on several threads at once instead of one sha256 stream over the whole file. On a
+    mismatch nothing is left at `dst`.
 
     The copy is not fsynced: a fetched checkpoint is a copy of one the tier keeps, every load verifies it
     against its manifest (a copy torn by a power cut is refused and fetched again), and an upload of it
@@ -973,56 +975,44 @@ def copy_verified(src: str | os.PathLike, dst: str | os.PathLike, *, size: int, 
         OSError: reading or writing failed.
     """
     import hashlib
-    import queue
-    import threading
+
+    from .fsutil import BLOCK_READ, hash_workers, pipe_hashed
 
     src, dst = Path(src), Path(dst)
     label = label or str(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    workers = hash_workers() if blocks is not None and len(blocks[1]) > 1 else 1
+    if workers < 2:
+        blocks = None
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + dst.name + ".", suffix=".tmp", dir=dst.parent)
     h = hashlib.sha256()
-    free: "queue.Queue[bytearray]" = queue.Queue()
-    full: "queue.Queue[tuple[bytearray, int] | None]" = queue.Queue()
-    for _ in range(4):
-        free.put(bytearray(_BUF))
-
-    def hasher() -> None:
-        while True:
-            item = full.get()
-            if item is None:
-                return
-            buf, n = item
-            h.update(memoryview(buf)[:n])
-            free.put(buf)
-
-    t = threading.Thread(target=hasher, name="colabkit-resume-hash", daemon=True)
-    t.start()
     written = 0
     ok = False
+
+    def write(view: memoryview) -> None:   # no early writeback: it would make the copy wait for the disk's queue
+        nonlocal written
+        off = 0
+        while off < len(view):
+            off += os.write(fd, view[off:])
+        written += len(view)
+
     try:
         os.fchmod(fd, 0o644)
         with open(src, "rb", buffering=0) as fin:
-            while True:
-                buf = free.get()
-                n = fin.readinto(buf)
-                if not n:
-                    free.put(buf)
-                    break
-                view = memoryview(buf)[:n]
-                off = 0
-                while off < n:
-                    off += os.write(fd, view[off:])
-                full.put((buf, n))  # no early writeback: it would make this loop wait for the disk's queue
-                written += n
-                if progress:
-                    progress(n)
-        full.put(None)
-        t.join()
-        got = h.hexdigest()
-        if written != size or got != sha256:
-            raise IntegrityError(f"{label} does not match its manifest (size {written} vs {size}, sha256 "
-                                 f"{got[:12]}... vs {sha256[:12]}...); the copy was discarded",
-                                 path=str(src), expected=sha256, actual=got)
+            bad = pipe_hashed(fin, write, update=None if blocks else h.update, blocks=blocks, workers=workers,
+                              progress=progress, buf_size=BLOCK_READ)
+        if blocks is not None:
+            if written != size or bad is not None:
+                where = f"block {bad + 1} of {len(blocks[1])} differs" if bad is not None else "its blocks differ"
+                raise IntegrityError(f"{label} does not match its manifest (size {written} vs {size}, {where}); "
+                                     "the copy was discarded", path=str(src), expected=sha256)
+            got = sha256   # every block matched the manifest's, and the manifest's sha256 is of those blocks
+        else:
+            got = h.hexdigest()
+            if written != size or got != sha256:
+                raise IntegrityError(f"{label} does not match its manifest (size {written} vs {size}, sha256 "
+                                     f"{got[:12]}... vs {sha256[:12]}...); the copy was discarded",
+                                     path=str(src), expected=sha256, actual=got)
         # these bytes were hashed as they were written: the loader need not read them again (see verify())
         record_verified(fd, got)
         os.close(fd)
@@ -1030,9 +1020,6 @@ def copy_verified(src: str | os.PathLike, dst: str | os.PathLike, *, size: int, 
         replace_copy(tmp, dst)
         ok = True
     finally:
-        if t.is_alive():
-            full.put(None)
-            t.join()
         if fd >= 0:
             os.close(fd)
         if not ok:

@@ -27,6 +27,18 @@ def say(**kw) -> None:
     os.write(1, (json.dumps(kw) + "\n").encode())
 
 
+def gloo_threads() -> int:
+    """The gloo worker threads of this process (each gloo process group runs its own)."""
+    n = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                n += f.read().strip() == "pt_gloo_runloop"
+        except OSError:
+            pass
+    return n
+
+
 def main() -> None:
     root = sys.argv[1]
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
@@ -87,7 +99,9 @@ def main() -> None:
     want = full[rank * 4:(rank + 1) * 4]
     say(rank=rank, part="fallback", step=got["step"], same=bool(torch.equal(got["w"].to_local(), want)),
         loaded=sk.loaded.name)
-    sk.close()
+    before = gloo_threads()
+    sk.close()   # releases the checkpoint process group: its gloo threads end now, not at the interpreter's exit
+    say(rank=rank, part="close", released=before - gloo_threads())
 
     # -- part 4: a folder one process wrote, resharded onto the 2 ranks (load of an explicit path) ----------
     one = os.path.join(root, "one", "o_step_00000007")

@@ -420,6 +420,9 @@ def test_ddp_and_dtensor_checkpoints_under_torchrun_then_resharded_to_one_proces
     for rank in (0, 1):
         assert by["fallback", rank] == {"rank": rank, "part": "fallback", "step": 1, "same": True,
                                         "loaded": "s_step_00000001"}
+        # closing the Checkpointer ended the threads of its process group (before, a group lived until the
+        # interpreter's exit, where a gloo thread still freeing a collective's tensors aborted the rank: exit -6)
+        assert by["close", rank]["released"] > 0, by["close", rank]
         # a folder saved by one process, resharded onto the DTensors of 2 ranks
         assert by["reshard", rank] == {"rank": rank, "part": "reshard", "step": 7, "same": True}
     assert "checkpoint s_step_00000002 is not usable" in proc.stderr and "__1_0.distcp: sha256" in proc.stderr
@@ -452,3 +455,45 @@ def test_ddp_and_dtensor_checkpoints_under_torchrun_then_resharded_to_one_proces
     template = {"w": torch.zeros(8, 4), "step": 0}
     got = Checkpointer(path.parent, prefix="s").load(path, state=template)
     assert got["step"] == 1 and torch.equal(template["w"], full)
+
+
+def test_async_sharded_saves_reuse_their_staging_copy_and_follow_a_state_that_changes_shape(tmp_path):
+    # the staging copy is kept between async saves; a state that gains keys or changes shape is staged afresh
+    w = torch.full((1000,), 1.0)
+    with Checkpointer(tmp_path, prefix="a", sharded=True, async_save=True) as ck:
+        ck.save(1, {"w": w, "step": 1})
+        w.fill_(2.0)
+        ck.save(2, {"w": w, "step": 2})   # same structure: copied into the same buffers
+        w.fill_(3.0)
+        ck.save(3, {"w": w, "step": 3, "opt": {"m": torch.full((10,), 7.0)}})   # an optimizer state appears
+        ck.save(4, {"w": torch.arange(6.0).reshape(2, 3), "step": 4})          # and a shape changes
+        w.fill_(-1.0)
+    units = discover_units(tmp_path)
+    assert [u.step for u in units] == [1, 2, 3, 4]
+    got = [load_unit(u) for u in units]
+    assert [g["step"] for g in got] == [1, 2, 3, 4]
+    assert torch.equal(got[0]["w"], torch.full((1000,), 1.0)) and torch.equal(got[1]["w"], torch.full((1000,), 2.0))
+    assert torch.equal(got[2]["w"], torch.full((1000,), 3.0)) and torch.equal(got[2]["opt"]["m"], torch.full((10,), 7.0))
+    assert torch.equal(got[3]["w"], torch.arange(6.0).reshape(2, 3)) and "opt" not in got[3]
+
+
+def test_async_sharded_saves_stage_parameters_empty_and_scalar_tensors_into_one_reused_copy(tmp_path):
+    # what a real state holds besides plain weights: a Parameter, an empty buffer, a 0-dim step counter, a list;
+    # the second save copies into the buffers the first one allocated (no new allocation while training waits)
+    p = torch.nn.Parameter(torch.full((64,), 1.5))
+    state = {"p": p, "empty": torch.empty(0, 3), "count": torch.tensor(7), "hist": [torch.ones(2), 3]}
+    with Checkpointer(tmp_path, prefix="b", sharded=True, async_save=True) as ck:
+        ck.save(1, state)
+        stager = ck._distributed._stager
+        first = stager.state_dict_cache["p"].data_ptr()
+        with torch.no_grad():
+            p.fill_(2.5)
+        state["count"] = torch.tensor(8)
+        ck.save(2, state)
+        assert stager.state_dict_cache["p"].data_ptr() == first, "the staging copy was allocated again"
+        with torch.no_grad():
+            p.fill_(-1.0)   # after save() returned: not in checkpoint 2
+    got = [load_unit(u) for u in discover_units(tmp_path)]
+    assert torch.equal(got[0]["p"], torch.full((64,), 1.5)) and torch.equal(got[1]["p"], torch.full((64,), 2.5))
+    assert int(got[0]["count"]) == 7 and int(got[1]["count"]) == 8
+    assert got[1]["empty"].shape == (0, 3) and torch.equal(got[1]["hist"][0], torch.ones(2)) and got[1]["hist"][1] == 3

@@ -89,3 +89,20 @@ def test_a_large_copy_is_hashed_alongside_and_the_digest_is_of_the_bytes_written
     assert data == src.read_bytes()
     assert (d.size, d.sha256, d.md5) == (len(data), hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest())
     assert sum(seen) == len(data)
+
+
+@pytest.mark.parametrize("raw", ["four", "0", "-2", "2.5"])
+def test_a_hash_workers_setting_that_is_not_a_thread_count_is_reported_once_and_the_default_used(
+        monkeypatch, caplog, raw):
+    monkeypatch.setattr(fsutil, "_warned_hash_workers", set())
+    monkeypatch.delenv("COLABKIT_HASH_WORKERS", raising=False)
+    default = fsutil.hash_workers()
+    monkeypatch.setenv("COLABKIT_HASH_WORKERS", raw)
+    with caplog.at_level("WARNING", logger="colabkit.fsutil"):
+        assert fsutil.hash_workers() == default
+        assert fsutil.hash_workers() == default
+    msgs = [r.getMessage() for r in caplog.records if "COLABKIT_HASH_WORKERS" in r.getMessage()]
+    assert msgs == [f"COLABKIT_HASH_WORKERS={raw!r} is not a number of threads (a whole number, at least 1, e.g. 4);"
+                    f" verifying on {default} (one per core, at most 8)"]
+    monkeypatch.setenv("COLABKIT_HASH_WORKERS", "3")
+    assert fsutil.hash_workers() == 3

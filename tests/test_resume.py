@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from colabkit.checkpoints import Checkpointer, discover, manifest_path, verify
+from colabkit.checkpoints import Checkpointer, discover, load_latest, manifest_path, verify
 from colabkit.cli import main
 from colabkit.config import load_config
-from colabkit.errors import ConfigError, RemoteAuthError, ResumeError, UnknownExperimentError
+from colabkit.errors import ConfigError, IntegrityError, RemoteAuthError, ResumeError, UnknownExperimentError
 from colabkit.remotes import open_remote
 from colabkit.remotes.base import Remote
 from colabkit.resume import fetch, locate
@@ -463,3 +463,125 @@ def test_magic_resume_without_experiment_and_the_magic_form_of_next_steps(ip, pr
                                       "'%airlock pull v99'")
     finally:
         ip.run_line_magic("unload_ext", "colabkit")
+
+
+# -- block digests: a checkpoint verified on several cores at once ---------------------------------------
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """1 MiB blocks (16 MiB in use) and two hashing threads, so a few-MB checkpoint is verified block by block
+    in parallel on any machine."""
+    import colabkit.fsutil as fsutil
+    monkeypatch.setattr(fsutil, "BLOCK", 1024 * 1024)
+    monkeypatch.setenv("COLABKIT_HASH_WORKERS", "2")
+    return 1024 * 1024
+
+
+def _big(step: float) -> dict:
+    return {"step": int(step), "w": torch.full((3 * 262144 + 1000,), float(step))}   # ~3.0 MiB: 4 blocks
+
+
+def _flip(path: Path, offset: int) -> None:
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))   # bit rot: same size and mtime
+
+
+def _forget_verification(path: Path) -> None:
+    from colabkit.fsutil import VERIFIED_XATTR
+    if VERIFIED_XATTR in os.listxattr(path):
+        os.removexattr(path, VERIFIED_XATTR)
+
+
+def test_the_manifest_records_each_block_sha256(tmp_path, small_blocks):
+    import hashlib
+    p = Checkpointer(tmp_path, prefix="v01").save(1, _big(1))
+    m = json.loads(manifest_path(p).read_text())
+    data = p.read_bytes()
+    assert m["blocks"]["size"] == small_blocks
+    assert m["blocks"]["sha256"] == [hashlib.sha256(data[i:i + small_blocks]).hexdigest()
+                                     for i in range(0, len(data), small_blocks)]
+    assert len(m["blocks"]["sha256"]) == 4 and m["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_verify_checks_the_blocks_in_parallel_and_names_the_bad_one(tmp_path, small_blocks, monkeypatch):
+    import colabkit.fsutil as fsutil
+    p = Checkpointer(tmp_path, prefix="v01").save(1, _big(1))
+    Checkpointer(tmp_path, prefix="v01").save(2, _big(2))
+    threads = []
+    real = fsutil.first_bad_block
+    monkeypatch.setattr(fsutil, "first_bad_block",
+                        lambda *a, **kw: threads.append(kw.get("workers")) or real(*a, **kw))
+    monkeypatch.setattr(fsutil, "hash_file", lambda *a, **kw: pytest.fail("hashed as one sha256 stream"))
+    (info1, info2) = discover(tmp_path)
+    verify(info1)
+    assert threads == [2] and fsutil.verified_sha256(p) == info1.sha256   # a record, as after a whole hash
+    _flip(info2.path, 2 * small_blocks + 10)
+    with pytest.raises(IntegrityError) as ei:
+        verify(info2)
+    assert str(ei.value) == (f"{info2.path}: block 3 of 4 (bytes {2 * small_blocks}-{3 * small_blocks}) does not "
+                             "match its manifest's sha256 (corrupt)")
+    info, state = load_latest(tmp_path)   # falls back to the intact one
+    assert info.step == 1 and torch.equal(state["w"], _big(1)["w"])
+
+
+def test_a_manifest_whose_blocks_cannot_describe_the_file_is_verified_by_its_sha256(tmp_path, small_blocks):
+    p = Checkpointer(tmp_path, prefix="v01").save(1, _big(1))
+    m = json.loads(manifest_path(p).read_text())
+    for bad in ({"size": small_blocks, "sha256": m["blocks"]["sha256"][:2]},      # too few for the size
+                {"size": 12, "sha256": m["blocks"]["sha256"]},                       # not a block size
+                {"size": small_blocks, "sha256": ["zz"] * 4}, "blocks"):             # not digests, not a record
+        manifest_path(p).write_text(json.dumps({**m, "blocks": bad}))
+        _forget_verification(p)
+        (info,) = discover(tmp_path)
+        verify(info)   # the file is intact: its sha256 says so
+    _flip(p, 100)
+    _forget_verification(p)
+    (info,) = discover(tmp_path)
+    with pytest.raises(IntegrityError, match=r"sha256 .* does not match its manifest's .* \(corrupt\)"):
+        verify(info)
+
+
+def test_a_fetch_from_a_folder_tier_checks_blocks_in_parallel_and_refuses_a_bad_one(project, small_blocks,
+                                                                                    monkeypatch):
+    import colabkit.fsutil as fsutil
+    staging = project.root.parent / "staging"
+    for step in (100, 200):
+        p = Checkpointer(staging, prefix="v01").save(step, _big(step))
+        rel = project.remote_path(ckdir(project) / p.name)
+        with open_remote(project, "drive") as r:
+            r.put(p, rel)
+            r.put(manifest_path(p), rel + ".json")
+    _flip(tier_file(project, "drive", rel), 3 * small_blocks + 5)   # step 200's last block, on the tier
+    workers = []
+    real = fsutil.pipe_hashed
+    monkeypatch.setattr(fsutil, "pipe_hashed", lambda *a, **kw: workers.append(kw["workers"]) or real(*a, **kw))
+    plan = locate(config=project, experiment="v01")
+    path = fetch(plan, progress=False)
+    assert workers == [2, 2]
+    assert path == ckdir(project) / "v01_step_00000100.pt" and plan.choice.step == 100
+    assert "block 4 of 4 differs" in plan.reason and "fell back to drive step 100" in plan.reason
+    assert not (ckdir(project) / "v01_step_00000200.pt").exists()
+    assert not [q for q in ckdir(project).iterdir() if q.name.startswith(".colabkit-tmp")]
+    assert fsutil.verified_sha256(path) == json.loads(manifest_path(path).read_text())["sha256"]
+    info, state = load_latest(ckdir(project))
+    assert info.step == 100 and torch.equal(state["w"], _big(100)["w"])
+
+
+def test_load_reads_into_memory_of_its_own_keeping_shared_storages(tmp_path):
+    from colabkit.checkpoints import load
+    w = torch.arange(1000.0)
+    p = Checkpointer(tmp_path, prefix="v01").save(1, {"w": w, "view": w[10:20], "p": torch.nn.Parameter(w[:3]),
+                                                     "step": 1})
+    got = load(p)
+    assert torch.equal(got["w"], w) and torch.equal(got["view"], w[10:20]) and type(got["p"]) is torch.nn.Parameter
+    assert got["view"].untyped_storage().data_ptr() == got["w"].untyped_storage().data_ptr()   # still one storage
+    p.unlink()
+    got["w"][10] = -5.0      # ordinary memory: writable, the file gone, the view follows
+    assert float(got["view"][0]) == -5.0 and float(got["w"].sum()) == float(w.sum()) - 15.0
+    old = tmp_path / "old_step_2.pt"   # the older pickle format cannot be mapped: read the plain way
+    torch.save({"w": w}, old, _use_new_zipfile_serialization=False)
+    assert torch.equal(load(old)["w"], w)
