@@ -1722,13 +1722,19 @@ class SyncGroup:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self._log_path = self.config.state_dir / "logs" / "sync.log"
         _attach_log(self._log_path)
-        for s in self.syncers:
-            # before joining: prove write access by publishing the membership record (colabkit.elect)
-            if s.elect is not None:
-                note = s.elect.join()
-                if note:
-                    self.notes.append(note)
-        self.observer = self._make_observer()
+        try:
+            for s in self.syncers:
+                # before joining: prove write access by publishing the membership record (colabkit.elect)
+                if s.elect is not None:
+                    note = s.elect.join()
+                    if note:
+                        self.notes.append(note)
+            self.observer = self._make_observer()
+        except BaseException:   # nothing started: let go of the log and the remotes, as stop() would
+            _detach_log(self._log_path)
+            self._close_remotes()
+            self._stopped = True
+            raise
         self.started_at = time.time()
         for s in self.syncers:
             s.start()

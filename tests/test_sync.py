@@ -289,6 +289,21 @@ def test_stopping_a_group_that_never_started_returns_at_once(project):
     assert not any(t.name.startswith("colabkit-sync") for t in threading.enumerate())
 
 
+def test_a_start_that_fails_lets_go_of_its_log_and_leaves_nothing_running(project, monkeypatch):
+    # the folder watch cannot be set up (an inotify limit on a machine whose editor took every watch): the error
+    # reaches the caller, and sync.log is not left open with nobody to close it
+    cfg = load_config(start=project)
+
+    def no_watch(self):
+        raise OSError(28, "inotify watch limit reached")
+
+    monkeypatch.setattr(sync.SyncGroup, "_make_observer", no_watch)
+    with pytest.raises(OSError, match="inotify watch limit reached"):
+        sync.start(config=cfg, every=3600)
+    assert str(cfg.state_dir / "logs" / "sync.log") not in sync._log_handlers
+    assert sync._groups() == [] and not any(t.name.startswith("colabkit-sync") for t in threading.enumerate())
+
+
 def test_bad_inputs_have_clear_errors(project, tmp_path):
     cfg = load_config(start=project)
     with pytest.raises(SyncError) as e:
