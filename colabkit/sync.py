@@ -1752,17 +1752,40 @@ class SyncGroup:
             raise MissingDependencyError("watchdog", purpose="background sync") from e
         from .runtime import is_network_path
         poll = self.poll if self.poll is not None else any(is_network_path(p) for p in self.paths)
-        obs = PollingObserver(timeout=self.config.sync.poll_interval) if poll else Observer()
-        obs.name = "colabkit-sync-observer"
-        handler = _Handler(self)
-        for p in self.paths:
-            if p.is_dir():
-                obs.schedule(handler, str(p), recursive=True)
-            else:
-                obs.schedule(handler, str(p.parent), recursive=False)
-        obs.daemon = True
-        obs.start()
+        every = self.config.sync.poll_interval
+        try:
+            obs = self._watch(PollingObserver(timeout=every) if poll else _native_observer(Observer))
+        except OSError as e:
+            if poll or e.errno not in (errno.ENOSPC, errno.EMFILE):
+                raise
+            # the machine's inotify limits are spent (an editor's file watcher takes thousands): polling sees the
+            # same changes, a little later, at the cost of a scan every poll_interval
+            note = (f"the folder watch cannot use inotify ({e.strerror}); polling every {every:g}s instead. To watch "
+                    "again: sudo sysctl fs.inotify.max_user_watches=524288 fs.inotify.max_user_instances=512")
+            log.warning("sync: %s", note)
+            self.notes.append(note)
+            poll, obs = True, self._watch(PollingObserver(timeout=every))
         self.polling = poll
+        return obs
+
+    def _watch(self, obs: Any) -> Any:
+        """Schedule the watched paths on `obs` and start it; on an error nothing is left running."""
+        obs.name = "colabkit-sync-observer"
+        obs.daemon = True
+        handler = _Handler(self)
+        try:
+            for p in self.paths:
+                if p.is_dir():
+                    obs.schedule(handler, str(p), recursive=True)
+                else:
+                    obs.schedule(handler, str(p.parent), recursive=False)
+            obs.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                obs.stop()
+                if obs.is_alive():
+                    obs.join(10)
+            raise
         return obs
 
     def flush(self, *, timeout: float | None = None, settled: bool = False) -> dict[str, Any]:
@@ -1885,6 +1908,11 @@ class SyncGroup:
             self._status_written = now
             with contextlib.suppress(OSError):
                 atomic_write_json(self._status_path, {"format": 1, "time": time.time(), **self.status()})
+
+
+def _native_observer(observer_class: Any) -> Any:
+    """The folder watch where the platform has one (inotify on Linux): watchdog's ``Observer``."""
+    return observer_class()
 
 
 # -- the registry and the module-level API --------------------------------------------------------

@@ -186,6 +186,48 @@ def test_polling_observer_is_used_when_forced(tmp_path):
         sync.stop(flush=False)
 
 
+@pytest.mark.parametrize("err", [(28, "inotify watch limit reached"), (24, "inotify instance limit reached")])
+def test_spent_inotify_limits_fall_back_to_polling_and_say_how_to_raise_them(tmp_path, monkeypatch, err):
+    # watchdog raises these from start() when the machine's inotify limits are spent (VS Code's file watcher on the
+    # VM takes thousands); sync used to fail to start at all
+    from watchdog.observers import Observer
+    started = []
+
+    class Spent(Observer):
+        def start(self):
+            started.append(self)
+            raise OSError(*err)
+
+    monkeypatch.setattr(sync, "_native_observer", lambda cls: Spent())
+    root = make_project(tmp_path, sync_cfg={"poll_interval": 0.1})
+    try:
+        g = sync.start(config=load_config(start=root), every=3600)
+        st = g.status()
+        assert st["polling"] is True and started
+        assert st["notes"] == [f"the folder watch cannot use inotify ({err[1]}); polling every 0.1s instead. To "
+                               "watch again: sudo sysctl fs.inotify.max_user_watches=524288 "
+                               "fs.inotify.max_user_instances=512"]
+        wait_for(lambda: g.status()["tiers"]["backup"]["last_tick"], what="first tick")
+        ckpt(root, 3)
+        wait_for(lambda: g.status()["tiers"]["backup"]["pending_files"] == 2, what="the polling observer's event")
+    finally:
+        sync.stop(flush=False)
+
+
+def test_other_errors_of_the_folder_watch_are_not_hidden_by_polling(tmp_path, monkeypatch):
+    from watchdog.observers import Observer
+
+    class Denied(Observer):
+        def start(self):
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(sync, "_native_observer", lambda cls: Denied())
+    root = make_project(tmp_path)
+    with pytest.raises(PermissionError):
+        sync.start(config=load_config(start=root), every=3600)
+    assert sync._groups() == []
+
+
 def test_network_path_gets_polling_observer(tmp_path, monkeypatch):
     root = make_project(tmp_path)
     monkeypatch.setenv("COLABKIT_NETWORK_PATHS", str(root))
