@@ -192,7 +192,7 @@ class TierConfig:
     exclude: tuple[str, ...] = ()
     max_file_size: int | None = None
     latest_only: bool = False
-    keep: int | None = None                 # remote keep count for checkpoints (None: keep all)
+    keep: int | None = None                 # hub tiers: checkpoints kept at the tip (None: keep all)
 
 
 @dataclass(frozen=True)
@@ -804,6 +804,12 @@ def _tier(data: Any, index: int, default: TierConfig | None) -> TierConfig:
         max_file_size=r.size("max_file_size", base.max_file_size),
         latest_only=r.bool("latest_only", base.latest_only), keep=r.int("keep", base.keep, minimum=1))
     r.done()
+    if t.keep is not None and t.remote != "hub":
+        # only the Hub deletes by itself (from the repo's tip; its history keeps the rest): a keep elsewhere would be
+        # silently ignored while the user counts on it
+        raise ConfigError(f"tiers[{index}].keep: {t.keep} applies to hub tiers only; a {t.remote} tier keeps every "
+                          f"checkpoint it receives. Remove keep from tier {name!r} (retention.keep_local limits the "
+                          "local disk)", key=f"tiers[{index}].keep", value=t.keep)
     return t
 
 

@@ -92,6 +92,12 @@ resume: {priority: [local, hub, drive], policy: first, on_unreachable: older, de
     ("tiers:\n  - every: 2h\n", "tiers[0].name: missing; give each tier a name such as drive or hub"),
     ("tiers:\n  - name: drive\n    evry: 2h\n",
      "tiers[0].evry: unknown key (did you mean 'every'?); allowed here: every, exclude, include, keep, latest_only, max_file_size, name, path, remote"),
+    ("tiers:\n  - name: drive\n    keep: 3\n",
+     "tiers[0].keep: 3 applies to hub tiers only; a drive tier keeps every checkpoint it receives. Remove keep from "
+     "tier 'drive' (retention.keep_local limits the local disk)"),
+    ("tiers:\n  - name: backup\n    path: /mnt/b\n    keep: 2\n",
+     "tiers[0].keep: 2 applies to hub tiers only; a local tier keeps every checkpoint it receives. Remove keep from "
+     "tier 'backup' (retention.keep_local limits the local disk)"),
     ("resume:\n  policy: oldest\n", "resume.policy: 'oldest' is not allowed; use one of newest, first"),
     ("resume:\n  on_unreachable: skip\n",
      "resume.on_unreachable: 'skip' is not allowed; use one of wait, older, fail"),
