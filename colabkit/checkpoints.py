@@ -354,8 +354,12 @@ def _torch_load(torch: Any, path: Path, *, map_location: Any, weights_only: bool
     its own (``mmap=True`` with a map_location that clones), where a plain ``torch.load`` reads each record
     through a buffer (256 MB here: ~60 ms instead of ~120 ms). The result is the same: tensors in ordinary
     memory, storages shared as they were saved, nothing left mapped. Anything else (another map_location, a
-    file in the older pickle format, a file system that cannot map files) loads the plain way."""
-    if map_location in ("cpu", None) or (isinstance(map_location, torch.device) and map_location.type == "cpu"):
+    file in the older pickle format, a file system that cannot map files) loads the plain way, and so does a file on
+    a FUSE or network file system (a mounted Drive): a page that cannot be fetched there would end the process with
+    SIGBUS where a read raises an error."""
+    from .runtime import is_network_path
+    cpu = map_location in ("cpu", None) or (isinstance(map_location, torch.device) and map_location.type == "cpu")
+    if cpu and not is_network_path(path):
         try:
             is_zip = zipfile.is_zipfile(path)
         except OSError:

@@ -585,3 +585,17 @@ def test_load_reads_into_memory_of_its_own_keeping_shared_storages(tmp_path):
     old = tmp_path / "old_step_2.pt"   # the older pickle format cannot be mapped: read the plain way
     torch.save({"w": w}, old, _use_new_zipfile_serialization=False)
     assert torch.equal(load(old)["w"], w)
+
+
+def test_a_checkpoint_on_a_network_mount_is_read_not_mapped(tmp_path, monkeypatch):
+    # a mapped page that a mounted Drive cannot fetch kills the process (SIGBUS); a read raises an error instead
+    from colabkit.checkpoints import load
+    w = torch.arange(100.0)
+    p = Checkpointer(tmp_path / "local", prefix="v01").save(1, {"w": w, "step": 1})
+    q = Checkpointer(tmp_path / "drive", prefix="v01").save(1, {"w": w, "step": 1})
+    monkeypatch.setenv("COLABKIT_NETWORK_PATHS", str(tmp_path / "drive"))
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("mmap", False)) or real(*a, **kw))
+    assert torch.equal(load(p)["w"], w) and torch.equal(load(q)["w"], w)
+    assert calls == [True, False]
