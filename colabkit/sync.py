@@ -1033,6 +1033,7 @@ class TierSyncer(threading.Thread):
             return self._upload_batch(due)
         complete = True
         deferred: dict[str, int] = {}
+        by_cap: dict[str, int] = {}   # deferred by the cap itself (not behind a deferred checkpoint)
         try:
             for f, sha in due:
                 if self._stop_evt.is_set():
@@ -1048,7 +1049,7 @@ class TierSyncer(threading.Thread):
                     continue  # its checkpoint is not up (yet): a remote never holds a manifest without its data
                 if self._defer(f):
                     if f.rel not in self._skipped:
-                        deferred[f.rel] = f.size
+                        deferred[f.rel] = by_cap[f.rel] = f.size
                     continue
                 try:
                     self._upload_one(f, sha)
@@ -1089,6 +1090,7 @@ class TierSyncer(threading.Thread):
         finally:
             with self._lock:
                 self._deferred = deferred
+            self._repause(by_cap)
 
     # -- elected upload (sync.workers; colabkit.elect) ----------------------------------------------
     def _elected_groups(self, due: list[tuple[LocalFile, str | None]]
@@ -1294,11 +1296,30 @@ class TierSyncer(threading.Thread):
                 self._pending.pop(f.rel, None)
                 self._skipped[f.rel] = f"larger than drive.daily_upload_cap ({format_size(cap)})"
             return True
-        used = self.ledger.uploaded_within(now=now)
-        self._pause(at, f"{format_size(used)} uploaded to this tier in the last 24 h, and {f.rel} "
-                        f"({format_size(f.size)}) would pass drive.daily_upload_cap ({format_size(cap)}; Drive "
-                        f"refuses more than about 750 GB a day); uploads go on by themselves then; {_HUB_HINT}")
+        self._pause(at, self._cap_reason(f.rel, f.size, cap, now), announce=False)   # said after the tick (_repause)
         return True
+
+    def _cap_reason(self, rel: str, size: int, cap: int, now: float) -> str:
+        from .config import format_size
+        used = self.ledger.uploaded_within(now=now)
+        return (f"{format_size(used)} uploaded to this tier in the last 24 h, and {rel} ({format_size(size)}) would "
+                f"pass drive.daily_upload_cap ({format_size(cap)}; Drive refuses more than about 750 GB a day); "
+                f"uploads go on by themselves then; {_HUB_HINT}")
+
+    def _repause(self, waiting: dict[str, int]) -> None:
+        """After a tick's uploads: the pause of the files that wait for the cap (`waiting`, rel -> size), counted
+        again. A file deferred early in the tick was measured before the uploads after it, which count too."""
+        cap, now = self._daily_cap(), time.time()
+        if not waiting or cap is None or self._cap_answer_until > now:
+            return   # Drive's own answer rules
+        pauses = [(at, rel, size) for rel, size in waiting.items()
+                  if (at := self.ledger.fits_at(size, cap, now=now)) is not None and at != float("inf")]
+        if not pauses:
+            return
+        at, rel, size = min(pauses, key=lambda p: p[0])   # the first to fit; on a tie, the first in upload order
+        with self._lock:
+            self._paused_until = None
+        self._pause(at, self._cap_reason(rel, size, cap, now))
 
     def _cap_answered(self, e: RemoteUploadCapError) -> None:
         until = time.time() + (e.retry_after or _CAP_PROBE)
@@ -1308,14 +1329,14 @@ class TierSyncer(threading.Thread):
         self._pause(until, f"Drive answered that this account's daily upload cap is reached ({e}); "
                            f"trying again then; {_HUB_HINT}")
 
-    def _pause(self, until: float, reason: str) -> None:
+    def _pause(self, until: float, reason: str, *, announce: bool = True) -> None:
         with self._lock:
             if self._paused_until is not None and self._paused_until <= until:
                 return   # an earlier resume time is already known
             self._paused_until, self._pause_reason = until, reason
         # wake up when the first deferred file may go (the tick would otherwise wait for `every`)
         self._next_due = min(self._next_due, time.monotonic() + max(until - time.time(), 0.0) + 1.0)
-        if self._pause_logged != (round(until), reason):   # once per pause, not on every tick
+        if announce and self._pause_logged != (round(until), reason):   # once per pause, not on every tick
             self._pause_logged = (round(until), reason)
             log.warning("%s: paused until %s: %s", self.tier.name, _hhmm(until), reason)
 

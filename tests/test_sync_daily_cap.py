@@ -88,6 +88,29 @@ def test_the_tier_pauses_before_its_daily_cap_and_says_until_when(drive_server, 
         line.endswith(" · uploaded 4.0 KB in the last 24 h")
 
 
+def test_the_pause_counts_what_went_up_later_in_the_same_tick(drive_server, tmp_path):
+    # the checkpoint sorts before the log, so it is measured against the cap first; the log then goes up in the same
+    # tick. The reason used to keep the count from before the log (3.0 KB) until another tick came, which a busy
+    # machine did not reach before `sync once` returned
+    root = project(tmp_path, drive_server, cap="5000B")
+    cfg = load_config(start=root)
+    led = Ledger.load(cfg.state_dir, "drive")
+    led.count_upload("logs/old.log", 3000, at=time.time() - DAY + 3600)
+    led.save()
+    small = root / "logs" / "train.log"
+    small.write_text("x" * 1000)
+    age(small)
+    ckpt(root, 100, size=2500)
+    try:
+        g = sync.start(config=cfg)   # one tick at start, the next in an hour
+        st = wait_for(lambda: (t := g.status()["tiers"]["drive"])["uploaded"] == 1 and t["state"] == "paused" and t,
+                      timeout=30, what="the first tick")
+        assert st["pause_reason"].startswith("4.0 KB uploaded to this tier in the last 24 h, and "
+                                             "checkpoints/v01_step_00000100.pt (2.5 KB) would pass")
+    finally:
+        sync.stop(flush=False)
+
+
 def test_the_tier_resumes_by_itself_once_the_window_moves_on(drive_server, tmp_path):
     root = project(tmp_path, drive_server, cap="5000B", every=0.2)
     cfg = load_config(start=root)
