@@ -324,9 +324,10 @@ def test_start_again_replaces_and_stop_twice_is_fine(project):
 def test_stopping_a_group_that_never_started_returns_at_once(project):
     cfg = load_config(start=project)
     g = sync.SyncGroup(cfg, every=3600)
-    t0 = time.monotonic()
-    res = g.stop(timeout=30)   # nothing was started: nothing to flush, no thread to wait for, no error
-    assert res["ok"] and res["tiers"] == {} and time.monotonic() - t0 < 10
+    # nothing was started: nothing to flush (a flush would report the tier), no thread to wait for, no error (it
+    # raised AttributeError)
+    res = g.stop(timeout=30)
+    assert res == {"ok": True, "tiers": {}}
     assert not g.running and g.stop()["ok"]
     assert not any(t.name.startswith("colabkit-sync") for t in threading.enumerate())
 
