@@ -1090,7 +1090,7 @@ class TierSyncer(threading.Thread):
         finally:
             with self._lock:
                 self._deferred = deferred
-            self._repause(by_cap)
+            self._pause_for_cap(by_cap)
 
     # -- elected upload (sync.workers; colabkit.elect) ----------------------------------------------
     def _elected_groups(self, due: list[tuple[LocalFile, str | None]]
@@ -1296,8 +1296,7 @@ class TierSyncer(threading.Thread):
                 self._pending.pop(f.rel, None)
                 self._skipped[f.rel] = f"larger than drive.daily_upload_cap ({format_size(cap)})"
             return True
-        self._pause(at, self._cap_reason(f.rel, f.size, cap, now), announce=False)   # said after the tick (_repause)
-        return True
+        return True   # paused after the tick's uploads, which count too (_pause_for_cap)
 
     def _cap_reason(self, rel: str, size: int, cap: int, now: float) -> str:
         from .config import format_size
@@ -1306,20 +1305,17 @@ class TierSyncer(threading.Thread):
                 f"pass drive.daily_upload_cap ({format_size(cap)}; Drive refuses more than about 750 GB a day); "
                 f"uploads go on by themselves then; {_HUB_HINT}")
 
-    def _repause(self, waiting: dict[str, int]) -> None:
-        """After a tick's uploads: the pause of the files that wait for the cap (`waiting`, rel -> size), counted
-        again. A file deferred early in the tick was measured before the uploads after it, which count too."""
+    def _pause_for_cap(self, waiting: dict[str, int]) -> None:
+        """After a tick's uploads: pause until the first of the files that wait for the cap (`waiting`, rel -> size)
+        fits. It is counted here, not when the file was deferred: the uploads after it in the tick count too."""
         cap, now = self._daily_cap(), time.time()
         if not waiting or cap is None or self._cap_answer_until > now:
             return   # Drive's own answer rules
         pauses = [(at, rel, size) for rel, size in waiting.items()
                   if (at := self.ledger.fits_at(size, cap, now=now)) is not None and at != float("inf")]
-        if not pauses:
-            return
-        at, rel, size = min(pauses, key=lambda p: p[0])   # the first to fit; on a tie, the first in upload order
-        with self._lock:
-            self._paused_until = None
-        self._pause(at, self._cap_reason(rel, size, cap, now))
+        if pauses:
+            at, rel, size = min(pauses, key=lambda p: p[0])   # the first to fit; on a tie, the first in upload order
+            self._pause(at, self._cap_reason(rel, size, cap, now))
 
     def _cap_answered(self, e: RemoteUploadCapError) -> None:
         until = time.time() + (e.retry_after or _CAP_PROBE)
@@ -1329,14 +1325,14 @@ class TierSyncer(threading.Thread):
         self._pause(until, f"Drive answered that this account's daily upload cap is reached ({e}); "
                            f"trying again then; {_HUB_HINT}")
 
-    def _pause(self, until: float, reason: str, *, announce: bool = True) -> None:
+    def _pause(self, until: float, reason: str) -> None:
         with self._lock:
             if self._paused_until is not None and self._paused_until <= until:
                 return   # an earlier resume time is already known
             self._paused_until, self._pause_reason = until, reason
         # wake up when the first deferred file may go (the tick would otherwise wait for `every`)
         self._next_due = min(self._next_due, time.monotonic() + max(until - time.time(), 0.0) + 1.0)
-        if announce and self._pause_logged != (round(until), reason):   # once per pause, not on every tick
+        if self._pause_logged != (round(until), reason):   # once per pause, not on every tick
             self._pause_logged = (round(until), reason)
             log.warning("%s: paused until %s: %s", self.tier.name, _hhmm(until), reason)
 
@@ -1766,8 +1762,7 @@ class SyncGroup:
 
     def _make_observer(self) -> Any:
         try:
-            from watchdog.observers import Observer
-            from watchdog.observers.polling import PollingObserver
+            from watchdog.observers.polling import PollingObserver   # (the native observer: _native_observer)
         except ImportError as e:
             from .errors import MissingDependencyError
             raise MissingDependencyError("watchdog", purpose="background sync") from e
@@ -1775,7 +1770,7 @@ class SyncGroup:
         poll = self.poll if self.poll is not None else any(is_network_path(p) for p in self.paths)
         every = self.config.sync.poll_interval
         try:
-            obs = self._watch(PollingObserver(timeout=every) if poll else _native_observer(Observer))
+            obs = self._watch(PollingObserver(timeout=every) if poll else _native_observer())
         except OSError as e:
             if poll or e.errno not in (errno.ENOSPC, errno.EMFILE):
                 raise
@@ -1931,9 +1926,10 @@ class SyncGroup:
                 atomic_write_json(self._status_path, {"format": 1, "time": time.time(), **self.status()})
 
 
-def _native_observer(observer_class: Any) -> Any:
+def _native_observer() -> Any:
     """The folder watch where the platform has one (inotify on Linux): watchdog's ``Observer``."""
-    return observer_class()
+    from watchdog.observers import Observer
+    return Observer()
 
 
 # -- the registry and the module-level API --------------------------------------------------------

@@ -198,7 +198,7 @@ def test_spent_inotify_limits_fall_back_to_polling_and_say_how_to_raise_them(tmp
             started.append(self)
             raise OSError(*err)
 
-    monkeypatch.setattr(sync, "_native_observer", lambda cls: Spent())
+    monkeypatch.setattr(sync, "_native_observer", lambda: Spent())
     root = make_project(tmp_path, sync_cfg={"poll_interval": 0.1})
     try:
         g = sync.start(config=load_config(start=root), every=3600)
@@ -221,7 +221,7 @@ def test_other_errors_of_the_folder_watch_are_not_hidden_by_polling(tmp_path, mo
         def start(self):
             raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(sync, "_native_observer", lambda cls: Denied())
+    monkeypatch.setattr(sync, "_native_observer", lambda: Denied())
     root = make_project(tmp_path)
     with pytest.raises(PermissionError):
         sync.start(config=load_config(start=root), every=3600)
